@@ -1,0 +1,97 @@
+"""The bidirectional compute/load plan as pure logic: no I/O, no tensors.
+
+A prompt of n tokens has ``full`` complete storage chunks; the longest stored prefix of them is
+the hit. The compute side fills chunks 0, 1, 2... from the head; the loader fetches the hit
+chunks from the tail down (P-1, P-2, ...), possibly finishing out of order. They meet when the
+compute frontier reaches the load frontier: chunks [0, m) are used as computed, [m, P) as loaded,
+and the tokens from P * chunk_tokens on (the uncached suffix, never empty) are prefilled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+def usable_hit_chunks(stored_prefix: int, n_tokens: int, chunk_tokens: int) -> int:
+    """Hit chunks that can be loaded: the last prompt token is always computed for its logits."""
+    if n_tokens <= 0:
+        return 0
+    return max(0, min(stored_prefix, (n_tokens - 1) // chunk_tokens))
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which chunks come from which side, once both sides stopped."""
+
+    meet: int
+    hit: int
+
+    @property
+    def computed(self) -> range:
+        """Head chunks used as computed."""
+        return range(0, self.meet)
+
+    @property
+    def loaded(self) -> range:
+        """Tail chunks used as loaded."""
+        return range(self.meet, self.hit)
+
+
+@dataclass
+class MeetTracker:
+    """Follows both frontiers from per-chunk events and says when and where they meet.
+
+    The compute frontier is the number of head chunks computed in order. The load frontier is
+    the lowest j such that every hit chunk in [j, hit) is loaded; loads may finish in any order.
+    """
+
+    hit: int
+    computed: int = 0
+    loaded: set[int] = field(default_factory=set)
+    load_frontier: int = -1
+
+    def __post_init__(self) -> None:
+        if self.hit < 0:
+            raise ValueError("hit must be >= 0")
+        self.load_frontier = self.hit
+
+    def on_computed(self, upto: int) -> None:
+        """Chunks [0, upto) are computed (compute runs in order, so one number says it)."""
+        self.computed = max(self.computed, upto)
+
+    def on_loaded(self, index: int) -> None:
+        """Hit chunk index is loaded and staged."""
+        if not 0 <= index < self.hit:
+            raise ValueError(f"loaded chunk {index} is outside the hit [0, {self.hit})")
+        self.loaded.add(index)
+        while self.load_frontier - 1 in self.loaded:
+            self.load_frontier -= 1
+
+    def meet(self) -> Split | None:
+        """The split once the frontiers touch, else None. Computed chunks win any overlap."""
+        if self.computed < self.load_frontier:
+            return None
+        return Split(meet=min(self.computed, self.hit), hit=self.hit)
+
+    def loads_needed(self) -> list[int]:
+        """Hit chunks not yet loaded and not covered by compute, tail first."""
+        return [j for j in range(self.hit - 1, self.computed - 1, -1) if j not in self.loaded]
+
+
+def oracle_split(compute_s: Sequence[float], load_s: Sequence[float]) -> tuple[int, float]:
+    """The best meeting point m and its time, max(sum(compute[:m]), sum(load[m:])).
+
+    compute_s[i] and load_s[i] are the measured seconds to compute or load hit chunk i.
+    """
+    if len(compute_s) != len(load_s):
+        raise ValueError("compute and load profiles must cover the same chunks")
+    best_m, best_t = 0, sum(load_s)
+    head, tail = 0.0, sum(load_s)
+    for m in range(1, len(compute_s) + 1):
+        head += compute_s[m - 1]
+        tail -= load_s[m - 1]
+        t = max(head, tail)
+        if t < best_t:
+            best_m, best_t = m, t
+    return best_m, best_t

@@ -1,0 +1,22 @@
+"""Shared pytest fixtures, one section per external service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.s3_server import FAKE_AWS_ENV, moto_s3_server
+
+# --- S3 (moto) ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """URL of a moto S3 server for the session, with fake AWS credentials in the environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("AWS_PROFILE", raising=False)
+        for name, value in FAKE_AWS_ENV.items():
+            mp.setenv(name, value)
+        with moto_s3_server() as url:
+            yield url

@@ -1,0 +1,134 @@
+"""Stored chunk format: exact round trips, the 8-bit codec's error, and every kind of bad object."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+import torch
+
+from shared.chunk_format import MAGIC, ChunkIdentity, decode_chunk, encode_chunk
+from shared.engine import PromptChunks, fetch_chunk, write_back
+from shared.errors import CorruptChunkError
+from shared.keys import KeySpace, KVLayout
+from shared.stores.memory import MemoryStore
+from tests.models import tiny_runner
+
+
+def identity(dtype: str = "float32", tokens: int = 16) -> ChunkIdentity:
+    layout = KVLayout(layers=3, kv_heads=2, head_dim=32, dtype=dtype)
+    return ChunkIdentity("ab" * 32, "f" * 64, layout, tuple(range(tokens)))
+
+
+def random_kv(ident: ChunkIdentity) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    shape = ident.layout.chunk_shape(len(ident.token_ids))
+    dtype = getattr(torch, ident.layout.dtype)
+    return (torch.randn(shape, generator=gen) * 3).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_raw_round_trip_is_bit_exact(dtype: str) -> None:
+    ident = identity(dtype)
+    kv = random_kv(ident)
+    data = encode_chunk(ident, kv)
+    assert data.startswith(MAGIC)
+    back = decode_chunk(data, ident)
+    assert back.dtype == kv.dtype and torch.equal(back, kv)
+    assert len(data) - kv.numel() * kv.element_size() < 512  # the header is small
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_int8_codec_halves_bytes_with_bounded_error(dtype: str) -> None:
+    ident = identity(dtype)
+    kv = random_kv(ident)
+    raw = encode_chunk(ident, kv.to(kv.dtype))
+    packed = encode_chunk(ident, kv, codec="int8")
+    half_precision_bytes = kv.numel() * 2
+    assert len(packed) < 0.6 * half_precision_bytes + 512
+    assert len(packed) < len(raw)
+    back = decode_chunk(packed, ident).float()
+    rel = ((back - kv.float()).norm() / kv.float().norm()).item()
+    # symmetric 8-bit per token: error ~ absmax/254/sqrt(3) per value; ~0.9 % of the norm here
+    assert rel < 0.02, rel
+    assert (back - kv.float()).abs().max() <= kv.float().abs().max() / 127 + 1e-2
+
+
+def test_shape_and_dtype_mismatch_refused_on_write() -> None:
+    ident = identity()
+    with pytest.raises(ValueError, match="shape"):
+        encode_chunk(ident, torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="layout expects float32"):
+        encode_chunk(ident, random_kv(ident).half())
+
+
+def _reheader(data: bytes, **changes: object) -> bytes:
+    hlen = int.from_bytes(data[8:12], "little")
+    header = msgpack.unpackb(data[12 : 12 + hlen])
+    header.update(changes)
+    packed = msgpack.packb(header)
+    return data[:8] + len(packed).to_bytes(4, "little") + packed + data[12 + hlen :]
+
+
+def test_bad_objects_are_detected() -> None:
+    ident = identity()
+    good = encode_chunk(ident, random_kv(ident))
+    flipped = bytearray(good)
+    flipped[-100] ^= 0x01
+    bad_objects = {
+        "empty": b"",
+        "garbage": b"\x00" * 64,
+        "truncated header": good[:20],
+        "truncated payload": good[:-1],
+        "one flipped bit": bytes(flipped),
+        "extra bytes": good + b"\x00",
+        "other key": _reheader(good, key="cd" * 32),
+        "other model": _reheader(good, fp="e" * 64),
+        "other tokens": encode_chunk(
+            dataclasses.replace(ident, token_ids=tuple(range(1, 17))), random_kv(ident)
+        ),
+        "other version": _reheader(good, v=99),
+        "unknown codec": _reheader(good, codec="zstd"),
+        "lying checksum and shape": _reheader(good, shape=[3, 2, 2, 8, 32]),
+    }
+    for what, data in bad_objects.items():
+        with pytest.raises(CorruptChunkError):
+            decode_chunk(data, ident)
+            pytest.fail(what)
+
+
+async def test_foreign_model_and_wrong_salt_objects_are_misses() -> None:
+    """Objects planted under this prompt's keys are rejected, counted as misses and deleted."""
+    runner = tiny_runner("llama")
+    other_model = tiny_runner("llama", seed=1)
+    ids = list(range(40))
+    mine = PromptChunks.of(KeySpace(runner.fingerprint, runner.layout, 16, salt="a"), ids)
+    cache = runner.new_cache()
+    runner.prefill_chunks(cache, ids, 16)
+    foreign = {
+        "wrong salt": PromptChunks.of(KeySpace(runner.fingerprint, runner.layout, 16, "b"), ids),
+        "foreign model": PromptChunks.of(
+            KeySpace(other_model.fingerprint, other_model.layout, 16, "a"), ids
+        ),
+    }
+    assert other_model.fingerprint != runner.fingerprint
+    for what, theirs in foreign.items():
+        source = MemoryStore()
+        await write_back(runner, source, theirs, cache)
+        store = MemoryStore()
+        for i, key in enumerate(mine.keys):  # plant their bytes under my keys
+            data = await source.get(theirs.keys[i])
+            assert data is not None
+            await store.put(key, data)
+        assert await fetch_chunk(store, mine, 0) is None, what
+        assert not await store.exists(mine.keys[0]), f"{what}: bad object not deleted"
+    # a truncated object under the right key is a miss too
+    store = MemoryStore()
+    await write_back(runner, store, mine, cache)
+    good = await fetch_chunk(store, mine, 1)
+    assert good is not None and torch.equal(good, runner.chunk_kv(cache, 16, 32))
+    data = await store.get(mine.keys[1])
+    assert data is not None
+    await store.put(mine.keys[1], data[: len(data) // 2])
+    assert await fetch_chunk(store, mine, 1) is None

@@ -1,0 +1,124 @@
+"""Model runner: loading, refusal of non-plain caches, fingerprints and sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma2Config, MambaConfig, MistralConfig
+
+from shared.errors import ConfigError, UnsupportedModelError
+from shared.model import ModelRunner, SamplingParams, check_plain_kv
+from shared.tokenizer import ByteTokenizer, HFTokenizer, plain_chat_prompt
+from tests.models import _COMMON, tiny_runner
+
+
+def test_default_model_needs_no_download_and_is_deterministic() -> None:
+    a = ModelRunner.load()
+    b = ModelRunner.load()
+    assert a.fingerprint == b.fingerprint
+    assert a.layout.layers == 8 and a.layout.kv_heads == 4 and a.layout.head_dim == 64
+    assert a.max_context == 32768
+    ids = ByteTokenizer().encode("hello")
+    la, lb = a.extend(a.new_cache(), ids), b.extend(b.new_cache(), ids)
+    assert torch.equal(la, lb)
+
+
+def test_default_model_in_bfloat16() -> None:
+    r = ModelRunner.load(dtype="bfloat16")
+    assert r.layout.dtype == "bfloat16" and r.dtype == torch.bfloat16
+    assert r.fingerprint != ModelRunner.load().fingerprint
+
+
+def test_fingerprint_changes_with_weights_and_architecture() -> None:
+    a, b = tiny_runner("llama", seed=0), tiny_runner("llama", seed=1)
+    assert a.fingerprint != b.fingerprint
+    assert a.fingerprint == tiny_runner("llama", seed=0).fingerprint
+    assert a.fingerprint != tiny_runner("qwen2", seed=0).fingerprint
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        MistralConfig(**_COMMON, sliding_window=64),
+        Gemma2Config(**_COMMON, head_dim=16),
+        MambaConfig(vocab_size=258, hidden_size=64, num_hidden_layers=2),
+    ],
+    ids=["mistral-sliding-window", "gemma2-hybrid", "mamba-state-space"],
+)
+def test_non_plain_caches_are_refused(config: object) -> None:
+    with pytest.raises(UnsupportedModelError, match="Cake serves only"):
+        check_plain_kv(config)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModelError):
+        ModelRunner(model, name="refused")
+
+
+def test_mistral_without_sliding_window_is_served() -> None:
+    model = AutoModelForCausalLM.from_config(MistralConfig(**_COMMON, sliding_window=None))
+    assert ModelRunner(model, name="mistral").layout.layers == 2
+
+
+def test_local_directory_round_trip(tmp_path: pytest.TempPathFactory) -> None:
+    runner = tiny_runner("qwen2")
+    runner.model.save_pretrained(tmp_path)
+    loaded = ModelRunner.load(str(tmp_path))
+    assert loaded.fingerprint == runner.fingerprint
+    with pytest.raises(ConfigError, match="cannot load model config"):
+        ModelRunner.load(str(tmp_path / "missing"))
+
+
+def test_sampling_is_reproducible_with_a_seed_and_stops() -> None:
+    r = tiny_runner("llama")
+    ids = list(range(30))
+
+    def run(params: SamplingParams) -> list[int]:
+        cache = r.new_cache()
+        return list(r.generate(cache, r.extend(cache, ids), params))
+
+    sampled = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=5)
+    assert run(sampled) == run(sampled)
+    assert run(sampled) != run(SamplingParams(max_tokens=20, temperature=1.0, seed=6))
+    greedy = run(SamplingParams(max_tokens=20))
+    assert len(greedy) == 20
+    stop = greedy[3]
+    first = greedy.index(stop)
+    assert (
+        run(SamplingParams(max_tokens=20, stop_token_ids=frozenset({stop}))) == greedy[: first + 1]
+    )
+
+
+def test_top_p_keeps_only_the_nucleus() -> None:
+    from shared.model import pick_token
+
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.05, 0.05]))
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=1.0, top_p=0.5)
+    assert {pick_token(logits, params, gen) for _ in range(50)} == {0}
+    params = SamplingParams(temperature=1.0, top_p=0.85)
+    assert {pick_token(logits, params, gen) for _ in range(200)} == {0, 1}
+
+
+def test_byte_tokenizer_round_trip_and_chat() -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo ✓")
+    assert ids[0] == ByteTokenizer.BOS and tok.decode(ids) == "héllo ✓"
+    chat = tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert tok.decode(chat) == plain_chat_prompt([{"role": "user", "content": "hi"}])
+    assert tok.decode(chat).endswith("<|assistant|>\n")
+
+
+def test_hf_tokenizer_adapter_uses_the_plain_layout_without_template() -> None:
+    class Inner:
+        eos_token_id = 2
+        chat_template = None
+
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            return [1, *map(ord, text)] if add_special_tokens else list(map(ord, text))
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return "".join(chr(i) for i in ids if i > 2)
+
+    tok = HFTokenizer(Inner())
+    assert tok.eos_token_ids == frozenset({2})
+    msgs = [{"role": "user", "content": "x"}]
+    assert tok.decode(tok.encode_chat(msgs)) == plain_chat_prompt(msgs)

@@ -1,0 +1,124 @@
+"""The bidirectional plan as pure logic."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from shared.plan import MeetTracker, Split, oracle_split, usable_hit_chunks
+
+
+@pytest.mark.parametrize(
+    ("stored", "n_tokens", "chunk", "want"),
+    [
+        (0, 1000, 256, 0),
+        (2, 1000, 256, 2),  # partial hit
+        (3, 1000, 256, 3),  # full hit with a 232-token suffix
+        (4, 1024, 256, 3),  # exact multiple: the last chunk is computed for its logits
+        (9, 1024, 256, 3),  # a stored prefix longer than the prompt's chunks
+        (1, 256, 256, 0),
+        (5, 0, 256, 0),
+    ],
+)
+def test_usable_hit(stored: int, n_tokens: int, chunk: int, want: int) -> None:
+    assert usable_hit_chunks(stored, n_tokens, chunk) == want
+
+
+def test_split_ranges() -> None:
+    s = Split(meet=3, hit=7)
+    assert list(s.computed) == [0, 1, 2] and list(s.loaded) == [3, 4, 5, 6]
+    assert list(Split(0, 0).loaded) == [] and list(Split(0, 4).computed) == []
+
+
+def test_frontiers_meet_in_order() -> None:
+    t = MeetTracker(hit=6)
+    assert t.meet() is None
+    t.on_loaded(5)
+    t.on_computed(1)
+    assert t.meet() is None and t.load_frontier == 5
+    t.on_loaded(4)
+    t.on_loaded(3)
+    t.on_computed(2)
+    assert t.meet() is None
+    t.on_computed(3)
+    assert t.meet() == Split(3, 6)
+
+
+def test_out_of_order_loads_only_count_when_contiguous_from_the_tail() -> None:
+    t = MeetTracker(hit=5)
+    for j in (1, 2, 3):  # chunk 4 still missing: the load frontier has not moved
+        t.on_loaded(j)
+    t.on_computed(1)
+    assert t.load_frontier == 5 and t.meet() is None
+    assert t.loads_needed() == [4]
+    t.on_loaded(4)
+    assert t.load_frontier == 1
+    assert t.meet() == Split(1, 5)
+
+
+def test_no_hit_meets_at_once_and_compute_wins_overlap() -> None:
+    assert MeetTracker(hit=0).meet() == Split(0, 0)
+    t = MeetTracker(hit=4)
+    t.on_loaded(3)
+    t.on_loaded(2)
+    t.on_computed(3)  # chunk 2 is both computed and loaded: use the computed one
+    assert t.meet() == Split(3, 4)
+    t2 = MeetTracker(hit=2)
+    t2.on_computed(5)
+    assert t2.meet() == Split(2, 2)
+
+
+def test_all_loaded_meets_at_zero() -> None:
+    t = MeetTracker(hit=3)
+    for j in (0, 2, 1):
+        t.on_loaded(j)
+    assert t.meet() == Split(0, 3)
+
+
+def test_loaded_index_outside_hit_is_refused() -> None:
+    with pytest.raises(ValueError):
+        MeetTracker(hit=2).on_loaded(2)
+
+
+def test_random_event_orders_always_meet_on_a_valid_split() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        hit = rng.randrange(0, 12)
+        t = MeetTracker(hit=hit)
+        loads = list(range(hit))
+        rng.shuffle(loads)
+        computed = 0
+        while (split := t.meet()) is None:
+            if loads and rng.random() < 0.5:
+                t.on_loaded(loads.pop())
+            else:
+                computed += 1
+                t.on_computed(computed)
+        assert 0 <= split.meet <= hit
+        assert all(j in t.loaded for j in split.loaded)
+        assert split.meet <= max(computed, 0) or hit == 0
+
+
+def brute_force(comp: list[float], load: list[float]) -> float:
+    return min(max(sum(comp[:m]), sum(load[m:])) for m in range(len(comp) + 1))
+
+
+def test_oracle_split_matches_brute_force() -> None:
+    rng = random.Random(1)
+    for n in range(0, 9):
+        c = [rng.uniform(0.01, 1) * (1 + i / 4) for i in range(n)]  # compute grows with position
+        load = [rng.uniform(0.01, 1) for _ in range(n)]
+        m, t = oracle_split(c, load)
+        assert t == pytest.approx(brute_force(c, load))
+        assert t == pytest.approx(max(sum(c[:m]), sum(load[m:])))
+
+
+def test_oracle_split_extremes_and_balance() -> None:
+    assert oracle_split([1.0] * 4, [0.1] * 4) == (0, pytest.approx(0.4))  # load everything
+    assert oracle_split([0.1] * 4, [1.0] * 4) == (4, pytest.approx(0.4))  # compute everything
+    m, t = oracle_split([1.0] * 8, [1.0] * 8)  # equal speeds: half each, twice as fast
+    assert m == 4 and t == pytest.approx(4.0)
+    assert oracle_split([], []) == (0, 0)
+    with pytest.raises(ValueError):
+        oracle_split([1.0], [])
