@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
+from shared.nats_server import NatsServer
 from tests.s3_server import FAKE_AWS_ENV, moto_s3_server
 
 # --- S3 (moto) ------------------------------------------------------------------------------
@@ -20,3 +22,19 @@ def s3_endpoint() -> Iterator[str]:
             mp.setenv(name, value)
         with moto_s3_server() as url:
             yield url
+
+
+# --- NATS -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> Iterator[str]:
+    """NATS_URL when set, else a real nats-server started on a free port for this session."""
+    if os.environ.get("NATS_URL"):
+        yield os.environ["NATS_URL"]
+        return
+    server = NatsServer.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
