@@ -1,0 +1,355 @@
+"""The compute service: owns the model. Head chunks, the merge, suffix prefill and decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from nats.aio.msg import Msg
+from transformers import DynamicCache
+
+from services.compute.scheduler import Candidate, Phase, plan_step
+from services.staging import Staging
+from shared import subjects
+from shared.bus import Bus, RemoteError, Unavailable, spawn
+from shared.chunk_format import decode_chunk, encode_chunk
+from shared.config import Settings
+from shared.engine import PromptChunks
+from shared.errors import CorruptChunkError
+from shared.keys import KeySpace, pack_tokens, unpack_tokens
+from shared.model import ModelRunner, SamplingParams
+from shared.observability import configure_logging, configure_tracing, tracer
+from shared.schemas import (
+    Accepted,
+    Cancel,
+    ChunkComputed,
+    Done,
+    Failed,
+    Meet,
+    Message,
+    ModelInfo,
+    PrefillJob,
+    Sampling,
+    Space,
+    StoreJob,
+    Tokens,
+)  # fmt: skip
+
+log = structlog.get_logger(__name__)
+Outbox = list[tuple[str, Message]]
+
+
+@dataclass
+class Job:
+    """One request on the compute side."""
+
+    msg: PrefillJob
+    prompt: PromptChunks
+    params: SamplingParams
+    cache: DynamicCache
+    arrival: float = field(default_factory=time.monotonic)
+    head_done: int = 0  # chunks [0, head_done) computed
+    meet: int | None = None  # where loaded chunks start, once known
+    staged: dict[int, str] = field(default_factory=dict)
+    merged: bool = False
+    tokens_out: Iterator[int] | None = None
+    generated: int = 0
+    ttft_ms: float = 0.0
+    finish_reason: str = ""
+    to_store: dict[int, str] = field(default_factory=dict)  # staged, not yet sent to the loader
+    writeback: asyncio.Task[None] | None = None
+
+    @property
+    def hit(self) -> int:
+        """Hit chunks that the loader may supply."""
+        return self.msg.hit
+
+    @property
+    def chunk(self) -> int:
+        """Tokens per chunk."""
+        return self.prompt.space.chunk_tokens
+
+    def phase(self) -> Phase:
+        """Where this job is (its scheduling priority)."""
+        if self.finish_reason:
+            return Phase.FINISHED
+        if self.tokens_out is not None:
+            return Phase.DECODE
+        if self.meet is None and self.head_done < self.hit:
+            return Phase.HEAD if self.msg.compute_head else Phase.WAITING
+        return Phase.PREFILL
+
+    def next_tokens(self) -> int:
+        """Tokens the next piece computes."""
+        if self.phase() == Phase.DECODE:
+            return 1
+        return min(self.chunk, len(self.prompt.token_ids) - self.head_done * self.chunk)
+
+
+class Compute:
+    """The model, its scheduler loop and the jobs in flight."""
+
+    def __init__(self, bus: Bus, runner: ModelRunner, staging: Staging, settings: Settings) -> None:
+        self.bus, self.runner, self.staging, self.settings = bus, runner, staging, settings
+        self.jobs: dict[str, Job] = {}
+        self.wake = asyncio.Event()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def model_info(self) -> ModelInfo:
+        """What this replica serves."""
+        space = KeySpace(self.runner.fingerprint, self.runner.layout, self.settings.chunk_tokens)
+        return ModelInfo(
+            self.runner.name, vars(Space.of(space)), self.runner.max_context, self.settings.node
+        )
+
+    async def start(self) -> None:
+        """Subscribe and start the scheduler loop."""
+        queue = subjects.QUEUE_COMPUTE
+        await self.bus.handle(subjects.COMPUTE_INFO, self.on_info, queue=queue)
+        await self.bus.handle(subjects.COMPUTE_PREFILL, self.on_prefill, queue=queue)
+        await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
+        spawn(self.loop(), self.tasks)
+
+    async def on_info(self, _: Message, __: Msg) -> Message:
+        """Answer with the model info."""
+        return self.model_info()
+
+    async def on_prefill(self, msg: Message, _: Msg) -> Message:
+        """Take a job; the scheduler runs it."""
+        assert isinstance(msg, PrefillJob)
+        space = Space(**msg.space).key_space()
+        if space.model_fingerprint != self.runner.fingerprint:
+            raise RemoteError("bad_request", "job is for another model")
+        s = Sampling(**msg.sampling)
+        params = SamplingParams(
+            s.max_tokens, s.temperature, s.top_p, s.seed, self.runner_stop_ids()
+        )  # fmt: skip
+        prompt = PromptChunks.of(space, unpack_tokens(msg.tokens))
+        self.jobs[msg.request_id] = Job(msg, prompt, params, self.runner.new_cache())
+        self.wake.set()
+        return Accepted(node=self.settings.node)
+
+    def runner_stop_ids(self) -> frozenset[int]:
+        """End-of-sequence ids of the model."""
+        eos = self.runner.config.eos_token_id
+        return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+
+    async def on_control(self, msg: Message, m: Msg) -> None:
+        """Meet: use these staged chunks. Cancel: drop the job."""
+        job = self.jobs.get(subjects.request_id_of(m.subject))
+        if job is None:
+            return
+        if isinstance(msg, Meet) and job.meet is None and job.tokens_out is None:
+            job.meet, job.staged = msg.meet, dict(msg.staged)
+        elif isinstance(msg, Cancel):
+            job.finish_reason = "cancelled"
+        self.wake.set()
+
+    # --- the scheduler loop -----------------------------------------------------------------
+
+    async def loop(self) -> None:
+        """Run steps while there is runnable work; sleep until a message wakes it."""
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while True:
+                await self.expire()
+                candidates = [
+                    Candidate(rid, job.phase(), job.next_tokens(), job.arrival)
+                    for rid, job in self.jobs.items()
+                ]
+                step = plan_step(candidates, self.settings.token_budget)
+                if not step:
+                    break
+                outbox = await asyncio.to_thread(self.run_step, step)
+                for subject, message in outbox:
+                    await self.bus.publish(subject, message)
+                self.start_writebacks()
+                await self.retire()
+
+    async def expire(self) -> None:
+        """Fail jobs past their deadline."""
+        now = time.time()
+        for rid, job in list(self.jobs.items()):
+            if now > job.msg.deadline and not job.finish_reason:
+                job.finish_reason = "deadline"
+                failed = Failed(rid, 504, "deadline", "the request ran past its deadline")
+                await self.bus.publish(subjects.stream(rid), failed)
+
+    def start_writebacks(self) -> None:
+        """Hand freshly staged chunks to the loader on this node."""
+        for job in self.jobs.values():
+            if job.to_store:
+                job.writeback = spawn(self.request_store(job, job.to_store), self.tasks)
+                job.to_store = {}
+
+    async def request_store(self, job: Job, staged: dict[int, str]) -> None:
+        """Ask the loader to store staged chunks and wait until it has."""
+        store_job = StoreJob(
+            f"{job.msg.request_id}-wb", job.msg.tokens, job.msg.space, staged
+        )  # fmt: skip
+        try:
+            await self.bus.request(
+                subjects.store(self.settings.node), store_job, Accepted,
+                self.settings.fetch_timeout_s,
+            )  # fmt: skip
+        except (Unavailable, RemoteError) as exc:
+            log.warning("write-back not confirmed", request_id=job.msg.request_id, error=str(exc))
+            for path in staged.values():
+                self.staging.discard(path)
+
+    async def retire(self) -> None:
+        """Finish jobs that are done: wait for their write-back, then send Done."""
+        for rid, job in list(self.jobs.items()):
+            if not job.finish_reason:
+                continue
+            del self.jobs[rid]
+            self.staging.discard_request(rid)
+            if job.finish_reason in ("stop", "length"):
+                spawn(self.send_done(job), self.tasks)
+
+    async def send_done(self, job: Job) -> None:
+        """Done after the write-back landed, so the next request with this prefix hits."""
+        if job.writeback is not None:
+            await asyncio.gather(job.writeback, return_exceptions=True)
+        await self.bus.publish(subjects.stream(job.msg.request_id), self.done_message(job))
+
+    def done_message(self, job: Job) -> Done:
+        """Usage and the Cake split of a finished job."""
+        meet = job.meet if job.meet is not None else job.hit
+        chunk, n = job.chunk, len(job.prompt.token_ids)
+        done = Done(
+            job.msg.request_id, job.finish_reason, n, job.generated, job.hit * chunk,
+            math.ceil(n / chunk), min(job.head_done, job.hit), job.hit - meet, meet, job.ttft_ms,
+        )  # fmt: skip
+        return done
+
+    # --- one step, in the worker thread -----------------------------------------------------
+
+    def run_step(self, step: list[Candidate]) -> Outbox:
+        """Run each chosen piece; the messages to publish afterwards."""
+        outbox: Outbox = []
+        for piece in step:
+            job = self.jobs[piece.request_id]
+            rid = job.msg.request_id
+            with structlog.contextvars.bound_contextvars(request_id=rid):
+                if piece.phase == Phase.DECODE:
+                    self.decode_one(job, outbox)
+                elif piece.phase == Phase.HEAD:
+                    self.compute_head_chunk(job, outbox)
+                else:
+                    self.prefill_piece(job, outbox)
+        return outbox
+
+    def compute_head_chunk(self, job: Job, outbox: Outbox) -> None:
+        """The next head chunk; tell the merger."""
+        start = time.perf_counter()
+        first, last = job.prompt.space.chunk_bounds(job.head_done)
+        with tracer(__name__).start_as_current_span(
+            "compute.chunk", attributes={"chunk": job.head_done}
+        ):
+            self.runner.extend(job.cache, job.prompt.token_ids[first:last])
+        job.head_done += 1
+        event = ChunkComputed(job.msg.request_id, job.head_done, time.perf_counter() - start)
+        outbox.append((subjects.events(job.msg.request_id), event))
+
+    def prefill_piece(self, job: Job, outbox: Outbox) -> None:
+        """After the meeting point: the rest of the head, then the merge, then the suffix."""
+        meet = job.meet if job.meet is not None else job.hit
+        if job.head_done < meet:
+            self.compute_head_chunk(job, outbox)
+        elif not job.merged:
+            self.merge_loaded(job, from_chunk=max(job.head_done, meet))
+        else:
+            self.prefill_suffix_piece(job, outbox)
+
+    def merge_loaded(self, job: Job, from_chunk: int) -> None:
+        """Append staged chunks [from_chunk, hit); a chunk that cannot be read is computed."""
+        with tracer(__name__).start_as_current_span("compute.merge"):
+            loaded = []
+            for j in range(from_chunk, job.hit):
+                try:
+                    data = self.staging.read(job.staged[j])
+                    loaded.append(decode_chunk(data, job.prompt.identity(j)))
+                except (KeyError, OSError, ValueError, CorruptChunkError) as exc:
+                    log.warning(
+                        "staged chunk unusable; computing from it on", chunk=j, error=str(exc)
+                    )
+                    job.meet = job.hit  # compute the rest of the head instead
+                    return
+            self.runner.append_kv(job.cache, loaded)
+            job.meet = from_chunk
+            job.merged = True
+            job.head_done = max(job.head_done, from_chunk)
+
+    def prefill_suffix_piece(self, job: Job, outbox: Outbox) -> None:
+        """The next piece of the uncached suffix; after the last one, the first token."""
+        held = self.runner.cache_length(job.cache)
+        piece = job.prompt.token_ids[held : held + job.chunk]
+        with tracer(__name__).start_as_current_span(
+            "compute.suffix", attributes={"tokens": len(piece)}
+        ):
+            logits = self.runner.extend(job.cache, piece)
+        if held + len(piece) < len(job.prompt.token_ids):
+            return
+        job.tokens_out = self.runner.generate(job.cache, logits, job.params)
+        self.decode_one(job, outbox)
+        job.ttft_ms = (time.monotonic() - job.arrival) * 1000
+        job.to_store = self.stage_writeback(job)
+
+    def decode_one(self, job: Job, outbox: Outbox) -> None:
+        """One new token (and the end of the request when it is the last)."""
+        assert job.tokens_out is not None
+        token = next(job.tokens_out, None)
+        if token is None:
+            job.finish_reason = job.finish_reason or "length"
+            return
+        job.generated += 1
+        rid = job.msg.request_id
+        outbox.append((subjects.stream(rid), Tokens(rid, pack_tokens([token]))))
+        if token in job.params.stop_token_ids:
+            job.finish_reason = "stop"
+        elif job.generated >= job.params.max_tokens:
+            job.finish_reason = "length"
+
+    def stage_writeback(self, job: Job) -> dict[int, str]:
+        """Encode the prompt's complete chunks beyond the hit into staging files."""
+        staged = {}
+        for i in range(job.hit, len(job.prompt.keys)):
+            start, end = job.prompt.space.chunk_bounds(i)
+            kv = self.runner.chunk_kv(job.cache, start, end)
+            data = encode_chunk(job.prompt.identity(i), kv)
+            staged[i] = self.staging.write(job.msg.request_id + "-wb", f"{i}.kv", data)
+        return staged
+
+    async def close(self) -> None:
+        """Stop the loop; jobs in flight are dropped (their gateways time out or see Failed)."""
+        for rid in list(self.jobs):
+            failed = Failed(rid, 503, "unavailable", "the compute service is shutting down")
+            await self.bus.publish(subjects.stream(rid), failed)
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """Load the model, serve until stop is set, then drain."""
+    configure_logging("compute", settings.log_format, settings.log_level)
+    configure_tracing("compute")
+    runner = await asyncio.to_thread(
+        ModelRunner.load, settings.model, settings.dtype, settings.device, settings.model_revision
+    )
+    bus = await Bus.connect(settings.nats_url, "cake-compute")
+    compute = Compute(bus, runner, Staging(settings.staging_dir), settings)
+    try:
+        await compute.start()
+        log.info("compute ready", model=runner.name, fingerprint=runner.fingerprint[:16])
+        await stop.wait()
+    finally:
+        await compute.close()
+        await bus.close()

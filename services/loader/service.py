@@ -1,0 +1,234 @@
+"""The loader: owns storage. Lookups, tail-first fetches into staging, write-back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from nats.aio.msg import Msg
+
+from services.staging import Staging
+from shared import subjects
+from shared.bus import Bus, spawn
+from shared.chunk_format import decode_chunk
+from shared.config import Settings
+from shared.engine import PromptChunks
+from shared.errors import CorruptChunkError, StoreError
+from shared.keys import unpack_tokens
+from shared.observability import configure_logging, configure_tracing, tracer
+from shared.schemas import (
+    Accepted,
+    Cancel,
+    ChunkLoaded,
+    FetchJob,
+    LoadFailed,
+    LookupReply,
+    LookupRequest,
+    Meet,
+    Message,
+    Space,
+    StoreJob,
+    Telemetry,
+)  # fmt: skip
+from shared.stores import open_store
+from shared.stores.base import ChunkStore
+
+log = structlog.get_logger(__name__)
+TELEMETRY_EVERY_S = 2.0
+
+
+def prompt_of(space: dict[str, Any], tokens: bytes) -> PromptChunks:
+    """The keyed prompt a message describes."""
+    return PromptChunks.of(Space(**space).key_space(), unpack_tokens(tokens))
+
+
+@dataclass
+class Fetch:
+    """One request's fetch in progress."""
+
+    job: FetchJob
+    prompt: PromptChunks
+    staged: dict[int, str] = field(default_factory=dict)
+    workers: list[asyncio.Task[None]] = field(default_factory=list)
+    meet: int | None = None
+
+
+class Loader:
+    """Serves lookups, fetches hit chunks newest first, writes staged chunks back."""
+
+    def __init__(self, bus: Bus, store: ChunkStore, staging: Staging, settings: Settings) -> None:
+        self.bus, self.store, self.staging, self.settings = bus, store, staging, settings
+        self.fetches: dict[str, Fetch] = {}
+        self.counters: Counter[str] = Counter()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        """Subscribe to lookups, this node's fetch and store jobs, and all control messages."""
+        node = self.settings.node
+        await self.bus.handle(subjects.LOOKUP, self.on_lookup, queue=subjects.QUEUE_LOADER)
+        await self.bus.handle(subjects.fetch(node), self.on_fetch, queue=subjects.QUEUE_LOADER)
+        await self.bus.handle(subjects.store(node), self.on_store, queue=subjects.QUEUE_LOADER)
+        await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
+        spawn(self.publish_telemetry(), self.tasks)
+
+    async def on_lookup(self, msg: Message, _: Msg) -> Message:
+        """How many leading chunks of the prompt are stored."""
+        assert isinstance(msg, LookupRequest)
+        prompt = prompt_of(msg.space, msg.tokens)
+        with tracer(__name__).start_as_current_span("loader.lookup"):
+            stored = await self.store.stored_prefix(prompt.keys)
+        self.counters["lookups"] += 1
+        return LookupReply(stored_chunks=stored)
+
+    async def on_fetch(self, msg: Message, _: Msg) -> Message:
+        """Start fetching chunks [0, hit) tail first with bounded concurrency."""
+        assert isinstance(msg, FetchJob)
+        fetch = Fetch(msg, prompt_of(msg.space, msg.tokens))
+        self.fetches[msg.request_id] = fetch
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for j in range(msg.hit - 1, -1, -1):
+            queue.put_nowait(j)
+        n = min(self.settings.fetch_concurrency, msg.hit)
+        fetch.workers = [spawn(self.fetch_worker(fetch, queue), self.tasks) for _ in range(n)]
+        spawn(self.finish_fetch(fetch), self.tasks)
+        return Accepted(node=self.settings.node)
+
+    async def fetch_worker(self, fetch: Fetch, queue: asyncio.Queue[int]) -> None:
+        """Load chunks from the queue until it is empty or the fetch is stopped."""
+        while not queue.empty():
+            index = queue.get_nowait()
+            if fetch.meet is not None and index < fetch.meet:
+                return
+            await self.fetch_one(fetch, index)
+
+    async def fetch_one(self, fetch: Fetch, index: int) -> None:
+        """Read, validate and stage one chunk; report loaded or failed."""
+        rid = fetch.job.request_id
+        events = subjects.events(rid)
+        start = time.perf_counter()
+        remaining = fetch.job.deadline - time.time()
+        timeout = max(0.0, min(self.settings.fetch_timeout_s, remaining))
+        with tracer(__name__).start_as_current_span("loader.chunk", attributes={"chunk": index}):
+            try:
+                data = await asyncio.wait_for(self.store.get(fetch.prompt.keys[index]), timeout)
+                if data is None:
+                    raise StoreError("missing (evicted since the lookup)")
+                await asyncio.to_thread(decode_chunk, data, fetch.prompt.identity(index))
+                path = await asyncio.to_thread(self.staging.write, rid, f"{index}.kv", data)
+            except (StoreError, CorruptChunkError, TimeoutError, OSError) as exc:
+                reason = "corrupt" if isinstance(exc, CorruptChunkError) else str(exc) or "timeout"
+                self.counters["load_failures"] += 1
+                if isinstance(exc, CorruptChunkError):
+                    self.counters["corrupt_chunks"] += 1
+                    log.warning(
+                        "corrupt chunk deleted", request_id=rid, chunk=index, error=str(exc)
+                    )
+                    await self.store.delete(fetch.prompt.keys[index])
+                await self.bus.publish(events, LoadFailed(rid, index, reason))
+                return
+        fetch.staged[index] = path
+        self.counters["bytes_loaded"] += len(data)
+        self.counters["chunks_loaded"] += 1
+        duration = time.perf_counter() - start
+        await self.bus.publish(events, ChunkLoaded(rid, index, len(data), duration, path))
+
+    async def finish_fetch(self, fetch: Fetch) -> None:
+        """When every worker ended (done or stopped), drop staged chunks compute will not use."""
+        remaining = max(0.0, fetch.job.deadline - time.time())
+        _, pending = await asyncio.wait(fetch.workers, timeout=remaining)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        while fetch.meet is None and time.time() < fetch.job.deadline:
+            await asyncio.sleep(0.05)  # the meeting point decides which staged chunks are used
+        self.fetches.pop(fetch.job.request_id, None)
+        keep_from = fetch.meet if fetch.meet is not None else fetch.job.hit
+        for index, path in fetch.staged.items():
+            if index < keep_from:
+                self.staging.discard(path)
+
+    async def on_control(self, msg: Message, m: Msg) -> None:
+        """Meet: stop fetching below the meeting point. Cancel: stop and drop everything."""
+        fetch = self.fetches.get(subjects.request_id_of(m.subject))
+        if fetch is None:
+            return
+        if isinstance(msg, Meet):
+            fetch.meet = msg.meet
+        elif isinstance(msg, Cancel):
+            fetch.meet = fetch.job.hit
+            for task in fetch.workers:
+                task.cancel()
+
+    async def on_store(self, msg: Message, _: Msg) -> Message:
+        """Write staged chunk files to storage (skipping ones already there), then remove them."""
+        assert isinstance(msg, StoreJob)
+        prompt = prompt_of(msg.space, msg.tokens)
+        with tracer(__name__).start_as_current_span(
+            "loader.store", attributes={"chunks": len(msg.staged)}
+        ):
+            for index, path in sorted(msg.staged.items()):
+                key = prompt.keys[index]
+                try:
+                    if not await self.store.exists(key):
+                        data = await asyncio.to_thread(self.staging.read, path)
+                        await self.store.put(key, data)
+                        self.counters["bytes_stored"] += len(data)
+                        self.counters["chunks_stored"] += 1
+                except (StoreError, OSError) as exc:
+                    self.counters["store_failures"] += 1
+                    log.warning("write-back failed", request_id=msg.request_id, error=str(exc))
+                finally:
+                    self.staging.discard(path)
+        self.staging.discard_request_if_empty(msg.request_id)
+        return Accepted(node=self.settings.node)
+
+    async def publish_telemetry(self) -> None:
+        """Counters and store usage for metrics, every few seconds."""
+        while True:
+            counters = {k: float(v) for k, v in self.counters.items()}
+            usage = self.store.usage_bytes()
+            if usage is not None:
+                counters["store_usage_bytes"] = float(usage)
+            await self.bus.publish(
+                subjects.TELEMETRY, Telemetry("loader", self.settings.node, counters)
+            )
+            await asyncio.sleep(TELEMETRY_EVERY_S)
+
+    async def close(self) -> None:
+        """Stop background work. Idempotent."""
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def store_from_settings(settings: Settings) -> ChunkStore:
+    """The chunk store the settings name."""
+    return open_store(
+        settings.store,
+        capacity_bytes=settings.store_capacity_bytes,
+        bandwidth_MBps=settings.store_bandwidth_mbps,
+        endpoint_url=settings.s3_endpoint,
+        region=settings.s3_region,
+    )
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the loader until stop is set: take no new work, drain, close the store."""
+    configure_logging("loader", settings.log_format, settings.log_level)
+    configure_tracing("loader")
+    staging = Staging(settings.staging_dir)
+    staging.sweep(older_than_s=settings.request_timeout_s * 2)
+    async with store_from_settings(settings) as store:
+        bus = await Bus.connect(settings.nats_url, "cake-loader")
+        loader = Loader(bus, store, staging, settings)
+        try:
+            await loader.start()
+            log.info("loader ready", store=settings.store, node=settings.node)
+            await stop.wait()
+        finally:
+            await bus.close()
+            await loader.close()

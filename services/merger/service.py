@@ -1,0 +1,170 @@
+"""The merger: coordinates each request and decides where compute and loads meet."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from nats.aio.msg import Msg
+
+from shared import subjects
+from shared.bus import Bus, RemoteError, Unavailable, spawn
+from shared.config import Settings
+from shared.observability import configure_logging, configure_tracing, tracer
+from shared.plan import MeetTracker, Split, usable_hit_chunks
+from shared.schemas import (
+    Accepted,
+    ChunkComputed,
+    ChunkLoaded,
+    Failed,
+    FetchJob,
+    GenerateRequest,
+    LoadFailed,
+    LookupReply,
+    LookupRequest,
+    Meet,
+    Message,
+    ModelInfo,
+    PrefillJob,
+)  # fmt: skip
+
+log = structlog.get_logger(__name__)
+
+
+class Merger:
+    """Per request: lookup, dispatch compute and fetch, watch both frontiers, call the meet."""
+
+    def __init__(self, bus: Bus, settings: Settings) -> None:
+        self.bus, self.settings = bus, settings
+        self.info: ModelInfo | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        """Take generate requests (queue group: any merger replica may coordinate one)."""
+        await self.bus.handle(subjects.GENERATE, self.on_generate, queue=subjects.QUEUE_MERGER)
+
+    async def on_generate(self, msg: Message, _: Msg) -> Message:
+        """Accept at once; coordinate in the background."""
+        assert isinstance(msg, GenerateRequest)
+        spawn(self.coordinate(msg), self.tasks)
+        return Accepted()
+
+    async def model_info(self) -> ModelInfo:
+        """What the compute service serves (asked once, then remembered)."""
+        if self.info is None:
+            self.info = await self.bus.request(
+                subjects.COMPUTE_INFO, Accepted(), ModelInfo, self.settings.rpc_timeout_s
+            )
+        return self.info
+
+    async def lookup(self, req: GenerateRequest, space: dict[str, Any]) -> int:
+        """Stored leading chunks; 0 when the loader cannot answer (the request computes)."""
+        if req.kv_mode == "compute":
+            return 0
+        try:
+            reply = await self.bus.request(
+                subjects.LOOKUP, LookupRequest(req.request_id, space, req.tokens), LookupReply,
+                self.settings.rpc_timeout_s,
+            )  # fmt: skip
+        except (Unavailable, RemoteError) as exc:
+            log.warning("lookup failed; computing everything", error=str(exc))
+            return 0
+        return reply.stored_chunks
+
+    async def fail(self, req: GenerateRequest, status: int, code: str, message: str) -> None:
+        """Tell the gateway the request failed."""
+        log.warning("request failed", code=code, message=message)
+        await self.bus.publish(
+            subjects.stream(req.request_id), Failed(req.request_id, status, code, message)
+        )
+
+    async def coordinate(self, req: GenerateRequest) -> None:
+        """The whole life of one request on the merger's side."""
+        with (
+            structlog.contextvars.bound_contextvars(request_id=req.request_id),
+            tracer(__name__).start_as_current_span("merger.request") as span,
+        ):
+            try:
+                await self._coordinate(req, span)
+            except Unavailable as exc:
+                await self.fail(req, 503, "unavailable", f"compute service unavailable: {exc}")
+            except RemoteError as exc:
+                status = 400 if exc.code == "bad_request" else 500
+                await self.fail(req, status, exc.code, exc.description)
+
+    async def _coordinate(self, req: GenerateRequest, span: Any) -> None:
+        info = await self.model_info()
+        space = {**info.space, "salt": req.salt}
+        n_tokens = len(req.tokens) // 4
+        with tracer(__name__).start_as_current_span("merger.lookup"):
+            stored = await self.lookup(req, space)
+        hit = usable_hit_chunks(stored, n_tokens, int(space["chunk_tokens"]))
+        span.set_attribute("cake.hit_chunks", hit)
+        events = await self.bus.nc.subscribe(subjects.events(req.request_id))
+        try:
+            job = PrefillJob(
+                req.request_id, req.tokens, space, hit, req.kv_mode != "load", req.sampling,
+                req.deadline,
+            )  # fmt: skip
+            accepted = await self.bus.request(
+                subjects.COMPUTE_PREFILL, job, Accepted, self.settings.rpc_timeout_s
+            )
+            if hit:
+                fetch = FetchJob(req.request_id, req.tokens, space, hit, req.deadline)
+                await self.bus.publish(subjects.fetch(accepted.node), fetch)
+            split, staged = await self.watch(req, hit, events)
+        finally:
+            await events.unsubscribe()
+        span.set_attribute("cake.meet_chunk", split.meet)
+        meet = Meet(req.request_id, split.meet, hit, {j: staged[j] for j in split.loaded})
+        await self.bus.publish(subjects.control(req.request_id), meet)
+
+    async def watch(
+        self, req: GenerateRequest, hit: int, events: Any
+    ) -> tuple[Split, dict[int, str]]:
+        """Follow computed/loaded events until the frontiers meet (or loads can no longer help)."""
+        tracker = MeetTracker(hit)
+        staged: dict[int, str] = {}
+        force_load_only = req.kv_mode == "load"
+        while (split := tracker.meet()) is None:
+            timeout = min(self.settings.fetch_timeout_s, req.deadline - time.time())
+            try:
+                raw = await events.next_msg(timeout=max(0.001, timeout))
+            except TimeoutError:
+                log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
+                return Split(tracker.load_frontier, hit), staged
+            event = Message.decode(raw.data)
+            if isinstance(event, ChunkComputed):
+                tracker.on_computed(event.upto)
+            elif isinstance(event, ChunkLoaded):
+                staged[event.index] = event.staged
+                tracker.on_loaded(event.index)
+            elif isinstance(event, LoadFailed):
+                log.warning("chunk load failed", chunk=event.index, reason=event.reason)
+                if force_load_only:  # nobody computes the head: compute what loads cannot give
+                    return Split(tracker.load_frontier, hit), staged
+        return split, staged
+
+    async def close(self) -> None:
+        """Let requests being coordinated finish (bounded), then stop."""
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=self.settings.rpc_timeout_s)
+        for task in self.tasks:
+            task.cancel()
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the merger until stop is set."""
+    configure_logging("merger", settings.log_format, settings.log_level)
+    configure_tracing("merger")
+    bus = await Bus.connect(settings.nats_url, "cake-merger")
+    merger = Merger(bus, settings)
+    try:
+        await merger.start()
+        log.info("merger ready")
+        await stop.wait()
+    finally:
+        await bus.close()
+        await merger.close()

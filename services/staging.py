@@ -1,0 +1,65 @@
+"""The node-local staging area shared by the loader and the compute service (claim checks)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from shared.subjects import request_id_of, stream
+
+
+class Staging:
+    """Files under root/<request id>/: chunks the loader fetched, chunks compute wrote back."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def request_dir(self, request_id: str) -> Path:
+        """The directory of one request (its id is checked to be a plain subject token)."""
+        request_id_of(stream(request_id))  # raises ValueError on ids that could escape root
+        return self.root / request_id
+
+    def write(self, request_id: str, name: str, data: bytes) -> str:
+        """Write data atomically (temporary name, then rename); the file's path."""
+        directory = self.request_dir(request_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        final = directory / name
+        tmp = directory / f".tmp-{uuid.uuid4().hex}"
+        tmp.write_bytes(data)
+        os.replace(tmp, final)
+        return str(final)
+
+    def read(self, path: str) -> bytes:
+        """A staged file's bytes; only paths inside the staging root are read."""
+        resolved = Path(path).resolve()
+        if self.root.resolve() not in resolved.parents:
+            raise ValueError(f"{path} is outside the staging area")
+        return resolved.read_bytes()
+
+    def discard(self, path: str) -> None:
+        """Remove one staged file (missing is fine)."""
+        Path(path).unlink(missing_ok=True)
+
+    def discard_request_if_empty(self, request_id: str) -> None:
+        """Remove a request's directory once nothing is staged in it."""
+        with contextlib.suppress(OSError):
+            self.request_dir(request_id).rmdir()
+
+    def discard_request(self, request_id: str) -> None:
+        """Remove everything staged for a request."""
+        shutil.rmtree(self.request_dir(request_id), ignore_errors=True)
+
+    def sweep(self, older_than_s: float) -> int:
+        """Remove request directories untouched for older_than_s (left by crashed services)."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for d in self.root.iterdir():
+            if d.is_dir() and d.stat().st_mtime < cutoff:
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+        return removed
