@@ -44,12 +44,17 @@ class MeetTracker:
 
     The compute frontier is the number of head chunks computed in order. The load frontier is
     the lowest j such that every hit chunk in [j, hit) is loaded; loads may finish in any order.
+    A failed load puts a floor under the load frontier: chunks below it must be computed. When
+    nobody computes the head (load-only), the meeting point is the frontier once it reaches the
+    floor.
     """
 
     hit: int
+    compute_head: bool = True
     computed: int = 0
     loaded: set[int] = field(default_factory=set)
     load_frontier: int = -1
+    floor: int = 0
 
     def __post_init__(self) -> None:
         if self.hit < 0:
@@ -68,11 +73,17 @@ class MeetTracker:
         while self.load_frontier - 1 in self.loaded:
             self.load_frontier -= 1
 
+    def on_failed(self, index: int) -> None:
+        """Hit chunk index cannot be loaded: loads can reach down to index + 1 at best."""
+        self.floor = max(self.floor, index + 1)
+
     def meet(self) -> Split | None:
         """The split once the frontiers touch, else None. Computed chunks win any overlap."""
-        if self.computed < self.load_frontier:
-            return None
-        return Split(meet=min(self.computed, self.hit), hit=self.hit)
+        if self.computed >= self.load_frontier:
+            return Split(meet=min(self.computed, self.hit), hit=self.hit)
+        if not self.compute_head and self.load_frontier <= self.floor:
+            return Split(meet=self.load_frontier, hit=self.hit)
+        return None
 
     def loads_needed(self) -> list[int]:
         """Hit chunks not yet loaded and not covered by compute, tail first."""

@@ -245,6 +245,8 @@ class Done(Message):
     meet_chunk: int
     ttft_ms: float
     corrupt_chunks: int = 0
+    loaded_tokens: int = 0  # prompt tokens whose KV was loaded from storage
+    computed_tokens: int = 0  # prompt tokens of the computed head (the rest is the suffix)
 
 
 @dataclass

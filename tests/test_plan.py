@@ -122,3 +122,19 @@ def test_oracle_split_extremes_and_balance() -> None:
     assert oracle_split([], []) == (0, 0)
     with pytest.raises(ValueError):
         oracle_split([1.0], [])
+
+
+def test_failed_load_sets_a_floor_for_load_only() -> None:
+    t = MeetTracker(hit=6, compute_head=False)
+    t.on_loaded(5)
+    t.on_failed(3)  # chunks 4 and 5 can still come from storage
+    assert t.meet() is None
+    t.on_loaded(4)
+    assert t.meet() == Split(4, 6)  # compute takes [0, 4)
+    cake = MeetTracker(hit=6)
+    cake.on_failed(3)
+    cake.on_loaded(5)
+    cake.on_loaded(4)
+    assert cake.meet() is None  # compute is on its way up to chunk 4
+    cake.on_computed(4)
+    assert cake.meet() == Split(4, 6)

@@ -223,11 +223,12 @@ class Compute:
         """Usage and the Cake split of a finished job."""
         meet = job.meet if job.meet is not None else job.hit
         chunk, n = job.chunk, len(job.prompt.token_ids)
-        done = Done(
+        loaded, total = job.hit - meet, math.ceil(n / chunk)
+        return Done(
             job.msg.request_id, job.finish_reason, n, job.generated, job.hit * chunk,
-            math.ceil(n / chunk), min(job.head_done, job.hit), job.hit - meet, meet, job.ttft_ms,
+            total, total - loaded, loaded, meet, job.ttft_ms,
+            loaded_tokens=loaded * chunk, computed_tokens=meet * chunk,
         )  # fmt: skip
-        return done
 
     # --- one step, in the worker thread -----------------------------------------------------
 

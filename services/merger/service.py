@@ -125,9 +125,8 @@ class Merger:
         self, req: GenerateRequest, hit: int, events: Any
     ) -> tuple[Split, dict[int, str]]:
         """Follow computed/loaded events until the frontiers meet (or loads can no longer help)."""
-        tracker = MeetTracker(hit)
+        tracker = MeetTracker(hit, compute_head=req.kv_mode != "load")
         staged: dict[int, str] = {}
-        force_load_only = req.kv_mode == "load"
         while (split := tracker.meet()) is None:
             timeout = min(self.settings.fetch_timeout_s, req.deadline - time.time())
             try:
@@ -143,8 +142,7 @@ class Merger:
                 tracker.on_loaded(event.index)
             elif isinstance(event, LoadFailed):
                 log.warning("chunk load failed", chunk=event.index, reason=event.reason)
-                if force_load_only:  # nobody computes the head: compute what loads cannot give
-                    return Split(tracker.load_frontier, hit), staged
+                tracker.on_failed(event.index)
         return split, staged
 
     async def close(self) -> None:

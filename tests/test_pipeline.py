@@ -1,0 +1,192 @@
+"""The services over a real nats-server: modes agree, hits, isolation, failures, message sizes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nats.aio.msg import Msg
+
+from services.loader.service import Loader
+from shared import subjects
+from shared.engine import PromptChunks
+from shared.errors import StoreError
+from shared.keys import KeySpace
+from shared.schemas import Failed
+from shared.stores.local import LocalStore
+from shared.stores.s3 import S3Store
+from tests.harness import Backend, backend, default_runner, stack_settings
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [256] + [rng.randrange(256) for _ in range(n - 1)]
+
+
+@pytest.fixture
+async def local(nats_url: str, tmp_path: Path) -> AsyncIterator[Backend]:
+    settings = stack_settings(nats_url, tmp_path)
+    async with LocalStore(settings.store) as store, backend(settings, store) as be:
+        yield be
+
+
+@pytest.fixture
+async def s3(nats_url: str, tmp_path: Path, s3_endpoint: str) -> AsyncIterator[Backend]:
+    bucket = "cake-pipeline-" + tmp_path.name[-8:].lower().replace("_", "-")
+    settings = stack_settings(nats_url, tmp_path, store=f"s3://{bucket}/kv")
+    async with S3Store(bucket, "kv/", endpoint_url=s3_endpoint) as store:
+        await store.ensure_bucket()
+        async with backend(settings, store) as be:
+            yield be
+
+
+async def test_modes_agree_for_no_partial_and_full_hits(s3: Backend) -> None:
+    base = prompt(600, seed=1)
+    first = await s3.generate(base, kv_mode="compute")  # no hit; writes the prefix back
+    assert first.done.hit_tokens == 0 and first.done.chunks_loaded == 0
+    partial = base[:400] + prompt(300, seed=2)  # shares 6 chunks of 64 tokens
+    full = base + prompt(50, seed=3)  # shares all 9 stored chunks
+    for tokens, want_hit in ((base, 9), (partial, 6), (full, 9)):
+        # the reference writes back too: a salt of its own keeps it from adding hits here
+        ref = await s3.generate(tokens, kv_mode="compute", salt="reference")
+        cake = await s3.generate(tokens, kv_mode="cake")
+        assert cake.tokens == ref.tokens
+        assert cake.done.hit_tokens == want_hit * 64
+        # the Cake request wrote back its new chunks: now every usable chunk is stored
+        usable = (len(tokens) - 1) // 64
+        load = await s3.generate(tokens, kv_mode="load")
+        assert load.tokens == ref.tokens
+        assert load.done.hit_tokens == usable * 64
+        assert (load.done.chunks_loaded, load.done.meet_chunk) == (usable, 0)
+
+
+async def test_cake_splits_between_both_sides(local: Backend) -> None:
+    tokens = prompt(1200, seed=4)
+    ref = await local.generate(tokens, kv_mode="compute")
+    got = await local.generate(tokens)
+    d = got.done
+    assert got.tokens == ref.tokens
+    assert d.hit_tokens == 18 * 64
+    assert d.chunks_loaded + d.meet_chunk == 18
+    assert d.chunks_total == 19
+    assert d.chunks_computed + d.chunks_loaded == d.chunks_total
+    assert d.loaded_tokens == d.chunks_loaded * 64 and d.computed_tokens == d.meet_chunk * 64
+
+
+async def test_salt_isolates_the_cache(local: Backend) -> None:
+    tokens = prompt(300, seed=5)
+    await local.generate(tokens, salt="tenant-a")
+    assert (await local.generate(tokens, salt="tenant-b")).done.hit_tokens == 0
+    assert (await local.generate(tokens, salt="tenant-a")).done.hit_tokens == 4 * 64
+
+
+async def test_concurrent_requests_all_complete(local: Backend) -> None:
+    prompts = [prompt(200 + 50 * i, seed=10 + i) for i in range(5)]
+    refs = [await local.generate(p, kv_mode="compute", max_tokens=6) for p in prompts]
+    results = await asyncio.gather(
+        *(local.generate(p, kv_mode=m, max_tokens=6) for p in prompts for m in ("cake", "load"))
+    )
+    for i, res in enumerate(results):
+        assert res.tokens == refs[i // 2].tokens
+        assert res.done.completion_tokens == 6
+
+
+class BrokenReads(LocalStore):
+    """A local store whose reads fail (mode "error") or hang (mode "stall")."""
+
+    def __init__(self, root: str, mode: str) -> None:
+        super().__init__(root)
+        self.mode = mode
+
+    async def get(self, key: str) -> bytes | None:
+        if self.mode == "stall":
+            await asyncio.sleep(3600)
+        raise StoreError("disk on fire")
+
+
+async def test_loader_down_degrades_to_compute(nats_url: str, tmp_path: Path) -> None:
+    tokens = prompt(500, seed=20)
+    settings = stack_settings(nats_url, tmp_path, rpc_timeout_s=1.0)
+    async with LocalStore(settings.store) as store:
+        async with backend(settings, store) as be:
+            ref = await be.generate(tokens, kv_mode="compute")
+        async with backend(settings, store, services=("merger", "compute")) as be:
+            for mode in ("cake", "load"):
+                res = await be.generate(tokens, kv_mode=mode)
+                assert res.tokens == ref.tokens
+                assert res.done.hit_tokens == 0  # the lookup went unanswered
+                assert res.elapsed_s < 10
+
+
+@pytest.mark.parametrize("mode", ["error", "stall"])
+async def test_failing_or_stalling_storage_is_computed_around(
+    nats_url: str, tmp_path: Path, mode: str
+) -> None:
+    tokens = prompt(500, seed=21)
+    settings = stack_settings(nats_url, tmp_path, fetch_timeout_s=1.0)
+    async with LocalStore(settings.store) as store, backend(settings, store) as be:
+        ref = await be.generate(tokens, kv_mode="compute")
+    broken = BrokenReads(settings.store, mode)
+    async with broken, backend(settings, broken) as be:
+        for kv_mode in ("cake", "load"):
+            res = await be.generate(tokens, kv_mode=kv_mode)
+            assert res.tokens == ref.tokens
+            assert res.done.hit_tokens == 7 * 64
+            assert res.done.chunks_loaded == 0  # nothing loaded: every chunk was computed
+            assert res.elapsed_s < 10
+        loader = be.services["loader"]
+        assert isinstance(loader, Loader)
+        assert loader.counters["load_failures"] >= 1
+
+
+async def test_compute_down_fails_fast_with_503(nats_url: str, tmp_path: Path) -> None:
+    settings = stack_settings(nats_url, tmp_path, rpc_timeout_s=1.0)
+    services = ("merger", "loader")
+    async with LocalStore(settings.store) as store, backend(settings, store, services) as be:
+        res = await be.generate(prompt(100, seed=22))
+    assert isinstance(res.end, Failed)
+    assert res.end.status == 503 and "compute" in res.end.message
+    assert res.elapsed_s < 5
+
+
+async def test_corrupt_stored_chunk_is_recomputed_counted_and_deleted(local: Backend) -> None:
+    tokens = prompt(500, seed=23)
+    ref = await local.generate(tokens, kv_mode="compute")
+    keys = PromptChunks.of(
+        KeySpace(default_runner().fingerprint, default_runner().layout, 64), tokens
+    ).keys
+    store = local.store
+    assert isinstance(store, LocalStore)
+    victim = keys[5]
+    data = await store.get(victim)
+    assert data is not None
+    await store.put(victim, data[:-10] + b"\xff" * 10)  # same length, bad checksum
+    res = await local.generate(tokens, kv_mode="load")
+    assert res.tokens == ref.tokens
+    assert res.done.chunks_loaded == 1  # only chunk 6 (above the corrupt one) could be used
+    loader = local.services["loader"]
+    assert isinstance(loader, Loader)
+    assert loader.counters["corrupt_chunks"] == 1
+    assert not await store.exists(victim) or (await store.get(victim)) != data[:-10] + b"\xff" * 10
+
+
+async def test_no_nats_message_carries_kv(local: Backend) -> None:
+    tokens = prompt(1500, seed=24)
+    sizes: list[tuple[int, str]] = []
+
+    async def spy(msg: Msg) -> None:
+        sizes.append((len(msg.data), msg.subject))
+
+    sub = await local.client.nc.subscribe(f"{subjects.ROOT}.>", cb=spy)
+    await local.generate(tokens, kv_mode="compute")
+    await local.generate(tokens)
+    await local.generate(tokens, kv_mode="load")
+    await sub.unsubscribe()
+    biggest, subject = max(sizes)
+    kv_bytes_per_chunk = 64 * default_runner().layout.layers * 2 * 4 * 64 * 4
+    assert len(sizes) > 50
+    assert biggest <= 64 * 1024 + 4 * len(tokens), subject
+    assert biggest < kv_bytes_per_chunk / 10
