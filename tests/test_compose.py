@@ -1,0 +1,299 @@
+"""docker-compose.yml checked against the code (CI has no Docker engine to run it).
+
+The Cake services' commands must parse with the real CLI, their environment must be settings the
+code reads, and the wiring (NATS, S3 bucket, staging volume, traces) must point at services that
+the file defines.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from shared.cli import SERVICES, build_parser
+from shared.config import ENV_VARS, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+AWS_VARS = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION"}
+)
+NODE_LOCAL = ("compute", "loader")  # one node: they share CAKE_NODE and the staging volume
+MB = 1024 * 1024
+
+
+@cache
+def compose() -> dict[str, Any]:
+    """The parsed docker-compose.yml (anchors and merge keys resolved)."""
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def services() -> dict[str, Any]:
+    """Every compose service by name."""
+    found = compose()["services"]
+    assert isinstance(found, dict)
+    return found
+
+
+def cake_services() -> dict[str, dict[str, Any]]:
+    """The services built from this project's image (Dockerfile at the root)."""
+    return {name: svc for name, svc in services().items() if "build" in svc}
+
+
+def environment(service: str) -> dict[str, str]:
+    """A service's environment as the container sees it (compose accepts maps and lists)."""
+    env = services()[service].get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    for name, value in env.items():
+        # compose rejects booleans and null would mean "take it from the host"
+        assert isinstance(value, str | int | float), f"{service}: {name}={value!r}"
+        assert not isinstance(value, bool), f"{service}: {name} is a YAML boolean; quote it"
+    return {name: str(value) for name, value in env.items()}
+
+
+def settings(service: str) -> Settings:
+    """The Settings a service's container builds from its environment."""
+    return Settings.from_env(environment(service))
+
+
+def host_of(url: str) -> str:
+    """The host name of a URL (compose service names resolve as hosts)."""
+    host = urlparse(url).hostname
+    assert host, f"no host in {url!r}"
+    return host
+
+
+def mounts(service: str) -> dict[str, str]:
+    """A service's mounts, container path -> source (named volume or host path)."""
+    found: dict[str, str] = {}
+    for vol in services()[service].get("volumes") or []:
+        if isinstance(vol, dict):
+            found[vol["target"]] = vol.get("source", "")
+        else:
+            source, target = vol.split(":")[:2]
+            found[target] = source
+    return found
+
+
+def mounted_file(service: str, container_path: str) -> Path:
+    """The repository file bind-mounted into a service at container_path."""
+    source = mounts(service).get(container_path)
+    assert source, f"{service} mounts nothing at {container_path}"
+    path = (ROOT / source).resolve()
+    assert path.is_file(), f"{service} mounts {source}, which is not a file here"
+    return path
+
+
+def words(command: Any) -> list[str]:
+    """A compose command or entrypoint as a list of words."""
+    if command is None:
+        return []
+    return shlex.split(command) if isinstance(command, str) else [str(w) for w in command]
+
+
+# --- the Cake services --------------------------------------------------------------------
+
+
+def test_the_four_services_run_commands_the_cli_accepts() -> None:
+    seen = []
+    for name, svc in cake_services().items():
+        command = words(svc.get("command"))
+        try:
+            args = build_parser().parse_args(command)
+        except SystemExit:
+            pytest.fail(f"{name}: `cake {' '.join(command)}` is rejected by shared.cli")
+        assert args.command == "serve", name
+        assert args.service in SERVICES, name
+        assert args.service == name, f"compose service {name} runs {args.service}"
+        seen.append(args.service)
+    assert sorted(seen) == sorted(SERVICES)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_environment_has_only_variables_something_reads(service: str) -> None:
+    unknown = {
+        name
+        for name in environment(service)
+        if name not in ENV_VARS and not name.startswith("OTEL_") and name not in AWS_VARS
+    }
+    assert not unknown, f"{service}: variables nothing reads: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_environment_gives_valid_settings(service: str) -> None:
+    got = settings(service)  # raises ConfigError on a bad value
+    assert got.log_format == "json"
+    # shared.observability names the trace resource cake-<service>; keep both names the same
+    assert environment(service).get("OTEL_SERVICE_NAME") == f"cake-{service}"
+
+
+def test_services_agree_on_what_chunk_keys_depend_on() -> None:
+    fields = ("nats_url", "model", "model_revision", "chunk_tokens")
+    seen = {s: tuple(getattr(settings(s), f) for f in fields) for s in SERVICES}
+    assert len(set(seen.values())) == 1, seen
+
+
+def test_gateway_listens_on_all_interfaces_on_a_published_port() -> None:
+    gw = settings("gateway")
+    assert gw.host == "0.0.0.0"
+    published = {str(p).rsplit(":", 1)[-1].split("/")[0] for p in services()["gateway"]["ports"]}
+    assert str(gw.port) in published
+
+
+def test_compute_and_loader_share_a_node_and_its_staging_volume() -> None:
+    nodes = {settings(s).node for s in NODE_LOCAL}
+    assert len(nodes) == 1, nodes
+    sources = set()
+    for service in NODE_LOCAL:
+        staging = settings(service).staging_dir
+        source = mounts(service).get(staging)
+        assert source, f"{service}: nothing mounted at its CAKE_STAGING_DIR {staging}"
+        assert source in (compose().get("volumes") or {}), f"{source} is not a named volume"
+        sources.add((staging, source))
+    assert len(sources) == 1, f"different staging mounts: {sources}"
+
+
+def test_the_staging_volume_is_writable_by_the_image_user() -> None:
+    source = mounts("compute")[settings("compute").staging_dir]  # loader's: the test above
+    opts = (compose()["volumes"][source] or {}).get("driver_opts") or {}
+    if "uid=" not in str(opts.get("o", "")):
+        return  # a plain named volume takes its owner from the image's /staging
+    uid = re.search(r"\buid=(\d+)", opts["o"])
+    image_uid = re.search(r"useradd\b.*--uid\s+(\d+)", (ROOT / "Dockerfile").read_text())
+    assert uid and image_uid and uid[1] == image_uid[1], "staging tmpfs uid != the image's user"
+
+
+def test_depends_on_conditions_can_be_met() -> None:
+    for name, svc in services().items():
+        deps = svc.get("depends_on") or {}
+        for dep in deps:
+            assert dep in services(), f"{name} depends on unknown service {dep}"
+            condition = deps[dep].get("condition") if isinstance(deps, dict) else None
+            if condition == "service_healthy":
+                assert "healthcheck" in services()[dep], f"{dep} has no healthcheck"
+    for name in cake_services():
+        assert services()[name]["depends_on"]["nats"]["condition"] == "service_healthy"
+
+
+# --- NATS ---------------------------------------------------------------------------------
+
+
+def nats_conf() -> str:
+    """nats.conf as the nats service reads it (-c PATH), comments removed."""
+    command = words(services()["nats"].get("command"))
+    flag = next(i for i, w in enumerate(command) if w in ("-c", "--config"))
+    text = mounted_file("nats", command[flag + 1]).read_text()
+    return re.sub(r"(#|//).*", "", text)
+
+
+def nats_size(value: str) -> int:
+    """A size as nats-server parses it: 8MB, 8M and 8MiB are 8 * 1024 * 1024."""
+    m = re.fullmatch(r"(\d+)\s*([kmgt]?)(i?b)?", value.strip().strip("\"'"), re.IGNORECASE)
+    assert m, f"not a size: {value!r}"
+    return int(m[1]) * 1024 ** " kmgt".index(m[2].lower() or " ")
+
+
+def test_nats_size_parser() -> None:
+    assert nats_size("8MB") == nats_size("8M") == 8 * MB
+    assert nats_size("1048576") == MB
+
+
+def test_nats_conf_allows_large_payloads_and_enables_jetstream() -> None:
+    conf = nats_conf()
+    payload = re.search(r"^\s*max_payload\s*[:=]?\s*(\S+)", conf, re.MULTILINE)
+    assert payload, "nats.conf does not set max_payload (the 1MB default is too small)"
+    assert nats_size(payload[1]) > MB
+    assert re.search(r"^\s*jetstream\s*(?:[:=]\s*)?(\{|enabled\b|true\b|on\b)", conf, re.M)
+
+
+def test_nats_url_points_at_the_nats_service() -> None:
+    for service in SERVICES:
+        url = urlparse(settings(service).nats_url)
+        assert url.hostname in services(), f"{service}: {url.hostname} is not a compose service"
+        port = re.search(r"^\s*port\s*[:=]?\s*(\d+)", nats_conf(), re.MULTILINE)
+        assert (url.port or 4222) == (int(port[1]) if port else 4222)
+
+
+# --- S3 (MinIO) ---------------------------------------------------------------------------
+
+
+def created_bucket() -> str:
+    """The bucket the minio-init one-shot creates (`mc mb ... ALIAS/BUCKET`)."""
+    init = services()["minio-init"]
+    script = " ".join(words(init.get("entrypoint")) + words(init.get("command")))
+    m = re.search(r"\bmc mb\b(?:\s+-{1,2}[\w-]+)*\s+\w+/([a-z0-9.-]+)", script)
+    assert m, f"minio-init creates no bucket: {script}"
+    return m[1]
+
+
+def test_the_loader_stores_in_the_bucket_minio_init_creates() -> None:
+    s3_users = {s for s in SERVICES if settings(s).store.startswith("s3://")}
+    assert "loader" in s3_users
+    minio_env = environment("minio")
+    for service in s3_users:
+        got = settings(service)
+        assert urlparse(got.store).netloc == created_bucket(), got.store
+        assert got.s3_endpoint, f"{service}: CAKE_STORE is on S3 but CAKE_S3_ENDPOINT is unset"
+        assert host_of(got.s3_endpoint) in services()
+        env = environment(service)
+        assert env.get("AWS_ACCESS_KEY_ID") == minio_env["MINIO_ROOT_USER"]
+        assert env.get("AWS_SECRET_ACCESS_KEY") == minio_env["MINIO_ROOT_PASSWORD"]
+
+
+# --- traces -------------------------------------------------------------------------------
+
+
+def collector_config() -> dict[str, Any]:
+    """The collector's config as its service mounts it (--config=PATH)."""
+    command = words(services()["otel-collector"].get("command"))
+    path = next(w.split("=", 1)[1] for w in command if w.startswith("--config="))
+    data = yaml.safe_load(mounted_file("otel-collector", path).read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_services_send_traces_to_the_collectors_http_receiver() -> None:
+    http = collector_config()["receivers"]["otlp"]["protocols"]["http"]
+    http_port = int(str(http["endpoint"]).rsplit(":", 1)[1])
+    for service in SERVICES:
+        endpoint = environment(service).get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        assert endpoint, f"{service} exports no traces"
+        assert host_of(endpoint) == "otel-collector"
+        assert urlparse(endpoint).port == http_port  # shared.observability exports OTLP/HTTP
+
+
+def test_the_collector_exports_traces_to_jaeger() -> None:
+    config = collector_config()
+    exporters = config["service"]["pipelines"]["traces"]["exporters"]
+    targets = set()
+    for name in exporters:
+        assert name.split("/")[0] in ("otlp", "otlp_grpc", "otlphttp", "otlp_http"), name
+        endpoint = str(config["exporters"][name]["endpoint"])
+        targets.add(host_of(endpoint if "://" in endpoint else f"grpc://{endpoint}"))
+    assert "jaeger" in targets
+    assert targets <= set(services())
+    assert "16686:16686" in services()["jaeger"]["ports"]
+
+
+# --- the image ----------------------------------------------------------------------------
+
+
+def test_the_image_runs_the_cake_script_as_a_non_root_user() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    entrypoint = re.search(r"^ENTRYPOINT\s+(\[.*\])", dockerfile, re.MULTILINE)
+    assert entrypoint and json.loads(entrypoint[1]) == ["cake"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["cake"] == "shared.cli:main"
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0")
