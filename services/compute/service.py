@@ -11,6 +11,8 @@ from typing import Any
 
 import structlog
 from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 from transformers import DynamicCache
 
 from services.compute.scheduler import Candidate, Phase, plan_step
@@ -41,7 +43,7 @@ from shared.schemas import (
 )  # fmt: skip
 
 log = structlog.get_logger(__name__)
-Outbox = list[tuple[str, Message]]
+Outbox = list[tuple[str, Message, Context]]  # subject, message, trace context to send it in
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Job:
     prompt: PromptChunks
     params: SamplingParams
     cache: DynamicCache
+    ctx: Context = field(default_factory=otel_context.get_current)  # the request's trace
     arrival: float = field(default_factory=time.monotonic)
     head_done: int = 0  # chunks [0, head_done) computed
     meet: int | None = None  # where loaded chunks start, once known
@@ -167,8 +170,12 @@ class Compute:
                 if not step:
                     break
                 outbox = await asyncio.to_thread(self.run_step, step)
-                for subject, message in outbox:
-                    await self.bus.publish(subject, message)
+                for subject, message, ctx in outbox:
+                    token = otel_context.attach(ctx)
+                    try:
+                        await self.bus.publish(subject, message)
+                    finally:
+                        otel_context.detach(token)
                 self.start_writebacks()
                 await self.retire()
 
@@ -190,6 +197,7 @@ class Compute:
 
     async def request_store(self, job: Job, staged: dict[int, str]) -> None:
         """Ask the loader to store staged chunks and wait until it has."""
+        otel_context.attach(job.ctx)  # this task's own context: no need to detach
         store_job = StoreJob(
             f"{job.msg.request_id}-wb", job.msg.tokens, job.msg.space, staged
         )  # fmt: skip
@@ -215,6 +223,7 @@ class Compute:
 
     async def send_done(self, job: Job) -> None:
         """Done after the write-back landed, so the next request with this prefix hits."""
+        otel_context.attach(job.ctx)  # this task's own context: no need to detach
         if job.writeback is not None:
             await asyncio.gather(job.writeback, return_exceptions=True)
         await self.bus.publish(subjects.stream(job.msg.request_id), self.done_message(job))
@@ -238,13 +247,17 @@ class Compute:
         for piece in step:
             job = self.jobs[piece.request_id]
             rid = job.msg.request_id
-            with structlog.contextvars.bound_contextvars(request_id=rid):
-                if piece.phase == Phase.DECODE:
-                    self.decode_one(job, outbox)
-                elif piece.phase == Phase.HEAD:
-                    self.compute_head_chunk(job, outbox)
-                else:
-                    self.prefill_piece(job, outbox)
+            token = otel_context.attach(job.ctx)
+            try:
+                with structlog.contextvars.bound_contextvars(request_id=rid):
+                    if piece.phase == Phase.DECODE:
+                        self.decode_one(job, outbox)
+                    elif piece.phase == Phase.HEAD:
+                        self.compute_head_chunk(job, outbox)
+                    else:
+                        self.prefill_piece(job, outbox)
+            finally:
+                otel_context.detach(token)
         return outbox
 
     def compute_head_chunk(self, job: Job, outbox: Outbox) -> None:
@@ -257,7 +270,7 @@ class Compute:
             self.runner.extend(job.cache, job.prompt.token_ids[first:last])
         job.head_done += 1
         event = ChunkComputed(job.msg.request_id, job.head_done, time.perf_counter() - start)
-        outbox.append((subjects.events(job.msg.request_id), event))
+        outbox.append((subjects.events(job.msg.request_id), event, job.ctx))
 
     def prefill_piece(self, job: Job, outbox: Outbox) -> None:
         """After the meeting point: the rest of the head, then the merge, then the suffix."""
@@ -299,7 +312,8 @@ class Compute:
         if held + len(piece) < len(job.prompt.token_ids):
             return
         job.tokens_out = self.runner.generate(job.cache, logits, job.params)
-        self.decode_one(job, outbox)
+        with tracer(__name__).start_as_current_span("compute.first_token"):
+            self.decode_one(job, outbox)
         job.ttft_ms = (time.monotonic() - job.arrival) * 1000
         job.to_store = self.stage_writeback(job)
 
@@ -312,7 +326,7 @@ class Compute:
             return
         job.generated += 1
         rid = job.msg.request_id
-        outbox.append((subjects.stream(rid), Tokens(rid, pack_tokens([token]))))
+        outbox.append((subjects.stream(rid), Tokens(rid, pack_tokens([token])), job.ctx))
         if token in job.params.stop_token_ids:
             job.finish_reason = "stop"
         elif job.generated >= job.params.max_tokens:
