@@ -56,6 +56,7 @@ class Job:
     cache: DynamicCache
     ctx: Context = field(default_factory=otel_context.get_current)  # the request's trace
     arrival: float = field(default_factory=time.monotonic)
+    piece: int = 0  # most tokens one prefill piece computes (whole chunks)
     head_done: int = 0  # chunks [0, head_done) computed
     meet: int | None = None  # where loaded chunks start, once known
     staged: dict[int, str] = field(default_factory=dict)
@@ -89,9 +90,12 @@ class Job:
 
     def next_tokens(self) -> int:
         """Tokens the next piece computes."""
-        if self.phase() == Phase.DECODE:
+        phase = self.phase()
+        if phase == Phase.DECODE:
             return 1
-        return min(self.chunk, len(self.prompt.token_ids) - self.head_done * self.chunk)
+        if phase == Phase.HEAD:
+            return self.chunk
+        return min(self.piece, len(self.prompt.token_ids) - self.cache.get_seq_length())
 
 
 class Compute:
@@ -133,7 +137,9 @@ class Compute:
             s.max_tokens, s.temperature, s.top_p, s.seed, self.runner_stop_ids()
         )  # fmt: skip
         prompt = PromptChunks.of(space, unpack_tokens(msg.tokens))
-        self.jobs[msg.request_id] = Job(msg, prompt, params, self.runner.new_cache())
+        budget = self.settings.token_budget // space.chunk_tokens * space.chunk_tokens
+        job = Job(msg, prompt, params, self.runner.new_cache(), piece=budget)
+        self.jobs[msg.request_id] = job
         self.wake.set()
         return Accepted(node=self.settings.node)
 
@@ -253,22 +259,23 @@ class Compute:
                     if piece.phase == Phase.DECODE:
                         self.decode_one(job, outbox)
                     elif piece.phase == Phase.HEAD:
-                        self.compute_head_chunk(job, outbox)
+                        self.compute_head_chunks(job, outbox)
                     else:
                         self.prefill_piece(job, outbox)
             finally:
                 otel_context.detach(token)
         return outbox
 
-    def compute_head_chunk(self, job: Job, outbox: Outbox) -> None:
-        """The next head chunk; tell the merger."""
+    def compute_head_chunks(self, job: Job, outbox: Outbox, n: int = 1) -> None:
+        """The next n head chunks in one forward pass; tell the merger."""
         start = time.perf_counter()
-        first, last = job.prompt.space.chunk_bounds(job.head_done)
+        first = job.prompt.space.chunk_bounds(job.head_done)[0]
+        last = job.prompt.space.chunk_bounds(job.head_done + n - 1)[1]
         with tracer(__name__).start_as_current_span(
             "compute.chunk", attributes={"chunk": job.head_done}
         ):
             self.runner.extend(job.cache, job.prompt.token_ids[first:last])
-        job.head_done += 1
+        job.head_done += n
         event = ChunkComputed(job.msg.request_id, job.head_done, time.perf_counter() - start)
         outbox.append((subjects.events(job.msg.request_id), event, job.ctx))
 
@@ -276,7 +283,7 @@ class Compute:
         """After the meeting point: the rest of the head, then the merge, then the suffix."""
         meet = job.meet if job.meet is not None else job.hit
         if job.head_done < meet:
-            self.compute_head_chunk(job, outbox)
+            self.compute_head_chunks(job, outbox, min(meet - job.head_done, job.piece // job.chunk))
         elif not job.merged:
             self.merge_loaded(job, from_chunk=max(job.head_done, meet))
         else:
@@ -304,7 +311,7 @@ class Compute:
     def prefill_suffix_piece(self, job: Job, outbox: Outbox) -> None:
         """The next piece of the uncached suffix; after the last one, the first token."""
         held = self.runner.cache_length(job.cache)
-        piece = job.prompt.token_ids[held : held + job.chunk]
+        piece = job.prompt.token_ids[held : held + job.piece]
         with tracer(__name__).start_as_current_span(
             "compute.suffix", attributes={"tokens": len(piece)}
         ):

@@ -1,0 +1,72 @@
+"""The gateway service: the OpenAI-compatible HTTP front door of Cake.
+
+Lifecycle: connect to NATS, mirror Telemetry into metrics, serve HTTP until `stop`; then stop
+accepting connections, let requests in flight finish (at most DRAIN_TIMEOUT_S) and close the
+bus last, since those requests still read their streams from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from aiohttp import web
+from nats.aio.msg import Msg
+from transformers import AutoConfig
+
+from services.gateway.app import GatewayMetrics, make_app
+from shared import subjects
+from shared.bus import Bus
+from shared.config import Settings
+from shared.errors import ConfigError
+from shared.model import DEFAULT_MODEL, default_model_config
+from shared.observability import configure_logging, configure_tracing, shutdown_tracing
+from shared.schemas import Message, Telemetry
+from shared.tokenizer import load_tokenizer
+
+log = structlog.get_logger(__name__)
+
+DRAIN_TIMEOUT_S = 10.0
+
+
+def model_max_context(settings: Settings) -> int | None:
+    """The served model's context length, read from its config (no weights are loaded)."""
+    config: Any
+    if settings.model == DEFAULT_MODEL:
+        config = default_model_config()
+    else:
+        try:
+            config = AutoConfig.from_pretrained(settings.model, revision=settings.model_revision)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load model config from {settings.model!r}: {exc}") from exc
+    return int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 0) or None
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the gateway until stop is set."""
+    configure_logging("gateway", settings.log_format, settings.log_level)
+    configure_tracing("gateway")
+    tokenizer = load_tokenizer(settings.model, settings.model_revision)
+    max_context = model_max_context(settings)
+    metrics = GatewayMetrics()
+
+    async def on_telemetry(message: Message, _: Msg) -> None:
+        if isinstance(message, Telemetry):
+            metrics.record_telemetry(message)
+
+    bus = await Bus.connect(settings.nats_url, "cake-gateway")
+    app = make_app(bus, settings, tokenizer, settings.model, metrics, max_context)
+    runner = web.AppRunner(
+        app, shutdown_timeout=DRAIN_TIMEOUT_S, handler_cancellation=True, access_log=None
+    )
+    try:
+        await bus.handle(subjects.TELEMETRY, on_telemetry)
+        await runner.setup()
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        log.info("gateway listening", host=settings.host, port=settings.port, model=settings.model)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await bus.close()
+        shutdown_tracing()
