@@ -11,8 +11,7 @@ from collections.abc import Sequence
 
 from shared.config import Settings
 from shared.errors import ConfigError
-
-SERVICES = ("gateway", "merger", "compute", "loader")
+from shared.stack import SERVICES, run_stack
 
 
 def _settings_flags(p: argparse.ArgumentParser) -> None:
@@ -82,8 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             asyncio.run(serve_until_signalled(args.service, settings))
         elif args.command == "up":
-            from shared.stack import run_stack
-
             return run_stack(settings, start_nats=args.nats_url is None)
     except ConfigError as exc:
         print(f"cake: {exc}", file=sys.stderr)

@@ -8,63 +8,97 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from shared.cli import SERVICES
 from shared.config import Settings, env_var
 from shared.nats_server import NatsServer
 
+SERVICES = ("gateway", "merger", "compute", "loader")
 READY_TIMEOUT_S = 120.0
 
 
-def service_env(settings: Settings, nats_url: str) -> dict[str, str]:
-    """The environment each service process gets: this one plus every setting as CAKE_*."""
-    env = dict(os.environ)
-    for name, value in vars(settings).items():
-        if value is not None:
-            env[env_var(name)] = str(value)
-    env[env_var("nats_url")] = nats_url
-    return env
+class LocalStack:
+    """Processes of one local Cake stack; services can be restarted with changed settings."""
 
+    def __init__(self, settings: Settings, start_nats: bool = True) -> None:
+        self.settings = settings
+        self.nats = NatsServer.start() if start_nats else None
+        self.nats_url = self.nats.url if self.nats else settings.nats_url
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.url = f"http://{settings.host}:{settings.port}"
+        Path(settings.staging_dir).mkdir(parents=True, exist_ok=True)
 
-def wait_ready(url: str, procs: dict[str, subprocess.Popen[bytes]], timeout_s: float) -> None:
-    """Until the gateway's /health answers 200 (and the model is loaded: /v1/models lists it)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for name, proc in procs.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the stack was not ready within {timeout_s:.0f}s")
+    def env(self, settings: Settings) -> dict[str, str]:
+        """This process's environment plus every setting as CAKE_*."""
+        env = dict(os.environ)
+        for name, value in vars(settings).items():
+            if value is not None:
+                env[env_var(name)] = str(value)
+        env[env_var("nats_url")] = self.nats_url
+        return env
 
+    def start(self, services: Sequence[str] = SERVICES, **changes: Any) -> None:
+        """Start services (the gateway last) and wait until the gateway answers /health."""
+        settings = self.settings.replace(**changes) if changes else self.settings
+        for name in sorted(services, key=lambda s: s == "gateway"):
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", "serve", name], env=self.env(settings),
+                start_new_session=True,  # Ctrl-C reaches only `cake up`; it stops them in order
+            )  # fmt: skip
+        self.wait_ready()
 
-def stop_all(procs: dict[str, subprocess.Popen[bytes]], timeout_s: float = 15.0) -> None:
-    """SIGTERM every service (gateway first: it stops taking requests), then SIGKILL laggards."""
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    def restart(self, service: str, **changes: Any) -> None:
+        """Stop one service and start it again with some settings changed."""
+        self.stop([service])
+        self.start([service], **changes)
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until /health answers 200 (the gateway is up and reaches the compute service)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the stack was not ready within {timeout_s:.0f}s")
+
+    def check_alive(self) -> None:
+        """RuntimeError naming any service that exited."""
+        dead = [n for n, p in self.procs.items() if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited")
+
+    def stop(self, services: Sequence[str] | None = None, timeout_s: float = 15.0) -> None:
+        """SIGTERM services (all by default, the gateway first), SIGKILL any that linger."""
+        names = [n for n in SERVICES if n in self.procs and (services is None or n in services)]
+        for name in names:
+            if self.procs[name].poll() is None:
+                self.procs[name].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            proc = self.procs.pop(name)
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def close(self) -> None:
+        """Stop every service and the nats-server this stack started. Idempotent."""
+        self.stop()
+        if self.nats:
+            self.nats.stop()
+            self.nats = None
 
 
 def run_stack(settings: Settings, start_nats: bool) -> int:
-    """Run everything until Ctrl-C or a service dies; leave nothing running."""
-    Path(settings.staging_dir).mkdir(parents=True, exist_ok=True)
-    nats = NatsServer.start() if start_nats else None
-    nats_url = nats.url if nats else settings.nats_url
-    env = service_env(settings, nats_url)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    """`cake up`: run everything until Ctrl-C or a service dies; leave nothing running."""
     stopping = False
 
     def on_signal(*_: object) -> None:
@@ -73,27 +107,17 @@ def run_stack(settings: Settings, start_nats: bool) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    stack = LocalStack(settings, start_nats)
     try:
-        for name in (*SERVICES[1:], SERVICES[0]):  # the gateway last
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "serve", name], env=env,
-                start_new_session=True,  # Ctrl-C reaches only us; we stop them in order
-            )  # fmt: skip
-        url = f"http://{settings.host}:{settings.port}"
-        wait_ready(url, procs, READY_TIMEOUT_S)
-        print(f"Cake is serving {settings.model} at {url}/v1 (NATS {nats_url}). Ctrl-C stops.")
-        sys.stdout.flush()
+        stack.start()
+        print(f"Cake is serving {settings.model} at {stack.url}/v1 (NATS {stack.nats_url}).")
+        print("Ctrl-C stops everything.", flush=True)
         while not stopping:
-            dead = [n for n, p in procs.items() if p.poll() is not None]
-            if dead:
-                print(f"cake: {', '.join(dead)} exited; stopping", file=sys.stderr)
-                return 1
+            stack.check_alive()
             time.sleep(0.2)
         return 0
     except RuntimeError as exc:
-        print(f"cake: {exc}", file=sys.stderr)
+        print(f"cake: {exc}; stopping", file=sys.stderr)
         return 1
     finally:
-        stop_all(procs)
-        if nats:
-            nats.stop()
+        stack.close()

@@ -1,0 +1,96 @@
+"""The whole Cake plan in one process, without NATS: the pipeline's baseline and a library API.
+
+Head chunks are computed in a worker thread while asyncio tasks load the hit chunks tail
+first; the MeetTracker decides where they meet, exactly as the merger does over NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from shared.engine import PromptChunks, fetch_chunk, merged_prefill
+from shared.model import ModelRunner, SamplingParams
+from shared.plan import MeetTracker, Split
+from shared.stores.base import ChunkStore
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What one in-process Cake prefill did."""
+
+    first_token: int
+    ttft_s: float
+    split: Split
+
+
+async def cake_prefill(
+    runner: ModelRunner,
+    store: ChunkStore,
+    prompt: PromptChunks,
+    hit: int,
+    fetch_concurrency: int = 4,
+    params: SamplingParams | None = None,
+) -> LocalResult:
+    """Compute the head and load the tail of the hit at once; the first token and its time."""
+    start = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    tracker = MeetTracker(hit)
+    met = asyncio.Event()
+    stop = threading.Event()
+    loaded: dict[int, torch.Tensor] = {}
+    cache = runner.new_cache()
+
+    def on_progress(computed: int | None = None) -> None:
+        if computed is not None:
+            tracker.on_computed(computed)
+        if tracker.meet() is not None:
+            met.set()
+
+    def compute_head() -> int:
+        done = 0
+        while done < hit and not stop.is_set():
+            runner.extend(cache, prompt.tokens_of(done, done + 1))
+            done += 1
+            loop.call_soon_threadsafe(on_progress, done)
+        return done
+
+    queue = list(range(hit - 1, -1, -1))
+
+    async def load_worker() -> None:
+        while queue and not met.is_set():
+            j = queue.pop(0)
+            kv = await fetch_chunk(store, prompt, j)
+            if kv is None:
+                tracker.on_failed(j)
+            else:
+                loaded[j] = kv
+                tracker.on_loaded(j)
+            on_progress()
+
+    on_progress()
+    head = asyncio.ensure_future(asyncio.to_thread(compute_head))
+    workers = [asyncio.ensure_future(load_worker()) for _ in range(max(1, fetch_concurrency))]
+    await met.wait()
+    stop.set()
+    done = await head
+    for w in workers:
+        w.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    split = tracker.meet()
+    assert split is not None
+    split = Split(max(done, split.meet), hit)
+    if any(j not in loaded for j in split.loaded):  # a load failed below the meeting point
+        split = Split(hit, hit)
+    params = params or SamplingParams(max_tokens=1)
+
+    def finish() -> int:
+        c, logits = merged_prefill(runner, prompt, split, loaded, cache=cache)
+        return next(runner.generate(c, logits, params))
+
+    first = await asyncio.to_thread(finish)
+    return LocalResult(first, time.perf_counter() - start, split)
