@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run nats-server (unless --nats-url) and all four services")
     _settings_flags(up)
+    bench = sub.add_parser("bench", help="TTFT of compute-only, load-only, Cake and the oracle")
+    bench.add_argument("--quick", action="store_true", help="about 3 minutes on 2 CPU cores")
+    bench.add_argument("--out", default="bench-results", help="where results go")
+    bench.add_argument("--contexts", type=int, nargs="+", help="prompt lengths in tokens")
+    bench.add_argument("--io-ratios", type=float, nargs="+", help="bandwidth / compute KV rate")
+    bench.add_argument("--reps", type=int, help="timed repetitions per mode and cell")
+    bench.add_argument("--model", help="model to benchmark (default: the embedded one)")
+    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--device", help="torch device, e.g. cpu or cuda")
     serve = sub.add_parser("serve", help="run one service (what a container runs)")
     serve.add_argument("service", choices=SERVICES)
     _settings_flags(serve)
@@ -77,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cake` console script."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            from shared.bench.main import bench_main
+
+            return bench_main(args)
         settings = settings_from_args(args)
         if args.command == "serve":
             asyncio.run(serve_until_signalled(args.service, settings))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,8 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shared import subjects
+from shared.bus import Bus, RemoteError, Unavailable
 from shared.config import Settings, env_var
 from shared.nats_server import NatsServer
+from shared.schemas import Accepted, ModelInfo
 
 SERVICES = ("gateway", "merger", "compute", "loader")
 READY_TIMEOUT_S = 120.0
@@ -55,18 +59,31 @@ class LocalStack:
         self.start([service], **changes)
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Until /health answers 200 (the gateway is up and reaches the compute service)."""
+        """Until the gateway answers /health and the compute service has its model loaded."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.check_alive()
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
+            if self._gateway_up() and asyncio.run(self._compute_up()):
+                return
             time.sleep(0.2)
         raise RuntimeError(f"the stack was not ready within {timeout_s:.0f}s")
+
+    def _gateway_up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    async def _compute_up(self) -> bool:
+        bus = await Bus.connect(self.nats_url, "cake-stack")
+        try:
+            await bus.request(subjects.COMPUTE_INFO, Accepted(), ModelInfo, timeout_s=1.0)
+            return True
+        except (Unavailable, RemoteError):
+            return False
+        finally:
+            await bus.close()
 
     def check_alive(self) -> None:
         """RuntimeError naming any service that exited."""
