@@ -231,22 +231,42 @@ class Tokens(Message):
 
 
 @dataclass
+class Prefilled(Message):
+    """compute -> gateway, just before the first token: where the prompt's KV came from."""
+
+    request_id: str
+    prompt_tokens: int
+    hit_tokens: int  # prompt tokens found in storage (whichever side then supplied them)
+    chunks_total: int
+    chunks_computed: int
+    chunks_loaded: int
+    meet_chunk: int
+    ttft_ms: float
+    loaded_tokens: int  # prompt tokens whose KV was loaded from storage
+    computed_tokens: int  # prompt tokens of the computed head (the rest is the suffix)
+
+    def done(self, finish_reason: str, completion_tokens: int) -> Done:
+        """The Done message that ends this request."""
+        stats = {k: v for k, v in vars(self).items() if k != "request_id"}
+        return Done(self.request_id, finish_reason, completion_tokens, **stats)
+
+
+@dataclass
 class Done(Message):
     """compute -> gateway: the request finished; usage and the Cake split."""
 
     request_id: str
     finish_reason: str
-    prompt_tokens: int
     completion_tokens: int
+    prompt_tokens: int
     hit_tokens: int
     chunks_total: int
     chunks_computed: int
     chunks_loaded: int
     meet_chunk: int
     ttft_ms: float
-    corrupt_chunks: int = 0
-    loaded_tokens: int = 0  # prompt tokens whose KV was loaded from storage
-    computed_tokens: int = 0  # prompt tokens of the computed head (the rest is the suffix)
+    loaded_tokens: int = 0
+    computed_tokens: int = 0
 
 
 @dataclass

@@ -30,11 +30,11 @@ from shared.schemas import (
     Accepted,
     Cancel,
     ChunkComputed,
-    Done,
     Failed,
     Meet,
     Message,
     ModelInfo,
+    Prefilled,
     PrefillJob,
     Sampling,
     Space,
@@ -65,6 +65,7 @@ class Job:
     generated: int = 0
     ttft_ms: float = 0.0
     finish_reason: str = ""
+    prefilled: Prefilled | None = None
     to_store: dict[int, str] = field(default_factory=dict)  # staged, not yet sent to the loader
     writeback: asyncio.Task[None] | None = None
 
@@ -232,17 +233,18 @@ class Compute:
         otel_context.attach(job.ctx)  # this task's own context: no need to detach
         if job.writeback is not None:
             await asyncio.gather(job.writeback, return_exceptions=True)
-        await self.bus.publish(subjects.stream(job.msg.request_id), self.done_message(job))
+        assert job.prefilled is not None
+        done = job.prefilled.done(job.finish_reason, job.generated)
+        await self.bus.publish(subjects.stream(job.msg.request_id), done)
 
-    def done_message(self, job: Job) -> Done:
-        """Usage and the Cake split of a finished job."""
+    def prefilled_message(self, job: Job) -> Prefilled:
+        """Where the prompt's KV came from, once the first token is out."""
         meet = job.meet if job.meet is not None else job.hit
         chunk, n = job.chunk, len(job.prompt.token_ids)
         loaded, total = job.hit - meet, math.ceil(n / chunk)
-        return Done(
-            job.msg.request_id, job.finish_reason, n, job.generated, job.hit * chunk,
-            total, total - loaded, loaded, meet, job.ttft_ms,
-            loaded_tokens=loaded * chunk, computed_tokens=meet * chunk,
+        return Prefilled(
+            job.msg.request_id, n, job.hit * chunk, total, total - loaded, loaded, meet,
+            job.ttft_ms, loaded * chunk, meet * chunk,
         )  # fmt: skip
 
     # --- one step, in the worker thread -----------------------------------------------------
@@ -322,6 +324,9 @@ class Compute:
         with tracer(__name__).start_as_current_span("compute.first_token"):
             self.decode_one(job, outbox)
         job.ttft_ms = (time.monotonic() - job.arrival) * 1000
+        job.prefilled = self.prefilled_message(job)
+        first_token = outbox.pop()
+        outbox += [(subjects.stream(job.msg.request_id), job.prefilled, job.ctx), first_token]
         job.to_store = self.stage_writeback(job)
 
     def decode_one(self, job: Job, outbox: Outbox) -> None:

@@ -44,6 +44,7 @@ from shared.schemas import (
     Failed,
     GenerateRequest,
     Message,
+    Prefilled,
     SchemaError,
     Telemetry,
     Tokens,
@@ -117,17 +118,20 @@ class GatewayMetrics:
     def __init__(self, registry: Registry | None = None) -> None:
         r = self.registry = registry or Registry()
         self.requests = r.counter(
-            "cake_requests_total", "Completion requests answered, by kv_mode and HTTP status",
+            "cake_requests_total",
+            "Completion requests answered, by kv_mode and HTTP status",
             ("kv_mode", "status"),
-        )  # fmt: skip
+        )
         self.ttft = r.histogram(
-            "cake_ttft_seconds", "Time to first token reported by the compute service",
+            "cake_ttft_seconds",
+            "Time to first token reported by the compute service",
             buckets=TTFT_BUCKETS,
-        )  # fmt: skip
+        )
         self.prompt_tokens = r.counter(
             "cake_prompt_tokens_total",
-            "Prompt tokens of finished requests by where their KV came from", ("source",),
-        )  # fmt: skip
+            "Prompt tokens of finished requests by where their KV came from",
+            ("source",),
+        )
         self.lookups = r.counter(
             "cake_cache_lookups_total", "Finished requests that looked up the KV store"
         )
@@ -164,19 +168,17 @@ class GatewayMetrics:
             self.cacheable.inc(cacheable_tokens(done.prompt_tokens, chunk_tokens))
 
     def record_telemetry(self, message: Telemetry) -> None:
-        """Mirror a service's counters: levels (see LEVEL_SUFFIXES) as gauges cake_<key>,
-        counts as counters cake_<key>_total, labelled by service and node."""
+        """Mirror a service's counters, labelled by service and node: levels (keys ending in
+        LEVEL_SUFFIXES) as gauges cake_<key>, counts as counters cake_<key>_total."""
+        r, names = self.registry, ("service", "node")
         labels = {"service": message.service, "node": message.node}
         for key, value in message.counters.items():
             help_text = f"{key} as last reported in Telemetry by each service and node"
             try:
                 if key.endswith(LEVEL_SUFFIXES):
-                    self.registry.gauge(f"cake_{key}", help_text, tuple(labels)).set(
-                        value, **labels
-                    )
+                    r.gauge(f"cake_{key}", help_text, names).set(value, **labels)
                 else:
-                    counter = self.registry.counter(f"cake_{key}_total", help_text, tuple(labels))
-                    counter.set_total(value, **labels)
+                    r.counter(f"cake_{key}_total", help_text, names).set_total(value, **labels)
             except ValueError as exc:
                 log.debug("telemetry value not exported", key=key, error=str(exc))
 
@@ -253,7 +255,7 @@ class Call:
             message = f"the merger refused the request: {exc.description}"
             raise ApiError(status, message, exc.code) from exc
 
-    async def next(self) -> Tokens | Done | Failed:
+    async def next(self) -> Prefilled | Tokens | Done | Failed:
         """The next message on the stream; ApiError at the deadline."""
         assert self._sub is not None, "start() first"
         while True:
@@ -273,7 +275,7 @@ class Call:
                 continue
             if isinstance(message, Done | Failed):
                 self.settled = True
-            if isinstance(message, Tokens | Done | Failed):
+            if isinstance(message, Prefilled | Tokens | Done | Failed):
                 return message
 
     async def cancel(self, reason: str) -> None:
@@ -301,6 +303,7 @@ class Generation:
     def __init__(self, call: Call, text: TextAssembler) -> None:
         self.call, self.text = call, text
         self.done: Done | None = None
+        self.prefilled: Prefilled | None = None
         self.finish_reason = "length"
 
     async def deltas(self) -> AsyncIterator[str]:
@@ -309,6 +312,9 @@ class Generation:
             message = await self.call.next()
             if isinstance(message, Failed):
                 raise ApiError(message.status, message.message, message.code)
+            if isinstance(message, Prefilled):
+                self.prefilled = message
+                continue
             if isinstance(message, Done):
                 self.done, self.finish_reason = message, message.finish_reason
                 delta = self.text.finish()
@@ -317,6 +323,8 @@ class Generation:
             if self.text.stopped:
                 self.finish_reason = "stop"
                 await self.call.cancel("stop string")
+                if self.done is None and self.prefilled is not None:
+                    self.done = self.prefilled.done("stop", len(self.text.ids))
             if delta:
                 yield delta
             if self.text.stopped or self.done is not None:
@@ -349,8 +357,14 @@ def cake_of(done: Done | None) -> dict[str, Any] | None:
     """Cake's split of the prompt (None when the request ended before Done arrived)."""
     if done is None:
         return None
-    fields = ("hit_tokens", "chunks_total", "chunks_computed", "chunks_loaded", "meet_chunk")
-    return {**{f: getattr(done, f) for f in fields}, "ttft_ms": done.ttft_ms}
+    return {
+        "hit_tokens": done.hit_tokens,
+        "chunks_total": done.chunks_total,
+        "chunks_computed": done.chunks_computed,
+        "chunks_loaded": done.chunks_loaded,
+        "meet_chunk": done.meet_chunk,
+        "ttft_ms": done.ttft_ms,
+    }
 
 
 @dataclass(frozen=True)
@@ -363,17 +377,20 @@ class Shapes:
     created: int
 
     def _head(self, object_name: str) -> dict[str, Any]:
-        return {"id": self.request_id, "object": object_name, "created": self.created,
-                "model": self.model}  # fmt: skip
+        return {
+            "id": self.request_id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.model,
+        }
 
-    def completion(self, text: str, finish_reason: str, extra: dict[str, Any]) -> dict[str, Any]:
-        """The whole answer (non-streamed); extra holds usage and cake."""
+    def completion(self, text: str, reason: str, extra: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer (non-streamed) with its finish reason; extra: usage and cake."""
         if self.endpoint is Endpoint.CHAT:
             message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None}
-            return {**self._head("chat.completion"), "choices": [{**choice,
-                    "finish_reason": finish_reason}], **extra}  # fmt: skip
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+            return {**self._head("chat.completion"), "choices": [choice], **extra}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
         return {**self._head("text_completion"), "choices": [choice], **extra}
 
     def chunk(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
@@ -435,8 +452,13 @@ class Gateway:
 
     async def models(self, _: web.Request) -> web.Response:
         """GET /v1/models: the one served model."""
-        model = {"id": self.limits.model_name, "object": "model", "created": self.started,
-                 "owned_by": "cake", "max_model_len": self.limits.max_context}  # fmt: skip
+        model = {
+            "id": self.limits.model_name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "cake",
+            "max_model_len": self.limits.max_context,
+        }
         return web.json_response({"object": "list", "data": [model]})
 
     async def health(self, _: web.Request) -> web.Response:
@@ -449,8 +471,9 @@ class Gateway:
 
     async def metrics_text(self, _: web.Request) -> web.Response:
         """GET /metrics: Prometheus text format."""
-        return web.Response(body=self.metrics.registry.render().encode(),
-                            headers={"Content-Type": CONTENT_TYPE})  # fmt: skip
+        return web.Response(
+            body=self.metrics.registry.render().encode(), headers={"Content-Type": CONTENT_TYPE}
+        )
 
     # --- serving one request ----------------------------------------------------------------
 
@@ -465,12 +488,10 @@ class Gateway:
         ):
             try:
                 return await self._run(request, endpoint, rid, outcome)
-            except RequestError as exc:
-                outcome.fail(ApiError.of(exc))
-                return ApiError.of(exc).response()
-            except ApiError as exc:
-                outcome.fail(exc)
-                return exc.response()
+            except (RequestError, ApiError) as exc:
+                error = exc if isinstance(exc, ApiError) else ApiError.of(exc)
+                outcome.fail(error)
+                return error.response()
             except asyncio.CancelledError:
                 outcome.disconnected()
                 raise
@@ -501,17 +522,24 @@ class Gateway:
         limit = self.bus.nc.max_payload - MESSAGE_OVERHEAD_BYTES
         if n_tokens * 4 > limit:
             raise ApiError(
-                400, f"the prompt has {n_tokens} tokens, more than one NATS message carries "
-                f"({limit // 4}); shorten it", "bad_request", param,
-            )  # fmt: skip
+                400,
+                f"the prompt has {n_tokens} tokens, more than one NATS message carries "
+                f"({limit // 4}); shorten it",
+                "bad_request",
+                param,
+            )
 
     def _message(
         self, rid: str, parsed: ParsedRequest, ids: list[int], deadline: float
     ) -> GenerateRequest:
         return GenerateRequest(
-            request_id=rid, tokens=pack_tokens(ids), sampling=asdict(parsed.sampling),
-            kv_mode=parsed.kv_mode, salt=parsed.cache_salt, deadline=deadline,
-        )  # fmt: skip
+            request_id=rid,
+            tokens=pack_tokens(ids),
+            sampling=asdict(parsed.sampling),
+            kv_mode=parsed.kv_mode,
+            salt=parsed.cache_salt,
+            deadline=deadline,
+        )
 
     def _finish(self, gen: Generation, outcome: Outcome) -> dict[str, Any]:
         """Note the result; usage and cake for the answer."""
@@ -555,10 +583,14 @@ class Gateway:
         if outcome.error:
             span.set_status(Status(StatusCode.ERROR, outcome.error))
         log.info(
-            "request answered", status=outcome.status, kv_mode=outcome.kv_mode,
-            error=outcome.error, prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens, finish_reason=outcome.finish_reason,
-        )  # fmt: skip
+            "request answered",
+            status=outcome.status,
+            kv_mode=outcome.kv_mode,
+            error=outcome.error,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            finish_reason=outcome.finish_reason,
+        )
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -572,9 +604,10 @@ async def read_body(request: web.Request) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(
-            413, f"the request body is larger than {MAX_BODY_BYTES} bytes; send less",
+            413,
+            f"the request body is larger than {MAX_BODY_BYTES} bytes; send less",
             "request_too_large",
-        ) from None  # fmt: skip
+        ) from None
 
 
 @web.middleware

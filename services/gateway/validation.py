@@ -78,7 +78,11 @@ def decode_body(raw: bytes) -> dict[str, Any]:
 
 
 def parse_request(body: Mapping[str, Any], endpoint: Endpoint, limits: Limits) -> ParsedRequest:
-    """The validated request, or RequestError naming the first problem."""
+    """The validated request, or RequestError naming the first problem.
+
+    Omitted or null fields take Sampling's defaults (16 tokens, greedy: temperature 0);
+    fields Cake does not know are ignored, features it cannot honour (n, logprobs...) refused.
+    """
     _check_model(body, limits.model_name)
     _check_unsupported(body)
     prompt: str | tuple[ChatMessage, ...]
@@ -225,9 +229,11 @@ def _content(content: object, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = [p for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        texts = [p.get("text") for p in parts]
-        if len(parts) == len(content) and all(isinstance(t, str) for t in texts):
+        texts = [
+            p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None
+            for p in content
+        ]
+        if all(isinstance(t, str) for t in texts):
             return "".join(str(t) for t in texts)
     raise RequestError(
         f"{where} must be a string or an array of text parts, got {_kind(content)}", where

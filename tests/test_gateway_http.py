@@ -1,0 +1,491 @@
+"""The gateway over HTTP against a real nats-server, with a fake merger+compute behind it.
+
+The fake stands in only for the backend services: it accepts GenerateRequests and plays a
+scripted stream of Tokens / Done / Failed messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from nats.aio.msg import Msg
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from services.gateway import service
+from services.gateway.app import GatewayMetrics, TextAssembler, make_app
+from shared import observability, subjects
+from shared.bus import Bus, spawn
+from shared.config import Settings
+from shared.keys import pack_tokens, unpack_tokens
+from shared.observability import configure_tracing
+from shared.schemas import (
+    Accepted,
+    Cancel,
+    Done,
+    Failed,
+    GenerateRequest,
+    Message,
+    Prefilled,
+    Telemetry,
+    Tokens,
+)
+from shared.tokenizer import ByteTokenizer
+
+MODEL = "test-model"
+TEXT = "Hello, wörld ☃!"
+SETTINGS = Settings(rpc_timeout_s=0.5, request_timeout_s=5.0, chunk_tokens=4).validated()
+Script = Callable[[GenerateRequest], list[Message]]
+
+
+def text_tokens(rid: str, text: str, piece: int = 3) -> list[Message]:
+    """The byte tokens of text, `piece` per message (multibyte characters get split)."""
+    data = text.encode()
+    return [Tokens(rid, pack_tokens(list(data[i : i + piece]))) for i in range(0, len(data), piece)]
+
+
+def done(req: GenerateRequest, completion_tokens: int, reason: str = "length") -> Done:
+    """A Done with a recognisable Cake split."""
+    prompt = len(req.tokens) // 4
+    return Done(
+        req.request_id, reason, completion_tokens, prompt, hit_tokens=8, chunks_total=3,
+        chunks_computed=1, chunks_loaded=2, meet_chunk=1, ttft_ms=12.5, loaded_tokens=8,
+        computed_tokens=4,
+    )  # fmt: skip
+
+
+def prefilled(req: GenerateRequest) -> Prefilled:
+    """The split the fake compute reports before its first token (as Done repeats it)."""
+    d = done(req, 0)
+    stats = {k: v for k, v in vars(d).items() if k not in ("finish_reason", "completion_tokens")}
+    return Prefilled(**stats)
+
+
+def say(text: str) -> Script:
+    """Stream text, then Done."""
+    return lambda req: [
+        prefilled(req),
+        *text_tokens(req.request_id, text),
+        done(req, len(text.encode())),
+    ]
+
+
+class FakeBackend:
+    """Accepts GENERATE like the merger and plays `script` on the request's stream subject."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.script: Script = say(TEXT)
+        self.delay_s = 0.0  # before playing the script
+        self.requests: list[GenerateRequest] = []
+        self.headers: list[dict[str, str]] = []
+        self.cancels: asyncio.Queue[Cancel] = asyncio.Queue()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def on_generate(self, msg: Message, raw: Msg) -> Message:
+        assert isinstance(msg, GenerateRequest)
+        self.requests.append(msg)
+        self.headers.append(dict(raw.headers or {}))
+        spawn(self.play(msg), self.tasks)
+        return Accepted(node="fake")
+
+    async def play(self, req: GenerateRequest) -> None:
+        await asyncio.sleep(self.delay_s)
+        for message in self.script(req):
+            await self.bus.publish(subjects.stream(req.request_id), message)
+
+    async def on_control(self, msg: Msg) -> None:
+        message = Message.decode(msg.data)
+        if isinstance(message, Cancel):
+            assert subjects.request_id_of(msg.subject) == message.request_id
+            await self.cancels.put(message)
+
+    async def next_cancel(self, timeout_s: float = 2.0) -> Cancel:
+        return await asyncio.wait_for(self.cancels.get(), timeout_s)
+
+
+@pytest.fixture(scope="module")
+async def bus(nats_url: str) -> AsyncIterator[Bus]:
+    bus = await Bus.connect(nats_url, "test-gateway-http")
+    yield bus
+    await bus.close()
+
+
+@pytest.fixture
+async def backend(bus: Bus) -> AsyncIterator[FakeBackend]:
+    fake = FakeBackend(bus)
+    generate = await bus.handle(subjects.GENERATE, fake.on_generate, queue="merger")
+    control = await bus.nc.subscribe(subjects.CONTROL_ALL, cb=fake.on_control)
+    await bus.nc.flush()
+    yield fake
+    await generate.unsubscribe()
+    await control.unsubscribe()
+
+
+@asynccontextmanager
+async def gateway(
+    bus: Bus, settings: Settings = SETTINGS, metrics: GatewayMetrics | None = None
+) -> AsyncIterator[TestClient[Any, Any]]:
+    """A gateway app on a free port."""
+    app = make_app(bus, settings, ByteTokenizer(), MODEL, metrics or GatewayMetrics(), 1024)
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+@asynccontextmanager
+async def openai_client(client: TestClient[Any, Any]) -> AsyncIterator[openai.AsyncOpenAI]:
+    oai = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
+    try:
+        yield oai
+    finally:
+        await oai.close()
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> list[Any]:
+    """The data of every server-sent event ("[DONE]" kept as a string)."""
+    body = (await resp.read()).decode()
+    assert body.endswith("\n\n")
+    events = [block.removeprefix("data: ") for block in body.strip().split("\n\n")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+# --- answers --------------------------------------------------------------------------------
+
+
+async def test_completion_returns_text_usage_and_cake(bus: Bus, backend: FakeBackend) -> None:
+    async with gateway(bus) as client:
+        before = time.time()
+        body = {"prompt": "tell me", "max_tokens": 20, "temperature": 0.5, "seed": 3,
+                "cache_salt": "tenant", "kv_mode": "load"}  # fmt: skip
+        resp = await client.post("/v1/completions", json=body)
+        assert resp.status == 200, await resp.text()
+        answer = await resp.json()
+    assert answer["id"].startswith("cmpl-")
+    assert (answer["object"], answer["model"]) == ("text_completion", MODEL)
+    assert answer["choices"] == [
+        {"index": 0, "text": TEXT, "logprobs": None, "finish_reason": "length"}
+    ]
+    n_text = len(TEXT.encode())
+    assert answer["usage"] == {
+        "prompt_tokens": 8, "completion_tokens": n_text, "total_tokens": 8 + n_text,
+        "prompt_tokens_details": {"cached_tokens": 8},
+    }  # fmt: skip
+    assert answer["cake"] == {
+        "hit_tokens": 8, "chunks_total": 3, "chunks_computed": 1, "chunks_loaded": 2,
+        "meet_chunk": 1, "ttft_ms": 12.5,
+    }  # fmt: skip
+    [req] = backend.requests
+    assert req.request_id == answer["id"]
+    assert unpack_tokens(req.tokens) == [ByteTokenizer.BOS, *b"tell me"]
+    assert req.sampling == {"max_tokens": 20, "temperature": 0.5, "top_p": 1.0, "seed": 3}
+    assert (req.kv_mode, req.salt) == ("load", "tenant")
+    assert before + SETTINGS.request_timeout_s <= req.deadline <= time.time() + 5.0
+
+
+async def test_streamed_completion_with_the_openai_client(bus: Bus, backend: FakeBackend) -> None:
+    async with gateway(bus) as client, openai_client(client) as oai:
+        stream = await oai.completions.create(model=MODEL, prompt="hi", max_tokens=30, stream=True)
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == TEXT
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    final = chunks[-1]
+    assert final.choices == []
+    assert final.usage is not None
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (3, len(TEXT.encode()))
+    assert final.model_extra is not None and final.model_extra["cake"]["chunks_loaded"] == 2
+
+
+async def test_streamed_chat_with_the_openai_client(bus: Bus, backend: FakeBackend) -> None:
+    messages: Any = [{"role": "user", "content": "hi"}]
+    async with gateway(bus) as client, openai_client(client) as oai:
+        stream = await oai.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=30, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == TEXT
+    assert with_choices[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > len(TEXT.encode())
+    [req] = backend.requests
+    assert unpack_tokens(req.tokens) == ByteTokenizer().encode_chat(messages)
+
+
+async def test_chat_completion_with_the_openai_client(bus: Bus, backend: FakeBackend) -> None:
+    async with gateway(bus) as client, openai_client(client) as oai:
+        answer = await oai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=30
+        )
+    assert answer.object == "chat.completion"
+    assert answer.choices[0].message.content == TEXT
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+    assert answer.usage.prompt_tokens_details.cached_tokens == 8
+
+
+# --- stop strings ---------------------------------------------------------------------------
+
+
+async def test_stop_string_cuts_the_text_and_cancels(bus: Bus, backend: FakeBackend) -> None:
+    backend.script = say("Hello world, again")  # "o w" spans the pieces "lo " and "wor"
+    async with gateway(bus) as client, openai_client(client) as oai:
+        answer = await oai.completions.create(model=MODEL, prompt="x", stop=["o w", "zz"])
+    assert answer.choices[0].text == "Hell"
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage is not None and answer.usage.completion_tokens == 9  # "Hel|lo |wor"
+    details = answer.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens == 8  # the split arrived before Done
+    assert answer.model_extra is not None and answer.model_extra["cake"]["meet_chunk"] == 1
+    cancel = await backend.next_cancel()
+    assert (cancel.request_id, cancel.reason) == (answer.id, "stop string")
+
+
+async def test_streamed_stop_string_never_leaks_text(bus: Bus, backend: FakeBackend) -> None:
+    backend.script = say("Hello world, again")
+    async with gateway(bus) as client, openai_client(client) as oai:
+        stream = await oai.completions.create(model=MODEL, prompt="x", stop="o w", stream=True)
+        chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Hell"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert (await backend.next_cancel()).request_id == chunks[0].id
+
+
+def test_text_assembler_waits_for_complete_characters_and_stops() -> None:
+    text = TextAssembler(ByteTokenizer(), stop=["☃"])
+    snowman = "☃".encode()
+    assert text.add(list(b"ab")) == "ab"
+    assert text.add([snowman[0]]) == ""  # an incomplete character: nothing yet
+    assert text.add(list(snowman[1:])) == ""
+    assert text.stopped and text.text == "ab"
+    plain = TextAssembler(ByteTokenizer(), stop=[])
+    assert plain.add([*"é".encode()[:1]]) == ""
+    assert plain.add([*"é".encode()[1:], ByteTokenizer.EOS]) == "é"
+    assert plain.finish() == ""
+
+
+# --- failures -------------------------------------------------------------------------------
+
+
+async def test_failed_answers_with_its_status(bus: Bus, backend: FakeBackend) -> None:
+    backend.script = lambda req: [Failed(req.request_id, 503, "unavailable", "compute is gone")]
+    async with gateway(bus) as client:
+        resp = await client.post("/v1/completions", json={"prompt": "x"})
+        assert resp.status == 503
+        error = (await resp.json())["error"]
+    assert (error["message"], error["code"], error["type"]) == (
+        "compute is gone", "unavailable", "server_error"
+    )  # fmt: skip
+    assert backend.cancels.empty()
+
+
+async def test_streamed_failure_is_an_error_event_then_done(bus: Bus, backend: FakeBackend) -> None:
+    backend.script = lambda req: [
+        *text_tokens(req.request_id, "partial"),
+        Failed(req.request_id, 500, "internal", "compute crashed"),
+    ]
+    async with gateway(bus) as client:
+        resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+        assert resp.status == 200
+        assert resp.content_type == "text/event-stream"
+        events = await sse_events(resp)
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == "partial"
+    assert events[-2] == {"error": {"message": "compute crashed", "type": "server_error",
+                                    "param": None, "code": "internal"}}  # fmt: skip
+    assert events[-1] == "[DONE]"
+    async with gateway(bus) as client, openai_client(client) as oai:
+        stream = await oai.completions.create(model=MODEL, prompt="x", stream=True)
+        with pytest.raises(openai.APIError, match="compute crashed"):
+            _ = [chunk async for chunk in stream]
+
+
+@pytest.mark.parametrize("merger", ["absent", "silent"])
+async def test_no_merger_answer_is_503_within_rpc_timeout(bus: Bus, merger: str) -> None:
+    silent = None
+    if merger == "silent":
+        silent = await bus.nc.subscribe(subjects.GENERATE, queue="merger")
+        await bus.nc.flush()
+    try:
+        async with gateway(bus) as client:
+            start = time.monotonic()
+            resp = await client.post("/v1/completions", json={"prompt": "x"})
+            elapsed = time.monotonic() - start
+            error = (await resp.json())["error"]
+    finally:
+        if silent is not None:
+            await silent.unsubscribe()
+    assert resp.status == 503
+    assert "the merger service is not answering" in error["message"]
+    assert elapsed < SETTINGS.rpc_timeout_s + 0.4
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_silent_backend_times_out_at_the_deadline(
+    bus: Bus, backend: FakeBackend, stream: bool
+) -> None:
+    backend.script = lambda req: []
+    settings = SETTINGS.replace(request_timeout_s=0.6)
+    async with gateway(bus, settings) as client:
+        start = time.monotonic()
+        resp = await client.post("/v1/completions", json={"prompt": "x", "stream": stream})
+        if stream:
+            events = await sse_events(resp)
+            assert resp.status == 200
+            assert events[-2]["error"]["code"] == "timeout"
+            assert events[-1] == "[DONE]"
+        else:
+            assert resp.status == 504
+            assert "deadline" in (await resp.json())["error"]["message"]
+        elapsed = time.monotonic() - start
+    assert 0.6 <= elapsed < 1.2
+    cancel = await backend.next_cancel()
+    assert (cancel.request_id, cancel.reason) == (backend.requests[0].request_id, "deadline")
+
+
+async def test_client_disconnect_during_streaming_cancels(bus: Bus, backend: FakeBackend) -> None:
+    backend.script = lambda req: text_tokens(req.request_id, "first")  # and then nothing
+    async with gateway(bus) as client:
+        resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+        assert (await resp.content.readuntil(b"\n\n")).startswith(b"data: ")
+        resp.close()
+        cancel = await backend.next_cancel()
+    assert cancel.request_id == backend.requests[0].request_id
+
+
+# --- models, health, metrics ----------------------------------------------------------------
+
+
+async def test_models_lists_the_served_model(bus: Bus) -> None:
+    async with gateway(bus) as client, openai_client(client) as oai:
+        models = [m async for m in oai.models.list()]
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].model_extra is not None and models[0].model_extra["max_model_len"] == 1024
+
+
+async def test_health_follows_the_nats_connection(nats_url: str) -> None:
+    own = await Bus.connect(nats_url, "test-health")
+    async with gateway(own) as client:
+        resp = await client.get("/health")
+        assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+        await own.close()
+        resp = await client.get("/health")
+        assert resp.status == 503
+
+
+async def test_metrics_count_requests_tokens_and_errors(bus: Bus, backend: FakeBackend) -> None:
+    metrics = GatewayMetrics()
+    async with gateway(bus, metrics=metrics) as client:
+        for mode in ("cake", "compute"):
+            body = {"prompt": "0123456789", "kv_mode": mode}
+            resp = await client.post("/v1/completions", json=body)
+            assert resp.status == 200
+        assert (await client.post("/v1/completions", json={"prompt": ""})).status == 400
+        resp = await client.get("/metrics")
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        lines = set((await resp.text()).splitlines())
+    n_text = len(TEXT.encode())
+    expected = {
+        'cake_requests_total{kv_mode="cake",status="200"} 1',
+        'cake_requests_total{kv_mode="compute",status="200"} 1',
+        'cake_requests_total{kv_mode="unknown",status="400"} 1',
+        'cake_errors_total{kind="bad_request"} 1',
+        'cake_prompt_tokens_total{source="loaded"} 16',
+        'cake_prompt_tokens_total{source="computed"} 8',
+        'cake_prompt_tokens_total{source="suffix"} 0',  # 11 prompt tokens - 8 - 4, twice: 0
+        "cake_cache_lookups_total 1",  # kv_mode compute looks nothing up
+        "cake_cache_hit_tokens_total 8",
+        "cake_prompt_tokens_cacheable_total 8",  # (11 - 1) // 4 chunks of 4 tokens
+        f"cake_generated_tokens_total {2 * n_text}",
+        "cake_ttft_seconds_count 2",
+        'cake_ttft_seconds_bucket{le="0.025"} 2',
+        'cake_ttft_seconds_bucket{le="0.01"} 0',
+        "# TYPE cake_ttft_seconds histogram",
+    }
+    assert expected <= lines, expected - lines
+
+
+async def test_request_span_travels_in_bus_headers(
+    bus: Bus, backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exporter = InMemorySpanExporter()
+    monkeypatch.setattr(observability, "_provider", None)  # restored afterwards
+    configure_tracing("gateway-test", SimpleSpanProcessor(exporter))
+    async with gateway(bus) as client:
+        answer = await (await client.post("/v1/completions", json={"prompt": "x"})).json()
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "gateway.request"]
+    assert span.attributes is not None
+    assert span.attributes["cake.request_id"] == answer["id"]
+    assert span.attributes["http.response.status_code"] == 200
+    _, trace_id, span_id, _ = backend.headers[0]["traceparent"].split("-")
+    assert (trace_id, span_id) == (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}")
+
+
+async def test_service_serves_mirrors_telemetry_and_drains_on_stop(
+    nats_url: str, bus: Bus, backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(observability, "_provider", None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(nats_url=nats_url, port=port, log_format="json").validated()
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(settings, stop))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            await wait_for_health(http, url, task)
+            counters = {"store_usage_bytes": 1000.0, "bytes_loaded": 5.0, "bytes_stored": 7.0}
+            await bus.publish(subjects.TELEMETRY, Telemetry("loader", "node-1", counters))
+            labels = '{service="loader",node="node-1"}'
+            wanted = {
+                f"cake_store_usage_bytes{labels} 1000",
+                f"cake_bytes_loaded_total{labels} 5",
+                f"cake_bytes_stored_total{labels} 7",
+            }
+            for _ in range(100):
+                async with http.get(f"{url}/metrics") as resp:
+                    lines = set((await resp.text()).splitlines())
+                if wanted <= lines:
+                    break
+                await asyncio.sleep(0.02)
+            assert wanted <= lines
+            async with http.get(f"{url}/v1/models") as resp:
+                data = (await resp.json())["data"]
+            assert (data[0]["id"], data[0]["max_model_len"]) == ("default", 32768)
+            backend.delay_s = 0.3
+            body = {"prompt": "in flight", "max_tokens": 32}
+            in_flight = asyncio.create_task(http.post(f"{url}/v1/completions", json=body))
+            while not backend.requests:
+                await asyncio.sleep(0.01)
+            stop.set()
+            async with await in_flight as resp:
+                assert resp.status == 200
+                assert (await resp.json())["choices"][0]["text"] == TEXT
+            await asyncio.wait_for(task, 5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def wait_for_health(http: aiohttp.ClientSession, url: str, task: asyncio.Task[Any]) -> None:
+    """Until the service answers /health with 200 (fails if it died)."""
+    for _ in range(300):
+        assert not task.done(), task
+        try:
+            async with http.get(f"{url}/health") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("the gateway never became healthy")
