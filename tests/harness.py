@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from aiohttp import web
+
 from services.compute.service import Compute
+from services.gateway.app import GatewayMetrics, make_app
 from services.loader.service import Loader
 from services.merger.service import Merger
 from services.staging import Staging
@@ -20,8 +23,10 @@ from shared.bus import Bus
 from shared.config import Settings
 from shared.keys import pack_tokens, unpack_tokens
 from shared.model import ModelRunner
+from shared.nats_server import free_port
 from shared.schemas import Accepted, Done, Failed, GenerateRequest, Message, Tokens
 from shared.stores.base import ChunkStore
+from shared.tokenizer import ByteTokenizer
 
 
 @cache
@@ -70,6 +75,7 @@ class Backend:
     store: ChunkStore
     client: Bus
     services: dict[str, object] = field(default_factory=dict)
+    url: str = ""  # the gateway's base URL, when it runs
 
     async def generate(
         self, tokens: Sequence[int], kv_mode: str = "cake", salt: str = "", max_tokens: int = 8
@@ -110,6 +116,10 @@ async def backend(
         staging = Staging(settings.staging_dir)
         for name in services:
             bus = await Bus.connect(settings.nats_url, f"test-{name}")
+            stack.push_async_callback(bus.close)
+            if name == "gateway":
+                be.url = await start_gateway(stack, bus, settings)
+                continue
             service: Compute | Loader | Merger
             if name == "compute":
                 service = Compute(bus, default_runner(), staging, settings)
@@ -119,8 +129,18 @@ async def backend(
                 service = Merger(bus, settings)
             await service.start()
             stack.push_async_callback(service.close)
-            stack.push_async_callback(bus.close)
             be.services[name] = service
         await client.nc.flush()
         yield be
         await asyncio.sleep(0)
+
+
+async def start_gateway(stack: AsyncExitStack, bus: Bus, settings: Settings) -> str:
+    """The real gateway app on a free local port; its base URL."""
+    port = free_port()
+    app = make_app(bus, settings, ByteTokenizer(), "default", GatewayMetrics(), 32768)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return f"http://127.0.0.1:{port}"
