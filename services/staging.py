@@ -34,12 +34,16 @@ class Staging:
         os.replace(tmp, final)
         return str(final)
 
-    def read(self, path: str) -> bytes:
-        """A staged file's bytes; only paths inside the staging root are read."""
+    def read(self, path: str) -> bytearray:
+        """A staged file's bytes (writable, so tensors can use them without a copy); only
+        paths inside the staging root are read."""
         resolved = Path(path).resolve()
         if self.root.resolve() not in resolved.parents:
             raise ValueError(f"{path} is outside the staging area")
-        return resolved.read_bytes()
+        with resolved.open("rb") as f:
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            f.readinto(data)
+        return data
 
     def discard(self, path: str) -> None:
         """Remove one staged file (missing is fine)."""

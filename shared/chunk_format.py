@@ -14,6 +14,7 @@ import hashlib
 import struct
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import torch
@@ -66,10 +67,10 @@ def _to_bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
 
-def _from_bytes(
-    data: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...]
-) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+def _from_bytes(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over the bytes: zero-copy when they are writable, one copy otherwise."""
+    buffer = data if not data.readonly else bytearray(data)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def _quantize_int8(kv: torch.Tensor) -> bytes:
@@ -80,11 +81,10 @@ def _quantize_int8(kv: torch.Tensor) -> bytes:
     return _to_bytes(q) + _to_bytes(scale)
 
 
-def _dequantize_int8(payload: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def _dequantize_int8(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= s
-    view = memoryview(payload)
     q = _from_bytes(view[:n], torch.int8, shape)
     scale = _from_bytes(view[n:], torch.float32, (*shape[:-1], 1))
     return (q.float() * scale).to(dtype)
@@ -122,7 +122,7 @@ def _corrupt(ident: ChunkIdentity, why: str) -> CorruptChunkError:
     return CorruptChunkError(f"chunk {ident.key[:16]}: {why}")
 
 
-def _read_header(data: bytes, ident: ChunkIdentity) -> tuple[dict[str, object], int]:
+def _read_header(data: bytes | bytearray, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
     if len(data) < len(MAGIC) + _LEN.size or not data.startswith(MAGIC):
         raise _corrupt(ident, "not a Cake chunk (bad magic or truncated)")
     (hlen,) = _LEN.unpack_from(data, len(MAGIC))
@@ -130,7 +130,7 @@ def _read_header(data: bytes, ident: ChunkIdentity) -> tuple[dict[str, object], 
     if hlen > MAX_HEADER_BYTES or start + hlen > len(data):
         raise _corrupt(ident, "truncated header")
     try:
-        header = msgpack.unpackb(data[start : start + hlen])
+        header = msgpack.unpackb(memoryview(data)[start : start + hlen])
     except (ValueError, msgpack.UnpackException) as exc:
         raise _corrupt(ident, f"unreadable header ({exc})") from exc
     if not isinstance(header, dict):
@@ -138,31 +138,51 @@ def _read_header(data: bytes, ident: ChunkIdentity) -> tuple[dict[str, object], 
     return header, start + hlen
 
 
-def decode_chunk(data: bytes, ident: ChunkIdentity) -> torch.Tensor:
-    """The chunk's KV tensor, after checking every header field and the payload checksum."""
-    header, offset = _read_header(data, ident)
-    shape = ident.layout.chunk_shape(len(ident.token_ids))
-    expected = {
-        "v": FORMAT_VERSION,
-        "key": ident.key,
-        "fp": ident.model_fingerprint,
-        "dtype": ident.layout.dtype,
-        "shape": list(shape),
-        "tokens": pack_tokens(ident.token_ids),
-    }
-    for field, want in expected.items():
-        if header.get(field) != want:
-            raise _corrupt(ident, f"header field {field!r} does not match")
-    payload = data[offset:]
-    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+def verify_chunk(data: bytes | bytearray, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
+    """Check every header field and the payload checksum; the header and the payload offset."""
+    header, offset = _check_header(data, ident)
+    if hashlib.sha256(memoryview(data)[offset:]).hexdigest() != header.get("sha256"):
         raise _corrupt(ident, "payload checksum mismatch (truncated or corrupt)")
+    return header, offset
+
+
+def decode_chunk(
+    data: bytes | bytearray, ident: ChunkIdentity, verify_payload: bool = True
+) -> torch.Tensor:
+    """The chunk's KV tensor, after checking the header and (by default) the payload checksum.
+
+    verify_payload=False is for bytes already verified by verify_chunk in this node (the
+    loader's staged files); a bytearray is decoded without a copy.
+    """
+    if verify_payload:
+        header, offset = verify_chunk(data, ident)
+    else:
+        header, offset = _check_header(data, ident)
+    shape = ident.layout.chunk_shape(len(ident.token_ids))
     dtype = torch_dtype(ident.layout.dtype)
+    payload = memoryview(data)[offset:]
     codec = header.get("codec")
     try:
         if codec == "raw":
             return _from_bytes(payload, dtype, shape)
         if codec == "int8":
             return _dequantize_int8(payload, dtype, shape)
-    except RuntimeError as exc:  # payload size does not fit the shape
+    except (RuntimeError, ValueError) as exc:  # payload size does not fit the shape
         raise _corrupt(ident, f"payload does not fit shape {shape} ({exc})") from exc
     raise _corrupt(ident, f"unknown codec {codec!r}")
+
+
+def _check_header(data: bytes | bytearray, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
+    header, offset = _read_header(data, ident)
+    expected = {
+        "v": FORMAT_VERSION,
+        "key": ident.key,
+        "fp": ident.model_fingerprint,
+        "dtype": ident.layout.dtype,
+        "shape": list(ident.layout.chunk_shape(len(ident.token_ids))),
+        "tokens": pack_tokens(ident.token_ids),
+    }
+    for field, want in expected.items():
+        if header.get(field) != want:
+            raise _corrupt(ident, f"header field {field!r} does not match")
+    return header, offset

@@ -17,7 +17,7 @@ from shared import subjects
 from shared.bus import Bus, RemoteError, Unavailable
 from shared.config import Settings, env_var
 from shared.nats_server import NatsServer
-from shared.schemas import Accepted, ModelInfo
+from shared.schemas import Accepted, LookupReply, LookupRequest, ModelInfo
 
 SERVICES = ("gateway", "merger", "compute", "loader")
 READY_TIMEOUT_S = 120.0
@@ -63,7 +63,7 @@ class LocalStack:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.check_alive()
-            if self._gateway_up() and asyncio.run(self._compute_up()):
+            if self._gateway_up() and asyncio.run(self._backend_up()):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"the stack was not ready within {timeout_s:.0f}s")
@@ -75,10 +75,13 @@ class LocalStack:
         except OSError:
             return False
 
-    async def _compute_up(self) -> bool:
+    async def _backend_up(self) -> bool:
+        """Compute has its model loaded and a loader answers lookups."""
         bus = await Bus.connect(self.nats_url, "cake-stack")
         try:
-            await bus.request(subjects.COMPUTE_INFO, Accepted(), ModelInfo, timeout_s=1.0)
+            info = await bus.request(subjects.COMPUTE_INFO, Accepted(), ModelInfo, timeout_s=1.0)
+            ping = LookupRequest("ready-check", info.space, b"")
+            await bus.request(subjects.LOOKUP, ping, LookupReply, timeout_s=1.0)
             return True
         except (Unavailable, RemoteError):
             return False

@@ -19,6 +19,7 @@ LOOKUP = f"{ROOT}.loader.lookup"  # merger -> loader: LookupRequest -> LookupRep
 # fire and forget
 TELEMETRY = f"{ROOT}.telemetry"  # compute/loader -> gateway, controllers: Telemetry
 CONTROL_ALL = f"{ROOT}.req.*.control"
+EVENTS_ALL = f"{ROOT}.req.*.events"  # every request's chunk events (benchmark timelines)
 
 QUEUE_MERGER = "merger"
 QUEUE_COMPUTE = "compute"

@@ -132,3 +132,17 @@ async def test_foreign_model_and_wrong_salt_objects_are_misses() -> None:
     assert data is not None
     await store.put(mine.keys[1], data[: len(data) // 2])
     assert await fetch_chunk(store, mine, 1) is None
+
+
+def test_decoding_verified_bytes_skips_only_the_checksum() -> None:
+    ident = identity()
+    kv = random_kv(ident)
+    data = bytearray(encode_chunk(ident, kv))
+    back = decode_chunk(data, ident, verify_payload=False)
+    assert torch.equal(back, kv)
+    back[0, 0, 0, 0, 0] = 42.0  # zero-copy: the tensor is a view of the bytearray
+    assert decode_chunk(data, ident, verify_payload=False)[0, 0, 0, 0, 0] == 42.0
+    with pytest.raises(CorruptChunkError, match="checksum"):
+        decode_chunk(data, ident)
+    with pytest.raises(CorruptChunkError, match="key"):
+        decode_chunk(data, dataclasses.replace(ident, key="cd" * 32), verify_payload=False)

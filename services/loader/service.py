@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from services.staging import Staging
 from shared import subjects
 from shared.bus import Bus, spawn
-from shared.chunk_format import decode_chunk
+from shared.chunk_format import verify_chunk
 from shared.config import Settings
 from shared.engine import PromptChunks
 from shared.errors import CorruptChunkError, StoreError
@@ -117,7 +117,7 @@ class Loader:
                 data = await asyncio.wait_for(self.store.get(fetch.prompt.keys[index]), timeout)
                 if data is None:
                     raise StoreError("missing (evicted since the lookup)")
-                await asyncio.to_thread(decode_chunk, data, fetch.prompt.identity(index))
+                await asyncio.to_thread(verify_chunk, data, fetch.prompt.identity(index))
                 path = await asyncio.to_thread(self.staging.write, rid, f"{index}.kv", data)
             except (StoreError, CorruptChunkError, TimeoutError, OSError) as exc:
                 reason = "corrupt" if isinstance(exc, CorruptChunkError) else str(exc) or "timeout"
@@ -174,7 +174,7 @@ class Loader:
                 key = prompt.keys[index]
                 try:
                     if not await self.store.exists(key):
-                        data = await asyncio.to_thread(self.staging.read, path)
+                        data = bytes(await asyncio.to_thread(self.staging.read, path))
                         await self.store.put(key, data)
                         self.counters["bytes_stored"] += len(data)
                         self.counters["chunks_stored"] += 1

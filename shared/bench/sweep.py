@@ -139,13 +139,12 @@ class Bench:
             salt = f"bench-{uuid.uuid4().hex[:8]}"
             hit = usable_hit_chunks(n, n, self.config.chunk_tokens)
             contexts.append(Context(n, prompt_text(n, seed=n), salt, hit, n * per_token))
-        await self.request(contexts[0], "compute", salt="warm-up")
         for setting in ("chunked", "one-shot"):
             if setting == "one-shot":
                 budget = self.settings.token_budget
                 await asyncio.to_thread(self.stack.restart, "compute", token_budget=budget)
-                await self.request(contexts[0], "compute", salt="warm-up")
             for ctx in contexts:
+                await self.request(ctx, "compute", salt=uuid.uuid4().hex)  # warm-up
                 runs = [await self.request(ctx, "compute", salt=uuid.uuid4().hex)
                         for _ in range(self.config.reps)]  # fmt: skip
                 ctx.compute_s[setting] = [t.ttft_s for t in runs]
@@ -176,6 +175,8 @@ class Bench:
     async def profile(self, ctx: Context, store: LocalStore) -> Profile:
         """Per-chunk compute and read costs of this context in the benchmark process."""
         assert self.runner is not None
+        await measure_profile(self.runner, store, self.prompt(ctx), ctx.hit)  # warm-up
+        evict_page_cache(self.workdir / "store")
         return await measure_profile(self.runner, store, self.prompt(ctx), ctx.hit)
 
     def prompt(self, ctx: Context) -> PromptChunks:
@@ -200,19 +201,14 @@ class Bench:
         cake: list[Timing] = []
         compute: list[float] = []
         for conc in self.config.fetch_concurrencies:
-            await asyncio.to_thread(
-                self.stack.restart, "loader", store_bandwidth_mbps=bandwidth,
-                fetch_concurrency=conc,
-            )  # fmt: skip
+            await self.restart_loader(ctx, bandwidth, conc)
             load_by_conc[conc] = [
                 (await self.request(ctx, "load")).ttft_s for _ in range(self.config.reps)
             ]
         best_conc = min(load_by_conc, key=lambda c: statistics.median(load_by_conc[c]))
         if best_conc != self.config.fetch_concurrencies[-1]:
-            await asyncio.to_thread(
-                self.stack.restart, "loader", store_bandwidth_mbps=bandwidth,
-                fetch_concurrency=best_conc,
-            )  # fmt: skip
+            await self.restart_loader(ctx, bandwidth, best_conc)
+        await self.request(ctx, "cake")  # warm-up
         for _ in range(self.config.reps):
             compute.append((await self.request(ctx, "compute", salt=uuid.uuid4().hex)).ttft_s)
             cake.append(await self.request(ctx, "cake"))
@@ -243,6 +239,14 @@ class Bench:
             "chunks": ctx.hit,
         }
 
+    async def restart_loader(self, ctx: Context, bandwidth: float, concurrency: int) -> None:
+        """A loader on a link of `bandwidth` MB/s, warmed up with one untimed load."""
+        await asyncio.to_thread(
+            self.stack.restart, "loader", store_bandwidth_mbps=bandwidth,
+            fetch_concurrency=concurrency,
+        )  # fmt: skip
+        await self.request(ctx, "load")
+
     async def record_timeline(self, ctx: Context) -> list[dict[str, Any]]:
         """The computed and loaded events of one Cake request, with their times."""
         bus = await Bus.connect(self.stack.nats_url, "cake-bench")
@@ -257,7 +261,7 @@ class Bench:
             elif isinstance(event, ChunkLoaded):
                 events.append({"t": at, "kind": "loaded", "index": event.index})
 
-        sub = await bus.nc.subscribe(subjects.events("*"), cb=on_event)
+        sub = await bus.nc.subscribe(subjects.EVENTS_ALL, cb=on_event)
         start = time.perf_counter()
         timing = await self.request(ctx, "cake")
         await sub.unsubscribe()
@@ -271,10 +275,8 @@ class Bench:
         """The same Cake plan in one process (same model, same store, same link) vs the services."""
         assert self.runner is not None
         bandwidth = ctx.kv_rate_mbps
-        await asyncio.to_thread(
-            self.stack.restart, "loader", store_bandwidth_mbps=bandwidth,
-            fetch_concurrency=self.config.fetch_concurrencies[-1],
-        )  # fmt: skip
+        await self.restart_loader(ctx, bandwidth, self.config.fetch_concurrencies[-1])
+        await self.request(ctx, "cake")  # warm-up
         services, local = [], []
         for _ in range(max(2, self.config.reps)):
             services.append((await self.request(ctx, "cake")).ttft_s)
