@@ -52,6 +52,7 @@ class Settings:
     fetch_timeout_s: float = 30.0  # one chunk read from storage
     fetch_concurrency: int = 4
     token_budget: int = 512  # tokens per compute scheduler step
+    head_tokens: int = 512  # tokens per compute step of a Cake head (the paper's compute chunk)
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     log_format: str = "auto"  # json, console or auto (console on a terminal)
     log_level: str = "info"

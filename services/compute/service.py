@@ -30,6 +30,7 @@ from shared.schemas import (
     Accepted,
     Cancel,
     ChunkComputed,
+    ChunkLoaded,
     Failed,
     Meet,
     Message,
@@ -60,6 +61,8 @@ class Job:
     head_done: int = 0  # chunks [0, head_done) computed
     meet: int | None = None  # where loaded chunks start, once known
     staged: dict[int, str] = field(default_factory=dict)
+    loaded: set[int] = field(default_factory=set)  # hit chunks the loader has staged so far
+    head_piece: int = 1  # most head chunks one step computes
     merged: bool = False
     tokens_out: Iterator[int] | None = None
     generated: int = 0
@@ -89,13 +92,21 @@ class Job:
             return Phase.HEAD if self.msg.compute_head else Phase.WAITING
         return Phase.PREFILL
 
+    def head_chunks(self) -> int:
+        """Head chunks the next step computes: a piece, stopping where loaded chunks start."""
+        frontier = self.hit
+        while frontier - 1 in self.loaded:
+            frontier -= 1
+        room = frontier - self.head_done if frontier > self.head_done else 1
+        return max(1, min(self.head_piece, self.hit - self.head_done, room))
+
     def next_tokens(self) -> int:
         """Tokens the next piece computes."""
         phase = self.phase()
         if phase == Phase.DECODE:
             return 1
         if phase == Phase.HEAD:
-            return self.chunk
+            return self.head_chunks() * self.chunk
         return min(self.piece, len(self.prompt.token_ids) - self.cache.get_seq_length())
 
 
@@ -121,6 +132,7 @@ class Compute:
         await self.bus.handle(subjects.COMPUTE_INFO, self.on_info, queue=queue)
         await self.bus.handle(subjects.COMPUTE_PREFILL, self.on_prefill, queue=queue)
         await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
+        await self.bus.handle(subjects.EVENTS_ALL, self.on_event)
         spawn(self.loop(), self.tasks)
 
     async def on_info(self, _: Message, __: Msg) -> Message:
@@ -139,7 +151,8 @@ class Compute:
         )  # fmt: skip
         prompt = PromptChunks.of(space, unpack_tokens(msg.tokens))
         budget = self.settings.token_budget // space.chunk_tokens * space.chunk_tokens
-        job = Job(msg, prompt, params, self.runner.new_cache(), piece=budget)
+        head_piece = max(1, min(self.settings.head_tokens, budget) // space.chunk_tokens)
+        job = Job(msg, prompt, params, self.runner.new_cache(), piece=budget, head_piece=head_piece)
         self.jobs[msg.request_id] = job
         self.wake.set()
         return Accepted(node=self.settings.node)
@@ -148,6 +161,13 @@ class Compute:
         """End-of-sequence ids of the model."""
         eos = self.runner.config.eos_token_id
         return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+
+    async def on_event(self, msg: Message, m: Msg) -> None:
+        """Note staged chunks of our jobs, so head steps stop where loaded chunks begin."""
+        if isinstance(msg, ChunkLoaded):
+            job = self.jobs.get(subjects.request_id_of(m.subject))
+            if job is not None:
+                job.loaded.add(msg.index)
 
     async def on_control(self, msg: Message, m: Msg) -> None:
         """Meet: use these staged chunks. Cancel: drop the job."""
@@ -261,7 +281,7 @@ class Compute:
                     if piece.phase == Phase.DECODE:
                         self.decode_one(job, outbox)
                     elif piece.phase == Phase.HEAD:
-                        self.compute_head_chunks(job, outbox)
+                        self.compute_head_chunks(job, outbox, job.head_chunks())
                     else:
                         self.prefill_piece(job, outbox)
             finally:

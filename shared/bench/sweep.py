@@ -44,7 +44,7 @@ class BenchConfig:
     io_ratios: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0)
     reps: int = 3
     fetch_concurrencies: Sequence[int] = (1, 4)
-    chunk_tokens: int = 256
+    chunk_tokens: int = 128  # the paper's I/O chunk; compute steps are 512 tokens
     model: str = "default"
     dtype: str = "float32"
     device: str = "cpu"
