@@ -162,6 +162,7 @@ class PrefillJob(Message):
     compute_head: bool
     sampling: dict[str, Any]
     deadline: float
+    head_hint: int = -1  # predicted meeting chunk (the estimator's); -1: none
 
 
 @dataclass

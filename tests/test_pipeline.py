@@ -11,6 +11,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from services.loader.service import Loader
+from services.merger.service import Merger
 from shared import subjects
 from shared.engine import PromptChunks
 from shared.errors import StoreError
@@ -190,3 +191,15 @@ async def test_no_nats_message_carries_kv(local: Backend) -> None:
     assert len(sizes) > 50
     assert biggest <= 64 * 1024 + 4 * len(tokens), subject
     assert biggest < kv_bytes_per_chunk / 10
+
+
+async def test_merger_finishes_each_request_promptly(local: Backend) -> None:
+    merger = local.services["merger"]
+    assert isinstance(merger, Merger)
+    for tokens in (prompt(100, seed=30), prompt(100, seed=30)):  # no hit, then a hit
+        await local.generate(tokens)
+        for _ in range(50):
+            if not merger.tasks:
+                break
+            await asyncio.sleep(0.01)
+        assert not merger.tasks, "the merger is still coordinating a finished request"

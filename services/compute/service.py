@@ -93,12 +93,20 @@ class Job:
         return Phase.PREFILL
 
     def head_chunks(self) -> int:
-        """Head chunks the next step computes: a piece, stopping where loaded chunks start."""
+        """Head chunks the next step computes, stopping where loaded chunks start.
+
+        With the merger's hint of the meeting point: up to the hint in steps as large as the
+        budget allows, then chunk by chunk. Without one: steps of CAKE_HEAD_TOKENS.
+        """
         frontier = self.hit
         while frontier - 1 in self.loaded:
             frontier -= 1
         room = frontier - self.head_done if frontier > self.head_done else 1
-        return max(1, min(self.head_piece, self.hit - self.head_done, room))
+        step, hint = self.head_piece, self.msg.head_hint
+        if hint >= 0:
+            step = hint - self.head_done if self.head_done < hint else 1
+            step = min(step, self.piece // self.chunk)
+        return max(1, min(step, self.hit - self.head_done, room))
 
     def next_tokens(self) -> int:
         """Tokens the next piece computes."""

@@ -12,6 +12,7 @@ from nats.aio.msg import Msg
 from shared import subjects
 from shared.bus import Bus, RemoteError, Unavailable, spawn
 from shared.config import Settings
+from shared.estimator import Advice, SplitEstimator
 from shared.observability import configure_logging, configure_tracing, tracer
 from shared.plan import MeetTracker, Split, usable_hit_chunks
 from shared.schemas import (
@@ -39,6 +40,7 @@ class Merger:
     def __init__(self, bus: Bus, settings: Settings) -> None:
         self.bus, self.settings = bus, settings
         self.info: ModelInfo | None = None
+        self.estimator = SplitEstimator()
         self.tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
@@ -104,9 +106,12 @@ class Merger:
         span.set_attribute("cake.hit_chunks", hit)
         events = await self.bus.nc.subscribe(subjects.events(req.request_id))
         try:
+            advice = self.estimator.advise(hit) if req.kv_mode == "cake" else Advice()
+            compute_head = req.kv_mode != "load" and advice.compute_head
+            span.set_attribute("cake.head_hint", advice.head_hint)
             job = PrefillJob(
-                req.request_id, req.tokens, space, hit, req.kv_mode != "load", req.sampling,
-                req.deadline,
+                req.request_id, req.tokens, space, hit, compute_head, req.sampling,
+                req.deadline, advice.head_hint,
             )  # fmt: skip
             accepted = await self.bus.request(
                 subjects.COMPUTE_PREFILL, job, Accepted, self.settings.rpc_timeout_s
@@ -114,7 +119,7 @@ class Merger:
             if hit:
                 fetch = FetchJob(req.request_id, req.tokens, space, hit, req.deadline)
                 await self.bus.publish(subjects.fetch(accepted.node), fetch)
-            split, staged = await self.watch(req, hit, events)
+            split, staged = await self.watch(req, hit, compute_head, events)
         finally:
             await events.unsubscribe()
         span.set_attribute("cake.meet_chunk", split.meet)
@@ -122,27 +127,38 @@ class Merger:
         await self.bus.publish(subjects.control(req.request_id), meet)
 
     async def watch(
-        self, req: GenerateRequest, hit: int, events: Any
+        self, req: GenerateRequest, hit: int, compute_head: bool, events: Any
     ) -> tuple[Split, dict[int, str]]:
-        """Follow computed/loaded events until the frontiers meet (or loads can no longer help)."""
-        tracker = MeetTracker(hit, compute_head=req.kv_mode != "load")
+        """Follow computed/loaded events until the frontiers meet (or loads can no longer help).
+
+        Feeds the estimator: seconds per computed chunk, and the link's seconds per chunk
+        (chunks staged over the time from dispatch to the last of them).
+        """
+        tracker = MeetTracker(hit, compute_head=compute_head)
         staged: dict[int, str] = {}
-        while (split := tracker.meet()) is None:
+        start = last_load = time.monotonic()
+        split = tracker.meet()
+        while split is None:
             timeout = min(self.settings.fetch_timeout_s, req.deadline - time.time())
             try:
                 raw = await events.next_msg(timeout=max(0.001, timeout))
             except TimeoutError:
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
-                return Split(tracker.load_frontier, hit), staged
+                split = Split(tracker.load_frontier, hit)
+                break
             event = Message.decode(raw.data)
             if isinstance(event, ChunkComputed):
+                self.estimator.observe_compute(event.upto - tracker.computed, event.duration_s)
                 tracker.on_computed(event.upto)
             elif isinstance(event, ChunkLoaded):
+                last_load = time.monotonic()
                 staged[event.index] = event.staged
                 tracker.on_loaded(event.index)
             elif isinstance(event, LoadFailed):
                 log.warning("chunk load failed", chunk=event.index, reason=event.reason)
                 tracker.on_failed(event.index)
+            split = tracker.meet()
+        self.estimator.observe_loads(len(staged), last_load - start)
         return split, staged
 
     async def close(self) -> None:

@@ -1,0 +1,64 @@
+"""The adaptive controller's estimate: how fast each side is, and what that suggests.
+
+The merger feeds it every request's telemetry (seconds per computed head chunk, seconds per
+loaded chunk on the shared link) as exponentially weighted averages, and asks it for advice
+before each request: skip the head entirely when loading everything is faster than computing
+one chunk, and otherwise a hint of where the two sides should meet, so the compute service
+can take the head up to there in large steps and go chunk by chunk only near the meeting.
+The meeting point itself is still found at run time from the events.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Ewma:
+    """An exponentially weighted moving average (None until the first sample)."""
+
+    alpha: float = 0.5
+    value: float | None = None
+
+    def add(self, sample: float) -> None:
+        """Fold in one sample."""
+        self.value = sample if self.value is None else (
+            self.alpha * sample + (1 - self.alpha) * self.value
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Advice:
+    """What the estimate suggests for one request."""
+
+    compute_head: bool = True
+    head_hint: int = -1  # predicted meeting chunk; -1: no estimate yet
+
+
+@dataclass
+class SplitEstimator:
+    """EWMAs of the two sides' per-chunk costs, and the advice they give."""
+
+    compute_s: Ewma = field(default_factory=Ewma)  # seconds to compute one head chunk
+    load_s: Ewma = field(default_factory=Ewma)  # seconds per chunk the link delivers
+    skip_head_below: float = 0.5  # skip the head if loading all < this x one chunk's compute
+
+    def observe_compute(self, chunks: int, seconds: float) -> None:
+        """A head step computed `chunks` chunks in `seconds`."""
+        if chunks > 0 and seconds > 0:
+            self.compute_s.add(seconds / chunks)
+
+    def observe_loads(self, chunks: int, seconds: float) -> None:
+        """`chunks` chunks arrived `seconds` after the fetch was sent."""
+        if chunks > 0 and seconds > 0:
+            self.load_s.add(seconds / chunks)
+
+    def advise(self, hit: int) -> Advice:
+        """Advice for a request with `hit` loadable chunks."""
+        compute, load = self.compute_s.value, self.load_s.value
+        if hit == 0 or compute is None or load is None:
+            return Advice()
+        if hit * load < self.skip_head_below * compute:
+            return Advice(compute_head=False, head_hint=0)
+        return Advice(head_hint=min(hit, math.ceil(hit * load / (compute + load))))
