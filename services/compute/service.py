@@ -89,8 +89,17 @@ class Job:
         if self.tokens_out is not None:
             return Phase.DECODE
         if self.meet is None and self.head_done < self.hit:
-            return Phase.HEAD if self.msg.compute_head else Phase.WAITING
+            # once the loads reach the head, the merger's Meet is on its way: wait for it
+            racing = self.msg.compute_head and self.load_frontier() > self.head_done
+            return Phase.HEAD if racing else Phase.WAITING
         return Phase.PREFILL
+
+    def load_frontier(self) -> int:
+        """The lowest chunk from which every hit chunk is staged."""
+        frontier = self.hit
+        while frontier - 1 in self.loaded:
+            frontier -= 1
+        return frontier
 
     def head_chunks(self) -> int:
         """Head chunks the next step computes, stopping where loaded chunks start.
@@ -98,10 +107,7 @@ class Job:
         With the merger's hint of the meeting point: up to the hint in steps as large as the
         budget allows, then chunk by chunk. Without one: steps of CAKE_HEAD_TOKENS.
         """
-        frontier = self.hit
-        while frontier - 1 in self.loaded:
-            frontier -= 1
-        room = frontier - self.head_done if frontier > self.head_done else 1
+        room = self.load_frontier() - self.head_done
         step, hint = self.head_piece, self.msg.head_hint
         if hint >= 0:
             step = hint - self.head_done if self.head_done < hint else 1
