@@ -20,9 +20,8 @@ from transformers.cache_utils import DynamicLayer
 from shared.chunk_format import dtype_name, torch_dtype
 from shared.errors import ConfigError, UnsupportedModelError
 from shared.keys import KVLayout
-from shared.tokenizer import ByteTokenizer
+from shared.tokenizer import DEFAULT_MODEL, RANDOM_PREFIX, ByteTokenizer, uses_byte_tokenizer
 
-DEFAULT_MODEL = "default"
 DEFAULT_SEED = 1234
 
 # config keys that describe where or how a model was loaded, not what it computes
@@ -48,6 +47,36 @@ def default_model_config(**overrides: Any) -> LlamaConfig:
     }
     params.update(overrides)
     return LlamaConfig(**params)
+
+
+# random-weight stand-ins for real shapes (benchmarks without downloads): "random:<name>"
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": {
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+        "initializer_range": 0.02,
+    },
+    "llama3-1b": {
+        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+        "initializer_range": 0.02,
+    },
+}  # fmt: skip
+
+
+def load_config(source: str, revision: str | None = None) -> Any:
+    """A model's config without its weights: built-in ones, a local directory or a hub id."""
+    if source == DEFAULT_MODEL:
+        return default_model_config()
+    if source.startswith(RANDOM_PREFIX):
+        shape = source.removeprefix(RANDOM_PREFIX)
+        if shape not in RANDOM_SHAPES:
+            raise ConfigError(f"unknown random shape {shape!r}; use one of {sorted(RANDOM_SHAPES)}")
+        return default_model_config(**RANDOM_SHAPES[shape])
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model config from {source!r}: {exc}") from exc
 
 
 def check_plain_kv(config: Any) -> None:
@@ -147,17 +176,13 @@ class ModelRunner:
     ) -> ModelRunner:
         """The embedded default model, or a causal LM from a local directory or hub id."""
         torch_type = torch_dtype(dtype)
-        if source == DEFAULT_MODEL:
-            config = default_model_config()
-            with torch.random.fork_rng(devices=[]):
+        config = load_config(source, revision)
+        check_plain_kv(config)  # refuse before spending time on the weights
+        if uses_byte_tokenizer(source):  # built from the config with a fixed seed
+            with torch.random.fork_rng(devices=[]), torch.device(device):
                 torch.manual_seed(seed)
                 model = AutoModelForCausalLM.from_config(config, dtype=torch_type)
-            return cls(model.to(device), name=DEFAULT_MODEL)
-        try:
-            config = AutoConfig.from_pretrained(source, revision=revision)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load model config from {source!r}: {exc}") from exc
-        check_plain_kv(config)  # refuse before spending time on the weights
+            return cls(model, name=source)
         pretrained: Any = AutoModelForCausalLM.from_pretrained(
             source, revision=revision, dtype=torch_type
         )

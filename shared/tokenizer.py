@@ -9,6 +9,14 @@ from shared.errors import ConfigError
 
 Message = dict[str, str]
 
+DEFAULT_MODEL = "default"  # the embedded model
+RANDOM_PREFIX = "random:"  # "random:<shape>": random weights in a real model's shape
+
+
+def uses_byte_tokenizer(source: str) -> bool:
+    """Whether a model source is one of Cake's built-in ones (byte-level vocabulary)."""
+    return source == DEFAULT_MODEL or source.startswith(RANDOM_PREFIX)
+
 
 class Tokenizer(Protocol):
     """What Cake needs from a tokenizer."""
@@ -83,8 +91,8 @@ class HFTokenizer:
 
 
 def load_tokenizer(source: str, revision: str | None = None) -> Tokenizer:
-    """The tokenizer for a model source ("default" is the embedded byte-level one)."""
-    if source == "default":
+    """The tokenizer for a model source (built-in models use the byte-level one)."""
+    if uses_byte_tokenizer(source):
         return ByteTokenizer()
     from transformers import AutoTokenizer
 

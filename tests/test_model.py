@@ -122,3 +122,15 @@ def test_hf_tokenizer_adapter_uses_the_plain_layout_without_template() -> None:
     assert tok.eos_token_ids == frozenset({2})
     msgs = [{"role": "user", "content": "x"}]
     assert tok.decode(tok.encode_chat(msgs)) == plain_chat_prompt(msgs)
+
+
+def test_random_shapes_are_real_model_configs_without_download() -> None:
+    from shared.model import load_config
+
+    cfg = load_config("random:llama3-8b")
+    assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size) == (32, 8, 4096)
+    check_plain_kv(cfg)
+    with pytest.raises(ConfigError, match="unknown random shape"):
+        load_config("random:gpt-17")
+    with pytest.raises(ConfigError, match="unknown random shape"):
+        ModelRunner.load("random:gpt-17")

@@ -8,19 +8,16 @@ bus last, since those requests still read their streams from it.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import structlog
 from aiohttp import web
 from nats.aio.msg import Msg
-from transformers import AutoConfig
 
 from services.gateway.app import GatewayMetrics, make_app
 from shared import subjects
 from shared.bus import Bus
 from shared.config import Settings
-from shared.errors import ConfigError
-from shared.model import DEFAULT_MODEL, default_model_config
+from shared.model import load_config
 from shared.observability import configure_logging, configure_tracing, shutdown_tracing
 from shared.schemas import Message, Telemetry
 from shared.tokenizer import load_tokenizer
@@ -32,14 +29,7 @@ DRAIN_TIMEOUT_S = 10.0
 
 def model_max_context(settings: Settings) -> int | None:
     """The served model's context length, read from its config (no weights are loaded)."""
-    config: Any
-    if settings.model == DEFAULT_MODEL:
-        config = default_model_config()
-    else:
-        try:
-            config = AutoConfig.from_pretrained(settings.model, revision=settings.model_revision)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load model config from {settings.model!r}: {exc}") from exc
+    config = load_config(settings.model, settings.model_revision)
     return int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 0) or None
 
 
