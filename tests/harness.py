@@ -25,7 +25,9 @@ from shared.keys import pack_tokens, unpack_tokens
 from shared.model import ModelRunner
 from shared.nats_server import free_port
 from shared.schemas import Accepted, Done, Failed, GenerateRequest, Message, Tokens
+from shared.stack import SERVICES
 from shared.stores.base import ChunkStore
+from shared.stores.s3 import S3Store
 from shared.tokenizer import ByteTokenizer
 
 
@@ -133,6 +135,20 @@ async def backend(
         await client.nc.flush()
         yield be
         await asyncio.sleep(0)
+
+
+@asynccontextmanager
+async def s3_backend(
+    nats_url: str, tmp: Path, s3_endpoint: str, services: Sequence[str] = SERVICES[1:]
+) -> AsyncIterator[Backend]:
+    """backend() over a fresh bucket of the moto S3 server."""
+    bucket = "cake-" + uuid.uuid4().hex[:12]
+    settings = stack_settings(nats_url, tmp, store=f"s3://{bucket}/kv")
+    store = S3Store(bucket, "kv/", endpoint_url=s3_endpoint)
+    async with store:
+        await store.ensure_bucket()
+        async with backend(settings, store, services) as be:
+            yield be
 
 
 async def start_gateway(stack: AsyncExitStack, bus: Bus, settings: Settings) -> str:

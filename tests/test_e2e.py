@@ -12,10 +12,8 @@ from typing import Any
 import openai
 import pytest
 
-from shared.stores.s3 import S3Store
-from tests.harness import Backend, backend, stack_settings
-
-SERVICES = ("gateway", "merger", "compute", "loader")
+from shared.stack import SERVICES
+from tests.harness import Backend, s3_backend
 
 
 def text(n: int, seed: int) -> str:
@@ -25,12 +23,8 @@ def text(n: int, seed: int) -> str:
 
 @pytest.fixture
 async def stack(nats_url: str, tmp_path: Path, s3_endpoint: str) -> AsyncIterator[Backend]:
-    bucket = "cake-e2e-" + tmp_path.name[-8:].lower().replace("_", "-")
-    settings = stack_settings(nats_url, tmp_path, store=f"s3://{bucket}/kv")
-    async with S3Store(bucket, "kv/", endpoint_url=s3_endpoint) as store:
-        await store.ensure_bucket()
-        async with backend(settings, store, SERVICES) as be:
-            yield be
+    async with s3_backend(nats_url, tmp_path, s3_endpoint, SERVICES) as be:
+        yield be
 
 
 async def complete(

@@ -18,8 +18,7 @@ from shared.errors import StoreError
 from shared.keys import KeySpace
 from shared.schemas import Failed
 from shared.stores.local import LocalStore
-from shared.stores.s3 import S3Store
-from tests.harness import Backend, backend, default_runner, stack_settings
+from tests.harness import Backend, backend, default_runner, s3_backend, stack_settings
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -36,12 +35,8 @@ async def local(nats_url: str, tmp_path: Path) -> AsyncIterator[Backend]:
 
 @pytest.fixture
 async def s3(nats_url: str, tmp_path: Path, s3_endpoint: str) -> AsyncIterator[Backend]:
-    bucket = "cake-pipeline-" + tmp_path.name[-8:].lower().replace("_", "-")
-    settings = stack_settings(nats_url, tmp_path, store=f"s3://{bucket}/kv")
-    async with S3Store(bucket, "kv/", endpoint_url=s3_endpoint) as store:
-        await store.ensure_bucket()
-        async with backend(settings, store) as be:
-            yield be
+    async with s3_backend(nats_url, tmp_path, s3_endpoint) as be:
+        yield be
 
 
 async def test_modes_agree_for_no_partial_and_full_hits(s3: Backend) -> None:

@@ -1,24 +1,33 @@
-"""In-process profiles for the oracle: per-chunk compute and load costs, merge and suffix cost."""
+"""In-process profiles for the oracle: head compute cost, per-chunk load cost, finish cost."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from shared.engine import PromptChunks, fetch_chunk, merged_prefill
 from shared.model import ModelRunner, SamplingParams
 from shared.plan import Split, oracle_split
 from shared.stores.base import ChunkStore
+
+HEAD_SAMPLES = 8  # head lengths measured; the rest is interpolated
 
 
 @dataclass(frozen=True)
 class Profile:
     """Measured costs of one prompt's hit chunks (seconds)."""
 
-    compute_s: list[float]  # chunk i computed after chunks [0, i)
+    head_s: list[float]  # head_s[m]: computing chunks [0, m) in one pass (m = 0..hit)
     read_s: list[float]  # chunk i read and validated from the unthrottled store
     chunk_bytes: list[int]
     finish_s: float  # append every hit chunk, prefill the suffix, pick the first token
+
+    @property
+    def compute_s(self) -> list[float]:
+        """Marginal cost of each head chunk (differences of head_s)."""
+        return [b - a for a, b in zip(self.head_s, self.head_s[1:], strict=False)]
 
     def load_s(self, bandwidth_mbps: float, concurrency: int) -> list[float]:
         """Per-chunk load time on a link of bandwidth_mbps: transfer, or reading if slower."""
@@ -36,13 +45,15 @@ class Profile:
 async def measure_profile(
     runner: ModelRunner, store: ChunkStore, prompt: PromptChunks, hit: int
 ) -> Profile:
-    """Compute every hit chunk in order, read each from the store, time the finish."""
-    cache = runner.new_cache()
-    compute_s = []
-    for i in range(hit):
+    """Time heads of several lengths in one pass each, read each chunk, time the finish."""
+    points = sorted({round(hit * k / HEAD_SAMPLES) for k in range(HEAD_SAMPLES + 1)})
+    measured = []
+    for m in points:
         start = time.perf_counter()
-        runner.extend(cache, prompt.tokens_of(i, i + 1))
-        compute_s.append(time.perf_counter() - start)
+        if m:
+            runner.extend(runner.new_cache(), prompt.tokens_of(0, m))
+        measured.append(time.perf_counter() - start if m else 0.0)
+    head_s = np.interp(np.arange(hit + 1), points, measured).tolist()
     read_s, sizes, loaded = [], [], {}
     for j in range(hit):
         start = time.perf_counter()
@@ -56,4 +67,4 @@ async def measure_profile(
     start = time.perf_counter()
     cache, logits = merged_prefill(runner, prompt, Split(0, hit), loaded)
     next(runner.generate(cache, logits, SamplingParams(max_tokens=1)))
-    return Profile(compute_s, read_s, sizes, time.perf_counter() - start)
+    return Profile(head_s, read_s, sizes, time.perf_counter() - start)

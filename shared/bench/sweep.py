@@ -52,7 +52,7 @@ class BenchConfig:
     @classmethod
     def quick(cls) -> BenchConfig:
         """Small enough for about 3 minutes on 2 CPU cores."""
-        return cls(contexts=(1024, 2048), reps=1, fetch_concurrencies=(4,))
+        return cls(contexts=(2048, 4096), reps=1, fetch_concurrencies=(4,))
 
 
 def stats(values: Sequence[float]) -> dict[str, float]:
@@ -139,6 +139,7 @@ class Bench:
             salt = f"bench-{uuid.uuid4().hex[:8]}"
             hit = usable_hit_chunks(n, n, self.config.chunk_tokens)
             contexts.append(Context(n, prompt_text(n, seed=n), salt, hit, n * per_token))
+        self.warmup = Context(384, prompt_text(384, seed=384), "warm-up", 2, 384 * per_token)
         for setting in ("chunked", "one-shot"):
             if setting == "one-shot":
                 budget = self.settings.token_budget
@@ -148,7 +149,7 @@ class Bench:
                 runs = [await self.request(ctx, "compute", salt=uuid.uuid4().hex)
                         for _ in range(self.config.reps)]  # fmt: skip
                 ctx.compute_s[setting] = [t.ttft_s for t in runs]
-        for ctx in contexts:  # store the prefix: the timed requests below all hit it
+        for ctx in [*contexts, self.warmup]:  # store the prefixes the timed requests hit
             await self.request(ctx, "compute")
         return contexts
 
@@ -201,14 +202,14 @@ class Bench:
         cake: list[Timing] = []
         compute: list[float] = []
         for conc in self.config.fetch_concurrencies:
-            await self.restart_loader(ctx, bandwidth, conc)
+            await self.restart_loader(bandwidth, conc)
             load_by_conc[conc] = [
                 (await self.request(ctx, "load")).ttft_s for _ in range(self.config.reps)
             ]
         best_conc = min(load_by_conc, key=lambda c: statistics.median(load_by_conc[c]))
         if best_conc != self.config.fetch_concurrencies[-1]:
-            await self.restart_loader(ctx, bandwidth, best_conc)
-        await self.request(ctx, "cake")  # warm-up
+            await self.restart_loader(bandwidth, best_conc)
+        await self.request(self.warmup, "cake")  # also feeds the estimator this link's speed
         for _ in range(self.config.reps):
             compute.append((await self.request(ctx, "compute", salt=uuid.uuid4().hex)).ttft_s)
             cake.append(await self.request(ctx, "cake"))
@@ -239,13 +240,13 @@ class Bench:
             "chunks": ctx.hit,
         }
 
-    async def restart_loader(self, ctx: Context, bandwidth: float, concurrency: int) -> None:
-        """A loader on a link of `bandwidth` MB/s, warmed up with one untimed load."""
+    async def restart_loader(self, bandwidth: float, concurrency: int) -> None:
+        """A loader on a link of `bandwidth` MB/s, warmed up with one short untimed load."""
         await asyncio.to_thread(
             self.stack.restart, "loader", store_bandwidth_mbps=bandwidth,
             fetch_concurrency=concurrency,
         )  # fmt: skip
-        await self.request(ctx, "load")
+        await self.request(self.warmup, "load")
 
     async def record_timeline(self, ctx: Context) -> list[dict[str, Any]]:
         """The computed and loaded events of one Cake request, with their times."""
@@ -276,8 +277,8 @@ class Bench:
         """The same Cake plan in one process (same model, same store, same link) vs the services."""
         assert self.runner is not None
         bandwidth = ctx.kv_rate_mbps
-        await self.restart_loader(ctx, bandwidth, self.config.fetch_concurrencies[-1])
-        await self.request(ctx, "cake")  # warm-up
+        await self.restart_loader(bandwidth, self.config.fetch_concurrencies[-1])
+        await self.request(self.warmup, "cake")
         services, local = [], []
         for _ in range(max(2, self.config.reps)):
             services.append((await self.request(ctx, "cake")).ttft_s)
@@ -301,7 +302,7 @@ class Bench:
             "kv_bytes": ctx.kv_bytes,
             "compute_ttft_s": {k: stats(v) for k, v in ctx.compute_s.items()},
             "kv_rate_MBps": round(ctx.kv_rate_mbps, 2),
-            "profile_compute_s": ctx.profile.compute_s if ctx.profile else [],
+            "profile_head_s": ctx.profile.head_s if ctx.profile else [],
         }
 
 
