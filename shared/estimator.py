@@ -2,10 +2,11 @@
 
 The merger feeds it every request's telemetry (seconds per computed head chunk, seconds per
 loaded chunk on the shared link) as exponentially weighted averages, and asks it for advice
-before each request: skip the head entirely when loading everything is faster than computing
-one chunk, and otherwise a hint of where the two sides should meet, so the compute service
-can take the head up to there in large steps and go chunk by chunk only near the meeting.
-The meeting point itself is still found at run time from the events.
+before each request: skip the head when the link delivers a chunk in less than
+`skip_head_ratio` of the time a chunk takes to compute (the head could then save at most that
+fraction, less than running both sides costs), and otherwise a hint of where the two sides
+should meet, so the compute service can take the head up to there in large steps and go chunk
+by chunk only near the meeting. The meeting point itself is still found at run time.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class SplitEstimator:
 
     compute_s: Ewma = field(default_factory=Ewma)  # seconds to compute one head chunk
     load_s: Ewma = field(default_factory=Ewma)  # seconds per chunk the link delivers
-    skip_head_below: float = 0.5  # skip the head if loading all < this x one chunk's compute
+    skip_head_ratio: float = 0.5
 
     def observe_compute(self, chunks: int, seconds: float) -> None:
         """A head step computed `chunks` chunks in `seconds`."""
@@ -59,6 +60,6 @@ class SplitEstimator:
         compute, load = self.compute_s.value, self.load_s.value
         if hit == 0 or compute is None or load is None:
             return Advice()
-        if hit * load < self.skip_head_below * compute:
+        if load < self.skip_head_ratio * compute:
             return Advice(compute_head=False, head_hint=0)
         return Advice(head_hint=min(hit, math.ceil(hit * load / (compute + load))))

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from shared.engine import PromptChunks, fetch_chunk, merged_prefill
+from shared.estimator import Advice
 from shared.model import ModelRunner, SamplingParams
-from shared.plan import MeetTracker, Split
+from shared.plan import MeetTracker, Split, head_step
 from shared.stores.base import ChunkStore
 
 
@@ -35,11 +36,21 @@ async def cake_prefill(
     hit: int,
     fetch_concurrency: int = 4,
     params: SamplingParams | None = None,
+    advice: Advice | None = None,
+    head_tokens: int = 512,
+    budget_tokens: int = 4096,
 ) -> LocalResult:
-    """Compute the head and load the tail of the hit at once; the first token and its time."""
+    """Compute the head and load the tail of the hit at once; the first token and its time.
+
+    Head steps follow the same rule as the compute service (shared.plan.head_step), with the
+    estimator's advice when given.
+    """
     start = time.perf_counter()
     loop = asyncio.get_running_loop()
-    tracker = MeetTracker(hit)
+    advice = advice or Advice()
+    tracker = MeetTracker(hit, compute_head=advice.compute_head)
+    chunk = prompt.space.chunk_tokens
+    step, max_step = max(1, head_tokens // chunk), max(1, budget_tokens // chunk)
     met = asyncio.Event()
     stop = threading.Event()
     loaded: dict[int, torch.Tensor] = {}
@@ -53,9 +64,10 @@ async def cake_prefill(
 
     def compute_head() -> int:
         done = 0
-        while done < hit and not stop.is_set():
-            runner.extend(cache, prompt.tokens_of(done, done + 1))
-            done += 1
+        while advice.compute_head and done < tracker.load_frontier and not stop.is_set():
+            n = head_step(done, hit, tracker.load_frontier, advice.head_hint, step, max_step)
+            runner.extend(cache, prompt.tokens_of(done, done + n))
+            done += n
             loop.call_soon_threadsafe(on_progress, done)
         return done
 

@@ -90,6 +90,17 @@ class MeetTracker:
         return [j for j in range(self.hit - 1, self.computed - 1, -1) if j not in self.loaded]
 
 
+def head_step(done: int, hit: int, frontier: int, hint: int, step: int, max_step: int) -> int:
+    """Head chunks the next compute step takes, stopping where staged chunks begin.
+
+    With a hint of the meeting point (>= 0): up to the hint in one step (at most max_step
+    chunks), then one chunk at a time. Without one (-1): `step` chunks.
+    """
+    if hint >= 0:
+        step = min(hint - done if done < hint else 1, max_step)
+    return max(1, min(step, hit - done, frontier - done))
+
+
 def oracle_split(compute_s: Sequence[float], load_s: Sequence[float]) -> tuple[int, float]:
     """The best meeting point m and its time, max(sum(compute[:m]), sum(load[m:])).
 

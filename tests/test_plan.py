@@ -138,3 +138,14 @@ def test_failed_load_sets_a_floor_for_load_only() -> None:
     assert cake.meet() is None  # compute is on its way up to chunk 4
     cake.on_computed(4)
     assert cake.meet() == Split(4, 6)
+
+
+def test_head_steps_follow_the_hint_then_go_chunk_by_chunk() -> None:
+    from shared.plan import head_step
+
+    assert head_step(0, 20, 20, hint=-1, step=4, max_step=16) == 4  # no estimate: fixed steps
+    assert head_step(0, 20, 20, hint=9, step=4, max_step=16) == 9  # straight to the hint
+    assert head_step(0, 20, 20, hint=30, step=4, max_step=16) == 16  # within the budget
+    assert head_step(9, 20, 20, hint=9, step=4, max_step=16) == 1  # past it: one at a time
+    assert head_step(0, 20, 6, hint=9, step=4, max_step=16) == 6  # loads already reach 6
+    assert head_step(18, 20, 20, hint=-1, step=4, max_step=16) == 2  # the hit's end

@@ -26,6 +26,7 @@ from shared.errors import CorruptChunkError
 from shared.keys import KeySpace, pack_tokens, unpack_tokens
 from shared.model import ModelRunner, SamplingParams
 from shared.observability import configure_logging, configure_tracing, tracer
+from shared.plan import head_step
 from shared.schemas import (
     Accepted,
     Cancel,
@@ -102,17 +103,11 @@ class Job:
         return frontier
 
     def head_chunks(self) -> int:
-        """Head chunks the next step computes, stopping where loaded chunks start.
-
-        With the merger's hint of the meeting point: up to the hint in steps as large as the
-        budget allows, then chunk by chunk. Without one: steps of CAKE_HEAD_TOKENS.
-        """
-        room = self.load_frontier() - self.head_done
-        step, hint = self.head_piece, self.msg.head_hint
-        if hint >= 0:
-            step = hint - self.head_done if self.head_done < hint else 1
-            step = min(step, self.piece // self.chunk)
-        return max(1, min(step, self.hit - self.head_done, room))
+        """Head chunks the next step computes (see shared.plan.head_step)."""
+        return head_step(
+            self.head_done, self.hit, self.load_frontier(), self.msg.head_hint,
+            self.head_piece, self.piece // self.chunk,
+        )  # fmt: skip
 
     def next_tokens(self) -> int:
         """Tokens the next piece computes."""

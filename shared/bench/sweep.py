@@ -22,6 +22,7 @@ from shared.bench.profile import Profile, measure_profile
 from shared.bus import Bus
 from shared.config import Settings
 from shared.engine import PromptChunks
+from shared.estimator import SplitEstimator
 from shared.keys import KeySpace
 from shared.local_cake import cake_prefill
 from shared.model import ModelRunner
@@ -279,6 +280,13 @@ class Bench:
         bandwidth = ctx.kv_rate_mbps
         await self.restart_loader(bandwidth, self.config.fetch_concurrencies[-1])
         await self.request(self.warmup, "cake")
+        # the in-process run gets the advice the merger's estimator would give on this link
+        assert ctx.profile is not None
+        estimator = SplitEstimator()
+        estimator.observe_compute(ctx.hit, ctx.profile.head_s[-1])
+        concurrency = self.config.fetch_concurrencies[-1]
+        estimator.observe_loads(ctx.hit, sum(ctx.profile.load_s(bandwidth, concurrency)))
+        advice = estimator.advise(ctx.hit)
         services, local = [], []
         for _ in range(max(2, self.config.reps)):
             services.append((await self.request(ctx, "cake")).ttft_s)
@@ -286,7 +294,8 @@ class Bench:
             async with ThrottledStore(store, bandwidth_MBps=bandwidth) as link:
                 result = await cake_prefill(
                     self.runner, link, self.prompt(ctx), ctx.hit,
-                    self.config.fetch_concurrencies[-1],
+                    self.config.fetch_concurrencies[-1], advice=advice,
+                    budget_tokens=self.settings.token_budget,
                 )  # fmt: skip
             local.append(result.ttft_s)
         return {
