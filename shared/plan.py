@@ -101,19 +101,23 @@ def head_step(done: int, hit: int, frontier: int, hint: int, step: int, max_step
     return max(1, min(step, hit - done, frontier - done))
 
 
-def oracle_split(compute_s: Sequence[float], load_s: Sequence[float]) -> tuple[int, float]:
-    """The best meeting point m and its time, max(sum(compute[:m]), sum(load[m:])).
+def oracle_split(
+    compute_s: Sequence[float], load_s: Sequence[float], load_latency_s: float = 0.0
+) -> tuple[int, float]:
+    """The best meeting point m and its time, max(sum(compute[:m]), latency + sum(load[m:])).
 
-    compute_s[i] and load_s[i] are the measured seconds to compute or load hit chunk i.
+    compute_s[i] and load_s[i] are the measured seconds to compute or load hit chunk i; the
+    load side starts load_latency_s late (and costs nothing when it loads nothing).
     """
     if len(compute_s) != len(load_s):
         raise ValueError("compute and load profiles must cover the same chunks")
-    best_m, best_t = 0, sum(load_s)
+    n = len(compute_s)
+    best_m, best_t = 0, (load_latency_s + sum(load_s)) if n else 0.0
     head, tail = 0.0, sum(load_s)
-    for m in range(1, len(compute_s) + 1):
+    for m in range(1, n + 1):
         head += compute_s[m - 1]
         tail -= load_s[m - 1]
-        t = max(head, tail)
+        t = max(head, load_latency_s + tail if m < n else 0.0)
         if t < best_t:
             best_m, best_t = m, t
     return best_m, best_t

@@ -149,3 +149,10 @@ def test_head_steps_follow_the_hint_then_go_chunk_by_chunk() -> None:
     assert head_step(9, 20, 20, hint=9, step=4, max_step=16) == 1  # past it: one at a time
     assert head_step(0, 20, 6, hint=9, step=4, max_step=16) == 6  # loads already reach 6
     assert head_step(18, 20, 20, hint=-1, step=4, max_step=16) == 2  # the hit's end
+
+
+def test_oracle_counts_the_load_sides_latency_only_when_it_loads() -> None:
+    assert oracle_split([1.0] * 4, [0.1] * 4, load_latency_s=0.5) == (0, pytest.approx(0.9))
+    assert oracle_split([0.1] * 4, [1.0] * 4, load_latency_s=5.0) == (4, pytest.approx(0.4))
+    m, t = oracle_split([1.0] * 8, [1.0] * 8, load_latency_s=2.0)
+    assert (m, t) == (5, pytest.approx(5.0))  # the head takes one more chunk per second late

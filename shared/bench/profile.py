@@ -36,9 +36,19 @@ class Profile:
             for n, r in zip(self.chunk_bytes, self.read_s, strict=True)
         ]
 
-    def oracle(self, bandwidth_mbps: float, concurrency: int, fixed_s: float) -> tuple[int, float]:
-        """Best meeting chunk and its TTFT: best split + finish + the pipeline's fixed cost."""
-        meet, split_s = oracle_split(self.compute_s, self.load_s(bandwidth_mbps, concurrency))
+    def load_latency(self, load_only_s: float, bandwidth_mbps: float, fixed_s: float) -> float:
+        """What the real load path adds before its first chunk (lookup, dispatch, first byte,
+        staging), as the measured load-only TTFT exceeds transfer + finish + fixed cost."""
+        transfer = sum(self.load_s(bandwidth_mbps, 1))
+        return max(0.0, load_only_s - transfer - self.finish_s - fixed_s)
+
+    def oracle(
+        self, bandwidth_mbps: float, concurrency: int, fixed_s: float, load_latency_s: float = 0.0
+    ) -> tuple[int, float]:
+        """Best meeting chunk and its TTFT: best split (the load side starting after its
+        latency) + finish + the pipeline's fixed cost."""
+        loads = self.load_s(bandwidth_mbps, concurrency)
+        meet, split_s = oracle_split(self.compute_s, loads, load_latency_s)
         return meet, split_s + self.finish_s + fixed_s
 
 

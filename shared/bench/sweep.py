@@ -217,7 +217,9 @@ class Bench:
         if ratio == 1.0 and ctx.tokens == max(self.config.contexts):
             self.timeline = await self.record_timeline(ctx)
         assert ctx.profile is not None
-        oracle_meet, oracle_s = ctx.profile.oracle(bandwidth, best_conc, fixed_s)
+        load_median = statistics.median(load_by_conc[best_conc])
+        latency = ctx.profile.load_latency(load_median, bandwidth, fixed_s)
+        oracle_meet, oracle_s = ctx.profile.oracle(bandwidth, best_conc, fixed_s, latency)
         compute_stats = stats(compute)
         compute_best = min(compute_stats["median"], ctx.compute_best_s)
         return {
@@ -226,7 +228,7 @@ class Bench:
             "bandwidth_MBps": round(bandwidth, 2),
             "ttft_s": {
                 "compute": compute_best,
-                "load": statistics.median(load_by_conc[best_conc]),
+                "load": load_median,
                 "cake": statistics.median(t.ttft_s for t in cake),
                 "oracle": oracle_s,
             },
@@ -238,6 +240,7 @@ class Bench:
             "load_concurrency": best_conc,
             "meet_chunk": int(statistics.median(t.cake["meet_chunk"] for t in cake)),
             "oracle_meet_chunk": oracle_meet,
+            "load_latency_s": round(latency, 4),
             "chunks": ctx.hit,
         }
 
