@@ -46,12 +46,16 @@ class SplitEstimator:
     skip_head_ratio: float = 0.5
 
     def observe_compute(self, chunks: int, seconds: float) -> None:
-        """A head step computed `chunks` chunks in `seconds`."""
-        if chunks > 0 and seconds > 0:
+        """A head step computed `chunks` chunks in `seconds`.
+
+        Single-chunk steps (the slow, precise ones near the meeting point) only count until a
+        multi-chunk step has been seen: the hint is about the large first step.
+        """
+        if chunks > 0 and seconds > 0 and (chunks > 1 or self.compute_s.value is None):
             self.compute_s.add(seconds / chunks)
 
     def observe_loads(self, chunks: int, seconds: float) -> None:
-        """`chunks` chunks arrived `seconds` after the fetch was sent."""
+        """The link delivered `chunks` chunks in `seconds`."""
         if chunks > 0 and seconds > 0:
             self.load_s.add(seconds / chunks)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from shared.estimator import Advice, Ewma, SplitEstimator
 
 
@@ -55,3 +57,12 @@ def test_estimate_follows_a_changing_link() -> None:
     for _ in range(6):  # the link slows down 4x
         est.observe_loads(10, 4.0)
     assert est.advise(10).head_hint == 8
+
+
+def test_single_chunk_steps_do_not_drag_the_compute_estimate() -> None:
+    est = SplitEstimator()
+    est.observe_compute(1, 0.3)  # nothing better yet: counts
+    assert est.compute_s.value == 0.3
+    est.observe_compute(8, 0.8)
+    est.observe_compute(1, 0.3)  # a precise step near the meeting: ignored
+    assert est.compute_s.value == pytest.approx(0.2)

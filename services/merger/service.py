@@ -132,11 +132,11 @@ class Merger:
         """Follow computed/loaded events until the frontiers meet (or loads can no longer help).
 
         Feeds the estimator: seconds per computed chunk, and the link's seconds per chunk
-        (chunks staged over the time from dispatch to the last of them).
+        (the spacing of chunk arrivals).
         """
         tracker = MeetTracker(hit, compute_head=compute_head)
         staged: dict[int, str] = {}
-        start = last_load = time.monotonic()
+        arrivals: list[float] = []
         split = tracker.meet()
         while split is None:
             timeout = min(self.settings.fetch_timeout_s, req.deadline - time.time())
@@ -151,14 +151,15 @@ class Merger:
                 self.estimator.observe_compute(event.upto - tracker.computed, event.duration_s)
                 tracker.on_computed(event.upto)
             elif isinstance(event, ChunkLoaded):
-                last_load = time.monotonic()
+                arrivals.append(time.monotonic())
                 staged[event.index] = event.staged
                 tracker.on_loaded(event.index)
             elif isinstance(event, LoadFailed):
                 log.warning("chunk load failed", chunk=event.index, reason=event.reason)
                 tracker.on_failed(event.index)
             split = tracker.meet()
-        self.estimator.observe_loads(len(staged), last_load - start)
+        if len(arrivals) >= 2:  # the link's pace, without the time to the first chunk
+            self.estimator.observe_loads(len(arrivals) - 1, arrivals[-1] - arrivals[0])
         return split, staged
 
     async def close(self) -> None:
