@@ -30,24 +30,32 @@ class Staging:
         directory.mkdir(parents=True, exist_ok=True)
         final = directory / name
         tmp = directory / f".tmp-{uuid.uuid4().hex}"
-        tmp.write_bytes(data)
-        os.replace(tmp, final)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         return str(final)
 
-    def read(self, path: str) -> bytearray:
-        """A staged file's bytes (writable, so tensors can use them without a copy); only
-        paths inside the staging root are read."""
+    def inside(self, path: str) -> Path:
+        """The resolved path, or ValueError when it is not inside the staging root."""
         resolved = Path(path).resolve()
         if self.root.resolve() not in resolved.parents:
             raise ValueError(f"{path} is outside the staging area")
+        return resolved
+
+    def read(self, path: str) -> bytearray:
+        """A staged file's bytes (writable, so tensors can use them without a copy)."""
+        resolved = self.inside(path)
         with resolved.open("rb") as f:
             data = bytearray(os.fstat(f.fileno()).st_size)
             f.readinto(data)
         return data
 
     def discard(self, path: str) -> None:
-        """Remove one staged file (missing is fine)."""
-        Path(path).unlink(missing_ok=True)
+        """Remove one staged file (missing is fine; a path outside the root is refused)."""
+        self.inside(path).unlink(missing_ok=True)
 
     def discard_request_if_empty(self, request_id: str) -> None:
         """Remove a request's directory once nothing is staged in it."""

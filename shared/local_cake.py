@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from shared.engine import PromptChunks, fetch_chunk, merged_prefill
+from shared.errors import StoreError
 from shared.estimator import Advice
 from shared.model import ModelRunner, SamplingParams
 from shared.plan import MeetTracker, Split, head_step
@@ -39,11 +40,13 @@ async def cake_prefill(
     advice: Advice | None = None,
     head_tokens: int = 512,
     budget_tokens: int = 4096,
+    fetch_timeout_s: float = 30.0,
 ) -> LocalResult:
     """Compute the head and load the tail of the hit at once; the first token and its time.
 
     Head steps follow the same rule as the compute service (shared.plan.head_step), with the
-    estimator's advice when given.
+    estimator's advice when given. A chunk that fails or stalls past fetch_timeout_s is
+    computed instead.
     """
     start = time.perf_counter()
     loop = asyncio.get_running_loop()
@@ -76,7 +79,10 @@ async def cake_prefill(
     async def load_worker() -> None:
         while queue and not met.is_set():
             j = queue.pop(0)
-            kv = await fetch_chunk(store, prompt, j)
+            try:
+                kv = await asyncio.wait_for(fetch_chunk(store, prompt, j), fetch_timeout_s)
+            except (TimeoutError, StoreError):
+                kv = None
             if kv is None:
                 tracker.on_failed(j)
             else:
@@ -87,7 +93,15 @@ async def cake_prefill(
     on_progress()
     head = asyncio.ensure_future(asyncio.to_thread(compute_head))
     workers = [asyncio.ensure_future(load_worker()) for _ in range(max(1, fetch_concurrency))]
-    await met.wait()
+    waiting = asyncio.ensure_future(met.wait())
+    await asyncio.wait({waiting, head}, return_when=asyncio.FIRST_COMPLETED)
+    if head.done() and head.exception() is not None:  # the model failed: stop the loads
+        waiting.cancel()
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(waiting, *workers, return_exceptions=True)
+        raise head.exception()  # type: ignore[misc]
+    await waiting
     stop.set()
     done = await head
     for w in workers:

@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 from nats.aio.msg import Msg
 
+from services.compute.service import Compute
 from services.loader.service import Loader
 from services.merger.service import Merger
+from services.staging import Staging
 from shared import subjects
 from shared.engine import PromptChunks
 from shared.errors import StoreError
-from shared.keys import KeySpace
-from shared.schemas import Failed
+from shared.keys import KeySpace, pack_tokens
+from shared.schemas import Accepted, Cancel, Failed, PrefillJob
 from shared.stores.local import LocalStore
 from tests.harness import Backend, backend, default_runner, s3_backend, stack_settings
 
@@ -198,3 +200,67 @@ async def test_merger_finishes_each_request_promptly(local: Backend) -> None:
                 break
             await asyncio.sleep(0.01)
         assert not merger.tasks, "the merger is still coordinating a finished request"
+
+
+async def test_a_failing_request_does_not_stop_the_compute_service(local: Backend) -> None:
+    compute = local.services["compute"]
+    assert isinstance(compute, Compute)
+    real = compute.prefill_piece
+    calls = 0
+
+    def broken_once(job: object, outbox: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("out of memory")
+        real(job, outbox)  # type: ignore[arg-type]
+
+    compute.prefill_piece = broken_once  # type: ignore[method-assign]
+    failed = await local.generate(prompt(100, seed=40))
+    assert isinstance(failed.end, Failed) and failed.end.status == 500
+    assert "out of memory" in failed.end.message
+    ok = await local.generate(prompt(100, seed=41))
+    assert ok.done.completion_tokens == 8
+
+
+async def test_a_cancel_that_overtakes_its_job_drops_the_job(local: Backend) -> None:
+    compute = local.services["compute"]
+    assert isinstance(compute, Compute)
+    rid = "t-early-cancel"
+    await local.client.publish(subjects.control(rid), Cancel(rid, "client went away"))
+    await local.client.nc.flush()
+    await asyncio.sleep(0.05)
+    job = PrefillJob(rid, pack_tokens(prompt(100, seed=42)), {}, 0, True, {}, 0.0)
+    reply = await local.client.request(subjects.COMPUTE_PREFILL, job, Accepted, 2.0)
+    assert reply.node == local.settings.node
+    assert rid not in compute.jobs
+
+
+async def test_no_loader_beside_compute_means_compute_everything(
+    nats_url: str, tmp_path: Path
+) -> None:
+    settings = stack_settings(nats_url, tmp_path, rpc_timeout_s=1.0)
+    tokens = prompt(400, seed=43)
+    async with LocalStore(settings.store) as store:
+        async with backend(settings, store) as be:
+            ref = await be.generate(tokens, kv_mode="compute")
+        elsewhere = settings.replace(node="another-node")  # answers lookups, not our fetches
+        async with (
+            backend(settings, store, services=("merger", "compute")) as be,
+            backend(elsewhere, store, services=("loader",)),
+        ):
+            res = await be.generate(tokens)
+    assert res.tokens == ref.tokens
+    assert res.done.hit_tokens == 6 * 64 and res.done.chunks_loaded == 0
+    assert res.elapsed_s < 5
+
+
+def test_staging_refuses_paths_outside_its_root(tmp_path: Path) -> None:
+    staging = Staging(tmp_path / "staging")
+    victim = tmp_path / "precious.kv"
+    victim.write_bytes(b"keep me")
+    with pytest.raises(ValueError, match="outside the staging area"):
+        staging.discard(str(victim))
+    with pytest.raises(ValueError, match="outside the staging area"):
+        staging.read(str(staging.root / ".." / "precious.kv"))
+    assert victim.read_bytes() == b"keep me"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from transformers import DynamicCache
 
+from services.cancellations import RecentlyCancelled
 from services.compute.scheduler import Candidate, Phase, plan_step
 from services.staging import Staging
 from shared import subjects
@@ -70,7 +72,6 @@ class Job:
     ttft_ms: float = 0.0
     finish_reason: str = ""
     prefilled: Prefilled | None = None
-    to_store: dict[int, str] = field(default_factory=dict)  # staged, not yet sent to the loader
     writeback: asyncio.Task[None] | None = None
 
     @property
@@ -127,6 +128,7 @@ class Compute:
         self.jobs: dict[str, Job] = {}
         self.wake = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
 
     def model_info(self) -> ModelInfo:
         """What this replica serves."""
@@ -151,6 +153,8 @@ class Compute:
     async def on_prefill(self, msg: Message, _: Msg) -> Message:
         """Take a job; the scheduler runs it."""
         assert isinstance(msg, PrefillJob)
+        if msg.request_id in self.cancelled:
+            return Accepted(node=self.settings.node)
         space = Space(**msg.space).key_space()
         if space.model_fingerprint != self.runner.fingerprint:
             raise RemoteError("bad_request", "job is for another model")
@@ -180,8 +184,11 @@ class Compute:
 
     async def on_control(self, msg: Message, m: Msg) -> None:
         """Meet: use these staged chunks. Cancel: drop the job."""
-        job = self.jobs.get(subjects.request_id_of(m.subject))
+        rid = subjects.request_id_of(m.subject)
+        job = self.jobs.get(rid)
         if job is None:
+            if isinstance(msg, Cancel):
+                self.cancelled.add(rid)
             return
         if isinstance(msg, Meet) and job.meet is None and job.tokens_out is None:
             job.meet, job.staged = msg.meet, dict(msg.staged)
@@ -192,9 +199,11 @@ class Compute:
     # --- the scheduler loop -----------------------------------------------------------------
 
     async def loop(self) -> None:
-        """Run steps while there is runnable work; sleep until a message wakes it."""
+        """Run steps while there is runnable work; sleep until a message wakes it (or the
+        next deadline passes)."""
         while True:
-            await self.wake.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=self.until_next_deadline())
             self.wake.clear()
             while True:
                 await self.expire()
@@ -203,17 +212,24 @@ class Compute:
                     for rid, job in self.jobs.items()
                 ]
                 step = plan_step(candidates, self.settings.token_budget)
-                if not step:
-                    break
-                outbox = await asyncio.to_thread(self.run_step, step)
-                for subject, message, ctx in outbox:
-                    token = otel_context.attach(ctx)
-                    try:
-                        await self.bus.publish(subject, message)
-                    finally:
-                        otel_context.detach(token)
+                if step:
+                    outbox = await asyncio.to_thread(self.run_step, step)
+                    for subject, message, ctx in outbox:
+                        token = otel_context.attach(ctx)
+                        try:
+                            await self.bus.publish(subject, message)
+                        finally:
+                            otel_context.detach(token)
                 self.start_writebacks()
                 await self.retire()
+                if not step:
+                    break
+
+    def until_next_deadline(self) -> float:
+        """Seconds until the earliest job deadline (at most a second; idle: a minute)."""
+        if not self.jobs:
+            return 60.0
+        return max(0.01, min(1.0, min(j.msg.deadline for j in self.jobs.values()) - time.time()))
 
     async def expire(self) -> None:
         """Fail jobs past their deadline."""
@@ -225,27 +241,32 @@ class Compute:
                 await self.bus.publish(subjects.stream(rid), failed)
 
     def start_writebacks(self) -> None:
-        """Hand freshly staged chunks to the loader on this node."""
+        """Write back the new chunks of jobs whose first token is out (off the critical path)."""
         for job in self.jobs.values():
-            if job.to_store:
-                job.writeback = spawn(self.request_store(job, job.to_store), self.tasks)
-                job.to_store = {}
+            if job.tokens_out is not None and job.writeback is None:
+                job.writeback = spawn(self.write_back(job), self.tasks)
 
-    async def request_store(self, job: Job, staged: dict[int, str]) -> None:
-        """Ask the loader to store staged chunks and wait until it has."""
+    async def write_back(self, job: Job) -> None:
+        """Stage the prompt's new chunks and ask this node's loader to store them."""
         otel_context.attach(job.ctx)  # this task's own context: no need to detach
-        store_job = StoreJob(
-            f"{job.msg.request_id}-wb", job.msg.tokens, job.msg.space, staged
-        )  # fmt: skip
+        rid = job.msg.request_id
+        try:
+            staged = await asyncio.to_thread(self.stage_writeback, job)
+        except OSError as exc:  # staging full or gone: the cache simply misses next time
+            log.warning("write-back skipped", request_id=rid, error=str(exc))
+            self.staging.discard_request(f"{rid}-wb")
+            return
+        if not staged:
+            return
+        store_job = StoreJob(f"{rid}-wb", job.msg.tokens, job.msg.space, staged)
         try:
             await self.bus.request(
                 subjects.store(self.settings.node), store_job, Accepted,
                 self.settings.fetch_timeout_s,
             )  # fmt: skip
         except (Unavailable, RemoteError) as exc:
-            log.warning("write-back not confirmed", request_id=job.msg.request_id, error=str(exc))
-            for path in staged.values():
-                self.staging.discard(path)
+            log.warning("write-back not confirmed", request_id=rid, error=str(exc))
+            self.staging.discard_request(f"{rid}-wb")
 
     async def retire(self) -> None:
         """Finish jobs that are done: wait for their write-back, then send Done."""
@@ -293,6 +314,11 @@ class Compute:
                         self.compute_head_chunks(job, outbox, job.head_chunks())
                     else:
                         self.prefill_piece(job, outbox)
+            except Exception as exc:  # one request's failure (e.g. out of memory) ends it alone
+                log.exception("request failed in compute", request_id=rid)
+                job.finish_reason = "failed"
+                failed = Failed(rid, 500, "internal", f"compute failed: {exc}"[:500])
+                outbox.append((subjects.stream(rid), failed, job.ctx))
             finally:
                 otel_context.detach(token)
         return outbox
@@ -337,6 +363,8 @@ class Compute:
                     job.meet = job.hit  # compute the rest of the head instead
                     return
             self.runner.append_kv(job.cache, loaded)
+            for j in range(from_chunk, job.hit):  # now in the cache: free the staging area
+                self.staging.discard(job.staged[j])
             job.meet = from_chunk
             job.merged = True
             job.head_done = max(job.head_done, from_chunk)
@@ -358,7 +386,6 @@ class Compute:
         job.prefilled = self.prefilled_message(job)
         first_token = outbox.pop()
         outbox += [(subjects.stream(job.msg.request_id), job.prefilled, job.ctx), first_token]
-        job.to_store = self.stage_writeback(job)
 
     def decode_one(self, job: Job, outbox: Outbox) -> None:
         """One new token (and the end of the request when it is the last)."""

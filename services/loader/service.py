@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from nats.aio.msg import Msg
 
+from services.cancellations import RecentlyCancelled
 from services.staging import Staging
 from shared import subjects
 from shared.bus import Bus, spawn
@@ -65,6 +66,7 @@ class Loader:
         self.fetches: dict[str, Fetch] = {}
         self.counters: Counter[str] = Counter()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
 
     async def start(self) -> None:
         """Subscribe to lookups, this node's fetch and store jobs, and all control messages."""
@@ -87,6 +89,8 @@ class Loader:
     async def on_fetch(self, msg: Message, _: Msg) -> Message:
         """Start fetching chunks [0, hit) tail first with bounded concurrency."""
         assert isinstance(msg, FetchJob)
+        if msg.request_id in self.cancelled:
+            return Accepted(node=self.settings.node)
         fetch = Fetch(msg, prompt_of(msg.space, msg.tokens))
         self.fetches[msg.request_id] = fetch
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -153,8 +157,11 @@ class Loader:
 
     async def on_control(self, msg: Message, m: Msg) -> None:
         """Meet: stop fetching below the meeting point. Cancel: stop and drop everything."""
-        fetch = self.fetches.get(subjects.request_id_of(m.subject))
+        rid = subjects.request_id_of(m.subject)
+        fetch = self.fetches.get(rid)
         if fetch is None:
+            if isinstance(msg, Cancel):
+                self.cancelled.add(rid)
             return
         if isinstance(msg, Meet):
             fetch.meet = msg.meet
@@ -167,6 +174,10 @@ class Loader:
         """Write staged chunk files to storage (skipping ones already there), then remove them."""
         assert isinstance(msg, StoreJob)
         prompt = prompt_of(msg.space, msg.tokens)
+        for index, path in msg.staged.items():  # refuse the whole job before touching a file
+            self.staging.inside(path)
+            if not 0 <= index < len(prompt.keys):
+                raise ValueError(f"chunk {index} is not a complete chunk of this prompt")
         with tracer(__name__).start_as_current_span(
             "loader.store", attributes={"chunks": len(msg.staged)}
         ):
@@ -196,6 +207,8 @@ class Loader:
             await self.bus.publish(
                 subjects.TELEMETRY, Telemetry("loader", self.settings.node, counters)
             )
+            # staged files of requests whose services died or were cut off
+            await asyncio.to_thread(self.staging.sweep, 2 * self.settings.request_timeout_s)
             await asyncio.sleep(TELEMETRY_EVERY_S)
 
     async def close(self) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
+import nats
 import structlog
 from nats.aio.msg import Msg
 
@@ -17,6 +19,7 @@ from shared.observability import configure_logging, configure_tracing, tracer
 from shared.plan import MeetTracker, Split, usable_hit_chunks
 from shared.schemas import (
     Accepted,
+    Cancel,
     ChunkComputed,
     ChunkLoaded,
     Failed,
@@ -76,11 +79,12 @@ class Merger:
         return reply.stored_chunks
 
     async def fail(self, req: GenerateRequest, status: int, code: str, message: str) -> None:
-        """Tell the gateway the request failed."""
+        """Tell the gateway the request failed, and compute and loader to drop it."""
         log.warning("request failed", code=code, message=message)
-        await self.bus.publish(
-            subjects.stream(req.request_id), Failed(req.request_id, status, code, message)
-        )
+        rid = req.request_id
+        with contextlib.suppress(nats.errors.Error):
+            await self.bus.publish(subjects.control(rid), Cancel(rid, message))
+            await self.bus.publish(subjects.stream(rid), Failed(rid, status, code, message))
 
     async def coordinate(self, req: GenerateRequest) -> None:
         """The whole life of one request on the merger's side."""
@@ -93,8 +97,13 @@ class Merger:
             except Unavailable as exc:
                 await self.fail(req, 503, "unavailable", f"compute service unavailable: {exc}")
             except RemoteError as exc:
+                if exc.code == "bad_request":
+                    self.info = None  # compute may serve another model now: ask again
                 status = 400 if exc.code == "bad_request" else 500
                 await self.fail(req, status, exc.code, exc.description)
+            except Exception as exc:  # never leave a request without an answer
+                log.exception("coordination failed")
+                await self.fail(req, 500, "internal", f"the merger failed: {exc}"[:500])
 
     async def _coordinate(self, req: GenerateRequest, span: Any) -> None:
         info = await self.model_info()
@@ -116,15 +125,33 @@ class Merger:
             accepted = await self.bus.request(
                 subjects.COMPUTE_PREFILL, job, Accepted, self.settings.rpc_timeout_s
             )
-            if hit:
-                fetch = FetchJob(req.request_id, req.tokens, space, hit, req.deadline)
-                await self.bus.publish(subjects.fetch(accepted.node), fetch)
-            split, staged = await self.watch(req, hit, compute_head, events)
+            staged: dict[int, str] = {}
+            if hit and not await self.dispatch_fetch(req, space, hit, accepted.node):
+                split = Split(hit, hit)  # no loader: compute takes it all
+            elif hit:
+                split, staged = await self.watch(req, hit, compute_head, events)
+            else:
+                split = Split(0, 0)
         finally:
             await events.unsubscribe()
         span.set_attribute("cake.meet_chunk", split.meet)
         meet = Meet(req.request_id, split.meet, hit, {j: staged[j] for j in split.loaded})
         await self.bus.publish(subjects.control(req.request_id), meet)
+
+    async def dispatch_fetch(
+        self, req: GenerateRequest, space: dict[str, Any], hit: int, node: str
+    ) -> bool:
+        """Hand the fetch to the loader beside the compute replica; False if none answers."""
+        fetch = FetchJob(req.request_id, req.tokens, space, hit, req.deadline)
+        try:
+            await self.bus.request(
+                subjects.fetch(node), fetch, Accepted, self.settings.rpc_timeout_s
+            )
+        except (Unavailable, RemoteError) as exc:
+            log.warning("no loader on the compute node; computing everything", error=str(exc))
+            self.estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a lost link is slow
+            return False
+        return True
 
     async def watch(
         self, req: GenerateRequest, hit: int, compute_head: bool, events: Any
@@ -181,5 +208,5 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         log.info("merger ready")
         await stop.wait()
     finally:
+        await merger.close()  # requests in flight still need the bus
         await bus.close()
-        await merger.close()

@@ -1,0 +1,22 @@
+"""Request ids cancelled before their work arrived: a Cancel can overtake its job on NATS."""
+
+from __future__ import annotations
+
+import time
+
+
+class RecentlyCancelled:
+    """Remembers cancelled request ids for keep_s seconds."""
+
+    def __init__(self, keep_s: float) -> None:
+        self.keep_s = keep_s
+        self._ids: dict[str, float] = {}
+
+    def add(self, request_id: str) -> None:
+        """Remember one id (and forget the ones older than keep_s)."""
+        now = time.monotonic()
+        self._ids = {rid: t for rid, t in self._ids.items() if now - t < self.keep_s}
+        self._ids[request_id] = now
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._ids
