@@ -53,6 +53,7 @@ class Settings:
     fetch_concurrency: int = 4
     token_budget: int = 512  # tokens per compute scheduler step
     head_tokens: int = 512  # tokens per compute step of a Cake head (the paper's compute chunk)
+    exact_splits: bool = False  # every forward pass covers exactly one storage chunk
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     log_format: str = "auto"  # json, console or auto (console on a terminal)
     log_level: str = "info"
@@ -114,6 +115,12 @@ ENV_VARS = frozenset(env_var(f.name) for f in fields(Settings))
 
 def _parse(name: str, kind: Any, raw: str) -> Any:
     kind = str(kind)
+    if kind.startswith("bool"):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{env_var(name)}={raw!r} is not a boolean (use 1/0, true/false)")
     try:
         if kind.startswith("int"):
             return int(raw)

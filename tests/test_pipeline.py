@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import torch
 from nats.aio.msg import Msg
 
 from services.compute.service import Compute
@@ -15,7 +16,7 @@ from services.loader.service import Loader
 from services.merger.service import Merger
 from services.staging import Staging
 from shared import subjects
-from shared.engine import PromptChunks
+from shared.engine import PromptChunks, fetch_chunk
 from shared.errors import StoreError
 from shared.keys import KeySpace, pack_tokens
 from shared.schemas import Accepted, Cancel, Failed, PrefillJob
@@ -264,3 +265,30 @@ def test_staging_refuses_paths_outside_its_root(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="outside the staging area"):
         staging.read(str(staging.root / ".." / "precious.kv"))
     assert victim.read_bytes() == b"keep me"
+
+
+async def test_exact_splits_store_the_kv_of_chunk_by_chunk_prefill(
+    nats_url: str, tmp_path: Path
+) -> None:
+    settings = stack_settings(nats_url, tmp_path, exact_splits=True)
+    tokens = prompt(300, seed=44)
+    runner = default_runner()
+    chunks = PromptChunks.of(KeySpace(runner.fingerprint, runner.layout, 64), tokens)
+    cache = runner.new_cache()
+    runner.prefill_chunks(cache, tokens, 64)
+    async with LocalStore(settings.store) as store, backend(settings, store) as be:
+        await be.generate(tokens, kv_mode="compute")  # token budget 128: two chunks a step
+        for i in range(4):
+            stored = await fetch_chunk(store, chunks, i)
+            assert stored is not None
+            assert torch.equal(stored, runner.chunk_kv(cache, i * 64, (i + 1) * 64)), i
+
+
+def test_boolean_settings_parse() -> None:
+    from shared.config import Settings
+    from shared.errors import ConfigError
+
+    assert Settings.from_env({"CAKE_EXACT_SPLITS": "1"}).exact_splits is True
+    assert Settings.from_env({"CAKE_EXACT_SPLITS": "false"}).exact_splits is False
+    with pytest.raises(ConfigError, match="not a boolean"):
+        Settings.from_env({"CAKE_EXACT_SPLITS": "maybe"})

@@ -165,6 +165,9 @@ class Compute:
         prompt = PromptChunks.of(space, unpack_tokens(msg.tokens))
         budget = self.settings.token_budget // space.chunk_tokens * space.chunk_tokens
         head_piece = max(1, min(self.settings.head_tokens, budget) // space.chunk_tokens)
+        if self.settings.exact_splits:  # one chunk per forward: KV bit-identical in every mode
+            budget, head_piece = space.chunk_tokens, 1
+            msg.head_hint = -1
         job = Job(msg, prompt, params, self.runner.new_cache(), piece=budget, head_piece=head_piece)
         self.jobs[msg.request_id] = job
         self.wake.set()
