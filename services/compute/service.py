@@ -129,6 +129,7 @@ class Compute:
         self.wake = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
+        self.loop_task: asyncio.Task[None] | None = None
 
     def model_info(self) -> ModelInfo:
         """What this replica serves."""
@@ -144,7 +145,7 @@ class Compute:
         await self.bus.handle(subjects.COMPUTE_PREFILL, self.on_prefill, queue=queue)
         await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
         await self.bus.handle(subjects.EVENTS_ALL, self.on_event)
-        spawn(self.loop(), self.tasks)
+        self.loop_task = asyncio.ensure_future(self.loop())
 
     async def on_info(self, _: Message, __: Msg) -> Message:
         """Answer with the model info."""
@@ -203,30 +204,37 @@ class Compute:
 
     async def loop(self) -> None:
         """Run steps while there is runnable work; sleep until a message wakes it (or the
-        next deadline passes)."""
+        next deadline passes). An error outside a job (NATS gone) is logged, not fatal."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=self.until_next_deadline())
             self.wake.clear()
-            while True:
-                await self.expire()
-                candidates = [
-                    Candidate(rid, job.phase(), job.next_tokens(), job.arrival)
-                    for rid, job in self.jobs.items()
-                ]
-                step = plan_step(candidates, self.settings.token_budget)
-                if step:
-                    outbox = await asyncio.to_thread(self.run_step, step)
-                    for subject, message, ctx in outbox:
-                        token = otel_context.attach(ctx)
-                        try:
-                            await self.bus.publish(subject, message)
-                        finally:
-                            otel_context.detach(token)
-                self.start_writebacks()
-                await self.retire()
-                if not step:
-                    break
+            try:
+                while await self.step():
+                    pass
+            except Exception:
+                log.exception("scheduler step failed")
+                await asyncio.sleep(0.1)
+
+    async def step(self) -> bool:
+        """One scheduler step and its messages; False when nothing was runnable."""
+        await self.expire()
+        candidates = [
+            Candidate(rid, job.phase(), job.next_tokens(), job.arrival)
+            for rid, job in self.jobs.items()
+        ]
+        step = plan_step(candidates, self.settings.token_budget)
+        if step:
+            outbox = await asyncio.to_thread(self.run_step, step)
+            for subject, message, ctx in outbox:
+                token = otel_context.attach(ctx)
+                try:
+                    await self.bus.publish(subject, message)
+                finally:
+                    otel_context.detach(token)
+        self.start_writebacks()
+        await self.retire()
+        return bool(step)
 
     def until_next_deadline(self) -> float:
         """Seconds until the earliest job deadline (at most a second; idle: a minute)."""
@@ -415,11 +423,18 @@ class Compute:
             staged[i] = self.staging.write(job.msg.request_id + "-wb", f"{i}.kv", data)
         return staged
 
-    async def close(self) -> None:
-        """Stop the loop; jobs in flight are dropped (their gateways time out or see Failed)."""
+    async def close(self, drain_s: float = 5.0) -> None:
+        """Stop: jobs still computing fail with 503; finished ones get their Done (their
+        write-backs get drain_s to land); then every task stops."""
         for rid in list(self.jobs):
             failed = Failed(rid, 503, "unavailable", "the compute service is shutting down")
             await self.bus.publish(subjects.stream(rid), failed)
+        self.jobs.clear()
+        if self.loop_task is not None:
+            self.loop_task.cancel()
+            await asyncio.gather(self.loop_task, return_exceptions=True)
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=drain_s)
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

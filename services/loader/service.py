@@ -97,8 +97,9 @@ class Loader:
         for j in range(msg.hit - 1, -1, -1):
             queue.put_nowait(j)
         n = min(self.settings.fetch_concurrency, msg.hit)
-        fetch.workers = [spawn(self.fetch_worker(fetch, queue), self.tasks) for _ in range(n)]
-        spawn(self.finish_fetch(fetch), self.tasks)
+        with structlog.contextvars.bound_contextvars(request_id=msg.request_id):  # for the tasks
+            fetch.workers = [spawn(self.fetch_worker(fetch, queue), self.tasks) for _ in range(n)]
+            spawn(self.finish_fetch(fetch), self.tasks)
         return Accepted(node=self.settings.node)
 
     async def fetch_worker(self, fetch: Fetch, queue: asyncio.Queue[int]) -> None:
