@@ -55,9 +55,16 @@ class Bus:
     @classmethod
     async def connect(cls, url: str, name: str, timeout_s: float = 10.0) -> Bus:
         """Connect (retrying until timeout_s); reconnects forever once connected."""
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats connection error", client=name, error=repr(exc))
+
+        async def on_disconnect() -> None:
+            log.debug("nats disconnected", client=name)
+
         nc = await nats.connect(
             url, name=name, connect_timeout=2, allow_reconnect=True,
             max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            error_cb=on_error, disconnected_cb=on_disconnect,
         )  # fmt: skip
         return cls(nc)
 

@@ -54,6 +54,7 @@ class NatsServer:
         proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C reaches `cake up`, which stops the server last
         )  # fmt: skip
         server = cls(proc, f"nats://127.0.0.1:{port}", workdir)
         deadline = time.monotonic() + timeout_s

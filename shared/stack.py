@@ -17,6 +17,7 @@ from shared import subjects
 from shared.bus import Bus, RemoteError, Unavailable
 from shared.config import Settings, env_var
 from shared.nats_server import NatsServer
+from shared.observability import configure_logging
 from shared.schemas import Accepted, LookupReply, LookupRequest, ModelInfo
 
 SERVICES = ("gateway", "merger", "compute", "loader")
@@ -127,6 +128,7 @@ def run_stack(settings: Settings, start_nats: bool) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    configure_logging("stack", settings.log_format, settings.log_level)
     stack = LocalStack(settings, start_nats)
     try:
         stack.start()
