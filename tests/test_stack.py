@@ -1,0 +1,57 @@
+"""`cake up`: the whole stack as separate processes serves HTTP; SIGINT stops all of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from shared.nats_server import free_port
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_cake_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "CAKE_STAGING_DIR": str(tmp_path / "staging"), "CAKE_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "up", "--port", str(port),
+         "--store", str(tmp_path / "store"), "--chunk-tokens", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        deadline = time.monotonic() + 120
+        while "Cake is serving" not in banner and time.monotonic() < deadline:
+            banner += proc.stdout.readline()
+            assert proc.poll() is None, banner
+        nats_port = int(re.search(r"NATS nats://127.0.0.1:(\d+)", banner).group(1))  # type: ignore[union-attr]
+        body = json.dumps({"prompt": "y" * 200, "max_tokens": 3}).encode()
+        for _ in range(2):
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions", body,
+                {"Content-Type": "application/json"},
+            )  # fmt: skip
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                answer = json.load(resp)
+        assert answer["usage"]["completion_tokens"] == 3
+        assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 192  # stored, hit
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert not port_open(port) and not port_open(nats_port)
+        assert "Traceback" not in (proc.stdout.read() or "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
