@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import TypeVar
+
+from shared.schemas import Cancel, Message
+
+T = TypeVar("T")
 
 
 class RecentlyCancelled:
@@ -20,3 +26,10 @@ class RecentlyCancelled:
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._ids
+
+    def owned(self, table: Mapping[str, T], request_id: str, msg: Message) -> T | None:
+        """The entry a control message is for; a Cancel for an unknown id is remembered."""
+        entry = table.get(request_id)
+        if entry is None and isinstance(msg, Cancel):
+            self.add(request_id)
+        return entry

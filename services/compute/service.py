@@ -188,11 +188,8 @@ class Compute:
 
     async def on_control(self, msg: Message, m: Msg) -> None:
         """Meet: use these staged chunks. Cancel: drop the job."""
-        rid = subjects.request_id_of(m.subject)
-        job = self.jobs.get(rid)
+        job = self.cancelled.owned(self.jobs, subjects.request_id_of(m.subject), msg)
         if job is None:
-            if isinstance(msg, Cancel):
-                self.cancelled.add(rid)
             return
         if isinstance(msg, Meet) and job.meet is None and job.tokens_out is None:
             job.meet, job.staged = msg.meet, dict(msg.staged)

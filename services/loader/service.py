@@ -158,11 +158,8 @@ class Loader:
 
     async def on_control(self, msg: Message, m: Msg) -> None:
         """Meet: stop fetching below the meeting point. Cancel: stop and drop everything."""
-        rid = subjects.request_id_of(m.subject)
-        fetch = self.fetches.get(rid)
+        fetch = self.cancelled.owned(self.fetches, subjects.request_id_of(m.subject), msg)
         if fetch is None:
-            if isinstance(msg, Cancel):
-                self.cancelled.add(rid)
             return
         if isinstance(msg, Meet):
             fetch.meet = msg.meet
