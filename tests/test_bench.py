@@ -1,0 +1,82 @@
+"""`cake bench`: the report's arithmetic on fixed numbers, and one small real run end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.bench.profile import Profile
+from shared.bench.report import summarize, table, write_report
+
+
+def row(
+    context: int, ratio: float, compute: float, load: float, cake: float, oracle: float
+) -> dict:
+    ttft = {"compute": compute, "load": load, "cake": cake, "oracle": oracle}
+    return {"context": context, "io_ratio": ratio, "bandwidth_MBps": 10.0 * ratio,
+            "ttft_s": ttft, "meet_chunk": 2, "oracle_meet_chunk": 2, "chunks": 7}  # fmt: skip
+
+
+ROWS = [
+    row(2048, 0.5, 1.0, 2.0, 0.8, 0.7),
+    row(2048, 1.0, 1.0, 1.0, 0.5, 0.5),
+    row(2048, 2.0, 1.0, 0.5, 0.55, 0.44),
+    row(4096, 1.0, 2.0, 2.2, 1.25, 1.0),
+]
+
+
+def test_summary_ratios() -> None:
+    s = summarize(ROWS, pipeline_ratio=1.02)
+    assert s["cake_over_oracle_max"] == pytest.approx(1.25)  # 0.55 / 0.44
+    assert s["cake_vs_best_baseline_min"] == pytest.approx(0.5 / 0.55)
+    assert s["cake_vs_best_baseline_at_balance"] == pytest.approx(1.6)  # min(2.0, 1.6)
+    assert s["pipeline_overhead"] == 1.02
+
+
+def test_table_and_files(tmp_path: Path) -> None:
+    text = table(ROWS)
+    assert text.splitlines()[0].split()[:4] == ["context", "io", "MB/s", "compute"]
+    assert "2.00" in text.splitlines()[3]  # best/cake of the balanced 2048 row
+    events = [{"t": 0.1, "kind": "computed", "upto": 2}, {"t": 0.05, "kind": "loaded", "index": 6},
+              {"t": 0.2, "kind": "first_token", "meet": 2}]  # fmt: skip
+    results = {"rows": ROWS, "pipeline": {"ratio": 1.0}, "timeline": events}
+    summary = write_report(results, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"] == summary
+    for name in ("ttft.png", "timeline.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_oracle_profile_model() -> None:
+    p = Profile(head_s=[0.0, 1.0, 2.0, 3.0, 4.0], read_s=[0.01] * 4, chunk_bytes=[10**6] * 4,
+                finish_s=0.5)  # fmt: skip
+    assert p.compute_s == [1.0] * 4
+    assert p.load_s(1.0, 4) == [1.0] * 4  # 1 MB at 1 MB/s
+    assert p.oracle(1.0, 4, fixed_s=0.1) == (2, pytest.approx(2.6))  # half each, + finish + fixed
+    assert p.load_latency(5.0, 1.0, 0.1) == pytest.approx(0.4)  # 5.0 - 4 - 0.5 - 0.1
+
+
+def test_a_small_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "bench", "--quick", "--contexts", "512",
+         "--io-ratios", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    (cell,) = results["rows"]
+    calibration = results["calibration"][0]
+    assert cell["chunks"] == 3 and 0 <= cell["meet_chunk"] <= 3
+    assert cell["bandwidth_MBps"] == pytest.approx(calibration["kv_rate_MBps"], rel=0.01)
+    assert all(v > 0 for v in cell["ttft_s"].values())
+    assert set(results["summary"]) == {
+        "cake_over_oracle_max", "cake_vs_best_baseline_min",
+        "cake_vs_best_baseline_at_balance", "pipeline_overhead",
+    }  # fmt: skip
+    assert "cake_vs_best_baseline_at_balance" in run.stdout and "context" in run.stdout
+    assert (out / "ttft.png").exists() and (out / "timeline.png").exists()
