@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from shared.chunk_format import CODECS
 from shared.errors import ConfigError
 
 
@@ -54,6 +55,7 @@ class Settings:
     token_budget: int = 512  # tokens per compute scheduler step
     head_tokens: int = 512  # tokens per compute step of a Cake head (the paper's compute chunk)
     exact_splits: bool = False  # every forward pass covers exactly one storage chunk
+    kv_codec: str = "raw"  # how new chunks are stored: raw (exact) or int8 (half of fp16, lossy)
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     log_format: str = "auto"  # json, console or auto (console on a terminal)
     log_level: str = "info"
@@ -89,6 +91,8 @@ class Settings:
                 raise ConfigError(f"{env_var(name)} must be positive, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"CAKE_PORT must be a TCP port, got {self.port}")
+        if self.kv_codec not in CODECS:
+            raise ConfigError(f"CAKE_KV_CODEC must be one of {', '.join(CODECS)}")
         if self.log_format not in ("json", "console", "auto"):
             raise ConfigError("CAKE_LOG_FORMAT must be json, console or auto")
         if self.token_budget < self.chunk_tokens:

@@ -292,3 +292,19 @@ def test_boolean_settings_parse() -> None:
     assert Settings.from_env({"CAKE_EXACT_SPLITS": "false"}).exact_splits is False
     with pytest.raises(ConfigError, match="not a boolean"):
         Settings.from_env({"CAKE_EXACT_SPLITS": "maybe"})
+
+
+async def test_int8_codec_stores_half_the_bytes_and_still_hits(
+    nats_url: str, tmp_path: Path
+) -> None:
+    tokens = prompt(400, seed=45)
+    sizes = {}
+    for codec in ("raw", "int8"):
+        settings = stack_settings(nats_url, tmp_path / codec, kv_codec=codec)
+        async with LocalStore(settings.store) as store, backend(settings, store) as be:
+            await be.generate(tokens, kv_mode="compute")
+            again = await be.generate(tokens, kv_mode="load")
+            assert again.done.chunks_loaded == 6 and again.done.completion_tokens == 8
+            sizes[codec] = store.usage_bytes()
+    # float32 KV: int8 values plus a float32 scale per 64 values, about 0.27 of the raw bytes
+    assert sizes["int8"] < 0.3 * sizes["raw"]

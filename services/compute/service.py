@@ -416,7 +416,7 @@ class Compute:
         for i in range(job.hit, len(job.prompt.keys)):
             start, end = job.prompt.space.chunk_bounds(i)
             kv = self.runner.chunk_kv(job.cache, start, end)
-            data = encode_chunk(job.prompt.identity(i), kv)
+            data = encode_chunk(job.prompt.identity(i), kv, self.settings.kv_codec)
             staged[i] = self.staging.write(job.msg.request_id + "-wb", f"{i}.kv", data)
         return staged
 
