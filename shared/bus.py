@@ -55,6 +55,7 @@ class Bus:
     @classmethod
     async def connect(cls, url: str, name: str, timeout_s: float = 10.0) -> Bus:
         """Connect (retrying until timeout_s); reconnects forever once connected."""
+
         async def on_error(exc: Exception) -> None:
             log.warning("nats connection error", client=name, error=repr(exc))
 

@@ -85,10 +85,6 @@ class MeetTracker:
             return Split(meet=self.load_frontier, hit=self.hit)
         return None
 
-    def loads_needed(self) -> list[int]:
-        """Hit chunks not yet loaded and not covered by compute, tail first."""
-        return [j for j in range(self.hit - 1, self.computed - 1, -1) if j not in self.loaded]
-
 
 def head_step(done: int, hit: int, frontier: int, hint: int, step: int, max_step: int) -> int:
     """Head chunks the next compute step takes, stopping where staged chunks begin.

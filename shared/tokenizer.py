@@ -21,8 +21,6 @@ def uses_byte_tokenizer(source: str) -> bool:
 class Tokenizer(Protocol):
     """What Cake needs from a tokenizer."""
 
-    eos_token_ids: frozenset[int]
-
     def encode(self, text: str) -> list[int]:
         """Token ids of a completion prompt (with the model's begin-of-sequence token, if any)."""
 
@@ -46,9 +44,6 @@ class ByteTokenizer:
     EOS = 257
     vocab_size = 258
 
-    def __init__(self) -> None:
-        self.eos_token_ids = frozenset({self.EOS})
-
     def encode(self, text: str) -> list[int]:
         """[BOS] followed by the UTF-8 bytes of text."""
         return [self.BOS, *text.encode("utf-8")]
@@ -67,10 +62,6 @@ class HFTokenizer:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        eos = inner.eos_token_id
-        self.eos_token_ids = frozenset(
-            [] if eos is None else [eos] if isinstance(eos, int) else eos
-        )
 
     def encode(self, text: str) -> list[int]:
         """The tokenizer's ids, with its special tokens (BOS where the model uses one)."""

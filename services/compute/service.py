@@ -175,9 +175,12 @@ class Compute:
         return Accepted(node=self.settings.node)
 
     def runner_stop_ids(self) -> frozenset[int]:
-        """End-of-sequence ids of the model."""
-        eos = self.runner.config.eos_token_id
-        return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        """End-of-sequence ids of the model (its config's and its generation config's)."""
+        ids: set[int] = set()
+        generation = getattr(self.runner.model, "generation_config", None)
+        for eos in (self.runner.config.eos_token_id, getattr(generation, "eos_token_id", None)):
+            ids.update([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        return frozenset(ids)
 
     async def on_event(self, msg: Message, m: Msg) -> None:
         """Note staged chunks of our jobs, so head steps stop where loaded chunks begin."""
