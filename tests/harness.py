@@ -14,7 +14,8 @@ from pathlib import Path
 from aiohttp import web
 
 from services.compute.service import Compute
-from services.gateway.app import GatewayMetrics, make_app
+from services.gateway.app import make_app
+from services.gateway.metrics import GatewayMetrics
 from services.loader.service import Loader
 from services.merger.service import Merger
 from services.staging import Staging

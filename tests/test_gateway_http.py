@@ -23,7 +23,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.gateway import service
-from services.gateway.app import GatewayMetrics, TextAssembler, make_app
+from services.gateway.app import make_app
+from services.gateway.conversation import TextAssembler
+from services.gateway.metrics import GatewayMetrics
 from shared import observability, subjects
 from shared.bus import Bus, spawn
 from shared.config import Settings

@@ -11,7 +11,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from nats.aio.msg import Msg
 
-from services.gateway.app import MAX_BODY_BYTES, GatewayMetrics, make_app
+from services.gateway.app import MAX_BODY_BYTES, make_app
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.validation import (
     Endpoint,
     Limits,

@@ -13,7 +13,8 @@ import structlog
 from aiohttp import web
 from nats.aio.msg import Msg
 
-from services.gateway.app import GatewayMetrics, make_app
+from services.gateway.app import make_app
+from services.gateway.metrics import GatewayMetrics
 from shared import subjects
 from shared.bus import Bus
 from shared.config import Settings

@@ -1,0 +1,186 @@
+"""The conversation with the backend over NATS for one request: dispatch, stream, cancel."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import nats.errors
+import structlog
+from nats.aio.subscription import Subscription
+
+from services.gateway.errors import ApiError
+from shared import subjects
+from shared.bus import Bus, RemoteError, Unavailable
+from shared.keys import unpack_tokens
+from shared.schemas import (
+    Accepted,
+    Cancel,
+    Done,
+    Failed,
+    GenerateRequest,
+    Message,
+    Prefilled,
+    SchemaError,
+    Tokens,
+)
+from shared.tokenizer import Tokenizer
+
+log = structlog.get_logger(__name__)
+
+REMOTE_STATUS = {"bad_request": 400, "unavailable": 503}
+
+
+class TextAssembler:
+    """Generated text, decoded incrementally; stop strings cut it and end generation."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+        self._sent = 0  # characters of text handed out
+        self._prefix = 0  # ids[_prefix:_read] decode to text already in self.text
+        self._read = 0
+
+    def add(self, ids: Sequence[int]) -> str:
+        """Text that is now final: complete characters that cannot begin a stop string."""
+        self.ids.extend(ids)
+        prefix, full = self._decode_tail()
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):  # an incomplete character
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return self._append(full[len(prefix) :], final=False)
+
+    def finish(self) -> str:
+        """The rest of the text once generation has ended."""
+        prefix, full = self._decode_tail()
+        self._prefix = self._read = len(self.ids)
+        return self._append(full[len(prefix) :], final=True)
+
+    def _decode_tail(self) -> tuple[str, str]:
+        tail = self.ids[self._prefix :]
+        return self.tokenizer.decode(tail[: self._read - self._prefix]), self.tokenizer.decode(tail)
+
+    def _append(self, new: str, final: bool) -> str:
+        search_from = max(len(self.text) - self.holdback, 0)
+        self.text += new
+        found = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
+        if found:
+            self.text, self.stopped, final = self.text[: min(found)], True, True
+        end = len(self.text) if final else max(len(self.text) - self.holdback, self._sent)
+        delta, self._sent = self.text[self._sent : end], end
+        return delta
+
+
+class Call:
+    """One request sent to the merger: its stream subscription and the Cancel it may owe."""
+
+    def __init__(self, bus: Bus, request_id: str, deadline: float, timeout_s: float) -> None:
+        self.bus, self.request_id = bus, request_id
+        self.deadline, self.timeout_s = deadline, timeout_s
+        self.settled = False  # Done or Failed arrived, or Cancel was sent: nothing to cancel
+        self._sub: Subscription | None = None
+
+    async def start(self, request: GenerateRequest, rpc_timeout_s: float) -> None:
+        """Subscribe to the stream, then hand the request to a merger."""
+        self._sub = await self.bus.nc.subscribe(subjects.stream(self.request_id))
+        timeout = max(min(rpc_timeout_s, self.deadline - time.time()), 0.001)
+        try:
+            await self.bus.request(subjects.GENERATE, request, Accepted, timeout)
+        except Unavailable as exc:
+            raise ApiError(
+                503, f"the merger service is not answering ({exc}); try again later", "unavailable"
+            ) from exc
+        except RemoteError as exc:
+            self.settled = True
+            status = REMOTE_STATUS.get(exc.code, 500)
+            message = f"the merger refused the request: {exc.description}"
+            raise ApiError(status, message, exc.code) from exc
+
+    async def next(self) -> Prefilled | Tokens | Done | Failed:
+        """The next message on the stream; ApiError at the deadline."""
+        assert self._sub is not None, "start() first"
+        while True:
+            try:
+                msg = await self._sub.next_msg(timeout=max(self.deadline - time.time(), 0.001))
+            except nats.errors.TimeoutError:
+                await self.cancel("deadline")
+                raise ApiError(
+                    504, f"no answer within the request deadline ({self.timeout_s:g}s)", "timeout"
+                ) from None
+            except nats.errors.ConnectionClosedError:
+                raise ApiError(503, "the gateway lost its NATS connection", "unavailable") from None
+            try:
+                message = Message.decode(msg.data)
+            except SchemaError as exc:
+                log.warning("unreadable stream message skipped", error=str(exc))
+                continue
+            if isinstance(message, Done | Failed):
+                self.settled = True
+            if isinstance(message, Prefilled | Tokens | Done | Failed):
+                return message
+
+    async def cancel(self, reason: str) -> None:
+        """Tell compute and loader to drop the request (once)."""
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            await self.bus.publish(
+                subjects.control(self.request_id), Cancel(self.request_id, reason)
+            )
+        except nats.errors.Error as exc:
+            log.warning("could not publish Cancel", reason=reason, error=str(exc))
+
+    async def close(self, reason: str) -> None:
+        """Cancel unless the backend is done, and stop listening."""
+        await self.cancel(reason)
+        if self._sub is not None and not self.bus.nc.is_closed:
+            await self._sub.unsubscribe()
+
+
+class Generation:
+    """The text of one dispatched request as it arrives."""
+
+    def __init__(self, call: Call, text: TextAssembler) -> None:
+        self.call, self.text = call, text
+        self.done: Done | None = None
+        self.prefilled: Prefilled | None = None
+        self.finish_reason = "length"
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Text deltas until Done or a stop string; ApiError on Failed or at the deadline."""
+        while True:
+            message = await self.call.next()
+            if isinstance(message, Failed):
+                raise ApiError(message.status, message.message, message.code)
+            if isinstance(message, Prefilled):
+                self.prefilled = message
+                continue
+            if isinstance(message, Done):
+                self.done, self.finish_reason = message, message.finish_reason
+                delta = self.text.finish()
+            else:
+                delta = self.text.add(unpack_tokens(message.tokens))
+            if self.text.stopped:
+                self.finish_reason = "stop"
+                await self.call.cancel("stop string")
+                if self.done is None and self.prefilled is not None:
+                    self.done = self.prefilled.done("stop", len(self.text.ids))
+            if delta:
+                yield delta
+            if self.text.stopped or self.done is not None:
+                return
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated for the answer (up to the stop string, if one cut it)."""
+        if self.done is not None and not self.text.stopped:
+            return self.done.completion_tokens
+        return len(self.text.ids)
+
+
+# --- response shapes ------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""OpenAI's response shapes: completions, stream chunks, usage and Cake's prompt split."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from services.gateway.conversation import Generation
+from services.gateway.validation import Endpoint
+from shared.schemas import Done
+
+
+def usage_of(prompt_tokens: int, gen: Generation) -> dict[str, Any]:
+    """OpenAI's usage object; cached tokens are the prompt tokens found in the store."""
+    done = gen.done
+    completion = gen.completion_tokens
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": done.hit_tokens if done else 0},
+    }
+
+
+def cake_of(done: Done | None) -> dict[str, Any] | None:
+    """Cake's split of the prompt (None when the request ended before Done arrived)."""
+    if done is None:
+        return None
+    return {
+        "hit_tokens": done.hit_tokens,
+        "chunks_total": done.chunks_total,
+        "chunks_computed": done.chunks_computed,
+        "chunks_loaded": done.chunks_loaded,
+        "meet_chunk": done.meet_chunk,
+        "ttft_ms": done.ttft_ms,
+    }
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The JSON objects of one request's answer, for its endpoint."""
+
+    request_id: str
+    model: str
+    endpoint: Endpoint
+    created: int
+
+    def _head(self, object_name: str) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.model,
+        }
+
+    def completion(self, text: str, reason: str, extra: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer (non-streamed) with its finish reason; extra: usage and cake."""
+        if self.endpoint is Endpoint.CHAT:
+            message = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+            return {**self._head("chat.completion"), "choices": [choice], **extra}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        return {**self._head("text_completion"), "choices": [choice], **extra}
+
+    def chunk(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        """A streamed piece of text, or (with finish_reason) the end of the choice."""
+        if self.endpoint is Endpoint.CHAT:
+            return self._chat_chunk({"content": text} if text else {}, finish_reason)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def role_chunk(self) -> dict[str, Any]:
+        """The first chunk of a chat stream: who speaks."""
+        return self._chat_chunk({"role": "assistant", "content": ""}, None)
+
+    def _chat_chunk(self, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("chat.completion.chunk"), "choices": [choice]}
+
+    def final_chunk(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """The last streamed object: no choices, usage and cake (as with include_usage)."""
+        name = "chat.completion.chunk" if self.endpoint is Endpoint.CHAT else "text_completion"
+        return {**self._head(name), "choices": [], **extra}
+
+
+async def send_event(response: web.StreamResponse, data: dict[str, Any]) -> None:
+    """One server-sent event."""
+    await response.write(b"data: " + json.dumps(data).encode() + b"\n\n")
