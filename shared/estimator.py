@@ -4,9 +4,10 @@ The merger feeds it every request's telemetry (seconds per computed head chunk, 
 loaded chunk on the shared link) as exponentially weighted averages, and asks it for advice
 before each request: skip the head when the link delivers a chunk in less than
 `skip_head_ratio` of the time a chunk takes to compute (the head could then save at most that
-fraction, less than running both sides costs), and otherwise a hint of where the two sides
-should meet, so the compute service can take the head up to there in large steps and go chunk
-by chunk only near the meeting. The meeting point itself is still found at run time.
+fraction, less than running both sides costs); skip the loads when the hit is so short that
+the split would save less than the extra head step it costs; otherwise a hint of where the two
+sides should meet, so the compute service can take the head up to there in large steps and go
+chunk by chunk only near the meeting. The meeting point itself is still found at run time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Advice:
 
     compute_head: bool = True
     head_hint: int = -1  # predicted meeting chunk; -1: no estimate yet
+    fetch: bool = True  # False: compute the whole hit (too few chunks for loads to pay off)
 
 
 @dataclass
@@ -66,4 +68,6 @@ class SplitEstimator:
             return Advice()
         if load < self.skip_head_ratio * compute:
             return Advice(compute_head=False, head_hint=0)
+        if hit * compute / (compute + load) <= 1:  # the split saves less than one head step
+            return Advice(head_hint=hit, fetch=False)
         return Advice(head_hint=min(hit, math.ceil(hit * load / (compute + load))))

@@ -28,6 +28,14 @@ def test_no_estimate_means_plain_cake() -> None:
     assert est.advise(0) == Advice()
 
 
+def test_short_hits_are_computed_whole() -> None:
+    est = SplitEstimator()
+    est.observe_compute(2, 0.2)  # 0.1 s a chunk
+    est.observe_loads(4, 0.8)  # 0.2 s a chunk: the split saves a third of the head
+    assert est.advise(3) == Advice(head_hint=3, fetch=False)  # 1 chunk saved, 1 step lost
+    assert est.advise(30) == Advice(True, 20)
+
+
 def test_hint_is_where_equal_speeds_meet() -> None:
     est = SplitEstimator()
     est.observe_compute(4, 0.4)  # 0.1 s a chunk
@@ -36,7 +44,8 @@ def test_hint_is_where_equal_speeds_meet() -> None:
     slow_link = SplitEstimator()
     slow_link.observe_compute(1, 0.1)
     slow_link.observe_loads(1, 0.9)  # 9x slower: meet near the tail
-    assert slow_link.advise(10) == Advice(True, 9)
+    assert slow_link.advise(30) == Advice(True, 27)
+    assert slow_link.advise(10) == Advice(head_hint=10, fetch=False)  # saves no more than a step
 
 
 def test_skip_the_head_when_the_link_is_much_faster() -> None:

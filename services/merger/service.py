@@ -126,7 +126,9 @@ class Merger:
                 subjects.COMPUTE_PREFILL, job, Accepted, self.settings.rpc_timeout_s
             )
             staged: dict[int, str] = {}
-            if hit and not await self.dispatch_fetch(req, space, hit, accepted.node):
+            if hit and not advice.fetch:
+                split = Split(hit, hit)  # too short to split: compute takes it all
+            elif hit and not await self.dispatch_fetch(req, space, hit, accepted.node):
                 split = Split(hit, hit)  # no loader: compute takes it all
             elif hit:
                 split, staged = await self.watch(req, hit, compute_head, events)

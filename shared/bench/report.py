@@ -15,8 +15,8 @@ import matplotlib.pyplot as plt
 MODES = ("compute", "load", "cake", "oracle")
 
 
-def summarize(rows: Sequence[dict[str, Any]], pipeline_ratio: float) -> dict[str, float]:
-    """The headline ratios over all cells."""
+def summarize(rows: Sequence[dict[str, Any]], pipeline_ratio: float) -> dict[str, float | None]:
+    """The headline ratios over all cells (at_balance is None without an io_ratio 1 cell)."""
     vs_best = [min(r["ttft_s"]["compute"], r["ttft_s"]["load"]) / r["ttft_s"]["cake"] for r in rows]
     at_balance = [
         min(r["ttft_s"]["compute"], r["ttft_s"]["load"]) / r["ttft_s"]["cake"]
@@ -26,7 +26,7 @@ def summarize(rows: Sequence[dict[str, Any]], pipeline_ratio: float) -> dict[str
     return {
         "cake_over_oracle_max": max(r["ttft_s"]["cake"] / r["ttft_s"]["oracle"] for r in rows),
         "cake_vs_best_baseline_min": min(vs_best),
-        "cake_vs_best_baseline_at_balance": min(at_balance) if at_balance else float("nan"),
+        "cake_vs_best_baseline_at_balance": min(at_balance) if at_balance else None,
         "pipeline_overhead": pipeline_ratio,
     }
 
@@ -93,7 +93,7 @@ def plot_timeline(events: Sequence[dict[str, Any]], chunks: int, path: Path) -> 
     plt.close(fig)
 
 
-def write_report(results: dict[str, Any], out: Path) -> dict[str, float]:
+def write_report(results: dict[str, Any], out: Path) -> dict[str, float | None]:
     """results.json, ttft.png, timeline.png under out; the summary."""
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results["rows"], results["pipeline"]["ratio"])
