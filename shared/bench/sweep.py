@@ -140,7 +140,9 @@ class Bench:
             salt = f"bench-{uuid.uuid4().hex[:8]}"
             hit = usable_hit_chunks(n, n, self.config.chunk_tokens)
             contexts.append(Context(n, prompt_text(n, seed=n), salt, hit, n * per_token))
-        self.warmup = Context(384, prompt_text(384, seed=384), "warm-up", 2, 384 * per_token)
+        warm = 1024  # long enough that Cake splits it, so it feeds the estimator the link's pace
+        hit = usable_hit_chunks(warm, warm, self.config.chunk_tokens)
+        self.warmup = Context(warm, prompt_text(warm, seed=warm), "warm-up", hit, warm * per_token)
         for setting in ("chunked", "one-shot"):
             if setting == "one-shot":
                 budget = self.settings.token_budget
