@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -32,6 +33,21 @@ def nats_server_binary() -> str:
     return found
 
 
+def _listening_url(root: Path, pid: int) -> str | None:
+    """The client URL from the server's ports file, once it accepts connections."""
+    ports = root / f"nats-server_{pid}.ports"
+    try:
+        url = str(json.loads(ports.read_text())["nats"][0])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.2):
+            return url
+    except OSError:
+        return None
+
+
 @dataclass
 class NatsServer:
     """A running nats-server child process with JetStream on."""
@@ -42,33 +58,37 @@ class NatsServer:
 
     @classmethod
     def start(cls, port: int | None = None, timeout_s: float = 10.0) -> NatsServer:
-        """Start on port (a free one by default) and wait until it accepts connections."""
-        port = port or free_port()
+        """Start on port (one the server picks by default) and wait until it accepts clients.
+
+        The server's log goes to a file in its work directory (a pipe nobody reads would fill
+        and stall it); the port it picked is read from the ports file it writes.
+        """
         workdir = tempfile.TemporaryDirectory(prefix="cake-nats-")
-        conf = Path(workdir.name) / "nats.conf"
-        conf.write_text(
-            f"listen: 127.0.0.1:{port}\n"
+        root = Path(workdir.name)
+        (root / "nats.conf").write_text(
+            f"listen: 127.0.0.1:{port or -1}\n"
+            f'ports_file_dir: "{root}"\n'
             f"max_payload: {MAX_PAYLOAD}\n"
-            f'jetstream {{ store_dir: "{workdir.name}/js" }}\n'
+            f'jetstream {{ store_dir: "{root}/js" }}\n'
         )
-        proc = subprocess.Popen(
-            [nats_server_binary(), "-c", str(conf)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,  # Ctrl-C reaches `cake up`, which stops the server last
-        )  # fmt: skip
-        server = cls(proc, f"nats://127.0.0.1:{port}", workdir)
+        with (root / "nats.log").open("wb") as log_file:
+            proc = subprocess.Popen(
+                [nats_server_binary(), "-c", str(root / "nats.conf")],
+                stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches `cake up`, which stops the server last
+            )  # fmt: skip
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise ConfigError(f"nats-server exited at start: {err.strip()[-500:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return server
-            except OSError:
-                time.sleep(0.05)
-        server.stop()
-        raise ConfigError(f"nats-server did not listen on port {port} within {timeout_s}s")
+                log = (root / "nats.log").read_text(errors="replace")
+                workdir.cleanup()
+                raise ConfigError(f"nats-server exited at start: {log.strip()[-500:]}")
+            url = _listening_url(root, proc.pid)
+            if url is not None:
+                return cls(proc, url, workdir)
+            time.sleep(0.05)
+        cls(proc, "", workdir).stop()
+        raise ConfigError(f"nats-server did not start listening within {timeout_s}s")
 
     def stop(self) -> None:
         """Terminate (then kill) the server and remove its files. Idempotent."""

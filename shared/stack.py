@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import signal
 import subprocess
@@ -73,7 +74,7 @@ class LocalStack:
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
                 return bool(resp.status == 200)
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not up yet, or not our gateway
             return False
 
     async def _backend_up(self) -> bool:

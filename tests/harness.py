@@ -24,7 +24,6 @@ from shared.bus import Bus
 from shared.config import Settings
 from shared.keys import pack_tokens, unpack_tokens
 from shared.model import ModelRunner
-from shared.nats_server import free_port
 from shared.schemas import Accepted, Done, Failed, GenerateRequest, Message, Tokens
 from shared.stack import SERVICES
 from shared.stores.base import ChunkStore
@@ -154,10 +153,10 @@ async def s3_backend(
 
 async def start_gateway(stack: AsyncExitStack, bus: Bus, settings: Settings) -> str:
     """The real gateway app on a free local port; its base URL."""
-    port = free_port()
     app = make_app(bus, settings, ByteTokenizer(), "default", GatewayMetrics(), 32768)
     runner = web.AppRunner(app)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return f"http://127.0.0.1:{port}"
+    await web.TCPSite(runner, "127.0.0.1", 0).start()  # the OS picks a free port
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"
