@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -16,13 +17,15 @@ class RecentlyCancelled:
 
     def __init__(self, keep_s: float) -> None:
         self.keep_s = keep_s
-        self._ids: dict[str, float] = {}
+        self._ids: OrderedDict[str, float] = OrderedDict()  # oldest first
 
     def add(self, request_id: str) -> None:
         """Remember one id (and forget the ones older than keep_s)."""
         now = time.monotonic()
-        self._ids = {rid: t for rid, t in self._ids.items() if now - t < self.keep_s}
+        while self._ids and now - next(iter(self._ids.values())) >= self.keep_s:
+            self._ids.popitem(last=False)
         self._ids[request_id] = now
+        self._ids.move_to_end(request_id)
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._ids

@@ -46,6 +46,7 @@ class SplitEstimator:
     compute_s: Ewma = field(default_factory=Ewma)  # seconds to compute one head chunk
     load_s: Ewma = field(default_factory=Ewma)  # seconds per chunk the link delivers
     skip_head_ratio: float = 0.5
+    seen_multi_chunk_step: bool = False
 
     def observe_compute(self, chunks: int, seconds: float) -> None:
         """A head step computed `chunks` chunks in `seconds`.
@@ -53,8 +54,10 @@ class SplitEstimator:
         Single-chunk steps (the slow, precise ones near the meeting point) only count until a
         multi-chunk step has been seen: the hint is about the large first step.
         """
-        if chunks > 0 and seconds > 0 and (chunks > 1 or self.compute_s.value is None):
-            self.compute_s.add(seconds / chunks)
+        if chunks <= 0 or seconds <= 0 or (chunks == 1 and self.seen_multi_chunk_step):
+            return
+        self.seen_multi_chunk_step |= chunks > 1
+        self.compute_s.add(seconds / chunks)
 
     def observe_loads(self, chunks: int, seconds: float) -> None:
         """The link delivered `chunks` chunks in `seconds`."""

@@ -71,7 +71,21 @@ def test_estimate_follows_a_changing_link() -> None:
 def test_single_chunk_steps_do_not_drag_the_compute_estimate() -> None:
     est = SplitEstimator()
     est.observe_compute(1, 0.3)  # nothing better yet: counts
-    assert est.compute_s.value == 0.3
+    est.observe_compute(1, 0.1)  # still only single steps (CAKE_EXACT_SPLITS): they count
+    assert est.compute_s.value == pytest.approx(0.2)
     est.observe_compute(8, 0.8)
     est.observe_compute(1, 0.3)  # a precise step near the meeting: ignored
-    assert est.compute_s.value == pytest.approx(0.2)
+    assert est.compute_s.value == pytest.approx(0.15)
+
+
+def test_merger_reads_the_link_pace_after_the_first_concurrent_batch() -> None:
+    from services.merger.service import Merger
+    from shared.config import Settings
+
+    merger = Merger(None, Settings(fetch_concurrency=4))  # type: ignore[arg-type]
+    # four reads issued together share a 0.5 s latency, then one chunk every 0.1 s
+    merger.observe_link(0.0, [0.5, 0.5, 0.5, 0.5, 0.6, 0.7, 0.8])
+    assert merger.estimator.load_s.value == pytest.approx(0.1)
+    few = Merger(None, Settings(fetch_concurrency=4))  # type: ignore[arg-type]
+    few.observe_link(0.0, [0.3, 0.6])  # too few to see the pace: the average since dispatch
+    assert few.estimator.load_s.value == pytest.approx(0.3)

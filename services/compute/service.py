@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -57,6 +58,7 @@ class Compute:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
         self.loop_task: asyncio.Task[None] | None = None
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-writeback")
 
     def model_info(self) -> ModelInfo:
         """What this replica serves."""
@@ -188,9 +190,10 @@ class Compute:
         """Stage the prompt's new chunks and ask this node's loader to store them."""
         otel_context.attach(job.ctx)  # this task's own context: no need to detach
         rid = job.msg.request_id
-        try:
-            staged = await asyncio.to_thread(self.stage_writeback, job)
-        except OSError as exc:  # staging full or gone: the cache simply misses next time
+        try:  # its own thread: a burst of write-backs never queues a scheduler step
+            loop = asyncio.get_running_loop()
+            staged = await loop.run_in_executor(self.writer, self.stage_writeback, job)
+        except Exception as exc:  # staging full, out of memory: the cache just misses next time
             log.warning("write-back skipped", request_id=rid, error=str(exc))
             self.staging.discard_request(f"{rid}-wb")
             return
@@ -353,18 +356,21 @@ class Compute:
     async def close(self, drain_s: float = 5.0) -> None:
         """Stop: jobs still computing fail with 503; finished ones get their Done (their
         write-backs get drain_s to land); then every task stops."""
-        for rid in list(self.jobs):
-            failed = Failed(rid, 503, "unavailable", "the compute service is shutting down")
-            await self.bus.publish(subjects.stream(rid), failed)
-        self.jobs.clear()
         if self.loop_task is not None:
             self.loop_task.cancel()
             await asyncio.gather(self.loop_task, return_exceptions=True)
+        for rid, job in list(self.jobs.items()):
+            if not job.finish_reason:
+                job.finish_reason = "failed"
+                failed = Failed(rid, 503, "unavailable", "the compute service is shutting down")
+                await self.bus.publish(subjects.stream(rid), failed)
+        await self.retire()  # Done for the finished ones
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=drain_s)
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.writer.shutdown(wait=False, cancel_futures=True)
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

@@ -104,6 +104,9 @@ class Merger:
             except Exception as exc:  # never leave a request without an answer
                 log.exception("coordination failed")
                 await self.fail(req, 500, "internal", f"the merger failed: {exc}"[:500])
+            except asyncio.CancelledError:  # the merger is shutting down
+                await self.fail(req, 503, "unavailable", "the merger shut down; try again")
+                raise
 
     async def _coordinate(self, req: GenerateRequest, span: Any) -> None:
         info = await self.model_info()
@@ -165,6 +168,7 @@ class Merger:
         """
         tracker = MeetTracker(hit, compute_head=compute_head)
         staged: dict[int, str] = {}
+        start = time.monotonic()
         arrivals: list[float] = []
         split = tracker.meet()
         while split is None:
@@ -173,6 +177,7 @@ class Merger:
                 raw = await events.next_msg(timeout=max(0.001, timeout))
             except TimeoutError:
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
+                self.estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a stalled link
                 split = Split(tracker.load_frontier, hit)
                 break
             event = Message.decode(raw.data)
@@ -186,10 +191,22 @@ class Merger:
             elif isinstance(event, LoadFailed):
                 log.warning("chunk load failed", chunk=event.index, reason=event.reason)
                 tracker.on_failed(event.index)
+                if event.reason == "timeout":  # a stalled read says the link is slow
+                    self.estimator.observe_loads(1, self.settings.fetch_timeout_s)
             split = tracker.meet()
-        if len(arrivals) >= 2:  # the link's pace, without the time to the first chunk
-            self.estimator.observe_loads(len(arrivals) - 1, arrivals[-1] - arrivals[0])
+        self.observe_link(start, arrivals)
         return split, staged
+
+    def observe_link(self, start: float, arrivals: list[float]) -> None:
+        """Feed the estimator the link's pace: the spacing of arrivals after the first batch of
+        concurrent reads (their common latency is not bandwidth), else the average since the
+        fetch was sent."""
+        first = self.settings.fetch_concurrency
+        if len(arrivals) > first:
+            paced = len(arrivals) - first
+            self.estimator.observe_loads(paced, arrivals[-1] - arrivals[first - 1])
+        elif arrivals:
+            self.estimator.observe_loads(len(arrivals), arrivals[-1] - start)
 
     async def close(self) -> None:
         """Let requests being coordinated finish (bounded), then stop."""
