@@ -55,6 +55,7 @@ class Settings:
     token_budget: int = 512  # tokens per compute scheduler step
     head_tokens: int = 512  # tokens per compute step of a Cake head (the paper's compute chunk)
     exact_splits: bool = False  # every forward pass covers exactly one storage chunk
+    skip_head_ratio: float = 0.5  # run load-only when a chunk loads in < this x its compute time
     kv_codec: str = "raw"  # how new chunks are stored: raw (exact) or int8 (half of fp16, lossy)
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     log_format: str = "auto"  # json, console or auto (console on a terminal)
@@ -91,6 +92,8 @@ class Settings:
                 raise ConfigError(f"{env_var(name)} must be positive, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"CAKE_PORT must be a TCP port, got {self.port}")
+        if not 0 <= self.skip_head_ratio < 1:
+            raise ConfigError("CAKE_SKIP_HEAD_RATIO must be in [0, 1) (0 never skips the head)")
         if self.kv_codec not in CODECS:
             raise ConfigError(f"CAKE_KV_CODEC must be one of {', '.join(CODECS)}")
         if self.log_format not in ("json", "console", "auto"):

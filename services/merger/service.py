@@ -43,7 +43,7 @@ class Merger:
     def __init__(self, bus: Bus, settings: Settings) -> None:
         self.bus, self.settings = bus, settings
         self.info: ModelInfo | None = None
-        self.estimator = SplitEstimator()
+        self.estimator = SplitEstimator(skip_head_ratio=settings.skip_head_ratio)
         self.tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:

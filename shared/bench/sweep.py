@@ -287,7 +287,7 @@ class Bench:
         await self.request(self.warmup, "cake")
         # the in-process run gets the advice the merger's estimator would give on this link
         assert ctx.profile is not None
-        estimator = SplitEstimator()
+        estimator = SplitEstimator(skip_head_ratio=self.settings.skip_head_ratio)
         estimator.observe_compute(ctx.hit, ctx.profile.head_s[-1])
         concurrency = self.config.fetch_concurrencies[-1]
         estimator.observe_loads(ctx.hit, sum(ctx.profile.load_s(bandwidth, concurrency)))
