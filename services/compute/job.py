@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from services.compute.scheduler import Phase
 from shared.engine import PromptChunks
 from shared.model import SamplingParams
-from shared.plan import head_step
+from shared.plan import MeetTracker, head_step
 from shared.schemas import Prefilled, PrefillJob
 
 
@@ -32,7 +32,7 @@ class Job:
     head_done: int = 0  # chunks [0, head_done) computed
     meet: int | None = None  # where loaded chunks start, once known
     staged: dict[int, str] = field(default_factory=dict)
-    loaded: set[int] = field(default_factory=set)  # hit chunks the loader has staged so far
+    loads: MeetTracker = field(init=False)  # the loader's progress (frontier), as compute sees it
     head_piece: int = 1  # most head chunks one step computes
     merged: bool = False
     tokens_out: Iterator[int] | None = None
@@ -64,12 +64,12 @@ class Job:
             return Phase.HEAD if racing else Phase.WAITING
         return Phase.PREFILL
 
+    def __post_init__(self) -> None:
+        self.loads = MeetTracker(self.msg.hit)
+
     def load_frontier(self) -> int:
         """The lowest chunk from which every hit chunk is staged."""
-        frontier = self.hit
-        while frontier - 1 in self.loaded:
-            frontier -= 1
-        return frontier
+        return self.loads.load_frontier
 
     def head_chunks(self) -> int:
         """Head chunks the next step computes (see shared.plan.head_step)."""

@@ -115,8 +115,8 @@ class Compute:
         """Note staged chunks of our jobs, so head steps stop where loaded chunks begin."""
         if isinstance(msg, ChunkLoaded):
             job = self.jobs.get(subjects.request_id_of(m.subject))
-            if job is not None:
-                job.loaded.add(msg.index)
+            if job is not None and 0 <= msg.index < job.hit:
+                job.loads.on_loaded(msg.index)
 
     async def on_control(self, msg: Message, m: Msg) -> None:
         """Meet: use these staged chunks. Cancel: drop the job."""

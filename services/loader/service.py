@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class Fetch:
     staged: dict[int, str] = field(default_factory=dict)
     workers: list[asyncio.Task[None]] = field(default_factory=list)
     meet: int | None = None
+    decided: asyncio.Event = field(default_factory=asyncio.Event)  # set with meet
 
 
 class Loader:
@@ -148,8 +150,8 @@ class Loader:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        while fetch.meet is None and time.time() < fetch.job.deadline:
-            await asyncio.sleep(0.05)  # the meeting point decides which staged chunks are used
+        with contextlib.suppress(TimeoutError):  # the meeting point decides what is used
+            await asyncio.wait_for(fetch.decided.wait(), max(0.0, fetch.job.deadline - time.time()))
         self.fetches.pop(fetch.job.request_id, None)
         keep_from = fetch.meet if fetch.meet is not None else fetch.job.hit
         for index, path in fetch.staged.items():
@@ -163,8 +165,10 @@ class Loader:
             return
         if isinstance(msg, Meet):
             fetch.meet = msg.meet
+            fetch.decided.set()
         elif isinstance(msg, Cancel):
             fetch.meet = fetch.job.hit
+            fetch.decided.set()
             for task in fetch.workers:
                 task.cancel()
 
