@@ -14,11 +14,11 @@ import json
 import random
 import sys
 
-from shared.engine import PromptChunks, fetch_chunk, merged_prefill, write_back
-from shared.keys import KeySpace
-from shared.model import ModelRunner, SamplingParams
-from shared.plan import Split
-from shared.stores.memory import MemoryStore
+from shared.core.keys import KeySpace, PromptChunks
+from shared.core.plan import Split
+from shared.kv.engine import fetch_chunk, merged_prefill, write_back
+from shared.kv.model import ModelRunner, SamplingParams
+from shared.storage.memory import MemoryStore
 
 
 async def check(args: argparse.Namespace) -> bool:

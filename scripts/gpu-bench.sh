@@ -14,5 +14,5 @@ transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.t
 # Exactness first: bf16 on the GPU, merged vs compute-only first-token logits within 0.05.
 python3 scripts/exactness_check.py --model random:llama3-8b --dtype bfloat16 --device cuda \
   --tokens 16384 --chunk 256 --tolerance 0.05 2>&1 | tee "$OUT/exactness.log"
-python3 -m shared.cli bench --model random:llama3-8b --dtype bfloat16 --device cuda \
+python3 -m services.launcher.cli bench --model random:llama3-8b --dtype bfloat16 --device cuda \
   --contexts ${CONTEXTS:-16384 32768} --reps ${REPS:-2} --out "$OUT" 2>&1 | tee "$OUT/bench.log"

@@ -16,19 +16,19 @@ from aiohttp import web
 from services.compute.service import Compute
 from services.gateway.app import make_app
 from services.gateway.metrics import GatewayMetrics
+from services.launcher.stack import SERVICES
 from services.loader.service import Loader
 from services.merger.service import Merger
-from services.staging import Staging
-from shared import subjects
-from shared.bus import Bus
-from shared.config import Settings
-from shared.keys import pack_tokens, unpack_tokens
-from shared.model import ModelRunner
-from shared.schemas import Accepted, Done, Failed, GenerateRequest, Message, Tokens
-from shared.stack import SERVICES
-from shared.stores.base import ChunkStore
-from shared.stores.s3 import S3Store
-from shared.tokenizer import ByteTokenizer
+from shared.core.keys import pack_tokens, unpack_tokens
+from shared.kv.model import ModelRunner
+from shared.kv.tokenizer import ByteTokenizer
+from shared.runtime.config import Settings
+from shared.storage.base import ChunkStore
+from shared.storage.s3 import S3Store
+from shared.storage.staging import Staging
+from shared.wire import subjects
+from shared.wire.bus import Bus
+from shared.wire.messages import Accepted, Done, Failed, GenerateRequest, Message, Tokens
 
 
 @cache

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
-from shared.model import ModelRunner
+from shared.kv.model import ModelRunner
 
 VOCAB = 258
 _COMMON: dict[str, Any] = {

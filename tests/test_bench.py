@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.bench.profile import Profile
-from shared.bench.report import summarize, table, write_report
+from bench.profile import Profile
+from bench.report import summarize, table, write_report
 
 
 def row(
@@ -63,7 +63,7 @@ def test_oracle_profile_model() -> None:
 def test_a_small_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "bench", "--quick", "--contexts", "512",
+        [sys.executable, "-m", "services.launcher.cli", "bench", "--quick", "--contexts", "512",
          "--io-ratios", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -8,11 +8,12 @@ import msgpack
 import pytest
 import torch
 
-from shared.chunk_format import MAGIC, ChunkIdentity, decode_chunk, encode_chunk
-from shared.engine import PromptChunks, fetch_chunk, write_back
-from shared.errors import CorruptChunkError
-from shared.keys import KeySpace, KVLayout
-from shared.stores.memory import MemoryStore
+from shared.core.errors import CorruptChunkError
+from shared.core.keys import ChunkIdentity, KeySpace, KVLayout, PromptChunks
+from shared.kv.codec import decode_chunk, encode_chunk
+from shared.kv.engine import fetch_chunk, write_back
+from shared.kv.format import MAGIC
+from shared.storage.memory import MemoryStore
 from tests.models import tiny_runner
 
 

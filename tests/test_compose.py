@@ -19,8 +19,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from shared.cli import SERVICES, build_parser
-from shared.config import ENV_VARS, Settings
+from services.launcher.cli import SERVICES, build_parser
+from shared.runtime.config import ENV_VARS, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 AWS_VARS = frozenset(
@@ -112,7 +112,7 @@ def test_the_four_services_run_commands_the_cli_accepts() -> None:
         try:
             args = build_parser().parse_args(command)
         except SystemExit:
-            pytest.fail(f"{name}: `cake {' '.join(command)}` is rejected by shared.cli")
+            pytest.fail(f"{name}: `cake {' '.join(command)}` is rejected by services.launcher.cli")
         assert args.command == "serve", name
         assert args.service in SERVICES, name
         assert args.service == name, f"compose service {name} runs {args.service}"
@@ -134,7 +134,7 @@ def test_environment_has_only_variables_something_reads(service: str) -> None:
 def test_environment_gives_valid_settings(service: str) -> None:
     got = settings(service)  # raises ConfigError on a bad value
     assert got.log_format == "json"
-    # shared.observability names the trace resource cake-<service>; keep both names the same
+    # shared.runtime.observability names the trace resource cake-<service>; keep both names the same
     assert environment(service).get("OTEL_SERVICE_NAME") == f"cake-{service}"
 
 
@@ -270,7 +270,9 @@ def test_services_send_traces_to_the_collectors_http_receiver() -> None:
         endpoint = environment(service).get("OTEL_EXPORTER_OTLP_ENDPOINT")
         assert endpoint, f"{service} exports no traces"
         assert host_of(endpoint) == "otel-collector"
-        assert urlparse(endpoint).port == http_port  # shared.observability exports OTLP/HTTP
+        assert (
+            urlparse(endpoint).port == http_port
+        )  # shared.runtime.observability exports OTLP/HTTP
 
 
 def test_the_collector_exports_traces_to_jaeger() -> None:
@@ -294,6 +296,6 @@ def test_the_image_runs_the_cake_script_as_a_non_root_user() -> None:
     entrypoint = re.search(r"^ENTRYPOINT\s+(\[.*\])", dockerfile, re.MULTILINE)
     assert entrypoint and json.loads(entrypoint[1]) == ["cake"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["cake"] == "shared.cli:main"
+    assert scripts["cake"] == "services.launcher.cli:main"
     users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
     assert users and users[-1] not in ("root", "0")

@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from shared.stack import SERVICES
+from services.launcher.stack import SERVICES
 from tests.harness import Backend, s3_backend
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.estimator import Advice, Ewma, SplitEstimator
+from shared.core.estimator import Advice, Ewma, SplitEstimator
 
 
 def test_ewma_tracks_recent_samples() -> None:
@@ -80,7 +80,7 @@ def test_single_chunk_steps_do_not_drag_the_compute_estimate() -> None:
 
 def test_merger_reads_the_link_pace_after_the_first_concurrent_batch() -> None:
     from services.merger.service import Merger
-    from shared.config import Settings
+    from shared.runtime.config import Settings
 
     merger = Merger(None, Settings(fetch_concurrency=4))  # type: ignore[arg-type]
     # four reads issued together share a 0.5 s latency, then one chunk every 0.1 s

@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from shared.engine import PromptChunks, fetch_chunk, lookup_hit, merged_prefill, write_back
-from shared.keys import KeySpace
-from shared.model import ModelRunner, SamplingParams
-from shared.plan import Split
-from shared.stores.memory import MemoryStore
+from shared.core.keys import KeySpace, PromptChunks
+from shared.core.plan import Split
+from shared.kv.engine import fetch_chunk, lookup_hit, merged_prefill, write_back
+from shared.kv.model import ModelRunner, SamplingParams
+from shared.storage.memory import MemoryStore
 from tests.models import CONFIGS, tiny_runner
 
 NEW_TOKENS = 32

@@ -26,12 +26,14 @@ from services.gateway import service
 from services.gateway.app import make_app
 from services.gateway.conversation import TextAssembler
 from services.gateway.metrics import GatewayMetrics
-from shared import observability, subjects
-from shared.bus import Bus, spawn
-from shared.config import Settings
-from shared.keys import pack_tokens, unpack_tokens
-from shared.observability import configure_tracing
-from shared.schemas import (
+from shared.core.keys import pack_tokens, unpack_tokens
+from shared.kv.tokenizer import ByteTokenizer
+from shared.runtime import observability
+from shared.runtime.config import Settings
+from shared.runtime.observability import configure_tracing
+from shared.wire import subjects
+from shared.wire.bus import Bus, spawn
+from shared.wire.messages import (
     Accepted,
     Cancel,
     Done,
@@ -42,7 +44,6 @@ from shared.schemas import (
     Telemetry,
     Tokens,
 )
-from shared.tokenizer import ByteTokenizer
 
 MODEL = "test-model"
 TEXT = "Hello, wörld ☃!"

@@ -21,11 +21,11 @@ from services.gateway.validation import (
     parse_request,
     tokenize,
 )
-from shared import subjects
-from shared.bus import Bus
-from shared.config import Settings
-from shared.errors import BadRequestError
-from shared.tokenizer import ByteTokenizer
+from shared.core.errors import BadRequestError
+from shared.kv.tokenizer import ByteTokenizer
+from shared.runtime.config import Settings
+from shared.wire import subjects
+from shared.wire.bus import Bus
 
 MODEL = "test-model"
 MAX_CONTEXT = 64

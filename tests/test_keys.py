@@ -6,7 +6,7 @@ import dataclasses
 import subprocess
 import sys
 
-from shared.keys import KeySpace, KVLayout, pack_tokens, unpack_tokens
+from shared.core.keys import KeySpace, KVLayout, pack_tokens, unpack_tokens
 
 LAYOUT = KVLayout(layers=8, kv_heads=4, head_dim=64, dtype="float32")
 SPACE = KeySpace("f" * 64, LAYOUT, chunk_tokens=4)
@@ -43,7 +43,7 @@ def test_every_bound_field_changes_every_key() -> None:
 
 def test_keys_identical_in_a_fresh_process() -> None:
     code = (
-        "from shared.keys import KeySpace, KVLayout;"
+        "from shared.core.keys import KeySpace, KVLayout;"
         "s = KeySpace('f' * 64, KVLayout(8, 4, 64, 'float32'), chunk_tokens=4);"
         f"print(','.join(s.chunk_keys({IDS!r})))"
     )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import random
 
-from shared.engine import PromptChunks, lookup_hit, write_back
-from shared.keys import KeySpace
-from shared.local_cake import cake_prefill
-from shared.stores.memory import MemoryStore
-from shared.stores.throttled import ThrottledStore
+from services.launcher.in_process import cake_prefill
+from shared.core.keys import KeySpace, PromptChunks
+from shared.kv.engine import lookup_hit, write_back
+from shared.storage.memory import MemoryStore
+from shared.storage.throttled import ThrottledStore
 from tests.models import tiny_runner
 
 

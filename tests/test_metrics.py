@@ -1,10 +1,10 @@
-"""The Prometheus text format of shared.metrics."""
+"""The Prometheus text format of shared.runtime.metrics."""
 
 from __future__ import annotations
 
 import pytest
 
-from shared.metrics import Registry, escape_label_value, format_value
+from shared.runtime.metrics import Registry, escape_label_value, format_value
 
 
 def test_counter_renders_help_type_and_labelled_samples() -> None:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, MambaConfig, MistralConfig
 
-from shared.errors import ConfigError, UnsupportedModelError
-from shared.model import ModelRunner, SamplingParams, check_plain_kv
-from shared.tokenizer import ByteTokenizer, HFTokenizer, plain_chat_prompt
+from shared.core.errors import ConfigError, UnsupportedModelError
+from shared.kv.model import ModelRunner, SamplingParams, check_plain_kv
+from shared.kv.tokenizer import ByteTokenizer, HFTokenizer, plain_chat_prompt
 from tests.models import _COMMON, tiny_runner
 
 
@@ -88,7 +88,7 @@ def test_sampling_is_reproducible_with_a_seed_and_stops() -> None:
 
 
 def test_top_p_keeps_only_the_nucleus() -> None:
-    from shared.model import pick_token
+    from shared.kv.model import pick_token
 
     logits = torch.log(torch.tensor([0.6, 0.3, 0.05, 0.05]))
     gen = torch.Generator().manual_seed(0)
@@ -124,7 +124,7 @@ def test_hf_tokenizer_adapter_uses_the_plain_layout_without_template() -> None:
 
 
 def test_random_shapes_are_real_model_configs_without_download() -> None:
-    from shared.model import load_config
+    from shared.kv.model import load_config
 
     cfg = load_config("random:llama3-8b")
     assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size) == (32, 8, 4096)

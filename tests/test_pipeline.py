@@ -14,13 +14,13 @@ from nats.aio.msg import Msg
 from services.compute.service import Compute
 from services.loader.service import Loader
 from services.merger.service import Merger
-from services.staging import Staging
-from shared import subjects
-from shared.engine import PromptChunks, fetch_chunk
-from shared.errors import StoreError
-from shared.keys import KeySpace, pack_tokens
-from shared.schemas import Accepted, Cancel, Failed, PrefillJob
-from shared.stores.local import LocalStore
+from shared.core.errors import StoreError
+from shared.core.keys import KeySpace, PromptChunks, pack_tokens
+from shared.kv.engine import fetch_chunk
+from shared.storage.local import LocalStore
+from shared.storage.staging import Staging
+from shared.wire import subjects
+from shared.wire.messages import Accepted, Cancel, Failed, PrefillJob
 from tests.harness import Backend, backend, default_runner, s3_backend, stack_settings
 
 
@@ -285,8 +285,8 @@ async def test_exact_splits_store_the_kv_of_chunk_by_chunk_prefill(
 
 
 def test_boolean_settings_parse() -> None:
-    from shared.config import Settings
-    from shared.errors import ConfigError
+    from shared.core.errors import ConfigError
+    from shared.runtime.config import Settings
 
     assert Settings.from_env({"CAKE_EXACT_SPLITS": "1"}).exact_splits is True
     assert Settings.from_env({"CAKE_EXACT_SPLITS": "false"}).exact_splits is False

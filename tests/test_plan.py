@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from shared.plan import MeetTracker, Split, oracle_split, usable_hit_chunks
+from shared.core.plan import MeetTracker, Split, oracle_split, usable_hit_chunks
 
 
 @pytest.mark.parametrize(
@@ -140,7 +140,7 @@ def test_failed_load_sets_a_floor_for_load_only() -> None:
 
 
 def test_head_steps_follow_the_hint_then_go_chunk_by_chunk() -> None:
-    from shared.plan import head_step
+    from shared.core.plan import head_step
 
     assert head_step(0, 20, 20, hint=-1, step=4, max_step=16) == 4  # no estimate: fixed steps
     assert head_step(0, 20, 20, hint=9, step=4, max_step=16) == 9  # straight to the hint

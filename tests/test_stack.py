@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from shared.nats_server import free_port
+from services.launcher.nats_server import free_port
 
 
 def port_open(port: int) -> bool:
@@ -26,7 +26,7 @@ def test_cake_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "CAKE_STAGING_DIR": str(tmp_path / "staging"), "CAKE_LOG_LEVEL": "warning"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "up", "--port", str(port),
+        [sys.executable, "-m", "services.launcher.cli", "up", "--port", str(port),
          "--store", str(tmp_path / "store"), "--chunk-tokens", "64"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import ConfigError, StoreError
-from shared.stores import (
+from shared.core.errors import ConfigError, StoreError
+from shared.storage import (
     ChunkStore,
     LocalStore,
     MemoryStore,
@@ -21,7 +21,7 @@ from shared.stores import (
     ThrottledStore,
     open_store,
 )
-from shared.stores.local import TMP_PREFIX
+from shared.storage.local import TMP_PREFIX
 
 BUCKET = "cake-test"
 

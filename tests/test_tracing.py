@@ -10,9 +10,9 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared import observability
-from shared.stack import SERVICES
-from shared.stores.local import LocalStore
+from services.launcher.stack import SERVICES
+from shared.runtime import observability
+from shared.storage.local import LocalStore
 from tests.harness import backend, stack_settings
 
 

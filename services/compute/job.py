@@ -11,11 +11,11 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from transformers import DynamicCache
 
-from services.compute.scheduler import Phase
-from shared.engine import PromptChunks
-from shared.model import SamplingParams
-from shared.plan import MeetTracker, head_step
-from shared.schemas import Prefilled, PrefillJob
+from shared.core.keys import PromptChunks
+from shared.core.plan import MeetTracker, head_step
+from shared.core.scheduler import Phase
+from shared.kv.model import SamplingParams
+from shared.wire.messages import Prefilled, PrefillJob
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Job:
         return self.loads.load_frontier
 
     def head_chunks(self) -> int:
-        """Head chunks the next step computes (see shared.plan.head_step)."""
+        """Head chunks the next step computes (see shared.core.plan.head_step)."""
         return head_step(
             self.head_done, self.hit, self.load_frontier(), self.msg.head_hint,
             self.head_piece, self.piece // self.chunk,

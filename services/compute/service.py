@@ -14,20 +14,19 @@ from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
-from services.cancellations import RecentlyCancelled
 from services.compute.job import Job
-from services.compute.scheduler import Candidate, Phase, plan_step
-from services.staging import Staging
-from shared import subjects
-from shared.bus import Bus, RemoteError, Unavailable, spawn
-from shared.chunk_format import decode_chunk, encode_chunk
-from shared.config import Settings
-from shared.engine import PromptChunks
-from shared.errors import CorruptChunkError
-from shared.keys import KeySpace, pack_tokens, unpack_tokens
-from shared.model import ModelRunner, SamplingParams
-from shared.observability import configure_logging, configure_tracing, tracer
-from shared.schemas import (
+from shared.core.cancellations import RecentlyCancelled
+from shared.core.errors import CorruptChunkError
+from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
+from shared.core.scheduler import Candidate, Phase, plan_step
+from shared.kv.codec import decode_chunk, encode_chunk
+from shared.kv.model import ModelRunner, SamplingParams
+from shared.runtime.config import Settings
+from shared.runtime.observability import configure_logging, configure_tracing, tracer
+from shared.storage.staging import Staging
+from shared.wire import subjects
+from shared.wire.bus import Bus, RemoteError, Unavailable, spawn
+from shared.wire.messages import (
     Accepted,
     Cancel,
     ChunkComputed,
@@ -120,7 +119,9 @@ class Compute:
 
     async def on_control(self, msg: Message, m: Msg) -> None:
         """Meet: use these staged chunks. Cancel: drop the job."""
-        job = self.cancelled.owned(self.jobs, subjects.request_id_of(m.subject), msg)
+        job = self.cancelled.owned(
+            self.jobs, subjects.request_id_of(m.subject), isinstance(msg, Cancel)
+        )
         if job is None:
             return
         if isinstance(msg, Meet) and job.meet is None and job.tokens_out is None:

@@ -32,13 +32,13 @@ from services.gateway.validation import (
     parse_request,
     tokenize,
 )
-from shared.bus import Bus
-from shared.config import Settings
-from shared.keys import pack_tokens
-from shared.metrics import CONTENT_TYPE
-from shared.observability import tracer
-from shared.schemas import GenerateRequest
-from shared.tokenizer import Tokenizer
+from shared.core.keys import pack_tokens
+from shared.kv.tokenizer import Tokenizer
+from shared.runtime.config import Settings
+from shared.runtime.metrics import CONTENT_TYPE
+from shared.runtime.observability import tracer
+from shared.wire.bus import Bus
+from shared.wire.messages import GenerateRequest
 
 log = structlog.get_logger(__name__)
 

@@ -10,10 +10,11 @@ import structlog
 from nats.aio.subscription import Subscription
 
 from services.gateway.errors import ApiError
-from shared import subjects
-from shared.bus import Bus, RemoteError, Unavailable
-from shared.keys import unpack_tokens
-from shared.schemas import (
+from shared.core.keys import unpack_tokens
+from shared.kv.tokenizer import Tokenizer
+from shared.wire import subjects
+from shared.wire.bus import Bus, RemoteError, Unavailable
+from shared.wire.messages import (
     Accepted,
     Cancel,
     Done,
@@ -24,7 +25,6 @@ from shared.schemas import (
     SchemaError,
     Tokens,
 )
-from shared.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
 

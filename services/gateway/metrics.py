@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import structlog
 
 from services.gateway.errors import ApiError
-from shared.metrics import Registry
-from shared.schemas import Done, Telemetry
+from shared.runtime.metrics import Registry
+from shared.wire.messages import Done, Telemetry
 
 log = structlog.get_logger(__name__)
 

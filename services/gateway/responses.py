@@ -10,7 +10,7 @@ from aiohttp import web
 
 from services.gateway.conversation import Generation
 from services.gateway.validation import Endpoint
-from shared.schemas import Done
+from shared.wire.messages import Done
 
 
 def usage_of(prompt_tokens: int, gen: Generation) -> dict[str, Any]:

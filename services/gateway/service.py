@@ -15,13 +15,13 @@ from nats.aio.msg import Msg
 
 from services.gateway.app import make_app
 from services.gateway.metrics import GatewayMetrics
-from shared import subjects
-from shared.bus import Bus
-from shared.config import Settings
-from shared.model import load_config
-from shared.observability import configure_logging, configure_tracing, shutdown_tracing
-from shared.schemas import Message, Telemetry
-from shared.tokenizer import load_tokenizer
+from shared.kv.model import load_config
+from shared.kv.tokenizer import load_tokenizer
+from shared.runtime.config import Settings
+from shared.runtime.observability import configure_logging, configure_tracing, shutdown_tracing
+from shared.wire import subjects
+from shared.wire.bus import Bus
+from shared.wire.messages import Message, Telemetry
 
 log = structlog.get_logger(__name__)
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from shared.errors import BadRequestError
-from shared.schemas import Sampling
-from shared.tokenizer import Message as ChatMessage
-from shared.tokenizer import Tokenizer
+from shared.core.errors import BadRequestError
+from shared.kv.tokenizer import Message as ChatMessage
+from shared.kv.tokenizer import Tokenizer
+from shared.wire.messages import Sampling
 
 KV_MODES = ("cake", "compute", "load")
 CHAT_ROLES = ("system", "user", "assistant")

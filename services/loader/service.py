@@ -12,17 +12,18 @@ from typing import Any
 import structlog
 from nats.aio.msg import Msg
 
-from services.cancellations import RecentlyCancelled
-from services.staging import Staging
-from shared import subjects
-from shared.bus import Bus, spawn
-from shared.chunk_format import verify_chunk
-from shared.config import Settings
-from shared.engine import PromptChunks
-from shared.errors import CorruptChunkError, StoreError
-from shared.keys import unpack_tokens
-from shared.observability import configure_logging, configure_tracing, tracer
-from shared.schemas import (
+from shared.core.cancellations import RecentlyCancelled
+from shared.core.errors import CorruptChunkError, StoreError
+from shared.core.keys import PromptChunks, unpack_tokens
+from shared.kv.format import verify_chunk
+from shared.runtime.config import Settings
+from shared.runtime.observability import configure_logging, configure_tracing, tracer
+from shared.storage import open_store
+from shared.storage.base import ChunkStore
+from shared.storage.staging import Staging
+from shared.wire import subjects
+from shared.wire.bus import Bus, spawn
+from shared.wire.messages import (
     Accepted,
     Cancel,
     ChunkLoaded,
@@ -36,8 +37,6 @@ from shared.schemas import (
     StoreJob,
     Telemetry,
 )  # fmt: skip
-from shared.stores import open_store
-from shared.stores.base import ChunkStore
 
 log = structlog.get_logger(__name__)
 TELEMETRY_EVERY_S = 2.0
@@ -160,7 +159,9 @@ class Loader:
 
     async def on_control(self, msg: Message, m: Msg) -> None:
         """Meet: stop fetching below the meeting point. Cancel: stop and drop everything."""
-        fetch = self.cancelled.owned(self.fetches, subjects.request_id_of(m.subject), msg)
+        fetch = self.cancelled.owned(
+            self.fetches, subjects.request_id_of(m.subject), isinstance(msg, Cancel)
+        )
         if fetch is None:
             return
         if isinstance(msg, Meet):

@@ -11,13 +11,13 @@ import nats
 import structlog
 from nats.aio.msg import Msg
 
-from shared import subjects
-from shared.bus import Bus, RemoteError, Unavailable, spawn
-from shared.config import Settings
-from shared.estimator import Advice, SplitEstimator
-from shared.observability import configure_logging, configure_tracing, tracer
-from shared.plan import MeetTracker, Split, usable_hit_chunks
-from shared.schemas import (
+from shared.core.estimator import Advice, SplitEstimator
+from shared.core.plan import MeetTracker, Split, usable_hit_chunks
+from shared.runtime.config import Settings
+from shared.runtime.observability import configure_logging, configure_tracing, tracer
+from shared.wire import subjects
+from shared.wire.bus import Bus, RemoteError, Unavailable, spawn
+from shared.wire.messages import (
     Accepted,
     Cancel,
     ChunkComputed,

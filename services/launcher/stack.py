@@ -1,0 +1,147 @@
+"""`cake up`: nats-server (unless --nats-url) and the four services as separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from services.launcher.nats_server import NatsServer
+from shared.runtime.config import Settings, env_var
+from shared.runtime.observability import configure_logging
+from shared.wire import subjects
+from shared.wire.bus import Bus, RemoteError, Unavailable
+from shared.wire.messages import Accepted, LookupReply, LookupRequest, ModelInfo
+
+SERVICES = ("gateway", "merger", "compute", "loader")
+READY_TIMEOUT_S = 120.0
+
+
+class LocalStack:
+    """Processes of one local Cake stack; services can be restarted with changed settings."""
+
+    def __init__(self, settings: Settings, start_nats: bool = True) -> None:
+        self.settings = settings
+        self.nats = NatsServer.start() if start_nats else None
+        self.nats_url = self.nats.url if self.nats else settings.nats_url
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.url = f"http://{settings.host}:{settings.port}"
+        Path(settings.staging_dir).mkdir(parents=True, exist_ok=True)
+
+    def env(self, settings: Settings) -> dict[str, str]:
+        """This process's environment plus every setting as CAKE_*."""
+        env = dict(os.environ)
+        for name, value in vars(settings).items():
+            if value is not None:
+                env[env_var(name)] = str(value)
+        env[env_var("nats_url")] = self.nats_url
+        return env
+
+    def start(self, services: Sequence[str] = SERVICES, **changes: Any) -> None:
+        """Start services (the gateway last) and wait until the gateway answers /health."""
+        settings = self.settings.replace(**changes) if changes else self.settings
+        for name in sorted(services, key=lambda s: s == "gateway"):
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "services.launcher.cli", "serve", name],
+                env=self.env(settings),
+                start_new_session=True,  # Ctrl-C reaches only `cake up`; it stops them in order
+            )  # fmt: skip
+        self.wait_ready()
+
+    def restart(self, service: str, **changes: Any) -> None:
+        """Stop one service and start it again with some settings changed."""
+        self.stop([service])
+        self.start([service], **changes)
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until the gateway answers /health and the compute service has its model loaded."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if self._gateway_up() and asyncio.run(self._backend_up()):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the stack was not ready within {timeout_s:.0f}s")
+
+    def _gateway_up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except (OSError, http.client.HTTPException):  # not up yet, or not our gateway
+            return False
+
+    async def _backend_up(self) -> bool:
+        """Compute has its model loaded and a loader answers lookups."""
+        bus = await Bus.connect(self.nats_url, "cake-stack")
+        try:
+            info = await bus.request(subjects.COMPUTE_INFO, Accepted(), ModelInfo, timeout_s=1.0)
+            ping = LookupRequest("ready-check", info.space, b"")
+            await bus.request(subjects.LOOKUP, ping, LookupReply, timeout_s=1.0)
+            return True
+        except (Unavailable, RemoteError):
+            return False
+        finally:
+            await bus.close()
+
+    def check_alive(self) -> None:
+        """RuntimeError naming any service that exited."""
+        dead = [n for n, p in self.procs.items() if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited")
+
+    def stop(self, services: Sequence[str] | None = None, timeout_s: float = 15.0) -> None:
+        """SIGTERM services (all by default, the gateway first), SIGKILL any that linger."""
+        names = [n for n in SERVICES if n in self.procs and (services is None or n in services)]
+        for name in names:
+            if self.procs[name].poll() is None:
+                self.procs[name].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            proc = self.procs.pop(name)
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def close(self) -> None:
+        """Stop every service and the nats-server this stack started. Idempotent."""
+        self.stop()
+        if self.nats:
+            self.nats.stop()
+            self.nats = None
+
+
+def run_stack(settings: Settings, start_nats: bool) -> int:
+    """`cake up`: run everything until Ctrl-C or a service dies; leave nothing running."""
+    stopping = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    configure_logging("stack", settings.log_format, settings.log_level)
+    stack = LocalStack(settings, start_nats)
+    try:
+        stack.start()
+        print(f"Cake is serving {settings.model} at {stack.url}/v1 (NATS {stack.nats_url}).")
+        print("Ctrl-C stops everything.", flush=True)
+        while not stopping:
+            stack.check_alive()
+            time.sleep(0.2)
+        return 0
+    except RuntimeError as exc:
+        print(f"cake: {exc}; stopping", file=sys.stderr)
+        return 1
+    finally:
+        stack.close()

@@ -1,0 +1,109 @@
+"""KV tensors to stored chunks and back (the payload codecs of shared.kv.format).
+
+Codec `raw` stores the tensor's bytes as they are (exact); `int8` stores int8 values with one
+float32 scale per token and head (about half of fp16's bytes, lossy). No pickle: tensors are
+rebuilt from raw bytes with torch.frombuffer.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from shared.core.keys import ChunkIdentity
+from shared.kv.format import CODECS, check_header, corrupt, pack_chunk, verify_chunk
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("Cake's stored format assumes a little-endian host")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The format's name of a torch dtype (float32, float16, bfloat16)."""
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported KV dtype {dtype}; use one of {sorted(_DTYPES)}")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a format dtype name."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported KV dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def _from_bytes(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over the bytes: zero-copy when they are writable, one copy otherwise."""
+    buffer = data if not data.readonly else bytearray(data)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _quantize_int8(kv: torch.Tensor) -> bytes:
+    """Symmetric 8-bit per token and head: int8 values then float32 scales over head_dim."""
+    x = kv.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+    q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+    return _to_bytes(q) + _to_bytes(scale)
+
+
+def _dequantize_int8(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    q = _from_bytes(view[:n], torch.int8, shape)
+    scale = _from_bytes(view[n:], torch.float32, (*shape[:-1], 1))
+    return (q.float() * scale).to(dtype)
+
+
+def encode_chunk(ident: ChunkIdentity, kv: torch.Tensor, codec: str = "raw") -> bytes:
+    """Serialize one chunk's KV, shape (layers, 2, kv_heads, tokens, head_dim)."""
+    shape = ident.layout.chunk_shape(len(ident.token_ids))
+    if tuple(kv.shape) != shape:
+        raise ValueError(f"chunk KV has shape {tuple(kv.shape)}, layout expects {shape}")
+    if dtype_name(kv.dtype) != ident.layout.dtype:
+        raise ValueError(f"chunk KV is {kv.dtype}, layout expects {ident.layout.dtype}")
+    if codec == "raw":
+        payload = _to_bytes(kv)
+    elif codec == "int8":
+        payload = _quantize_int8(kv)
+    else:
+        raise ValueError(f"unknown codec {codec!r}; use one of {CODECS}")
+    return pack_chunk(ident, codec, payload)
+
+
+def decode_chunk(
+    data: bytes | bytearray, ident: ChunkIdentity, verify_payload: bool = True
+) -> torch.Tensor:
+    """The chunk's KV tensor, after checking the header and (by default) the payload checksum.
+
+    verify_payload=False is for bytes already verified by verify_chunk in this node (the
+    loader's staged files); a bytearray is decoded without a copy.
+    """
+    if verify_payload:
+        header, offset = verify_chunk(data, ident)
+    else:
+        header, offset = check_header(data, ident)
+    shape = ident.layout.chunk_shape(len(ident.token_ids))
+    dtype = torch_dtype(ident.layout.dtype)
+    payload = memoryview(data)[offset:]
+    codec = header.get("codec")
+    try:
+        if codec == "raw":
+            return _from_bytes(payload, dtype, shape)
+        if codec == "int8":
+            return _dequantize_int8(payload, dtype, shape)
+    except (RuntimeError, ValueError) as exc:  # payload size does not fit the shape
+        raise corrupt(ident, f"payload does not fit shape {shape} ({exc})") from exc
+    raise corrupt(ident, f"unknown codec {codec!r}")

@@ -1,0 +1,88 @@
+"""Store-facing steps of the engine: lookup, fetch, write-back and the merged prefill.
+
+These are the building blocks the services call; run back to back in one process they form the
+whole Cake plan without NATS (tests and the benchmark's pipeline-overhead baseline use that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import structlog
+import torch
+from transformers import DynamicCache
+
+from shared.core.errors import CorruptChunkError
+from shared.core.keys import PromptChunks
+from shared.core.plan import Split, usable_hit_chunks
+from shared.kv.codec import decode_chunk, encode_chunk
+from shared.kv.model import ModelRunner
+from shared.storage.base import ChunkStore
+
+log = structlog.get_logger(__name__)
+
+
+async def lookup_hit(store: ChunkStore, prompt: PromptChunks) -> int:
+    """Usable hit chunks: the stored prefix, keeping the last prompt token for compute."""
+    stored = await store.stored_prefix(prompt.keys)
+    return usable_hit_chunks(stored, len(prompt.token_ids), prompt.space.chunk_tokens)
+
+
+async def fetch_chunk(store: ChunkStore, prompt: PromptChunks, index: int) -> torch.Tensor | None:
+    """Chunk index's KV, or None when missing or corrupt (a corrupt object is deleted)."""
+    data = await store.get(prompt.keys[index])
+    if data is None:
+        return None
+    try:
+        return decode_chunk(data, prompt.identity(index))
+    except CorruptChunkError as exc:
+        log.warning("corrupt chunk deleted", chunk=index, error=str(exc))
+        await store.delete(prompt.keys[index])
+        return None
+
+
+async def write_back(
+    runner: ModelRunner,
+    store: ChunkStore,
+    prompt: PromptChunks,
+    cache: DynamicCache,
+    first_chunk: int = 0,
+    codec: str = "raw",
+) -> int:
+    """Store the complete chunks from first_chunk on that the cache holds; how many were new."""
+    held = runner.cache_length(cache) // prompt.space.chunk_tokens
+    indices = range(first_chunk, min(held, len(prompt.keys)))
+    present = await store.exists_many([prompt.keys[i] for i in indices])
+    written = 0
+    for i, stored in zip(indices, present, strict=True):
+        if stored:
+            continue
+        start, end = prompt.space.chunk_bounds(i)
+        kv = runner.chunk_kv(cache, start, end)
+        await store.put(prompt.keys[i], encode_chunk(prompt.identity(i), kv, codec))
+        written += 1
+    return written
+
+
+def merged_prefill(
+    runner: ModelRunner,
+    prompt: PromptChunks,
+    split: Split,
+    loaded: Mapping[int, torch.Tensor],
+    cache: DynamicCache | None = None,
+) -> tuple[DynamicCache, torch.Tensor]:
+    """Computed head [0, meet) + loaded tail [meet, hit) + prefilled suffix; the last logits.
+
+    cache may already hold some computed head chunks (the compute service fills it as it goes);
+    the rest of the head is computed here.
+    """
+    chunk = prompt.space.chunk_tokens
+    cache = cache if cache is not None else runner.new_cache()
+    done = runner.cache_length(cache) // chunk
+    if done > split.meet and split.loaded:
+        raise ValueError(f"cache holds {done} chunks, past the meeting point {split.meet}")
+    runner.prefill_chunks(cache, prompt.tokens_of(done, split.meet), chunk)
+    runner.append_kv(cache, [loaded[j] for j in split.loaded])
+    logits = runner.prefill_chunks(cache, prompt.token_ids[runner.cache_length(cache) :], chunk)
+    assert logits is not None  # the suffix always holds at least the last prompt token
+    return cache, logits

@@ -1,0 +1,255 @@
+"""The model runner: chunked prefill, merged caches, suffix prefill and decoding.
+
+Works with any transformers causal LM whose cache is a plain per-layer key/value cache
+(DynamicCache made only of DynamicLayer). Sliding-window, hybrid and state-space models are
+refused: a chunk loaded into them would not be exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers.cache_utils import DynamicLayer
+
+from shared.core.errors import ConfigError, UnsupportedModelError
+from shared.core.keys import KVLayout
+from shared.kv.codec import dtype_name, torch_dtype
+from shared.kv.tokenizer import DEFAULT_MODEL, RANDOM_PREFIX, ByteTokenizer, uses_byte_tokenizer
+
+DEFAULT_SEED = 1234
+
+# config keys that describe where or how a model was loaded, not what it computes
+# (architectures is filled in by save_pretrained; the model class name stands for it)
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "architectures"}
+
+
+def default_model_config(**overrides: Any) -> LlamaConfig:
+    """The embedded default: a small Llama (GQA, RoPE) over the byte-level vocabulary."""
+    params: dict[str, Any] = {
+        "vocab_size": ByteTokenizer.vocab_size,
+        "hidden_size": 512,
+        "intermediate_size": 1408,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "rope_theta": 500000.0,
+        "initializer_range": 0.1,
+        "bos_token_id": ByteTokenizer.BOS,
+        "eos_token_id": ByteTokenizer.EOS,
+        "tie_word_embeddings": False,
+    }
+    params.update(overrides)
+    return LlamaConfig(**params)
+
+
+# random-weight stand-ins for real shapes (benchmarks without downloads): "random:<name>"
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": {
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+        "initializer_range": 0.02,
+    },
+    "llama3-1b": {
+        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+        "initializer_range": 0.02,
+    },
+}  # fmt: skip
+
+
+def load_config(source: str, revision: str | None = None) -> Any:
+    """A model's config without its weights: built-in ones, a local directory or a hub id."""
+    if source == DEFAULT_MODEL:
+        return default_model_config()
+    if source.startswith(RANDOM_PREFIX):
+        shape = source.removeprefix(RANDOM_PREFIX)
+        if shape not in RANDOM_SHAPES:
+            raise ConfigError(f"unknown random shape {shape!r}; use one of {sorted(RANDOM_SHAPES)}")
+        return default_model_config(**RANDOM_SHAPES[shape])
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model config from {source!r}: {exc}") from exc
+
+
+def check_plain_kv(config: Any) -> None:
+    """Raise UnsupportedModelError unless every layer keeps a plain, full-length KV cache."""
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception as exc:  # a config the cache code cannot even read
+        raise UnsupportedModelError(f"cannot build a KV cache for this model: {exc}") from exc
+    kinds = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+    if kinds or not layers:
+        raise UnsupportedModelError(
+            f"model type {getattr(config, 'model_type', '?')!r} keeps a "
+            f"{', '.join(kinds) or 'non-KV'} cache (sliding-window, hybrid or state-space); "
+            "Cake serves only models whose every layer keeps full keys and values"
+        )
+
+
+def config_fingerprint(config: Any) -> str:
+    """sha256 of the architecture config, leaving out load-time fields."""
+    data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """sha256 over each parameter's name, shape, dtype and an evenly strided sample of values.
+
+    Cheap for large models and deterministic across machines; any retrained or fine-tuned
+    weights change the sampled values.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].cpu().contiguous()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each new token: temperature 0 is greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+def pick_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    """Greedy argmax, or temperature / top-p sampling with the given generator."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits).item())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+class ModelRunner:
+    """One loaded causal LM and the cache operations Cake builds on."""
+
+    def __init__(self, model: Any, name: str, weights_id: str | None = None) -> None:
+        self.model = model.eval()
+        self.config: Any = model.config
+        self.name = name
+        check_plain_kv(self.config)
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        text_cfg = self.config.get_text_config()
+        heads = text_cfg.num_attention_heads
+        head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads
+        self.layout = KVLayout(
+            layers=text_cfg.num_hidden_layers,
+            kv_heads=getattr(text_cfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            dtype=dtype_name(self.dtype),
+        )
+        self.max_context = int(getattr(text_cfg, "max_position_embeddings", 0) or 0) or None
+        weights = weights_id or weights_fingerprint(model)
+        identity = f"{type(model).__name__}:{config_fingerprint(self.config)}:{weights}"
+        self.fingerprint = hashlib.sha256(identity.encode()).hexdigest()
+
+    @classmethod
+    def load(
+        cls,
+        source: str = DEFAULT_MODEL,
+        dtype: str = "float32",
+        device: str = "cpu",
+        revision: str | None = None,
+        seed: int = DEFAULT_SEED,
+    ) -> ModelRunner:
+        """The embedded default model, or a causal LM from a local directory or hub id."""
+        torch_type = torch_dtype(dtype)
+        config = load_config(source, revision)
+        check_plain_kv(config)  # refuse before spending time on the weights
+        if uses_byte_tokenizer(source):  # built from the config with a fixed seed
+            with torch.random.fork_rng(devices=[]), torch.device(device):
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch_type)
+            return cls(model, name=source)
+        pretrained: Any = AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, dtype=torch_type
+        )
+        return cls(pretrained.to(device), name=source)
+
+    # --- caches -----------------------------------------------------------------------------
+
+    def new_cache(self) -> DynamicCache:
+        """An empty cache for this model."""
+        return DynamicCache(config=self.config)
+
+    def _ids(self, token_ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def extend(self, cache: DynamicCache, token_ids: Sequence[int]) -> torch.Tensor:
+        """Run token_ids after what cache holds, appending their KV; the last token's logits."""
+        if not token_ids:
+            raise ValueError("extend needs at least one token")
+        out = self.model(
+            input_ids=self._ids(token_ids), cache=cache, use_cache=True, logits_to_keep=1
+        )
+        return out.logits[0, -1]
+
+    def prefill_chunks(
+        self, cache: DynamicCache, token_ids: Sequence[int], chunk_tokens: int
+    ) -> torch.Tensor | None:
+        """extend() in pieces of chunk_tokens (chunked prefill); logits of the last token."""
+        logits = None
+        for start in range(0, len(token_ids), chunk_tokens):
+            logits = self.extend(cache, token_ids[start : start + chunk_tokens])
+        return logits
+
+    def chunk_kv(self, cache: DynamicCache, start: int, end: int) -> torch.Tensor:
+        """A copy of the cache's KV for tokens [start, end): (layers, 2, kv_heads, tokens, dim)."""
+        layers: list[Any] = list(cache.layers)  # all DynamicLayer: checked at load
+        parts = [
+            torch.stack((layer.keys[0, :, start:end], layer.values[0, :, start:end]))
+            for layer in layers
+        ]
+        return torch.stack(parts).contiguous()
+
+    def append_kv(self, cache: DynamicCache, chunks: Sequence[torch.Tensor]) -> None:
+        """Append loaded chunk KVs (in token order) to the cache, one concatenation per layer."""
+        if not chunks:
+            return
+        kv = torch.cat([c.to(device=self.device, dtype=self.dtype) for c in chunks], dim=3)
+        for i in range(self.layout.layers):
+            cache.update(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0), i)
+
+    def cache_length(self, cache: DynamicCache) -> int:
+        """Tokens held in the cache."""
+        return int(cache.get_seq_length())
+
+    # --- generation -------------------------------------------------------------------------
+
+    def generate(
+        self, cache: DynamicCache, logits: torch.Tensor, params: SamplingParams
+    ) -> Iterator[int]:
+        """Yield up to max_tokens new ids from the prompt's last logits; stops after a stop id."""
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        for n in range(params.max_tokens):
+            token = pick_token(logits.cpu(), params, gen)
+            yield token
+            if token in params.stop_token_ids or n + 1 == params.max_tokens:
+                return
+            logits = self.extend(cache, [token])

@@ -1,0 +1,138 @@
+"""All of Cake's settings, read in one place: environment variables, overridden by CLI flags.
+
+Each field's environment variable is CAKE_<FIELD NAME IN CAPITALS> (see ENV_VARS); the
+OpenTelemetry exporter reads the standard OTEL_* variables itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from shared.core.errors import ConfigError
+from shared.kv.format import CODECS
+
+
+def _default_staging() -> str:
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    return str(base / "cake-staging")
+
+
+def _default_node() -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:64]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, with its default."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    model: str = "default"  # "default", a local directory or a hub id
+    model_revision: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    store: str = ".cake/store"  # a path, file:///path, s3://bucket/prefix or memory://
+    store_capacity_gb: float | None = None
+    store_bandwidth_mbps: float | None = None  # emulate a slower tier (benchmarks)
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    staging_dir: str = field(default_factory=_default_staging)
+    chunk_tokens: int = 256
+    node: str = field(default_factory=_default_node)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    request_timeout_s: float = 300.0
+    rpc_timeout_s: float = 5.0  # one request/reply hop (lookup, dispatch)
+    fetch_timeout_s: float = 30.0  # one chunk read from storage
+    fetch_concurrency: int = 4
+    token_budget: int = 512  # tokens per compute scheduler step
+    head_tokens: int = 512  # tokens per compute step of a Cake head (the paper's compute chunk)
+    exact_splits: bool = False  # every forward pass covers exactly one storage chunk
+    skip_head_ratio: float = 0.5  # run load-only when a chunk loads in < this x its compute time
+    kv_codec: str = "raw"  # how new chunks are stored: raw (exact) or int8 (half of fp16, lossy)
+    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    log_format: str = "auto"  # json, console or auto (console on a terminal)
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from CAKE_* variables, then the given overrides (None means: not given)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(env_var(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown settings: {sorted(unknown)}")
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        """self, or ConfigError naming the first bad value."""
+        positive = (
+            "chunk_tokens",
+            "request_timeout_s",
+            "rpc_timeout_s",
+            "fetch_timeout_s",
+            "fetch_concurrency",
+            "token_budget",
+            "max_tokens_limit",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{env_var(name)} must be positive, got {getattr(self, name)}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"CAKE_PORT must be a TCP port, got {self.port}")
+        if not 0 <= self.skip_head_ratio < 1:
+            raise ConfigError("CAKE_SKIP_HEAD_RATIO must be in [0, 1) (0 never skips the head)")
+        if self.kv_codec not in CODECS:
+            raise ConfigError(f"CAKE_KV_CODEC must be one of {', '.join(CODECS)}")
+        if self.log_format not in ("json", "console", "auto"):
+            raise ConfigError("CAKE_LOG_FORMAT must be json, console or auto")
+        if self.token_budget < self.chunk_tokens:
+            raise ConfigError("CAKE_TOKEN_BUDGET must be at least CAKE_CHUNK_TOKENS")
+        return self
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes).validated()
+
+    @property
+    def store_capacity_bytes(self) -> int | None:
+        """The local store's byte capacity, if any."""
+        return None if self.store_capacity_gb is None else int(self.store_capacity_gb * 1e9)
+
+
+def env_var(name: str) -> str:
+    """The environment variable of a settings field."""
+    return f"CAKE_{name.upper()}"
+
+
+ENV_VARS = frozenset(env_var(f.name) for f in fields(Settings))
+
+
+def _parse(name: str, kind: Any, raw: str) -> Any:
+    kind = str(kind)
+    if kind.startswith("bool"):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{env_var(name)}={raw!r} is not a boolean (use 1/0, true/false)")
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{env_var(name)}={raw!r} is not a number") from None
+    return raw

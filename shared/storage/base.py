@@ -1,0 +1,70 @@
+"""The one small storage interface every chunk store implements."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Sequence
+
+
+class ChunkStore(abc.ABC):
+    """An async key -> bytes store for serialized KV chunks.
+
+    Keys are lowercase hex strings (see shared.core.keys). A value is visible only once it is
+    completely written. ``get`` of a missing key returns None; backend failures raise
+    shared.core.errors.StoreError. Stores are async context managers: ``async with store: ...``.
+    """
+
+    #: how many keys the default batched helpers look at concurrently
+    batch_concurrency: int = 16
+
+    async def start(self) -> None:  # noqa: B027 (optional hook, a no-op by default)
+        """Acquire resources (clients, directory scan). Idempotent."""
+
+    async def close(self) -> None:  # noqa: B027 (optional hook, a no-op by default)
+        """Release resources. Idempotent, safe after a failed start."""
+
+    async def __aenter__(self) -> ChunkStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def exists(self, key: str) -> bool:
+        """Whether a complete value is stored under key."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> bytes | None:
+        """The value stored under key, or None when there is none."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: bytes) -> None:
+        """Store data under key atomically; an existing value is replaced."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove key; removing a missing key is not an error."""
+
+    async def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        """exists() for many keys, in order, with bounded concurrency."""
+        sem = asyncio.Semaphore(self.batch_concurrency)
+
+        async def one(key: str) -> bool:
+            async with sem:
+                return await self.exists(key)
+
+        return list(await asyncio.gather(*(one(k) for k in keys)))
+
+    async def stored_prefix(self, keys: Sequence[str]) -> int:
+        """How many leading keys are stored (the longest stored prefix of a chained key list)."""
+        found = await self.exists_many(keys)
+        for i, ok in enumerate(found):
+            if not ok:
+                return i
+        return len(found)
+
+    def usage_bytes(self) -> int | None:
+        """Bytes currently stored, where the store tracks it (None otherwise)."""
+        return None

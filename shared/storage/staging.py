@@ -1,0 +1,76 @@
+"""The node-local staging area shared by the loader and the compute service (claim checks)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from shared.core.names import checked_token
+
+
+class Staging:
+    """Files under root/<request id>/: chunks the loader fetched, chunks compute wrote back."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def request_dir(self, request_id: str) -> Path:
+        """The directory of one request (its id is checked to be a plain subject token)."""
+        return self.root / checked_token(request_id, "request id")
+
+    def write(self, request_id: str, name: str, data: bytes) -> str:
+        """Write data atomically (temporary name, then rename); the file's path."""
+        directory = self.request_dir(request_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        final = directory / name
+        tmp = directory / f".tmp-{uuid.uuid4().hex}"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        return str(final)
+
+    def inside(self, path: str) -> Path:
+        """The resolved path, or ValueError when it is not inside the staging root."""
+        resolved = Path(path).resolve()
+        if self.root.resolve() not in resolved.parents:
+            raise ValueError(f"{path} is outside the staging area")
+        return resolved
+
+    def read(self, path: str) -> bytearray:
+        """A staged file's bytes (writable, so tensors can use them without a copy)."""
+        resolved = self.inside(path)
+        with resolved.open("rb") as f:
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            f.readinto(data)
+        return data
+
+    def discard(self, path: str) -> None:
+        """Remove one staged file (missing is fine; a path outside the root is refused)."""
+        self.inside(path).unlink(missing_ok=True)
+
+    def discard_request_if_empty(self, request_id: str) -> None:
+        """Remove a request's directory once nothing is staged in it."""
+        with contextlib.suppress(OSError):
+            self.request_dir(request_id).rmdir()
+
+    def discard_request(self, request_id: str) -> None:
+        """Remove everything staged for a request."""
+        shutil.rmtree(self.request_dir(request_id), ignore_errors=True)
+
+    def sweep(self, older_than_s: float) -> int:
+        """Remove request directories untouched for older_than_s (left by crashed services)."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for d in self.root.iterdir():
+            if d.is_dir() and d.stat().st_mtime < cutoff:
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+        return removed

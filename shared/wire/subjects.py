@@ -1,0 +1,59 @@
+"""Every NATS subject Cake uses. No subject string is written anywhere else.
+
+Per-request subjects carry the request id; compute and loader listen to all requests'
+control subjects through CONTROL_ALL and keep the ones they own.
+"""
+
+from __future__ import annotations
+
+from shared.core.names import checked_token
+
+ROOT = "cake"
+
+# request/reply, queue groups
+GENERATE = f"{ROOT}.merger.generate"  # gateway -> merger: GenerateRequest -> Accepted
+COMPUTE_INFO = f"{ROOT}.compute.info"  # any -> compute: (empty) -> ModelInfo
+COMPUTE_PREFILL = f"{ROOT}.compute.prefill"  # merger -> compute: PrefillJob -> Accepted
+LOOKUP = f"{ROOT}.loader.lookup"  # merger -> loader: LookupRequest -> LookupReply
+
+# fire and forget
+TELEMETRY = f"{ROOT}.telemetry"  # compute/loader -> gateway, controllers: Telemetry
+CONTROL_ALL = f"{ROOT}.req.*.control"
+EVENTS_ALL = f"{ROOT}.req.*.events"  # every request's chunk events (benchmark timelines)
+
+QUEUE_MERGER = "merger"
+QUEUE_COMPUTE = "compute"
+QUEUE_LOADER = "loader"
+
+
+def fetch(node: str) -> str:
+    """merger -> the loader beside compute node `node`: FetchJob."""
+    return f"{ROOT}.loader.{checked_token(node, 'node')}.fetch"
+
+
+def store(node: str) -> str:
+    """compute -> the loader on its node: StoreJob (write staged chunks back to storage)."""
+    return f"{ROOT}.loader.{checked_token(node, 'node')}.store"
+
+
+def events(request_id: str) -> str:
+    """compute/loader -> merger: ChunkComputed, ChunkLoaded, LoadFailed of one request."""
+    return f"{ROOT}.req.{checked_token(request_id, 'request id')}.events"
+
+
+def control(request_id: str) -> str:
+    """merger/gateway -> compute and loader: Meet, Cancel of one request."""
+    return f"{ROOT}.req.{checked_token(request_id, 'request id')}.control"
+
+
+def stream(request_id: str) -> str:
+    """compute/merger -> gateway: Tokens, Done or Failed of one request."""
+    return f"{ROOT}.req.{checked_token(request_id, 'request id')}.stream"
+
+
+def request_id_of(subject: str) -> str:
+    """The request id inside a per-request subject."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != ROOT or parts[1] != "req":
+        raise ValueError(f"{subject!r} is not a per-request subject")
+    return parts[2]
