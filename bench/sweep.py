@@ -18,10 +18,9 @@ from tqdm import tqdm
 
 from bench.client import Timing, first_token, prompt_text
 from bench.profile import Profile, measure_profile
-from services.launcher.in_process import cake_prefill
+from services.launcher.in_process import generate, in_process
 from services.launcher.nats_server import free_port
 from services.launcher.stack import LocalStack
-from shared.core.estimator import SplitEstimator
 from shared.core.keys import KeySpace, PromptChunks
 from shared.core.plan import usable_hit_chunks
 from shared.kv.model import ModelRunner
@@ -259,19 +258,17 @@ class Bench:
         events: list[dict[str, Any]] = []
         start = time.perf_counter()
 
-        async def on_event(msg: Any) -> None:
-            event = Message.decode(msg.data)
+        async def on_event(event: Message, _: str) -> None:
             at = time.perf_counter() - start
             if isinstance(event, ChunkComputed):
                 events.append({"t": at, "kind": "computed", "upto": event.upto})
             elif isinstance(event, ChunkLoaded):
                 events.append({"t": at, "kind": "loaded", "index": event.index})
 
-        sub = await bus.nc.subscribe(subjects.EVENTS_ALL, cb=on_event)
+        await bus.handle(subjects.EVENTS_ALL, on_event)
         evict_page_cache(self.workdir / "store")
         start = time.perf_counter()
         timing = await first_token(self.session, self.stack.url, ctx.text, "cake", ctx.salt)
-        await sub.unsubscribe()
         await bus.close()
         events.append(
             {"t": timing.ttft_s, "kind": "first_token", "meet": timing.cake["meet_chunk"]}
@@ -279,29 +276,31 @@ class Bench:
         return events
 
     async def pipeline_overhead(self, ctx: Context, store: LocalStore) -> dict[str, Any]:
-        """The same Cake plan in one process (same model, same store, same link) vs the services."""
+        """TTFT of the same Cake request through the deployed services and through the same
+        services in one process (services.launcher.in_process: same model, store, link and
+        settings, warmed up alike): the ratio is what NATS and the process boundaries cost."""
         assert self.runner is not None
         bandwidth = ctx.kv_rate_mbps
-        await self.restart_loader(bandwidth, self.config.fetch_concurrencies[-1])
-        await self.request(self.warmup, "cake")
-        # the in-process run gets the advice the merger's estimator would give on this link
-        assert ctx.profile is not None
-        estimator = SplitEstimator(skip_head_ratio=self.settings.skip_head_ratio)
-        estimator.observe_compute(ctx.hit, ctx.profile.head_s[-1])
         concurrency = self.config.fetch_concurrencies[-1]
-        estimator.observe_loads(ctx.hit, sum(ctx.profile.load_s(bandwidth, concurrency)))
-        advice = estimator.advise(ctx.hit)
+        await self.restart_loader(bandwidth, concurrency)
+        await self.request(self.warmup, "cake")
+        settings = self.settings.replace(
+            fetch_concurrency=concurrency, node="in-process",
+            staging_dir=str(self.workdir / "staging-in-process"),
+        )  # fmt: skip
+        ids = ByteTokenizer().encode
         services, local = [], []
-        for _ in range(max(2, self.config.reps)):
-            services.append((await self.request(ctx, "cake")).ttft_s)
-            evict_page_cache(self.workdir / "store")
-            async with ThrottledStore(store, bandwidth_MBps=bandwidth) as link:
-                result = await cake_prefill(
-                    self.runner, link, self.prompt(ctx), ctx.hit,
-                    self.config.fetch_concurrencies[-1], advice=advice,
-                    budget_tokens=self.settings.token_budget,
-                )  # fmt: skip
-            local.append(result.ttft_s)
+        async with (
+            ThrottledStore(store, bandwidth_MBps=bandwidth) as link,
+            in_process(settings, self.runner, link) as client,
+        ):
+            warmup = ids(self.warmup.text)
+            await generate(client, settings, warmup, "cake", self.warmup.salt, max_tokens=1)
+            for _ in range(max(2, self.config.reps)):
+                services.append((await self.request(ctx, "cake")).ttft_s)
+                evict_page_cache(self.workdir / "store")
+                result = await generate(client, settings, ids(ctx.text), "cake", ctx.salt, 1)
+                local.append(result.first_token_s)
         return {
             "context": ctx.tokens, "io_ratio": 1.0,
             "services_ttft_s": stats(services), "in_process_ttft_s": stats(local),

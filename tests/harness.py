@@ -3,32 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from aiohttp import web
-
-from services.compute.service import Compute
 from services.gateway.app import make_app
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.service import Gateway
+from services.launcher.in_process import Result, generate
+from services.launcher.in_process import builders as in_process_builders
 from services.launcher.stack import SERVICES
-from services.loader.service import Loader
-from services.merger.service import Merger
-from shared.core.keys import pack_tokens, unpack_tokens
 from shared.kv.model import ModelRunner
 from shared.kv.tokenizer import ByteTokenizer
 from shared.runtime.config import Settings
+from shared.runtime.service import Builder, Service, running
 from shared.storage.base import ChunkStore
 from shared.storage.s3 import S3Store
-from shared.storage.staging import Staging
-from shared.wire import subjects
 from shared.wire.bus import Bus
-from shared.wire.messages import Accepted, Done, Failed, GenerateRequest, Message, Tokens
 
 
 @cache
@@ -55,21 +49,6 @@ def stack_settings(nats_url: str, tmp: Path, **changes: object) -> Settings:
 
 
 @dataclass
-class Result:
-    """What came back on a request's stream."""
-
-    tokens: list[int]
-    end: Done | Failed
-    elapsed_s: float
-
-    @property
-    def done(self) -> Done:
-        """The Done message (fails the test when the request failed)."""
-        assert isinstance(self.end, Done), self.end
-        return self.end
-
-
-@dataclass
 class Backend:
     """Merger, compute and loader (any of them may be left out) plus a client bus."""
 
@@ -83,25 +62,19 @@ class Backend:
         self, tokens: Sequence[int], kv_mode: str = "cake", salt: str = "", max_tokens: int = 8
     ) -> Result:
         """Send one request as the gateway would and collect its stream."""
-        rid = "t-" + uuid.uuid4().hex
-        sub = await self.client.nc.subscribe(subjects.stream(rid))
-        start = time.monotonic()
-        deadline = time.time() + self.settings.request_timeout_s
-        req = GenerateRequest(
-            rid, pack_tokens(tokens), {"max_tokens": max_tokens}, kv_mode, salt, deadline
-        )
-        await self.client.request(subjects.GENERATE, req, Accepted, self.settings.rpc_timeout_s)
-        out: list[int] = []
-        try:
-            while True:
-                raw = await sub.next_msg(timeout=self.settings.request_timeout_s + 5)
-                msg = Message.decode(raw.data)
-                if isinstance(msg, Tokens):
-                    out += unpack_tokens(msg.tokens)
-                elif isinstance(msg, Done | Failed):
-                    return Result(out, msg, time.monotonic() - start)
-        finally:
-            await sub.unsubscribe()
+        return await generate(self.client, self.settings, tokens, kv_mode, salt, max_tokens)
+
+
+def builders(store: ChunkStore) -> dict[str, Builder]:
+    """The in-process builders (the cached model, the test's store) plus a gateway with the
+    byte tokenizer on a free port."""
+
+    async def gateway(bus: Bus, settings: Settings, _: AsyncExitStack) -> Service:
+        metrics = GatewayMetrics()
+        app = make_app(bus, settings, ByteTokenizer(), "default", metrics, 32768)
+        return Gateway(bus, settings.replace(port=0), app, metrics)
+
+    return {**in_process_builders(default_runner(), store), "gateway": gateway}
 
 
 @asynccontextmanager
@@ -110,29 +83,23 @@ async def backend(
     store: ChunkStore,
     services: Sequence[str] = ("merger", "compute", "loader"),
 ) -> AsyncIterator[Backend]:
-    """Start the chosen services in this process, each on its own NATS connection."""
+    """Start the chosen services in this process, each on its own NATS connection, the way
+    `cake serve` runs them (shared.runtime.service.running)."""
+    build = builders(store)
     async with AsyncExitStack() as stack:
         client = await Bus.connect(settings.nats_url, "test-client")
         stack.push_async_callback(client.close)
         be = Backend(settings, store, client)
-        staging = Staging(settings.staging_dir)
         for name in services:
-            bus = await Bus.connect(settings.nats_url, f"test-{name}")
-            stack.push_async_callback(bus.close)
-            if name == "gateway":
-                be.url = await start_gateway(stack, bus, settings)
-                continue
-            service: Compute | Loader | Merger
-            if name == "compute":
-                service = Compute(bus, default_runner(), staging, settings)
-            elif name == "loader":
-                service = Loader(bus, store, staging, settings)
-            else:
-                service = Merger(bus, settings)
-            await service.start()
-            stack.push_async_callback(service.close)
+
+            def connect(name: str = name) -> Awaitable[Bus]:
+                return Bus.connect(settings.nats_url, f"test-{name}")
+
+            service = await stack.enter_async_context(running(build[name], settings, connect))
             be.services[name] = service
-        await client.nc.flush()
+            if isinstance(service, Gateway):
+                be.url = service.url
+        await client.flush()
         yield be
         await asyncio.sleep(0)
 
@@ -149,14 +116,3 @@ async def s3_backend(
         await store.ensure_bucket()
         async with backend(settings, store, services) as be:
             yield be
-
-
-async def start_gateway(stack: AsyncExitStack, bus: Bus, settings: Settings) -> str:
-    """The real gateway app on a free local port; its base URL."""
-    app = make_app(bus, settings, ByteTokenizer(), "default", GatewayMetrics(), 32768)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, "127.0.0.1", 0).start()  # the OS picks a free port
-    host, port = runner.addresses[0][:2]
-    return f"http://{host}:{port}"

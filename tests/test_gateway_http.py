@@ -18,9 +18,10 @@ import aiohttp
 import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from nats.aio.msg import Msg
+from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanContext
 
 from services.gateway import service
 from services.gateway.app import make_app
@@ -31,8 +32,9 @@ from shared.kv.tokenizer import ByteTokenizer
 from shared.runtime import observability
 from shared.runtime.config import Settings
 from shared.runtime.observability import configure_tracing
+from shared.runtime.service import TaskSet, serve
 from shared.wire import subjects
-from shared.wire.bus import Bus, spawn
+from shared.wire.bus import Bus
 from shared.wire.messages import (
     Accepted,
     Cancel,
@@ -40,7 +42,9 @@ from shared.wire.messages import (
     Failed,
     GenerateRequest,
     Message,
+    ModelInfo,
     Prefilled,
+    Space,
     Telemetry,
     Tokens,
 )
@@ -91,26 +95,29 @@ class FakeBackend:
         self.script: Script = say(TEXT)
         self.delay_s = 0.0  # before playing the script
         self.requests: list[GenerateRequest] = []
-        self.headers: list[dict[str, str]] = []
+        self.parents: list[SpanContext] = []  # the trace context each request arrived in
         self.cancels: asyncio.Queue[Cancel] = asyncio.Queue()
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSet()
 
-    async def on_generate(self, msg: Message, raw: Msg) -> Message:
+    async def on_generate(self, msg: Message, _: str) -> Message:
         assert isinstance(msg, GenerateRequest)
         self.requests.append(msg)
-        self.headers.append(dict(raw.headers or {}))
-        spawn(self.play(msg), self.tasks)
+        self.parents.append(trace.get_current_span().get_span_context())
+        self.tasks.spawn(self.play(msg))
         return Accepted(node="fake")
+
+    async def on_info(self, _: Message, __: str) -> Message:
+        space = Space("fp", 2, 1, 4, "float32", SETTINGS.chunk_tokens)
+        return ModelInfo(MODEL, vars(space), 32768, "fake")
 
     async def play(self, req: GenerateRequest) -> None:
         await asyncio.sleep(self.delay_s)
         for message in self.script(req):
             await self.bus.publish(subjects.stream(req.request_id), message)
 
-    async def on_control(self, msg: Msg) -> None:
-        message = Message.decode(msg.data)
+    async def on_control(self, message: Message, subject: str) -> None:
         if isinstance(message, Cancel):
-            assert subjects.request_id_of(msg.subject) == message.request_id
+            assert subjects.request_id_of(subject) == message.request_id
             await self.cancels.put(message)
 
     async def next_cancel(self, timeout_s: float = 2.0) -> Cancel:
@@ -127,12 +134,15 @@ async def bus(nats_url: str) -> AsyncIterator[Bus]:
 @pytest.fixture
 async def backend(bus: Bus) -> AsyncIterator[FakeBackend]:
     fake = FakeBackend(bus)
-    generate = await bus.handle(subjects.GENERATE, fake.on_generate, queue="merger")
-    control = await bus.nc.subscribe(subjects.CONTROL_ALL, cb=fake.on_control)
-    await bus.nc.flush()
+    subs = [
+        await bus.handle(subjects.GENERATE, fake.on_generate, queue="merger"),
+        await bus.handle(subjects.COMPUTE_INFO, fake.on_info, queue="compute"),
+        await bus.handle(subjects.CONTROL_ALL, fake.on_control),
+    ]
+    await bus.flush()
     yield fake
-    await generate.unsubscribe()
-    await control.unsubscribe()
+    for sub in subs:
+        await sub.unsubscribe()
 
 
 @asynccontextmanager
@@ -316,8 +326,8 @@ async def test_streamed_failure_is_an_error_event_then_done(bus: Bus, backend: F
 async def test_no_merger_answer_is_503_within_rpc_timeout(bus: Bus, merger: str) -> None:
     silent = None
     if merger == "silent":
-        silent = await bus.nc.subscribe(subjects.GENERATE, queue="merger")
-        await bus.nc.flush()
+        silent = await bus.subscribe(subjects.GENERATE)
+        await bus.flush()
     try:
         async with gateway(bus) as client:
             start = time.monotonic()
@@ -326,7 +336,7 @@ async def test_no_merger_answer_is_503_within_rpc_timeout(bus: Bus, merger: str)
             error = (await resp.json())["error"]
     finally:
         if silent is not None:
-            await silent.unsubscribe()
+            await silent.close()
     assert resp.status == 503
     assert "the merger service is not answering" in error["message"]
     assert elapsed < SETTINGS.rpc_timeout_s + 0.4
@@ -429,8 +439,8 @@ async def test_request_span_travels_in_bus_headers(
     assert span.attributes is not None
     assert span.attributes["cake.request_id"] == answer["id"]
     assert span.attributes["http.response.status_code"] == 200
-    _, trace_id, span_id, _ = backend.headers[0]["traceparent"].split("-")
-    assert (trace_id, span_id) == (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}")
+    parent = backend.parents[0]
+    assert (parent.trace_id, parent.span_id) == (span.context.trace_id, span.context.span_id)
 
 
 async def test_service_serves_mirrors_telemetry_and_drains_on_stop(
@@ -442,7 +452,7 @@ async def test_service_serves_mirrors_telemetry_and_drains_on_stop(
         port = sock.getsockname()[1]
     settings = Settings(nats_url=nats_url, port=port, log_format="json").validated()
     stop = asyncio.Event()
-    task = asyncio.create_task(service.run(settings, stop))
+    task = asyncio.create_task(serve("gateway", service.build, settings, stop))
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from nats.aio.msg import Msg
 
 from services.gateway.app import MAX_BODY_BYTES, make_app
 from services.gateway.metrics import GatewayMetrics
@@ -26,6 +25,7 @@ from shared.kv.tokenizer import ByteTokenizer
 from shared.runtime.config import Settings
 from shared.wire import subjects
 from shared.wire.bus import Bus
+from shared.wire.messages import Message
 
 MODEL = "test-model"
 MAX_CONTEXT = 64
@@ -40,18 +40,18 @@ class Gateway:
     """A gateway app under test and the GenerateRequests that reached NATS."""
 
     client: TestClient[Any, Any]
-    generate_requests: list[Msg]
+    generate_requests: list[Message]
 
 
 @pytest.fixture(scope="module")
 async def gateway(nats_url: str) -> AsyncIterator[Gateway]:
     bus = await Bus.connect(nats_url, "test-gateway-validation")
-    seen: list[Msg] = []
+    seen: list[Message] = []
 
-    async def record(msg: Msg) -> None:
+    async def record(msg: Message, _: str) -> None:
         seen.append(msg)
 
-    await bus.nc.subscribe(subjects.GENERATE, cb=record)
+    await bus.handle(subjects.GENERATE, record)
     settings = Settings(max_tokens_limit=MAX_TOKENS_LIMIT, rpc_timeout_s=0.5).validated()
     app = make_app(bus, settings, ByteTokenizer(), MODEL, GatewayMetrics(), MAX_CONTEXT)
     async with TestClient(TestServer(app)) as client:

@@ -1,35 +1,36 @@
-"""Cake in one process: same first token as compute-only; the split follows the bandwidth."""
+"""Cake in one process (the same services over the in-process bus): same tokens as
+compute-only; the meeting point follows the storage's speed."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
-from services.launcher.in_process import cake_prefill
-from shared.core.keys import KeySpace, PromptChunks
-from shared.kv.engine import lookup_hit, write_back
+from services.launcher.in_process import generate, in_process
+from shared.runtime.config import Settings
 from shared.storage.memory import MemoryStore
 from shared.storage.throttled import ThrottledStore
 from tests.models import tiny_runner
 
 
-async def test_split_follows_storage_speed() -> None:
+async def test_split_follows_storage_speed(tmp_path: Path) -> None:
     runner = tiny_runner("llama")
     rng = random.Random(0)
     ids = [rng.randrange(256) for _ in range(1000)]
-    prompt = PromptChunks.of(KeySpace(runner.fingerprint, runner.layout, 32), ids)
-    cache = runner.new_cache()
-    want = int(runner.prefill_chunks(cache, ids, 32).argmax())  # type: ignore[union-attr]
+    settings = Settings(
+        chunk_tokens=32, token_budget=1024, staging_dir=str(tmp_path), node="in-process"
+    ).validated()
     store = MemoryStore()
-    await write_back(runner, store, prompt, cache)
-    hit = await lookup_hit(store, prompt)
-    assert hit == 31
-
-    fast = await cake_prefill(runner, store, prompt, hit)
-    chunk_bytes = len(await store.get(prompt.keys[0]) or b"")
+    async with in_process(settings, runner, store) as client:
+        reference = await generate(client, settings, ids, kv_mode="compute", max_tokens=4)
+        assert reference.done.hit_tokens == 0  # and its 31 complete chunks were written back
+        fast = await generate(client, settings, ids, max_tokens=4)
+    chunk_bytes = store.usage_bytes() / 31
     slow_store = ThrottledStore(store, bandwidth_MBps=chunk_bytes / 1e6 / 0.5)  # 0.5 s a chunk
-    async with slow_store:
-        slow = await cake_prefill(runner, slow_store, prompt, hit)
-    assert fast.first_token == slow.first_token == want
-    assert fast.split.meet < slow.split.meet
-    assert slow.split.meet >= 20  # a tiny model computes far more than 2 chunks a second
-    assert slow.ttft_s < 31 * 0.5  # far faster than loading everything
+    async with slow_store, in_process(settings, runner, slow_store) as client:
+        slow = await generate(client, settings, ids, max_tokens=4)
+    assert fast.tokens == slow.tokens == reference.tokens
+    assert fast.done.hit_tokens == slow.done.hit_tokens == 31 * 32
+    assert fast.done.meet_chunk < slow.done.meet_chunk
+    assert slow.done.meet_chunk >= 20  # a tiny model computes far more than 2 chunks a second
+    assert slow.elapsed_s < 31 * 0.5  # far faster than loading everything

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from nats.aio.msg import Msg
 
 from services.compute.service import Compute
 from services.loader.service import Loader
@@ -175,15 +174,20 @@ async def test_corrupt_stored_chunk_is_recomputed_counted_and_deleted(local: Bac
 async def test_no_nats_message_carries_kv(local: Backend) -> None:
     tokens = prompt(1500, seed=24)
     sizes: list[tuple[int, str]] = []
+    inbox = await local.client.subscribe(f"{subjects.ROOT}.>")
 
-    async def spy(msg: Msg) -> None:
-        sizes.append((len(msg.data), msg.subject))
+    async def spy() -> None:
+        async for envelope in inbox:
+            sizes.append((envelope.nbytes, envelope.subject))
 
-    sub = await local.client.nc.subscribe(f"{subjects.ROOT}.>", cb=spy)
+    spying = asyncio.create_task(spy())
     await local.generate(tokens, kv_mode="compute")
     await local.generate(tokens)
     await local.generate(tokens, kv_mode="load")
-    await sub.unsubscribe()
+    await local.client.flush()
+    await asyncio.sleep(0.1)
+    spying.cancel()
+    await inbox.close()
     biggest, subject = max(sizes)
     kv_bytes_per_chunk = 64 * default_runner().layout.layers * 2 * 4 * 64 * 4
     assert len(sizes) > 50
@@ -229,7 +233,7 @@ async def test_a_cancel_that_overtakes_its_job_drops_the_job(local: Backend) -> 
     assert isinstance(compute, Compute)
     rid = "t-early-cancel"
     await local.client.publish(subjects.control(rid), Cancel(rid, "client went away"))
-    await local.client.nc.flush()
+    await local.client.flush()
     await asyncio.sleep(0.05)
     job = PrefillJob(rid, pack_tokens(prompt(100, seed=42)), {}, 0, True, {}, 0.0)
     reply = await local.client.request(subjects.COMPUTE_PREFILL, job, Accepted, 2.0)

@@ -7,25 +7,27 @@ import contextlib
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
 from typing import Any
 
 import structlog
-from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from services.compute.job import Job
 from shared.core.cancellations import RecentlyCancelled
-from shared.core.errors import CorruptChunkError
+from shared.core.errors import CorruptChunkError, RemoteError, TransportError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
 from shared.core.scheduler import Candidate, Phase, plan_step
-from shared.kv.codec import decode_chunk, encode_chunk
+from shared.kv.codec import decode_chunk
+from shared.kv.engine import encode_chunk_at
 from shared.kv.model import ModelRunner, SamplingParams
 from shared.runtime.config import Settings
-from shared.runtime.observability import configure_logging, configure_tracing, tracer
+from shared.runtime.observability import tracer
+from shared.runtime.service import Service
 from shared.storage.staging import Staging
 from shared.wire import subjects
-from shared.wire.bus import Bus, RemoteError, Unavailable, spawn
+from shared.wire.bus import Bus
 from shared.wire.messages import (
     Accepted,
     Cancel,
@@ -44,19 +46,21 @@ from shared.wire.messages import (
 )  # fmt: skip
 
 log = structlog.get_logger(__name__)
+WRITEBACK_DRAIN_S = 5.0  # how long finished jobs' write-backs may take at shutdown
 Outbox = list[tuple[str, Message, Context]]  # subject, message, trace context to send it in
 
 
-class Compute:
+class Compute(Service):
     """The model, its scheduler loop and the jobs in flight."""
 
+    name = "compute"
+
     def __init__(self, bus: Bus, runner: ModelRunner, staging: Staging, settings: Settings) -> None:
-        self.bus, self.runner, self.staging, self.settings = bus, runner, staging, settings
+        super().__init__(bus, settings)
+        self.runner, self.staging = runner, staging
         self.jobs: dict[str, Job] = {}
         self.wake = asyncio.Event()
-        self.tasks: set[asyncio.Task[Any]] = set()
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
-        self.loop_task: asyncio.Task[None] | None = None
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-writeback")
 
     def model_info(self) -> ModelInfo:
@@ -73,13 +77,13 @@ class Compute:
         await self.bus.handle(subjects.COMPUTE_PREFILL, self.on_prefill, queue=queue)
         await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
         await self.bus.handle(subjects.EVENTS_ALL, self.on_event)
-        self.loop_task = asyncio.ensure_future(self.loop())
+        self.loops.spawn(self.loop())
 
-    async def on_info(self, _: Message, __: Msg) -> Message:
+    async def on_info(self, _: Message, __: str) -> Message:
         """Answer with the model info."""
         return self.model_info()
 
-    async def on_prefill(self, msg: Message, _: Msg) -> Message:
+    async def on_prefill(self, msg: Message, _: str) -> Message:
         """Take a job; the scheduler runs it."""
         assert isinstance(msg, PrefillJob)
         if msg.request_id in self.cancelled:
@@ -110,17 +114,17 @@ class Compute:
             ids.update([] if eos is None else [eos] if isinstance(eos, int) else eos)
         return frozenset(ids)
 
-    async def on_event(self, msg: Message, m: Msg) -> None:
+    async def on_event(self, msg: Message, subject: str) -> None:
         """Note staged chunks of our jobs, so head steps stop where loaded chunks begin."""
         if isinstance(msg, ChunkLoaded):
-            job = self.jobs.get(subjects.request_id_of(m.subject))
+            job = self.jobs.get(subjects.request_id_of(subject))
             if job is not None and 0 <= msg.index < job.hit:
                 job.loads.on_loaded(msg.index)
 
-    async def on_control(self, msg: Message, m: Msg) -> None:
+    async def on_control(self, msg: Message, subject: str) -> None:
         """Meet: use these staged chunks. Cancel: drop the job."""
         job = self.cancelled.owned(
-            self.jobs, subjects.request_id_of(m.subject), isinstance(msg, Cancel)
+            self.jobs, subjects.request_id_of(subject), isinstance(msg, Cancel)
         )
         if job is None:
             return
@@ -185,7 +189,7 @@ class Compute:
         """Write back the new chunks of jobs whose first token is out (off the critical path)."""
         for job in self.jobs.values():
             if job.tokens_out is not None and job.writeback is None:
-                job.writeback = spawn(self.write_back(job), self.tasks)
+                job.writeback = self.tasks.spawn(self.write_back(job))
 
     async def write_back(self, job: Job) -> None:
         """Stage the prompt's new chunks and ask this node's loader to store them."""
@@ -206,7 +210,7 @@ class Compute:
                 subjects.store(self.settings.node), store_job, Accepted,
                 self.settings.fetch_timeout_s,
             )  # fmt: skip
-        except (Unavailable, RemoteError) as exc:
+        except TransportError as exc:
             log.warning("write-back not confirmed", request_id=rid, error=str(exc))
             self.staging.discard_request(f"{rid}-wb")
 
@@ -218,7 +222,7 @@ class Compute:
             del self.jobs[rid]
             self.staging.discard_request(rid)
             if job.finish_reason in ("stop", "length"):
-                spawn(self.send_done(job), self.tasks)
+                self.tasks.spawn(self.send_done(job))
 
     async def send_done(self, job: Job) -> None:
         """Done after the write-back landed, so the next request with this prefix hits."""
@@ -348,45 +352,34 @@ class Compute:
         """Encode the prompt's complete chunks beyond the hit into staging files."""
         staged = {}
         for i in range(job.hit, len(job.prompt.keys)):
-            start, end = job.prompt.space.chunk_bounds(i)
-            kv = self.runner.chunk_kv(job.cache, start, end)
-            data = encode_chunk(job.prompt.identity(i), kv, self.settings.kv_codec)
+            data = encode_chunk_at(self.runner, job.cache, job.prompt, i, self.settings.kv_codec)
             staged[i] = self.staging.write(job.msg.request_id + "-wb", f"{i}.kv", data)
         return staged
 
-    async def close(self, drain_s: float = 5.0) -> None:
-        """Stop: jobs still computing fail with 503; finished ones get their Done (their
-        write-backs get drain_s to land); then every task stops."""
-        if self.loop_task is not None:
-            self.loop_task.cancel()
-            await asyncio.gather(self.loop_task, return_exceptions=True)
+    async def drain(self) -> None:
+        """Jobs still computing fail with 503 (the scheduler has stopped); finished ones get
+        their Done once their write-backs land (bounded by close())."""
         for rid, job in list(self.jobs.items()):
             if not job.finish_reason:
                 job.finish_reason = "failed"
                 failed = Failed(rid, 503, "unavailable", "the compute service is shutting down")
                 await self.bus.publish(subjects.stream(rid), failed)
         await self.retire()  # Done for the finished ones
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=drain_s)
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.tasks.wait(WRITEBACK_DRAIN_S)
+
+    async def close(self) -> None:
+        """The service's close, then the write-back thread."""
+        await super().close()
         self.writer.shutdown(wait=False, cancel_futures=True)
 
+    def describe(self) -> dict[str, Any]:
+        """Model and fingerprint, for the ready log line."""
+        return {"model": self.runner.name, "fingerprint": self.runner.fingerprint[:16]}
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
-    """Load the model, serve until stop is set, then drain."""
-    configure_logging("compute", settings.log_format, settings.log_level)
-    configure_tracing("compute")
+
+async def build(bus: Bus, settings: Settings, _: AsyncExitStack) -> Compute:
+    """Load the model (in a thread; the bus is already connected) and wrap it."""
     runner = await asyncio.to_thread(
         ModelRunner.load, settings.model, settings.dtype, settings.device, settings.model_revision
     )
-    bus = await Bus.connect(settings.nats_url, "cake-compute")
-    compute = Compute(bus, runner, Staging(settings.staging_dir), settings)
-    try:
-        await compute.start()
-        log.info("compute ready", model=runner.name, fingerprint=runner.fingerprint[:16])
-        await stop.wait()
-    finally:
-        await compute.close()
-        await bus.close()
+    return Compute(bus, runner, Staging(settings.staging_dir), settings)

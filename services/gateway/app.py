@@ -9,6 +9,8 @@ done (stop string, deadline, client gone, error) it publishes a Cancel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,13 +34,15 @@ from services.gateway.validation import (
     parse_request,
     tokenize,
 )
+from shared.core.errors import TransportError
 from shared.core.keys import pack_tokens
 from shared.kv.tokenizer import Tokenizer
 from shared.runtime.config import Settings
 from shared.runtime.metrics import CONTENT_TYPE
 from shared.runtime.observability import tracer
+from shared.wire import subjects
 from shared.wire.bus import Bus
-from shared.wire.messages import GenerateRequest
+from shared.wire.messages import Accepted, GenerateRequest, ModelInfo
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +68,7 @@ class Gateway:
     ) -> None:
         self.bus, self.settings, self.tokenizer = bus, settings, tokenizer
         self.metrics, self.limits = metrics, limits
+        self.model_known = limits.max_context is not None  # else asked of compute once
         self.started = int(time.time())
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -75,7 +80,9 @@ class Gateway:
         return await self._serve(request, Endpoint.CHAT)
 
     async def models(self, _: web.Request) -> web.Response:
-        """GET /v1/models: the one served model."""
+        """GET /v1/models: the one served model (its context length once compute told it)."""
+        with contextlib.suppress(ApiError):
+            await self.model_limits()
         model = {
             "id": self.limits.model_name,
             "object": "model",
@@ -87,7 +94,7 @@ class Gateway:
 
     async def health(self, _: web.Request) -> web.Response:
         """GET /health: 200 while connected to NATS, 503 otherwise."""
-        if self.bus.nc.is_connected:
+        if self.bus.connected:
             return web.json_response({"status": "ok"})
         return web.json_response(
             {"status": "unavailable", "reason": "NATS is not connected"}, status=503
@@ -127,7 +134,7 @@ class Gateway:
     ) -> web.StreamResponse:
         parsed = parse_request(decode_body(await read_body(request)), endpoint, self.limits)
         outcome.kv_mode = parsed.kv_mode
-        ids = tokenize(parsed, self.tokenizer, self.limits)
+        ids = tokenize(parsed, self.tokenizer, await self.model_limits())
         outcome.prompt_tokens = len(ids)
         self._check_payload(len(ids), "prompt" if endpoint is Endpoint.COMPLETIONS else "messages")
         deadline = time.time() + self.settings.request_timeout_s
@@ -142,8 +149,22 @@ class Gateway:
         finally:
             await call.close("client disconnected or request abandoned")
 
+    async def model_limits(self) -> Limits:
+        """The limits, with the model's context length asked of compute the first time."""
+        if not self.model_known:
+            try:
+                info = await self.bus.request(
+                    subjects.COMPUTE_INFO, Accepted(), ModelInfo, self.settings.rpc_timeout_s
+                )
+            except TransportError as exc:
+                message = f"the compute service is not answering ({exc}); try again later"
+                raise ApiError(503, message, "unavailable") from exc
+            self.limits = dataclasses.replace(self.limits, max_context=info.max_context)
+            self.model_known = True
+        return self.limits
+
     def _check_payload(self, n_tokens: int, param: str) -> None:
-        limit = self.bus.nc.max_payload - MESSAGE_OVERHEAD_BYTES
+        limit = self.bus.max_payload - MESSAGE_OVERHEAD_BYTES
         if n_tokens * 4 > limit:
             raise ApiError(
                 400,
@@ -259,7 +280,8 @@ def make_app(
     metrics: GatewayMetrics,
     max_context: int | None = None,
 ) -> web.Application:
-    """The gateway's aiohttp application (max_context: the model's context length, if known)."""
+    """The gateway's aiohttp application (max_context: the model's context length; None: ask
+    the compute service on the first request)."""
     limits = Limits(model_name, settings.max_tokens_limit, max_context)
     gateway = Gateway(bus, settings, tokenizer, metrics, limits)
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])

@@ -5,24 +5,27 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 
-import nats.errors
 import structlog
-from nats.aio.subscription import Subscription
 
 from services.gateway.errors import ApiError
+from shared.core.errors import (
+    ConnectionLost,
+    RemoteError,
+    RequestTimeout,
+    TransportError,
+    Unavailable,
+)
 from shared.core.keys import unpack_tokens
 from shared.kv.tokenizer import Tokenizer
 from shared.wire import subjects
-from shared.wire.bus import Bus, RemoteError, Unavailable
+from shared.wire.bus import Bus, Inbox
 from shared.wire.messages import (
     Accepted,
     Cancel,
     Done,
     Failed,
     GenerateRequest,
-    Message,
     Prefilled,
-    SchemaError,
     Tokens,
 )
 
@@ -82,11 +85,11 @@ class Call:
         self.bus, self.request_id = bus, request_id
         self.deadline, self.timeout_s = deadline, timeout_s
         self.settled = False  # Done or Failed arrived, or Cancel was sent: nothing to cancel
-        self._sub: Subscription | None = None
+        self._inbox: Inbox | None = None
 
     async def start(self, request: GenerateRequest, rpc_timeout_s: float) -> None:
         """Subscribe to the stream, then hand the request to a merger."""
-        self._sub = await self.bus.nc.subscribe(subjects.stream(self.request_id))
+        self._inbox = await self.bus.subscribe(subjects.stream(self.request_id))
         timeout = max(min(rpc_timeout_s, self.deadline - time.time()), 0.001)
         try:
             await self.bus.request(subjects.GENERATE, request, Accepted, timeout)
@@ -102,22 +105,17 @@ class Call:
 
     async def next(self) -> Prefilled | Tokens | Done | Failed:
         """The next message on the stream; ApiError at the deadline."""
-        assert self._sub is not None, "start() first"
+        assert self._inbox is not None, "start() first"
         while True:
             try:
-                msg = await self._sub.next_msg(timeout=max(self.deadline - time.time(), 0.001))
-            except nats.errors.TimeoutError:
+                message = (await self._inbox.next(self.deadline - time.time())).message
+            except RequestTimeout:
                 await self.cancel("deadline")
                 raise ApiError(
                     504, f"no answer within the request deadline ({self.timeout_s:g}s)", "timeout"
                 ) from None
-            except nats.errors.ConnectionClosedError:
+            except ConnectionLost:
                 raise ApiError(503, "the gateway lost its NATS connection", "unavailable") from None
-            try:
-                message = Message.decode(msg.data)
-            except SchemaError as exc:
-                log.warning("unreadable stream message skipped", error=str(exc))
-                continue
             if isinstance(message, Done | Failed):
                 self.settled = True
             if isinstance(message, Prefilled | Tokens | Done | Failed):
@@ -132,14 +130,14 @@ class Call:
             await self.bus.publish(
                 subjects.control(self.request_id), Cancel(self.request_id, reason)
             )
-        except nats.errors.Error as exc:
+        except TransportError as exc:
             log.warning("could not publish Cancel", reason=reason, error=str(exc))
 
     async def close(self, reason: str) -> None:
         """Cancel unless the backend is done, and stop listening."""
         await self.cancel(reason)
-        if self._sub is not None and not self.bus.nc.is_closed:
-            await self._sub.unsubscribe()
+        if self._inbox is not None:
+            await self._inbox.close()
 
 
 class Generation:

@@ -7,9 +7,10 @@ from typing import Any
 from aiohttp import web
 
 from services.gateway.validation import RequestError
+from shared.core.errors import CakeError
 
 
-class ApiError(Exception):
+class ApiError(CakeError):
     """An unsuccessful answer: HTTP status, error code, message and the offending field."""
 
     def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:

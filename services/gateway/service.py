@@ -1,63 +1,74 @@
 """The gateway service: the OpenAI-compatible HTTP front door of Cake.
 
-Lifecycle: connect to NATS, mirror Telemetry into metrics, serve HTTP until `stop`; then stop
-accepting connections, let requests in flight finish (at most DRAIN_TIMEOUT_S) and close the
-bus last, since those requests still read their streams from it.
+Stopping takes the service's usual order: stop accepting connections, let requests in flight
+finish (at most DRAIN_TIMEOUT_S), and only then close the bus, since those requests still read
+their streams from it.
 """
 
 from __future__ import annotations
 
-import asyncio
+from contextlib import AsyncExitStack
+from typing import Any
 
 import structlog
 from aiohttp import web
-from nats.aio.msg import Msg
 
 from services.gateway.app import make_app
 from services.gateway.metrics import GatewayMetrics
-from shared.kv.model import load_config
 from shared.kv.tokenizer import load_tokenizer
 from shared.runtime.config import Settings
-from shared.runtime.observability import configure_logging, configure_tracing, shutdown_tracing
+from shared.runtime.service import DRAIN_TIMEOUT_S, Service
 from shared.wire import subjects
 from shared.wire.bus import Bus
 from shared.wire.messages import Message, Telemetry
 
 log = structlog.get_logger(__name__)
 
-DRAIN_TIMEOUT_S = 10.0
 
+class Gateway(Service):
+    """The HTTP server and the bus it serves requests over."""
 
-def model_max_context(settings: Settings) -> int | None:
-    """The served model's context length, read from its config (no weights are loaded)."""
-    config = load_config(settings.model, settings.model_revision)
-    return int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 0) or None
+    name = "gateway"
 
+    def __init__(
+        self, bus: Bus, settings: Settings, app: web.Application, metrics: GatewayMetrics
+    ) -> None:
+        super().__init__(bus, settings)
+        self.runner = web.AppRunner(
+            app, shutdown_timeout=DRAIN_TIMEOUT_S, handler_cancellation=True, access_log=None
+        )
+        self.metrics = metrics
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
-    """Run the gateway until stop is set."""
-    configure_logging("gateway", settings.log_format, settings.log_level)
-    configure_tracing("gateway")
-    tokenizer = load_tokenizer(settings.model, settings.model_revision)
-    max_context = model_max_context(settings)
-    metrics = GatewayMetrics()
+    async def start(self) -> None:
+        """Mirror Telemetry into metrics, then listen for HTTP."""
+        await self.bus.handle(subjects.TELEMETRY, self.on_telemetry)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, self.settings.host, self.settings.port).start()
 
-    async def on_telemetry(message: Message, _: Msg) -> None:
+    async def on_telemetry(self, message: Message, _: str) -> None:
+        """A service's counters, for /metrics."""
         if isinstance(message, Telemetry):
-            metrics.record_telemetry(message)
+            self.metrics.record_telemetry(message)
 
-    bus = await Bus.connect(settings.nats_url, "cake-gateway")
-    app = make_app(bus, settings, tokenizer, settings.model, metrics, max_context)
-    runner = web.AppRunner(
-        app, shutdown_timeout=DRAIN_TIMEOUT_S, handler_cancellation=True, access_log=None
-    )
-    try:
-        await bus.handle(subjects.TELEMETRY, on_telemetry)
-        await runner.setup()
-        await web.TCPSite(runner, settings.host, settings.port).start()
-        log.info("gateway listening", host=settings.host, port=settings.port, model=settings.model)
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        await bus.close()
-        shutdown_tracing()
+    @property
+    def url(self) -> str:
+        """The base URL the server listens on (the OS's port when the setting is 0)."""
+        host, port = self.runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    async def stop_taking_work(self) -> None:
+        """Stop listening, let requests in flight finish (bounded), stop the handlers."""
+        await self.runner.cleanup()
+        await super().stop_taking_work()
+
+    def describe(self) -> dict[str, Any]:
+        """Where it listens, for the ready log line."""
+        return {"url": self.url, "model": self.settings.model} if self.runner.addresses else {}
+
+
+async def build(bus: Bus, settings: Settings, _: AsyncExitStack) -> Gateway:
+    """The gateway for the model the settings name (its tokenizer; no weights are loaded)."""
+    tokenizer = load_tokenizer(settings.model, settings.model_revision)
+    metrics = GatewayMetrics()
+    app = make_app(bus, settings, tokenizer, settings.model, metrics)
+    return Gateway(bus, settings, app, metrics)

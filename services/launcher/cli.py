@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from collections.abc import Sequence
 from services.launcher.stack import SERVICES, run_stack
 from shared.core.errors import ConfigError
 from shared.runtime.config import Settings
+from shared.runtime.service import Builder, serve
 
 
 def _settings_flags(p: argparse.ArgumentParser) -> None:
@@ -72,14 +72,28 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings.from_env(**{n: getattr(args, n, None) for n in names})
 
 
+def builder(service: str) -> Builder:
+    """How to build a service (imported only when asked: compute brings torch along)."""
+    if service == "gateway":
+        from services.gateway.service import build
+    elif service == "merger":
+        from services.merger.service import build
+    elif service == "compute":
+        from services.compute.service import build
+    elif service == "loader":
+        from services.loader.service import build
+    else:
+        raise ConfigError(f"unknown service {service!r}; use one of {', '.join(SERVICES)}")
+    return build
+
+
 async def serve_until_signalled(service: str, settings: Settings) -> None:
     """Run one service until SIGINT/SIGTERM, then shut it down in order."""
-    module = importlib.import_module(f"services.{service}.service")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await module.run(settings, stop)
+    await serve(service, builder(service), settings, stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

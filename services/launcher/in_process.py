@@ -1,123 +1,109 @@
-"""The whole Cake plan in one process, without NATS: the pipeline's baseline and a library API.
+"""Cake in one process: the very merger, compute and loader services over an in-process bus.
 
-Head chunks are computed in a worker thread while asyncio tasks load the hit chunks tail
-first; the MeetTracker decides where they meet, exactly as the merger does over NATS.
+The benchmark's pipeline-overhead baseline runs the same request through these and through the
+deployed stack, so the ratio measures NATS and the process boundaries and nothing else. The
+test harness builds its services with the same builders, over a real nats-server.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
-import torch
-
-from shared.core.errors import StoreError
-from shared.core.estimator import Advice
-from shared.core.keys import PromptChunks
-from shared.core.plan import MeetTracker, Split, head_step
-from shared.kv.engine import fetch_chunk, merged_prefill
-from shared.kv.model import ModelRunner, SamplingParams
+from services.compute.service import Compute
+from services.loader.service import Loader
+from services.merger.service import build as build_merger
+from shared.core.keys import pack_tokens, unpack_tokens
+from shared.kv.model import ModelRunner
+from shared.runtime.config import Settings
+from shared.runtime.service import Builder, Service, running
 from shared.storage.base import ChunkStore
+from shared.storage.staging import Staging
+from shared.wire import subjects
+from shared.wire.bus import Bus
+from shared.wire.local import LocalBroker, LocalConnection
+from shared.wire.messages import Accepted, Done, Failed, GenerateRequest, Tokens
+
+BACKEND = ("merger", "compute", "loader")
 
 
-@dataclass(frozen=True)
-class LocalResult:
-    """What one in-process Cake prefill did."""
+@dataclass
+class Result:
+    """What came back on a request's stream."""
 
-    first_token: int
-    ttft_s: float
-    split: Split
+    tokens: list[int]
+    end: Done | Failed
+    elapsed_s: float  # from sending the request to its end
+    first_token_s: float | None  # from sending the request to its first token
+
+    @property
+    def done(self) -> Done:
+        """The Done message (AssertionError when the request failed)."""
+        assert isinstance(self.end, Done), self.end
+        return self.end
 
 
-async def cake_prefill(
-    runner: ModelRunner,
-    store: ChunkStore,
-    prompt: PromptChunks,
-    hit: int,
-    fetch_concurrency: int = 4,
-    params: SamplingParams | None = None,
-    advice: Advice | None = None,
-    head_tokens: int = 512,
-    budget_tokens: int = 4096,
-    fetch_timeout_s: float = 30.0,
-) -> LocalResult:
-    """Compute the head and load the tail of the hit at once; the first token and its time.
+async def generate(
+    client: Bus,
+    settings: Settings,
+    tokens: Sequence[int],
+    kv_mode: str = "cake",
+    salt: str = "",
+    max_tokens: int = 8,
+) -> Result:
+    """Send one request as the gateway does and collect its stream."""
+    rid = "t-" + uuid.uuid4().hex
+    start = time.monotonic()
+    deadline = time.time() + settings.request_timeout_s
+    req = GenerateRequest(
+        rid, pack_tokens(tokens), {"max_tokens": max_tokens}, kv_mode, salt, deadline
+    )
+    out: list[int] = []
+    first: float | None = None
+    async with await client.subscribe(subjects.stream(rid)) as inbox:
+        await client.request(subjects.GENERATE, req, Accepted, settings.rpc_timeout_s)
+        while True:
+            msg = (await inbox.next(settings.request_timeout_s + 5)).message
+            if isinstance(msg, Tokens):
+                if first is None:
+                    first = time.monotonic() - start
+                out += unpack_tokens(msg.tokens)
+            elif isinstance(msg, Done | Failed):
+                return Result(out, msg, time.monotonic() - start, first)
 
-    Head steps follow the same rule as the compute service (shared.core.plan.head_step), with the
-    estimator's advice when given. A chunk that fails or stalls past fetch_timeout_s is
-    computed instead.
-    """
-    start = time.perf_counter()
-    loop = asyncio.get_running_loop()
-    advice = advice or Advice()
-    tracker = MeetTracker(hit, compute_head=advice.compute_head)
-    chunk = prompt.space.chunk_tokens
-    step, max_step = max(1, head_tokens // chunk), max(1, budget_tokens // chunk)
-    met = asyncio.Event()
-    stop = threading.Event()
-    loaded: dict[int, torch.Tensor] = {}
-    cache = runner.new_cache()
 
-    def on_progress(computed: int | None = None) -> None:
-        if computed is not None:
-            tracker.on_computed(computed)
-        if tracker.meet() is not None:
-            met.set()
+def builders(runner: ModelRunner, store: ChunkStore) -> dict[str, Builder]:
+    """Build compute around an already loaded model and the loader around an open store."""
 
-    def compute_head() -> int:
-        done = 0
-        while advice.compute_head and done < tracker.load_frontier and not stop.is_set():
-            n = head_step(done, hit, tracker.load_frontier, advice.head_hint, step, max_step)
-            runner.extend(cache, prompt.tokens_of(done, done + n))
-            done += n
-            loop.call_soon_threadsafe(on_progress, done)
-        return done
+    async def compute(bus: Bus, settings: Settings, _: AsyncExitStack) -> Service:
+        return Compute(bus, runner, Staging(settings.staging_dir), settings)
 
-    queue = list(range(hit - 1, -1, -1))
+    async def loader(bus: Bus, settings: Settings, _: AsyncExitStack) -> Service:
+        return Loader(bus, store, Staging(settings.staging_dir), settings)
 
-    async def load_worker() -> None:
-        while queue and not met.is_set():
-            j = queue.pop(0)
-            try:
-                kv = await asyncio.wait_for(fetch_chunk(store, prompt, j), fetch_timeout_s)
-            except (TimeoutError, StoreError):
-                kv = None
-            if kv is None:
-                tracker.on_failed(j)
-            else:
-                loaded[j] = kv
-                tracker.on_loaded(j)
-            on_progress()
+    return {"merger": build_merger, "compute": compute, "loader": loader}
 
-    on_progress()
-    head = asyncio.ensure_future(asyncio.to_thread(compute_head))
-    workers = [asyncio.ensure_future(load_worker()) for _ in range(max(1, fetch_concurrency))]
-    waiting = asyncio.ensure_future(met.wait())
-    await asyncio.wait({waiting, head}, return_when=asyncio.FIRST_COMPLETED)
-    if head.done() and head.exception() is not None:  # the model failed: stop the loads
-        waiting.cancel()
-        for w in workers:
-            w.cancel()
-        await asyncio.gather(waiting, *workers, return_exceptions=True)
-        raise head.exception()  # type: ignore[misc]
-    await waiting
-    stop.set()
-    done = await head
-    for w in workers:
-        w.cancel()
-    await asyncio.gather(*workers, return_exceptions=True)
-    split = tracker.meet()
-    assert split is not None
-    split = Split(max(done, split.meet), hit)
-    if any(j not in loaded for j in split.loaded):  # a load failed below the meeting point
-        split = Split(hit, hit)
-    params = params or SamplingParams(max_tokens=1)
 
-    def finish() -> int:
-        c, logits = merged_prefill(runner, prompt, split, loaded, cache=cache)
-        return next(runner.generate(c, logits, params))
+@asynccontextmanager
+async def in_process(
+    settings: Settings, runner: ModelRunner, store: ChunkStore
+) -> AsyncIterator[Bus]:
+    """Merger, compute and loader on one in-process bus; yields a client bus to send on."""
+    broker = LocalBroker()
 
-    first = await asyncio.to_thread(finish)
-    return LocalResult(first, time.perf_counter() - start, split)
+    def connect() -> Awaitable[Bus]:
+        async def local() -> Bus:
+            return Bus(LocalConnection(broker))
+
+        return local()
+
+    build = builders(runner, store)
+    async with AsyncExitStack() as stack:
+        for name in BACKEND:
+            await stack.enter_async_context(running(build[name], settings, connect))
+        client = await connect()
+        stack.push_async_callback(client.close)
+        yield client

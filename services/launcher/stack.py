@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from services.launcher.nats_server import NatsServer
+from shared.core.errors import TransportError
 from shared.runtime.config import Settings, env_var
 from shared.runtime.observability import configure_logging
 from shared.wire import subjects
-from shared.wire.bus import Bus, RemoteError, Unavailable
+from shared.wire.bus import Bus
 from shared.wire.messages import Accepted, LookupReply, LookupRequest, ModelInfo
 
 SERVICES = ("gateway", "merger", "compute", "loader")
@@ -86,7 +87,7 @@ class LocalStack:
             ping = LookupRequest("ready-check", info.space, b"")
             await bus.request(subjects.LOOKUP, ping, LookupReply, timeout_s=1.0)
             return True
-        except (Unavailable, RemoteError):
+        except TransportError:
             return False
         finally:
             await bus.close()

@@ -6,23 +6,25 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from nats.aio.msg import Msg
 
 from shared.core.cancellations import RecentlyCancelled
 from shared.core.errors import CorruptChunkError, StoreError
 from shared.core.keys import PromptChunks, unpack_tokens
 from shared.kv.format import verify_chunk
+from shared.kv.stored import read_verified, store_missing
 from shared.runtime.config import Settings
-from shared.runtime.observability import configure_logging, configure_tracing, tracer
+from shared.runtime.observability import tracer
+from shared.runtime.service import Service
 from shared.storage import open_store
 from shared.storage.base import ChunkStore
 from shared.storage.staging import Staging
 from shared.wire import subjects
-from shared.wire.bus import Bus, spawn
+from shared.wire.bus import Bus
 from shared.wire.messages import (
     Accepted,
     Cancel,
@@ -59,14 +61,16 @@ class Fetch:
     decided: asyncio.Event = field(default_factory=asyncio.Event)  # set with meet
 
 
-class Loader:
+class Loader(Service):
     """Serves lookups, fetches hit chunks newest first, writes staged chunks back."""
 
+    name = "loader"
+
     def __init__(self, bus: Bus, store: ChunkStore, staging: Staging, settings: Settings) -> None:
-        self.bus, self.store, self.staging, self.settings = bus, store, staging, settings
+        super().__init__(bus, settings)
+        self.store, self.staging = store, staging
         self.fetches: dict[str, Fetch] = {}
         self.counters: Counter[str] = Counter()
-        self.tasks: set[asyncio.Task[Any]] = set()
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
 
     async def start(self) -> None:
@@ -76,9 +80,9 @@ class Loader:
         await self.bus.handle(subjects.fetch(node), self.on_fetch, queue=subjects.QUEUE_LOADER)
         await self.bus.handle(subjects.store(node), self.on_store, queue=subjects.QUEUE_LOADER)
         await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
-        spawn(self.publish_telemetry(), self.tasks)
+        self.loops.spawn(self.publish_telemetry())
 
-    async def on_lookup(self, msg: Message, _: Msg) -> Message:
+    async def on_lookup(self, msg: Message, _: str) -> Message:
         """How many leading chunks of the prompt are stored."""
         assert isinstance(msg, LookupRequest)
         prompt = prompt_of(msg.space, msg.tokens)
@@ -87,7 +91,7 @@ class Loader:
         self.counters["lookups"] += 1
         return LookupReply(stored_chunks=stored)
 
-    async def on_fetch(self, msg: Message, _: Msg) -> Message:
+    async def on_fetch(self, msg: Message, _: str) -> Message:
         """Start fetching chunks [0, hit) tail first with bounded concurrency."""
         assert isinstance(msg, FetchJob)
         if msg.request_id in self.cancelled:
@@ -99,8 +103,8 @@ class Loader:
             queue.put_nowait(j)
         n = min(self.settings.fetch_concurrency, msg.hit)
         with structlog.contextvars.bound_contextvars(request_id=msg.request_id):  # for the tasks
-            fetch.workers = [spawn(self.fetch_worker(fetch, queue), self.tasks) for _ in range(n)]
-            spawn(self.finish_fetch(fetch), self.tasks)
+            fetch.workers = [self.tasks.spawn(self.fetch_worker(fetch, queue)) for _ in range(n)]
+            self.tasks.spawn(self.finish_fetch(fetch))
         return Accepted(node=self.settings.node)
 
     async def fetch_worker(self, fetch: Fetch, queue: asyncio.Queue[int]) -> None:
@@ -120,20 +124,15 @@ class Loader:
         timeout = max(0.0, min(self.settings.fetch_timeout_s, remaining))
         with tracer(__name__).start_as_current_span("loader.chunk", attributes={"chunk": index}):
             try:
-                data = await asyncio.wait_for(self.store.get(fetch.prompt.keys[index]), timeout)
+                read = read_verified(self.store, fetch.prompt, index)
+                data = await asyncio.wait_for(read, timeout)
                 if data is None:
                     raise StoreError("missing (evicted since the lookup)")
-                await asyncio.to_thread(verify_chunk, data, fetch.prompt.identity(index))
                 path = await asyncio.to_thread(self.staging.write, rid, f"{index}.kv", data)
             except (StoreError, CorruptChunkError, TimeoutError, OSError) as exc:
                 reason = "corrupt" if isinstance(exc, CorruptChunkError) else str(exc) or "timeout"
                 self.counters["load_failures"] += 1
-                if isinstance(exc, CorruptChunkError):
-                    self.counters["corrupt_chunks"] += 1
-                    log.warning(
-                        "corrupt chunk deleted", request_id=rid, chunk=index, error=str(exc)
-                    )
-                    await self.store.delete(fetch.prompt.keys[index])
+                self.counters["corrupt_chunks"] += isinstance(exc, CorruptChunkError)
                 await self.bus.publish(events, LoadFailed(rid, index, reason))
                 return
         fetch.staged[index] = path
@@ -157,10 +156,10 @@ class Loader:
             if index < keep_from:
                 self.staging.discard(path)
 
-    async def on_control(self, msg: Message, m: Msg) -> None:
+    async def on_control(self, msg: Message, subject: str) -> None:
         """Meet: stop fetching below the meeting point. Cancel: stop and drop everything."""
         fetch = self.cancelled.owned(
-            self.fetches, subjects.request_id_of(m.subject), isinstance(msg, Cancel)
+            self.fetches, subjects.request_id_of(subject), isinstance(msg, Cancel)
         )
         if fetch is None:
             return
@@ -173,7 +172,7 @@ class Loader:
             for task in fetch.workers:
                 task.cancel()
 
-    async def on_store(self, msg: Message, _: Msg) -> Message:
+    async def on_store(self, msg: Message, _: str) -> Message:
         """Write staged chunk files to storage (skipping ones already there), then remove them."""
         assert isinstance(msg, StoreJob)
         prompt = prompt_of(msg.space, msg.tokens)
@@ -181,21 +180,25 @@ class Loader:
             self.staging.inside(path)
             if not 0 <= index < len(prompt.keys):
                 raise ValueError(f"chunk {index} is not a complete chunk of this prompt")
+        async def read_staged(index: int) -> bytes:
+            data = await asyncio.to_thread(self.staging.read, msg.staged[index])
+            await asyncio.to_thread(verify_chunk, data, prompt.identity(index))
+            return bytes(data)
+
         with tracer(__name__).start_as_current_span(
             "loader.store", attributes={"chunks": len(msg.staged)}
         ):
-            for index, path in sorted(msg.staged.items()):
-                key = prompt.keys[index]
-                try:
-                    if not await self.store.exists(key):
-                        data = bytes(await asyncio.to_thread(self.staging.read, path))
-                        await self.store.put(key, data)
-                        self.counters["bytes_stored"] += len(data)
-                        self.counters["chunks_stored"] += 1
-                except (StoreError, OSError) as exc:
-                    self.counters["store_failures"] += 1
-                    log.warning("write-back failed", request_id=msg.request_id, error=str(exc))
-                finally:
+            try:
+                chunks, nbytes = await store_missing(
+                    self.store, prompt, sorted(msg.staged), read_staged
+                )
+                self.counters["chunks_stored"] += chunks
+                self.counters["bytes_stored"] += nbytes
+            except (StoreError, CorruptChunkError, OSError) as exc:
+                self.counters["store_failures"] += 1
+                log.warning("write-back failed", request_id=msg.request_id, error=str(exc))
+            finally:
+                for path in msg.staged.values():
                     self.staging.discard(path)
         self.staging.discard_request_if_empty(msg.request_id)
         return Accepted(node=self.settings.node)
@@ -214,11 +217,9 @@ class Loader:
             await asyncio.to_thread(self.staging.sweep, 2 * self.settings.request_timeout_s)
             await asyncio.sleep(TELEMETRY_EVERY_S)
 
-    async def close(self) -> None:
-        """Stop background work. Idempotent."""
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+    def describe(self) -> dict[str, Any]:
+        """Store and node, for the ready log line."""
+        return {"store": self.settings.store, "node": self.settings.node}
 
 
 def store_from_settings(settings: Settings) -> ChunkStore:
@@ -232,19 +233,9 @@ def store_from_settings(settings: Settings) -> ChunkStore:
     )
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
-    """Run the loader until stop is set: take no new work, drain, close the store."""
-    configure_logging("loader", settings.log_format, settings.log_level)
-    configure_tracing("loader")
+async def build(bus: Bus, settings: Settings, resources: AsyncExitStack) -> Loader:
+    """A loader over the store the settings name (opened now, closed with the service)."""
     staging = Staging(settings.staging_dir)
     staging.sweep(older_than_s=settings.request_timeout_s * 2)
-    async with store_from_settings(settings) as store:
-        bus = await Bus.connect(settings.nats_url, "cake-loader")
-        loader = Loader(bus, store, staging, settings)
-        try:
-            await loader.start()
-            log.info("loader ready", store=settings.store, node=settings.node)
-            await stop.wait()
-        finally:
-            await bus.close()
-            await loader.close()
+    store = await resources.enter_async_context(store_from_settings(settings))
+    return Loader(bus, store, staging, settings)

@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from contextlib import AsyncExitStack
 from typing import Any
 
-import nats
 import structlog
-from nats.aio.msg import Msg
 
+from shared.core.errors import RemoteError, RequestTimeout, TransportError, Unavailable
 from shared.core.estimator import Advice, SplitEstimator
 from shared.core.plan import MeetTracker, Split, usable_hit_chunks
 from shared.runtime.config import Settings
-from shared.runtime.observability import configure_logging, configure_tracing, tracer
+from shared.runtime.observability import tracer
+from shared.runtime.service import Service
 from shared.wire import subjects
-from shared.wire.bus import Bus, RemoteError, Unavailable, spawn
+from shared.wire.bus import Bus, Inbox
 from shared.wire.messages import (
     Accepted,
     Cancel,
@@ -37,23 +38,24 @@ from shared.wire.messages import (
 log = structlog.get_logger(__name__)
 
 
-class Merger:
+class Merger(Service):
     """Per request: lookup, dispatch compute and fetch, watch both frontiers, call the meet."""
 
+    name = "merger"
+
     def __init__(self, bus: Bus, settings: Settings) -> None:
-        self.bus, self.settings = bus, settings
+        super().__init__(bus, settings)
         self.info: ModelInfo | None = None
         self.estimator = SplitEstimator(skip_head_ratio=settings.skip_head_ratio)
-        self.tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Take generate requests (queue group: any merger replica may coordinate one)."""
         await self.bus.handle(subjects.GENERATE, self.on_generate, queue=subjects.QUEUE_MERGER)
 
-    async def on_generate(self, msg: Message, _: Msg) -> Message:
+    async def on_generate(self, msg: Message, _: str) -> Message:
         """Accept at once; coordinate in the background."""
         assert isinstance(msg, GenerateRequest)
-        spawn(self.coordinate(msg), self.tasks)
+        self.tasks.spawn(self.coordinate(msg))
         return Accepted()
 
     async def model_info(self) -> ModelInfo:
@@ -82,7 +84,7 @@ class Merger:
         """Tell the gateway the request failed, and compute and loader to drop it."""
         log.warning("request failed", code=code, message=message)
         rid = req.request_id
-        with contextlib.suppress(nats.errors.Error):
+        with contextlib.suppress(TransportError):
             await self.bus.publish(subjects.control(rid), Cancel(rid, message))
             await self.bus.publish(subjects.stream(rid), Failed(rid, status, code, message))
 
@@ -116,8 +118,7 @@ class Merger:
             stored = await self.lookup(req, space)
         hit = usable_hit_chunks(stored, n_tokens, int(space["chunk_tokens"]))
         span.set_attribute("cake.hit_chunks", hit)
-        events = await self.bus.nc.subscribe(subjects.events(req.request_id))
-        try:
+        async with await self.bus.subscribe(subjects.events(req.request_id)) as events:
             advice = self.estimator.advise(hit) if req.kv_mode == "cake" else Advice()
             compute_head = req.kv_mode != "load" and advice.compute_head
             span.set_attribute("cake.head_hint", advice.head_hint)
@@ -137,8 +138,6 @@ class Merger:
                 split, staged = await self.watch(req, hit, compute_head, events)
             else:
                 split = Split(0, 0)
-        finally:
-            await events.unsubscribe()
         span.set_attribute("cake.meet_chunk", split.meet)
         meet = Meet(req.request_id, split.meet, hit, {j: staged[j] for j in split.loaded})
         await self.bus.publish(subjects.control(req.request_id), meet)
@@ -159,7 +158,7 @@ class Merger:
         return True
 
     async def watch(
-        self, req: GenerateRequest, hit: int, compute_head: bool, events: Any
+        self, req: GenerateRequest, hit: int, compute_head: bool, events: Inbox
     ) -> tuple[Split, dict[int, str]]:
         """Follow computed/loaded events until the frontiers meet (or loads can no longer help).
 
@@ -174,13 +173,12 @@ class Merger:
         while split is None:
             timeout = min(self.settings.fetch_timeout_s, req.deadline - time.time())
             try:
-                raw = await events.next_msg(timeout=max(0.001, timeout))
-            except TimeoutError:
+                event = (await events.next(timeout)).message
+            except RequestTimeout:
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
                 self.estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a stalled link
                 split = Split(tracker.load_frontier, hit)
                 break
-            event = Message.decode(raw.data)
             if isinstance(event, ChunkComputed):
                 self.estimator.observe_compute(event.upto - tracker.computed, event.duration_s)
                 tracker.on_computed(event.upto)
@@ -208,24 +206,11 @@ class Merger:
         elif arrivals:
             self.estimator.observe_loads(len(arrivals), arrivals[-1] - start)
 
-    async def close(self) -> None:
-        """Let requests being coordinated finish (bounded), then stop."""
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=self.settings.rpc_timeout_s)
-        for task in self.tasks:
-            task.cancel()
+    async def drain(self) -> None:
+        """Let requests being coordinated finish (bounded by the RPC timeout)."""
+        await self.tasks.wait(self.settings.rpc_timeout_s)
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
-    """Run the merger until stop is set."""
-    configure_logging("merger", settings.log_format, settings.log_level)
-    configure_tracing("merger")
-    bus = await Bus.connect(settings.nats_url, "cake-merger")
-    merger = Merger(bus, settings)
-    try:
-        await merger.start()
-        log.info("merger ready")
-        await stop.wait()
-    finally:
-        await merger.close()  # requests in flight still need the bus
-        await bus.close()
+async def build(bus: Bus, settings: Settings, _: AsyncExitStack) -> Merger:
+    """A merger (it holds no resources of its own)."""
+    return Merger(bus, settings)

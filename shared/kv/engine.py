@@ -1,7 +1,8 @@
-"""Store-facing steps of the engine: lookup, fetch, write-back and the merged prefill.
+"""The KV side of the protocol steps: chunks of a cache to stored bytes and back.
 
-These are the building blocks the services call; run back to back in one process they form the
-whole Cake plan without NATS (tests and the benchmark's pipeline-overhead baseline use that).
+The compute service encodes write-backs with encode_chunk_at; fetch_chunk and write_back are the
+loader's byte steps (shared.kv.stored) with tensors on top, and merged_prefill is the whole
+plan in one call (exactness tests, the benchmark's per-chunk profiles).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from shared.core.keys import PromptChunks
 from shared.core.plan import Split, usable_hit_chunks
 from shared.kv.codec import decode_chunk, encode_chunk
 from shared.kv.model import ModelRunner
+from shared.kv.stored import read_verified, store_missing
 from shared.storage.base import ChunkStore
 
 log = structlog.get_logger(__name__)
@@ -30,15 +32,19 @@ async def lookup_hit(store: ChunkStore, prompt: PromptChunks) -> int:
 
 async def fetch_chunk(store: ChunkStore, prompt: PromptChunks, index: int) -> torch.Tensor | None:
     """Chunk index's KV, or None when missing or corrupt (a corrupt object is deleted)."""
-    data = await store.get(prompt.keys[index])
-    if data is None:
-        return None
     try:
-        return decode_chunk(data, prompt.identity(index))
-    except CorruptChunkError as exc:
-        log.warning("corrupt chunk deleted", chunk=index, error=str(exc))
-        await store.delete(prompt.keys[index])
+        data = await read_verified(store, prompt, index)
+    except CorruptChunkError:
         return None
+    return None if data is None else decode_chunk(data, prompt.identity(index), False)
+
+
+def encode_chunk_at(
+    runner: ModelRunner, cache: DynamicCache, prompt: PromptChunks, index: int, codec: str
+) -> bytes:
+    """The stored form of chunk index, taken from the cache."""
+    start, end = prompt.space.chunk_bounds(index)
+    return encode_chunk(prompt.identity(index), runner.chunk_kv(cache, start, end), codec)
 
 
 async def write_back(
@@ -52,16 +58,12 @@ async def write_back(
     """Store the complete chunks from first_chunk on that the cache holds; how many were new."""
     held = runner.cache_length(cache) // prompt.space.chunk_tokens
     indices = range(first_chunk, min(held, len(prompt.keys)))
-    present = await store.exists_many([prompt.keys[i] for i in indices])
-    written = 0
-    for i, stored in zip(indices, present, strict=True):
-        if stored:
-            continue
-        start, end = prompt.space.chunk_bounds(i)
-        kv = runner.chunk_kv(cache, start, end)
-        await store.put(prompt.keys[i], encode_chunk(prompt.identity(i), kv, codec))
-        written += 1
-    return written
+
+    async def encode(i: int) -> bytes:
+        return encode_chunk_at(runner, cache, prompt, i, codec)
+
+    chunks, _ = await store_missing(store, prompt, indices, encode)
+    return chunks
 
 
 def merged_prefill(

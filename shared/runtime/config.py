@@ -90,8 +90,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{env_var(name)} must be positive, got {getattr(self, name)}")
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"CAKE_PORT must be a TCP port, got {self.port}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"CAKE_PORT must be a TCP port (0: any free one), got {self.port}")
         if not 0 <= self.skip_head_ratio < 1:
             raise ConfigError("CAKE_SKIP_HEAD_RATIO must be in [0, 1) (0 never skips the head)")
         if self.kv_codec not in CODECS:

@@ -1,25 +1,23 @@
-"""NATS plumbing shared by the services: typed publish, request/reply and handlers.
+"""The message bus: Cake's conventions over a connection (NATS, or in-process for one process).
 
-Every message is a shared.wire.messages.Message; trace context rides in the W3C traceparent header;
-a handler's failure crosses the wire as an error code and description in reply headers.
+Every message is a shared.wire.messages.Message; trace context rides in the W3C traceparent
+header; a handler's failure crosses the wire as an error code and description in reply headers.
+Nothing outside this package touches a raw connection: services publish, request, handle and
+read typed inboxes (async iterators of Envelope, each with the sender's trace context).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
-import nats
 import structlog
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
-from shared.core.errors import CakeError
-from shared.wire.messages import Message
+from shared.core.errors import CakeError, RemoteError
+from shared.wire.messages import Message, SchemaError
 
 log = structlog.get_logger(__name__)
 
@@ -27,7 +25,52 @@ ERROR_HEADER = "Cake-Error"
 ERROR_CODE_HEADER = "Cake-Error-Code"
 
 R = TypeVar("R", bound=Message)
-Handler = Callable[[Message, Msg], Awaitable[Message | None]]
+Handler = Callable[[Message, str], Awaitable[Message | None]]  # (message, subject) -> reply
+
+
+class RawMsg(Protocol):
+    """What a connection delivers (nats.aio.msg.Msg has these attributes)."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    reply: str
+
+
+class RawInbox(Protocol):
+    """A subscription (read one message at a time, unless it has a callback)."""
+
+    async def next_msg(self, timeout: float) -> RawMsg: ...  # RequestTimeout when none came
+
+    async def unsubscribe(self) -> None: ...
+
+
+class Connection(Protocol):
+    """The transport under a Bus: shared.wire.nats_connection or shared.wire.local."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def max_payload(self) -> int: ...
+
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str], reply: str = ""
+    ) -> None: ...
+
+    async def request(
+        self, subject: str, data: bytes, headers: dict[str, str], timeout_s: float
+    ) -> RawMsg: ...  # NoResponders, RequestTimeout
+
+    async def subscribe(
+        self, subject: str, queue: str, callback: Callable[[RawMsg], Awaitable[None]]
+    ) -> RawInbox: ...  # callbacks of one subscription run one at a time
+
+    async def inbox(self, subject: str) -> RawInbox: ...
+
+    async def flush(self) -> None: ...
+
+    async def close(self, timeout_s: float) -> None: ...  # drain, then close; idempotent
 
 
 def inject_headers() -> dict[str, str]:
@@ -42,99 +85,126 @@ def extract_context(headers: dict[str, str] | None) -> otel_context.Context:
     return propagate.extract(dict(headers or {}))
 
 
-class RemoteError(CakeError):
-    """The service that handled a request answered with an error."""
+@dataclass(frozen=True)
+class Envelope:
+    """A message read from an inbox, with where it came from."""
 
-    def __init__(self, code: str, description: str) -> None:
-        super().__init__(f"{code}: {description}")
-        self.code = code
-        self.description = description
+    message: Message
+    subject: str
+    nbytes: int  # size of the encoded message on the wire
+    context: otel_context.Context  # the sender's trace context
 
 
-class Unavailable(CakeError):
-    """Nobody answered a request in time (no responders, or a timeout)."""
+class Inbox:
+    """The messages of one subscription, decoded, as an async iterator (until closed)."""
 
-    code = "unavailable"
+    def __init__(self, raw: RawInbox) -> None:
+        self._raw = raw
+
+    async def next(self, timeout_s: float) -> Envelope:
+        """The next readable message; RequestTimeout when none arrives within timeout_s."""
+        while True:
+            raw = await self._raw.next_msg(timeout=max(timeout_s, 0.001))
+            try:
+                message = Message.decode(raw.data)
+            except SchemaError as exc:
+                log.warning("unreadable message skipped", subject=raw.subject, error=str(exc))
+                continue
+            return Envelope(message, raw.subject, len(raw.data), extract_context(raw.headers))
+
+    async def __aiter__(self) -> AsyncIterator[Envelope]:
+        while True:
+            yield await self.next(timeout_s=3600.0)
+
+    async def close(self) -> None:
+        """Stop receiving."""
+        await self._raw.unsubscribe()
+
+    async def __aenter__(self) -> Inbox:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
 
 
 class Bus:
-    """One NATS connection with Cake's message conventions."""
+    """One connection with Cake's message conventions."""
 
-    def __init__(self, nc: Client) -> None:
-        self.nc = nc
-        self._subs: list[Subscription] = []
+    def __init__(self, connection: Connection) -> None:
+        self._conn = connection
+        self._handlers: list[RawInbox] = []
 
     @classmethod
     async def connect(cls, url: str, name: str, timeout_s: float = 10.0) -> Bus:
-        """Connect (retrying until timeout_s); reconnects forever once connected."""
+        """A bus over NATS at url (retrying until timeout_s; reconnects forever once up)."""
+        from shared.wire.nats_connection import NatsConnection
 
-        async def on_error(exc: Exception) -> None:
-            log.warning("nats connection error", client=name, error=repr(exc))
+        return cls(await NatsConnection.open(url, name, timeout_s))
 
-        async def on_disconnect() -> None:
-            log.debug("nats disconnected", client=name)
+    @property
+    def connected(self) -> bool:
+        """Whether messages can be sent now."""
+        return self._conn.connected
 
-        nc = await nats.connect(
-            url, name=name, connect_timeout=2, allow_reconnect=True,
-            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            error_cb=on_error, disconnected_cb=on_disconnect,
-        )  # fmt: skip
-        return cls(nc)
+    @property
+    def max_payload(self) -> int:
+        """The largest message the bus carries, in bytes."""
+        return self._conn.max_payload
 
     async def publish(self, subject: str, message: Message) -> None:
         """Fire and forget, with the current trace context."""
-        await self.nc.publish(subject, message.encode(), headers=inject_headers())
+        await self._conn.publish(subject, message.encode(), inject_headers())
 
     async def request(
         self, subject: str, message: Message, reply_type: type[R], timeout_s: float
     ) -> R:
-        """Send and wait for one typed reply; RemoteError or Unavailable otherwise."""
-        try:
-            reply = await self.nc.request(
-                subject, message.encode(), timeout=timeout_s, headers=inject_headers()
-            )
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
-            raise Unavailable(f"no answer on {subject} within {timeout_s:g}s") from exc
+        """Send and wait for one typed reply; NoResponders, RequestTimeout or RemoteError."""
+        reply = await self._conn.request(subject, message.encode(), inject_headers(), timeout_s)
         headers = reply.headers or {}
         if ERROR_CODE_HEADER in headers:
             raise RemoteError(headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""))
         return reply_type.decode(reply.data)
 
-    async def handle(self, subject: str, handler: Handler, queue: str = "") -> Subscription:
-        """Run handler for each message (in the sender's trace context) and answer requests."""
+    async def handle(self, subject: str, handler: Handler, queue: str = "") -> RawInbox:
+        """Run handler for each message (in the sender's trace context) and answer requests.
 
-        async def on_message(msg: Msg) -> None:
-            token = otel_context.attach(extract_context(msg.headers))
+        Messages of one subscription are handled one at a time, in order. The subscription is
+        returned (to unsubscribe it alone); stop_handling() ends every one.
+        """
+
+        async def on_message(raw: RawMsg) -> None:
+            token = otel_context.attach(extract_context(raw.headers))
             try:
-                reply = await handler(Message.decode(msg.data), msg)
-                if msg.reply and reply is not None:
-                    await self.nc.publish(msg.reply, reply.encode())
+                reply = await handler(Message.decode(raw.data), raw.subject)
+                if raw.reply and reply is not None:
+                    await self._conn.publish(raw.reply, reply.encode(), {})
             except Exception as exc:
                 code = exc.code if isinstance(exc, CakeError) else "internal"
-                log.exception("handler failed", subject=msg.subject, code=code)
-                if msg.reply:
+                log.exception("handler failed", subject=raw.subject, code=code)
+                if raw.reply:
                     headers = {ERROR_CODE_HEADER: code, ERROR_HEADER: str(exc)[:1000]}
-                    await self.nc.publish(msg.reply, b"", headers=headers)
+                    await self._conn.publish(raw.reply, b"", headers)
             finally:
                 otel_context.detach(token)
 
-        sub = await self.nc.subscribe(subject, queue=queue, cb=on_message)
-        self._subs.append(sub)
+        sub = await self._conn.subscribe(subject, queue, on_message)
+        self._handlers.append(sub)
         return sub
+
+    async def subscribe(self, subject: str) -> Inbox:
+        """An inbox of the messages on subject (use `async with`, or close it)."""
+        return Inbox(await self._conn.inbox(subject))
+
+    async def stop_handling(self) -> None:
+        """Take no more messages for the handlers (requests in flight may still finish)."""
+        handlers, self._handlers = self._handlers, []
+        for sub in handlers:
+            await sub.unsubscribe()
+
+    async def flush(self) -> None:
+        """Until the server has seen everything sent so far."""
+        await self._conn.flush()
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop taking messages, let handlers in flight finish, then close. Idempotent."""
-        if self.nc.is_closed:
-            return
-        try:
-            await asyncio.wait_for(self.nc.drain(), timeout_s)
-        except (TimeoutError, nats.errors.Error):
-            await self.nc.close()
-
-
-def spawn(coro: Awaitable[Any], tasks: set[asyncio.Task[Any]]) -> asyncio.Task[Any]:
-    """Start a background task kept alive in `tasks` until it ends."""
-    task = asyncio.ensure_future(coro)
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
-    return task
+        await self._conn.close(timeout_s)

@@ -1,0 +1,50 @@
+"""Stored chunks as bytes: read-and-verify, and store-what-is-missing. No tensors here, so the
+loader runs these very steps without torch; shared.kv.engine builds on them for KV tensors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+
+import structlog
+
+from shared.core.errors import CorruptChunkError
+from shared.core.keys import PromptChunks
+from shared.kv.format import verify_chunk
+from shared.storage.base import ChunkStore
+
+log = structlog.get_logger(__name__)
+
+
+async def read_verified(store: ChunkStore, prompt: PromptChunks, index: int) -> bytes | None:
+    """Chunk index's stored bytes after checking header, identity and checksum (off the event
+    loop); None when it is not stored. A corrupt object is deleted, then CorruptChunkError."""
+    data = await store.get(prompt.keys[index])
+    if data is None:
+        return None
+    try:
+        await asyncio.to_thread(verify_chunk, data, prompt.identity(index))
+    except CorruptChunkError as exc:
+        log.warning("corrupt chunk deleted", chunk=index, error=str(exc))
+        await store.delete(prompt.keys[index])
+        raise
+    return data
+
+
+async def store_missing(
+    store: ChunkStore,
+    prompt: PromptChunks,
+    indices: Sequence[int],
+    read: Callable[[int], Awaitable[bytes]],
+) -> tuple[int, int]:
+    """Store the chunks among indices that the store lacks (read(i) gives chunk i's bytes and
+    is called only for those); how many chunks and bytes were written. Stops at the first
+    error, since a chunk is only ever found through every chunk before it."""
+    present = await store.exists_many([prompt.keys[i] for i in indices])
+    chunks = nbytes = 0
+    for i, stored in zip(indices, present, strict=True):
+        if not stored:
+            data = await read(i)
+            await store.put(prompt.keys[i], data)
+            chunks, nbytes = chunks + 1, nbytes + len(data)
+    return chunks, nbytes

@@ -1,0 +1,128 @@
+"""The bus's connection over NATS (nats-py): the only module that touches the NATS client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+
+from shared.core.errors import ConnectionLost, NoResponders, RequestTimeout
+from shared.wire.bus import RawMsg
+
+log = structlog.get_logger(__name__)
+
+
+class NatsInbox:
+    """A NATS subscription read one message at a time."""
+
+    def __init__(self, sub: Subscription) -> None:
+        self._sub = sub
+
+    async def next_msg(self, timeout: float) -> RawMsg:
+        """The next message; RequestTimeout when none came, ConnectionLost when closed."""
+        try:
+            return await self._sub.next_msg(timeout=timeout)  # type: ignore[no-any-return]
+        except nats.errors.TimeoutError:
+            raise RequestTimeout(f"nothing arrived within {timeout:g}s") from None
+        except nats.errors.ConnectionClosedError:
+            raise ConnectionLost("the NATS connection is closed") from None
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving (nothing to do once the connection is closed)."""
+        with contextlib.suppress(
+            nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError
+        ):
+            await self._sub.unsubscribe()
+
+
+class NatsConnection:
+    """One NATS client connection."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+
+    @classmethod
+    async def open(cls, url: str, name: str, timeout_s: float) -> NatsConnection:
+        """Connect (retrying until timeout_s); reconnect forever once connected."""
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats connection error", client=name, error=repr(exc))
+
+        async def on_disconnect() -> None:
+            log.debug("nats disconnected", client=name)
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                nc = await nats.connect(
+                    url, name=name, connect_timeout=2, allow_reconnect=True,
+                    max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                    error_cb=on_error, disconnected_cb=on_disconnect,
+                )  # fmt: skip
+                return cls(nc)
+            except (OSError, nats.errors.Error) as exc:
+                if time.monotonic() >= deadline:
+                    raise ConnectionLost(f"cannot reach NATS at {url}: {exc!r}") from exc
+                await asyncio.sleep(0.5)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the client is connected now."""
+        return bool(self._nc.is_connected)
+
+    @property
+    def max_payload(self) -> int:
+        """The server's message size limit."""
+        return int(self._nc.max_payload)
+
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str], reply: str = ""
+    ) -> None:
+        """Send one message."""
+        try:
+            await self._nc.publish(subject, data, reply=reply, headers=headers or None)
+        except nats.errors.ConnectionClosedError:
+            raise ConnectionLost("the NATS connection is closed") from None
+
+    async def request(
+        self, subject: str, data: bytes, headers: dict[str, str], timeout_s: float
+    ) -> RawMsg:
+        """Send and wait for one reply."""
+        try:
+            return await self._nc.request(subject, data, timeout=timeout_s, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise NoResponders(f"nobody listens on {subject}") from None
+        except nats.errors.TimeoutError:
+            raise RequestTimeout(f"no answer on {subject} within {timeout_s:g}s") from None
+        except nats.errors.ConnectionClosedError:
+            raise ConnectionLost("the NATS connection is closed") from None
+
+    async def subscribe(
+        self, subject: str, queue: str, callback: Callable[[RawMsg], Awaitable[None]]
+    ) -> NatsInbox:
+        """Deliver each message to callback (nats-py runs one subscription's callbacks in order)."""
+        return NatsInbox(await self._nc.subscribe(subject, queue=queue, cb=callback))
+
+    async def inbox(self, subject: str) -> NatsInbox:
+        """A subscription to read with next_msg."""
+        return NatsInbox(await self._nc.subscribe(subject))
+
+    async def flush(self) -> None:
+        """Until the server has processed everything sent so far."""
+        await self._nc.flush()
+
+    async def close(self, timeout_s: float) -> None:
+        """Drain (handlers in flight finish), then close. Idempotent."""
+        if self._nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self._nc.drain(), timeout_s)
+        except (TimeoutError, nats.errors.Error):
+            await self._nc.close()
