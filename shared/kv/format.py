@@ -26,20 +26,22 @@ MAX_HEADER_BYTES = 1 << 20
 CODECS = ("raw", "int8")
 
 
+def identity_fields(ident: ChunkIdentity) -> dict[str, Any]:
+    """The header fields that say which chunk this is (a reader checks every one)."""
+    return {
+        "v": FORMAT_VERSION,
+        "key": ident.key,
+        "fp": ident.model_fingerprint,
+        "dtype": ident.layout.dtype,
+        "shape": list(ident.layout.chunk_shape(len(ident.token_ids))),
+        "tokens": pack_tokens(ident.token_ids),
+    }
+
+
 def pack_chunk(ident: ChunkIdentity, codec: str, payload: bytes) -> bytes:
     """The stored object: magic, header (with the payload's checksum), payload."""
-    header = msgpack.packb(
-        {
-            "v": FORMAT_VERSION,
-            "key": ident.key,
-            "fp": ident.model_fingerprint,
-            "dtype": ident.layout.dtype,
-            "shape": list(ident.layout.chunk_shape(len(ident.token_ids))),
-            "tokens": pack_tokens(ident.token_ids),
-            "codec": codec,
-            "sha256": hashlib.sha256(payload).hexdigest(),
-        }
-    )
+    checksum = hashlib.sha256(payload).hexdigest()
+    header = msgpack.packb({**identity_fields(ident), "codec": codec, "sha256": checksum})
     return MAGIC + _LEN.pack(len(header)) + header + payload
 
 
@@ -75,15 +77,7 @@ def verify_chunk(data: bytes | bytearray, ident: ChunkIdentity) -> tuple[dict[st
 def check_header(data: bytes | bytearray, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
     """Check every header field (not the payload); the header and the payload offset."""
     header, offset = _read_header(data, ident)
-    expected = {
-        "v": FORMAT_VERSION,
-        "key": ident.key,
-        "fp": ident.model_fingerprint,
-        "dtype": ident.layout.dtype,
-        "shape": list(ident.layout.chunk_shape(len(ident.token_ids))),
-        "tokens": pack_tokens(ident.token_ids),
-    }
-    for field, want in expected.items():
+    for field, want in identity_fields(ident).items():
         if header.get(field) != want:
             raise corrupt(ident, f"header field {field!r} does not match")
     return header, offset
