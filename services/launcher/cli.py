@@ -96,14 +96,24 @@ async def serve_until_signalled(service: str, settings: Settings) -> None:
     await serve(service, builder(service), settings, stop)
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    """`cake bench`, when the benchmark and its extra are installed."""
+    try:
+        from bench.main import bench_main
+    except ImportError as exc:
+        raise ConfigError(
+            f"cake bench needs the benchmark package and its extra ({exc.name} is missing): "
+            "pip install 'cake[bench]' from a checkout"
+        ) from exc
+    return bench_main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cake` console script."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "bench":
-            from bench.main import bench_main
-
-            return bench_main(args)
+            return run_bench(args)
         settings = settings_from_args(args)
         if args.command == "serve":
             asyncio.run(serve_until_signalled(args.service, settings))
