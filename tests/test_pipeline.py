@@ -213,12 +213,12 @@ async def test_a_failing_request_does_not_stop_the_compute_service(local: Backen
     real = compute.prefill_piece
     calls = 0
 
-    def broken_once(job: object, outbox: object) -> None:
+    def broken_once(job: object, outbox: object, tokens: int) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("out of memory")
-        real(job, outbox)  # type: ignore[arg-type]
+        real(job, outbox, tokens)  # type: ignore[arg-type]
 
     compute.prefill_piece = broken_once  # type: ignore[method-assign]
     failed = await local.generate(prompt(100, seed=40))

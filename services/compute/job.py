@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from shared.core.keys import PromptChunks
 from shared.core.plan import MeetTracker, head_step
-from shared.core.scheduler import Phase
+from shared.core.scheduler import Candidate, Phase
 from shared.kv.model import SamplingParams
 from shared.wire.messages import Prefilled, PrefillJob
 
@@ -41,6 +41,7 @@ class Job:
     finish_reason: str = ""
     prefilled: Prefilled | None = None
     writeback: asyncio.Task[None] | None = None
+    waited: int = 0  # scheduler steps since it last ran while runnable
 
     @property
     def hit(self) -> int:
@@ -78,11 +79,23 @@ class Job:
             self.head_piece, self.piece // self.chunk,
         )  # fmt: skip
 
-    def next_tokens(self) -> int:
-        """Tokens the next piece computes."""
-        phase = self.phase()
+    def next_tokens(self, phase: Phase) -> int:
+        """Tokens the next piece wants to compute (the scheduler may grant fewer)."""
         if phase == Phase.DECODE:
             return 1
         if phase == Phase.HEAD:
             return self.head_chunks() * self.chunk
+        meet = self.meet if self.meet is not None else self.hit
+        if self.head_done < meet:  # the rest of the head, in whole chunks
+            return min(meet - self.head_done, self.piece // self.chunk) * self.chunk
+        if not self.merged:
+            return 1  # appending the loaded chunks: no forward pass
         return min(self.piece, len(self.prompt.token_ids) - self.cache.get_seq_length())
+
+    def candidate(self) -> Candidate:
+        """The next piece as the scheduler sees it: prompt work is cut in whole chunks, so a
+        head stays aligned to the stored chunks."""
+        phase = self.phase()
+        granule = 1 if phase == Phase.DECODE else self.chunk
+        tokens = self.next_tokens(phase) if phase < Phase.WAITING else 0
+        return Candidate(self.msg.request_id, phase, tokens, self.arrival, granule, self.waited)

@@ -18,7 +18,7 @@ from services.compute.job import Job
 from shared.core.cancellations import RecentlyCancelled
 from shared.core.errors import CorruptChunkError, RemoteError, TransportError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
-from shared.core.scheduler import Candidate, Phase, plan_step
+from shared.core.scheduler import Phase, Piece, plan_step
 from shared.kv.codec import decode_chunk
 from shared.kv.engine import encode_chunk_at
 from shared.kv.model import ModelRunner, SamplingParams
@@ -153,11 +153,11 @@ class Compute(Service):
     async def step(self) -> bool:
         """One scheduler step and its messages; False when nothing was runnable."""
         await self.expire()
-        candidates = [
-            Candidate(rid, job.phase(), job.next_tokens(), job.arrival)
-            for rid, job in self.jobs.items()
-        ]
-        step = plan_step(candidates, self.settings.token_budget)
+        candidates = [job.candidate() for job in self.jobs.values()]
+        step = plan_step(candidates, self.settings.token_budget, self.settings.decode_share)
+        chosen = {piece.request_id for piece in step}
+        for c in candidates:
+            self.jobs[c.request_id].waited = 0 if c.request_id in chosen else c.waited + 1
         if step:
             outbox = await asyncio.to_thread(self.run_step, step)
             for subject, message, ctx in outbox:
@@ -245,7 +245,7 @@ class Compute(Service):
 
     # --- one step, in the worker thread -----------------------------------------------------
 
-    def run_step(self, step: list[Candidate]) -> Outbox:
+    def run_step(self, step: list[Piece]) -> Outbox:
         """Run each chosen piece; the messages to publish afterwards."""
         outbox: Outbox = []
         for piece in step:
@@ -257,9 +257,9 @@ class Compute(Service):
                     if piece.phase == Phase.DECODE:
                         self.decode_one(job, outbox)
                     elif piece.phase == Phase.HEAD:
-                        self.compute_head_chunks(job, outbox, job.head_chunks())
+                        self.compute_head_chunks(job, outbox, piece.tokens // job.chunk)
                     else:
-                        self.prefill_piece(job, outbox)
+                        self.prefill_piece(job, outbox, piece.tokens)
             except Exception as exc:  # one request's failure (e.g. out of memory) ends it alone
                 log.exception("request failed in compute", request_id=rid)
                 job.finish_reason = "failed"
@@ -282,15 +282,16 @@ class Compute(Service):
         event = ChunkComputed(job.msg.request_id, job.head_done, time.perf_counter() - start)
         outbox.append((subjects.events(job.msg.request_id), event, job.ctx))
 
-    def prefill_piece(self, job: Job, outbox: Outbox) -> None:
-        """After the meeting point: the rest of the head, then the merge, then the suffix."""
+    def prefill_piece(self, job: Job, outbox: Outbox, tokens: int) -> None:
+        """After the meeting point: the rest of the head, then the merge, then the suffix
+        (`tokens`: what the scheduler granted this piece)."""
         meet = job.meet if job.meet is not None else job.hit
         if job.head_done < meet:
-            self.compute_head_chunks(job, outbox, min(meet - job.head_done, job.piece // job.chunk))
+            self.compute_head_chunks(job, outbox, min(meet - job.head_done, tokens // job.chunk))
         elif not job.merged:
             self.merge_loaded(job, from_chunk=max(job.head_done, meet))
         else:
-            self.prefill_suffix_piece(job, outbox)
+            self.prefill_suffix_piece(job, outbox, tokens)
 
     def merge_loaded(self, job: Job, from_chunk: int) -> None:
         """Append staged chunks [from_chunk, hit); a chunk that cannot be read is computed."""
@@ -315,10 +316,10 @@ class Compute(Service):
             job.merged = True
             job.head_done = max(job.head_done, from_chunk)
 
-    def prefill_suffix_piece(self, job: Job, outbox: Outbox) -> None:
-        """The next piece of the uncached suffix; after the last one, the first token."""
+    def prefill_suffix_piece(self, job: Job, outbox: Outbox, tokens: int) -> None:
+        """The next `tokens` of the uncached suffix; after the last one, the first token."""
         held = self.runner.cache_length(job.cache)
-        piece = job.prompt.token_ids[held : held + job.piece]
+        piece = job.prompt.token_ids[held : held + tokens]
         with tracer(__name__).start_as_current_span(
             "compute.suffix", attributes={"tokens": len(piece)}
         ):

@@ -1,15 +1,26 @@
 """The compute scheduler's decision, as pure logic: what runs in the next step.
 
-Each step has a token budget given out in priority order: decode tokens first, then prefill of
-requests with nothing to load (no hit, or the meeting point already known), then the head
-chunks of Cake requests that are still racing their loader (the paper's order).
+Each step has a token budget. Decode tokens come first, up to their share of the budget
+(`decode_share`, as in Sarathi-Serve's stall-free batching: a long prefill never stalls
+decoding, and decodes never take the whole step while a prompt waits). The rest goes to prefill
+of requests with nothing to load (no hit, or the meeting point known), then to the head chunks
+of Cake requests still racing their loader (the paper's order); first come, first served within
+a class. A piece that does not fit is cut to what is left (in whole granules: storage chunks,
+so a head stays aligned with what is stored), never skipped whole while a granule fits.
+Requests that have waited `aging_steps` steps each get one granule first (longest-waiting
+first), so every runnable request progresses within a bounded number of steps however much
+higher-priority work keeps arriving.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+
+DEFAULT_DECODE_SHARE = 0.5
+DEFAULT_AGING_STEPS = 8
 
 
 class Phase(IntEnum):
@@ -28,22 +39,62 @@ class Candidate:
 
     request_id: str
     phase: Phase
-    tokens: int  # tokens the next piece computes (1 for a decode step)
+    tokens: int  # tokens the next piece wants (1 for a decode step)
     arrival: float
+    granule: int = 1  # a cut piece is a whole number of these tokens
+    waited: int = 0  # steps since the request last ran while runnable
 
 
-def plan_step(candidates: Sequence[Candidate], budget: int) -> list[Candidate]:
-    """The pieces to run this step: by priority then arrival, within the token budget.
+@dataclass(frozen=True)
+class Piece:
+    """What one request runs in this step."""
 
-    The first piece always runs, even when larger than the budget, so nothing starves.
+    request_id: str
+    phase: Phase
+    tokens: int  # granted: the whole want, or a cut of it in whole granules
+
+
+def plan_step(
+    candidates: Sequence[Candidate],
+    budget: int,
+    decode_share: float = DEFAULT_DECODE_SHARE,
+    aging_steps: int = DEFAULT_AGING_STEPS,
+) -> list[Piece]:
+    """The pieces to run this step, within the token budget (see the module's docstring).
+
+    When nothing else would run, the first piece runs whole even if larger than the budget.
     """
-    runnable = [c for c in candidates if c.phase < Phase.WAITING]
-    runnable.sort(key=lambda c: (c.phase, c.arrival))
-    chosen: list[Candidate] = []
-    used = 0
-    for c in runnable:
-        if chosen and used + c.tokens > budget:
-            continue
-        chosen.append(c)
-        used += c.tokens
-    return chosen
+    runnable = [c for c in candidates if c.phase < Phase.WAITING and c.tokens > 0]
+    decodes = sorted((c for c in runnable if c.phase == Phase.DECODE), key=_longest_waiting)
+    others = sorted((c for c in runnable if c.phase != Phase.DECODE), key=_priority)
+    decode_cap = math.ceil(budget * decode_share) if others else budget
+    grants = {c.request_id: 1 for c in decodes[: max(decode_cap, 0)]}
+    left = budget - len(grants)
+    aged = sorted((c for c in others if c.waited >= aging_steps), key=_longest_waiting)
+    for c in aged:  # first a granule each for the requests that waited longest
+        share = min(c.tokens, c.granule)
+        if share <= left:
+            grants[c.request_id] = share
+            left -= share
+    for c in others:  # then the rest of the budget by priority and arrival
+        more = _fit(c.tokens - grants.get(c.request_id, 0), left, c.granule)
+        if more > 0:
+            grants[c.request_id] = grants.get(c.request_id, 0) + more
+            left -= more
+    if not grants and runnable:  # a granule larger than the budget: run it rather than stall
+        grants[(decodes or others)[0].request_id] = (decodes or others)[0].tokens
+    phase = {c.request_id: c.phase for c in runnable}
+    return [Piece(rid, phase[rid], tokens) for rid, tokens in grants.items()]
+
+
+def _fit(want: int, left: int, granule: int) -> int:
+    """All of want if it fits, else the whole granules that do."""
+    return want if want <= left else left // granule * granule
+
+
+def _longest_waiting(c: Candidate) -> tuple[int, float]:
+    return (-c.waited, c.arrival)
+
+
+def _priority(c: Candidate) -> tuple[int, float]:
+    return (int(c.phase), c.arrival)

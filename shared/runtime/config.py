@@ -53,6 +53,7 @@ class Settings:
     fetch_timeout_s: float = 30.0  # one chunk read from storage
     fetch_concurrency: int = 4
     token_budget: int = 512  # tokens per compute scheduler step
+    decode_share: float = 0.5  # most of a step's budget decode tokens take while prompts wait
     head_tokens: int = 512  # tokens per compute step of a Cake head (the paper's compute chunk)
     exact_splits: bool = False  # every forward pass covers exactly one storage chunk
     skip_head_ratio: float = 0.5  # run load-only when a chunk loads in < this x its compute time
@@ -92,6 +93,8 @@ class Settings:
                 raise ConfigError(f"{env_var(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"CAKE_PORT must be a TCP port (0: any free one), got {self.port}")
+        if not 0 < self.decode_share <= 1:
+            raise ConfigError(f"CAKE_DECODE_SHARE must be in (0, 1], got {self.decode_share}")
         if not 0 <= self.skip_head_ratio < 1:
             raise ConfigError("CAKE_SKIP_HEAD_RATIO must be in [0, 1) (0 never skips the head)")
         if self.kv_codec not in CODECS:
