@@ -32,6 +32,7 @@ from services.gateway.validation import (
     parse_request,
     tokenize,
 )
+from shared.core.errors import ErrorCode
 from shared.core.keys import pack_tokens
 from shared.kv.tokenizer import Tokenizer
 from shared.runtime.config import Settings
@@ -146,10 +147,9 @@ class Gateway:
         limit = self.bus.nc.max_payload - MESSAGE_OVERHEAD_BYTES
         if n_tokens * 4 > limit:
             raise ApiError(
-                400,
+                ErrorCode.BAD_REQUEST,
                 f"the prompt has {n_tokens} tokens, more than one NATS message carries "
                 f"({limit // 4}); shorten it",
-                "bad_request",
                 param,
             )
 
@@ -222,15 +222,15 @@ async def read_body(request: web.Request) -> bytes:
     kind = request.content_type
     if kind != "application/json" and not kind.endswith("+json"):
         raise ApiError(
-            415, f"Content-Type must be application/json, got {kind!r}", "unsupported_media_type"
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type must be application/json, got {kind!r}",
         )
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(
-            413,
+            ErrorCode.REQUEST_TOO_LARGE,
             f"the request body is larger than {MAX_BODY_BYTES} bytes; send less",
-            "request_too_large",
         ) from None
 
 
@@ -245,10 +245,10 @@ async def json_errors(
         if exc.status < 400:
             raise
         message = f"{exc.reason}: {request.method} {request.path}"
-        return ApiError(exc.status, message, "http_error").response()
+        return ApiError(ErrorCode.HTTP_ERROR, message, status=exc.status).response()
     except Exception:
         log.exception("unhandled error", path=request.path)
-        return ApiError(500, "internal error in the gateway", "internal").response()
+        return ApiError(ErrorCode.INTERNAL, "internal error in the gateway").response()
 
 
 def make_app(
