@@ -20,6 +20,7 @@ from services.launcher.stack import SERVICES
 from services.loader.service import Loader
 from services.merger.service import Merger
 from shared.core.keys import pack_tokens, unpack_tokens
+from shared.core.request import KvMode, Sampling
 from shared.kv.model import ModelRunner
 from shared.kv.tokenizer import ByteTokenizer
 from shared.runtime.config import Settings
@@ -80,16 +81,15 @@ class Backend:
     url: str = ""  # the gateway's base URL, when it runs
 
     async def generate(
-        self, tokens: Sequence[int], kv_mode: str = "cake", salt: str = "", max_tokens: int = 8
+        self, tokens: Sequence[int], kv_mode: str = KvMode.CAKE, salt: str = "", max_tokens: int = 8
     ) -> Result:
         """Send one request as the gateway would and collect its stream."""
         rid = "t-" + uuid.uuid4().hex
         sub = await self.client.nc.subscribe(subjects.stream(rid))
         start = time.monotonic()
         deadline = time.time() + self.settings.request_timeout_s
-        req = GenerateRequest(
-            rid, pack_tokens(tokens), {"max_tokens": max_tokens}, kv_mode, salt, deadline
-        )
+        sampling = Sampling(max_tokens=max_tokens)
+        req = GenerateRequest(rid, pack_tokens(tokens), sampling, KvMode(kv_mode), salt, deadline)
         await self.client.request(subjects.GENERATE, req, Accepted, self.settings.rpc_timeout_s)
         out: list[int] = []
         try:

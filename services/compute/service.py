@@ -16,11 +16,12 @@ from opentelemetry.context import Context
 
 from services.compute.job import Job
 from shared.core.cancellations import RecentlyCancelled
-from shared.core.errors import CorruptChunkError
+from shared.core.errors import CorruptChunkError, ErrorCode
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
+from shared.core.request import FinishReason
 from shared.core.scheduler import Candidate, Phase, plan_step
 from shared.kv.codec import decode_chunk, encode_chunk
-from shared.kv.model import ModelRunner, SamplingParams
+from shared.kv.model import ModelRunner
 from shared.runtime.config import Settings
 from shared.runtime.observability import configure_logging, configure_tracing, tracer
 from shared.storage.staging import Staging
@@ -37,7 +38,6 @@ from shared.wire.messages import (
     ModelInfo,
     Prefilled,
     PrefillJob,
-    Sampling,
     Space,
     StoreJob,
     Tokens,
@@ -63,7 +63,7 @@ class Compute:
         """What this replica serves."""
         space = KeySpace(self.runner.fingerprint, self.runner.layout, self.settings.chunk_tokens)
         return ModelInfo(
-            self.runner.name, vars(Space.of(space)), self.runner.max_context, self.settings.node
+            self.runner.name, Space.of(space), self.runner.max_context, self.settings.node
         )
 
     async def start(self) -> None:
@@ -84,20 +84,19 @@ class Compute:
         assert isinstance(msg, PrefillJob)
         if msg.request_id in self.cancelled:
             return Accepted(node=self.settings.node)
-        space = Space(**msg.space).key_space()
+        space = msg.space.key_space()
         if space.model_fingerprint != self.runner.fingerprint:
-            raise RemoteError("bad_request", "job is for another model")
-        s = Sampling(**msg.sampling)
-        params = SamplingParams(
-            s.max_tokens, s.temperature, s.top_p, s.seed, self.runner_stop_ids()
-        )  # fmt: skip
+            raise RemoteError(ErrorCode.BAD_REQUEST, "job is for another model")
         prompt = PromptChunks.of(space, unpack_tokens(msg.tokens))
         budget = self.settings.token_budget // space.chunk_tokens * space.chunk_tokens
         head_piece = max(1, min(self.settings.head_tokens, budget) // space.chunk_tokens)
         if self.settings.exact_splits:  # one chunk per forward: KV bit-identical in every mode
             budget, head_piece = space.chunk_tokens, 1
             msg.head_hint = -1
-        job = Job(msg, prompt, params, self.runner.new_cache(), piece=budget, head_piece=head_piece)
+        stop_ids = self.runner_stop_ids()
+        job = Job(
+            msg, prompt, stop_ids, self.runner.new_cache(), piece=budget, head_piece=head_piece
+        )
         self.jobs[msg.request_id] = job
         self.wake.set()
         return Accepted(node=self.settings.node)
@@ -127,7 +126,7 @@ class Compute:
         if isinstance(msg, Meet) and job.meet is None and job.tokens_out is None:
             job.meet, job.staged = msg.meet, dict(msg.staged)
         elif isinstance(msg, Cancel):
-            job.finish_reason = "cancelled"
+            job.finish_reason = FinishReason.CANCELLED
         self.wake.set()
 
     # --- the scheduler loop -----------------------------------------------------------------
@@ -177,8 +176,8 @@ class Compute:
         now = time.time()
         for rid, job in list(self.jobs.items()):
             if now > job.msg.deadline and not job.finish_reason:
-                job.finish_reason = "deadline"
-                failed = Failed(rid, 504, "deadline", "the request ran past its deadline")
+                job.finish_reason = FinishReason.DEADLINE
+                failed = Failed(rid, ErrorCode.DEADLINE, "the request ran past its deadline")
                 await self.bus.publish(subjects.stream(rid), failed)
 
     def start_writebacks(self) -> None:
@@ -217,7 +216,7 @@ class Compute:
                 continue
             del self.jobs[rid]
             self.staging.discard_request(rid)
-            if job.finish_reason in ("stop", "length"):
+            if job.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
                 spawn(self.send_done(job), self.tasks)
 
     async def send_done(self, job: Job) -> None:
@@ -225,7 +224,7 @@ class Compute:
         otel_context.attach(job.ctx)  # this task's own context: no need to detach
         if job.writeback is not None:
             await asyncio.gather(job.writeback, return_exceptions=True)
-        assert job.prefilled is not None
+        assert job.prefilled is not None and job.finish_reason is not None
         done = job.prefilled.done(job.finish_reason, job.generated)
         await self.bus.publish(subjects.stream(job.msg.request_id), done)
 
@@ -258,8 +257,8 @@ class Compute:
                         self.prefill_piece(job, outbox)
             except Exception as exc:  # one request's failure (e.g. out of memory) ends it alone
                 log.exception("request failed in compute", request_id=rid)
-                job.finish_reason = "failed"
-                failed = Failed(rid, 500, "internal", f"compute failed: {exc}"[:500])
+                job.finish_reason = FinishReason.FAILED
+                failed = Failed(rid, ErrorCode.INTERNAL, f"compute failed: {exc}"[:500])
                 outbox.append((subjects.stream(rid), failed, job.ctx))
             finally:
                 otel_context.detach(token)
@@ -321,7 +320,7 @@ class Compute:
             logits = self.runner.extend(job.cache, piece)
         if held + len(piece) < len(job.prompt.token_ids):
             return
-        job.tokens_out = self.runner.generate(job.cache, logits, job.params)
+        job.tokens_out = self.runner.generate(job.cache, logits, job.msg.sampling, job.stop_ids)
         with tracer(__name__).start_as_current_span("compute.first_token"):
             self.decode_one(job, outbox)
         job.ttft_ms = (time.monotonic() - job.arrival) * 1000
@@ -334,15 +333,15 @@ class Compute:
         assert job.tokens_out is not None
         token = next(job.tokens_out, None)
         if token is None:
-            job.finish_reason = job.finish_reason or "length"
+            job.finish_reason = job.finish_reason or FinishReason.LENGTH
             return
         job.generated += 1
         rid = job.msg.request_id
         outbox.append((subjects.stream(rid), Tokens(rid, pack_tokens([token])), job.ctx))
-        if token in job.params.stop_token_ids:
-            job.finish_reason = "stop"
-        elif job.generated >= job.params.max_tokens:
-            job.finish_reason = "length"
+        if token in job.stop_ids:
+            job.finish_reason = FinishReason.STOP
+        elif job.generated >= job.msg.sampling.max_tokens:
+            job.finish_reason = FinishReason.LENGTH
 
     def stage_writeback(self, job: Job) -> dict[int, str]:
         """Encode the prompt's complete chunks beyond the hit into staging files."""
@@ -362,8 +361,8 @@ class Compute:
             await asyncio.gather(self.loop_task, return_exceptions=True)
         for rid, job in list(self.jobs.items()):
             if not job.finish_reason:
-                job.finish_reason = "failed"
-                failed = Failed(rid, 503, "unavailable", "the compute service is shutting down")
+                job.finish_reason = FinishReason.FAILED
+                failed = Failed(rid, ErrorCode.UNAVAILABLE, "the compute service is shutting down")
                 await self.bus.publish(subjects.stream(rid), failed)
         await self.retire()  # Done for the finished ones
         if self.tasks:

@@ -12,7 +12,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from typing import Any
 
 import structlog
@@ -159,7 +158,7 @@ class Gateway:
         return GenerateRequest(
             request_id=rid,
             tokens=pack_tokens(ids),
-            sampling=asdict(parsed.sampling),
+            sampling=parsed.sampling,
             kv_mode=parsed.kv_mode,
             salt=parsed.cache_salt,
             deadline=deadline,

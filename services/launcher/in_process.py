@@ -17,8 +17,9 @@ from shared.core.errors import StoreError
 from shared.core.estimator import Advice
 from shared.core.keys import PromptChunks
 from shared.core.plan import MeetTracker, Split, head_step
+from shared.core.request import Sampling
 from shared.kv.engine import fetch_chunk, merged_prefill
-from shared.kv.model import ModelRunner, SamplingParams
+from shared.kv.model import ModelRunner
 from shared.storage.base import ChunkStore
 
 
@@ -37,7 +38,7 @@ async def cake_prefill(
     prompt: PromptChunks,
     hit: int,
     fetch_concurrency: int = 4,
-    params: SamplingParams | None = None,
+    sampling: Sampling | None = None,
     advice: Advice | None = None,
     head_tokens: int = 512,
     budget_tokens: int = 4096,
@@ -113,11 +114,11 @@ async def cake_prefill(
     split = Split(max(done, split.meet), hit)
     if any(j not in loaded for j in split.loaded):  # a load failed below the meeting point
         split = Split(hit, hit)
-    params = params or SamplingParams(max_tokens=1)
+    sampling = sampling or Sampling(max_tokens=1)
 
     def finish() -> int:
         c, logits = merged_prefill(runner, prompt, split, loaded, cache=cache)
-        return next(runner.generate(c, logits, params))
+        return next(runner.generate(c, logits, sampling))
 
     first = await asyncio.to_thread(finish)
     return LocalResult(first, time.perf_counter() - start, split)

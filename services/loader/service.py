@@ -42,9 +42,9 @@ log = structlog.get_logger(__name__)
 TELEMETRY_EVERY_S = 2.0
 
 
-def prompt_of(space: dict[str, Any], tokens: bytes) -> PromptChunks:
+def prompt_of(space: Space, tokens: bytes) -> PromptChunks:
     """The keyed prompt a message describes."""
-    return PromptChunks.of(Space(**space).key_space(), unpack_tokens(tokens))
+    return PromptChunks.of(space.key_space(), unpack_tokens(tokens))
 
 
 @dataclass
