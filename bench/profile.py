@@ -9,8 +9,9 @@ import numpy as np
 
 from shared.core.keys import PromptChunks
 from shared.core.plan import Split, oracle_split
+from shared.core.request import Sampling
 from shared.kv.engine import fetch_chunk, merged_prefill
-from shared.kv.model import ModelRunner, SamplingParams
+from shared.kv.model import ModelRunner
 from shared.storage.base import ChunkStore
 
 HEAD_SAMPLES = 8  # head lengths measured; the rest is interpolated
@@ -77,5 +78,5 @@ async def measure_profile(
         loaded[j] = kv
     start = time.perf_counter()
     cache, logits = merged_prefill(runner, prompt, Split(0, hit), loaded)
-    next(runner.generate(cache, logits, SamplingParams(max_tokens=1)))
+    next(runner.generate(cache, logits, Sampling(max_tokens=1)))
     return Profile(head_s, read_s, sizes, time.perf_counter() - start)

@@ -23,6 +23,7 @@ from services.launcher.nats_server import free_port
 from services.launcher.stack import LocalStack
 from shared.core.keys import KeySpace, PromptChunks
 from shared.core.plan import usable_hit_chunks
+from shared.core.request import KvMode
 from shared.kv.model import ModelRunner
 from shared.kv.tokenizer import ByteTokenizer
 from shared.runtime.config import Settings
@@ -32,7 +33,7 @@ from shared.wire import subjects
 from shared.wire.bus import Bus
 from shared.wire.messages import ChunkComputed, ChunkLoaded, Message
 
-MODES = ("compute", "load", "cake")
+MODES = (KvMode.COMPUTE, KvMode.LOAD, KvMode.CAKE)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class Bench:
         self.runner: ModelRunner | None = None
         self.timeline: list[dict[str, Any]] = []
 
-    async def request(self, ctx: Context, mode: str, salt: str | None = None) -> Timing:
+    async def request(self, ctx: Context, mode: KvMode, salt: str | None = None) -> Timing:
         """One timed request (the store's pages dropped from the cache first)."""
         evict_page_cache(self.workdir / "store")
         return await first_token(self.session, self.stack.url, ctx.text, mode, salt or ctx.salt)
@@ -146,12 +147,12 @@ class Bench:
                 budget = self.settings.token_budget
                 await asyncio.to_thread(self.stack.restart, "compute", token_budget=budget)
             for ctx in contexts:
-                await self.request(ctx, "compute", salt=uuid.uuid4().hex)  # warm-up
-                runs = [await self.request(ctx, "compute", salt=uuid.uuid4().hex)
+                await self.request(ctx, KvMode.COMPUTE, salt=uuid.uuid4().hex)  # warm-up
+                runs = [await self.request(ctx, KvMode.COMPUTE, salt=uuid.uuid4().hex)
                         for _ in range(self.config.reps)]  # fmt: skip
                 ctx.compute_s[setting] = [t.ttft_s for t in runs]
         for ctx in [*contexts, self.warmup]:  # store the prefixes the timed requests hit
-            await self.request(ctx, "compute")
+            await self.request(ctx, KvMode.COMPUTE)
         return contexts
 
     async def sweep(self, contexts: list[Context]) -> dict[str, Any]:
@@ -192,7 +193,7 @@ class Bench:
     async def fixed_overhead(self) -> float:
         """Pipeline cost that no split avoids: TTFT of an 8-token prompt, compute-only."""
         tiny = Context(8, prompt_text(8, seed=1), "tiny", 0, 0)
-        runs = [await self.request(tiny, "compute", salt=uuid.uuid4().hex) for _ in range(3)]
+        runs = [await self.request(tiny, KvMode.COMPUTE, salt=uuid.uuid4().hex) for _ in range(3)]
         return min(t.ttft_s for t in runs)
 
     async def cell(
@@ -205,15 +206,15 @@ class Bench:
         for conc in self.config.fetch_concurrencies:
             await self.restart_loader(bandwidth, conc)
             load_by_conc[conc] = [
-                (await self.request(ctx, "load")).ttft_s for _ in range(self.config.reps)
+                (await self.request(ctx, KvMode.LOAD)).ttft_s for _ in range(self.config.reps)
             ]
         best_conc = min(load_by_conc, key=lambda c: statistics.median(load_by_conc[c]))
         if best_conc != self.config.fetch_concurrencies[-1]:
             await self.restart_loader(bandwidth, best_conc)
-        await self.request(self.warmup, "cake")  # also feeds the estimator this link's speed
+        await self.request(self.warmup, KvMode.CAKE)  # also feeds the estimator this link's speed
         for _ in range(self.config.reps):
-            compute.append((await self.request(ctx, "compute", salt=uuid.uuid4().hex)).ttft_s)
-            cake.append(await self.request(ctx, "cake"))
+            compute.append((await self.request(ctx, KvMode.COMPUTE, salt=uuid.uuid4().hex)).ttft_s)
+            cake.append(await self.request(ctx, KvMode.CAKE))
         if ratio == 1.0 and ctx.tokens == max(self.config.contexts):
             self.timeline = await self.record_timeline(ctx)
         assert ctx.profile is not None
@@ -250,7 +251,7 @@ class Bench:
             self.stack.restart, "loader", store_bandwidth_mbps=bandwidth,
             fetch_concurrency=concurrency,
         )  # fmt: skip
-        await self.request(self.warmup, "load")
+        await self.request(self.warmup, KvMode.LOAD)
 
     async def record_timeline(self, ctx: Context) -> list[dict[str, Any]]:
         """The computed and loaded events of one Cake request, with their times."""
@@ -268,7 +269,7 @@ class Bench:
         await bus.handle(subjects.EVENTS_ALL, on_event)
         evict_page_cache(self.workdir / "store")
         start = time.perf_counter()
-        timing = await first_token(self.session, self.stack.url, ctx.text, "cake", ctx.salt)
+        timing = await first_token(self.session, self.stack.url, ctx.text, KvMode.CAKE, ctx.salt)
         await bus.close()
         events.append(
             {"t": timing.ttft_s, "kind": "first_token", "meet": timing.cake["meet_chunk"]}
@@ -283,13 +284,14 @@ class Bench:
         bandwidth = ctx.kv_rate_mbps
         concurrency = self.config.fetch_concurrencies[-1]
         await self.restart_loader(bandwidth, concurrency)
-        await self.request(self.warmup, "cake")
+        await self.request(self.warmup, KvMode.CAKE)
         settings = self.settings.replace(
             fetch_concurrency=concurrency, node="in-process",
             staging_dir=str(self.workdir / "staging-in-process"),
         )  # fmt: skip
         ids = ByteTokenizer().encode
-        services, local = [], []
+        services: list[float] = []
+        local: list[float] = []
         async with (
             ThrottledStore(store, bandwidth_MBps=bandwidth) as link,
             in_process(settings, self.runner, link) as client,
@@ -297,9 +299,10 @@ class Bench:
             warmup = ids(self.warmup.text)
             await generate(client, settings, warmup, "cake", self.warmup.salt, max_tokens=1)
             for _ in range(max(2, self.config.reps)):
-                services.append((await self.request(ctx, "cake")).ttft_s)
+                services.append((await self.request(ctx, KvMode.CAKE)).ttft_s)
                 evict_page_cache(self.workdir / "store")
                 result = await generate(client, settings, ids(ctx.text), "cake", ctx.salt, 1)
+                assert result.first_token_s is not None, result.end
                 local.append(result.first_token_s)
         return {
             "context": ctx.tokens, "io_ratio": 1.0,

@@ -16,8 +16,9 @@ import sys
 
 from shared.core.keys import KeySpace, PromptChunks
 from shared.core.plan import Split
+from shared.core.request import Sampling
 from shared.kv.engine import fetch_chunk, merged_prefill, write_back
-from shared.kv.model import ModelRunner, SamplingParams
+from shared.kv.model import ModelRunner
 from shared.storage.memory import MemoryStore
 
 
@@ -26,7 +27,7 @@ async def check(args: argparse.Namespace) -> bool:
     rng = random.Random(0)
     ids = [rng.randrange(256) for _ in range(args.tokens)]
     prompt = PromptChunks.of(KeySpace(runner.fingerprint, runner.layout, args.chunk), ids)
-    greedy = SamplingParams(max_tokens=args.new_tokens)
+    greedy = Sampling(max_tokens=args.new_tokens)
     cache = runner.new_cache()
     logits = runner.prefill_chunks(cache, ids, args.chunk)
     assert logits is not None

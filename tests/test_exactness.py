@@ -9,13 +9,14 @@ import torch
 
 from shared.core.keys import KeySpace, PromptChunks
 from shared.core.plan import Split
+from shared.core.request import Sampling
 from shared.kv.engine import fetch_chunk, lookup_hit, merged_prefill, write_back
-from shared.kv.model import ModelRunner, SamplingParams
+from shared.kv.model import ModelRunner
 from shared.storage.memory import MemoryStore
 from tests.models import CONFIGS, tiny_runner
 
 NEW_TOKENS = 32
-GREEDY = SamplingParams(max_tokens=NEW_TOKENS)
+GREEDY = Sampling(max_tokens=NEW_TOKENS)
 
 
 def prompt_ids(n: int, seed: int) -> list[int]:

@@ -12,9 +12,11 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Any
 
 import aiohttp
+import msgspec
 import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -27,7 +29,9 @@ from services.gateway import service
 from services.gateway.app import make_app
 from services.gateway.conversation import TextAssembler
 from services.gateway.metrics import GatewayMetrics
+from shared.core.errors import ErrorCode
 from shared.core.keys import pack_tokens, unpack_tokens
+from shared.core.request import FinishReason
 from shared.kv.tokenizer import ByteTokenizer
 from shared.runtime import observability
 from shared.runtime.config import Settings
@@ -61,7 +65,9 @@ def text_tokens(rid: str, text: str, piece: int = 3) -> list[Message]:
     return [Tokens(rid, pack_tokens(list(data[i : i + piece]))) for i in range(0, len(data), piece)]
 
 
-def done(req: GenerateRequest, completion_tokens: int, reason: str = "length") -> Done:
+def done(
+    req: GenerateRequest, completion_tokens: int, reason: FinishReason = FinishReason.LENGTH
+) -> Done:
     """A Done with a recognisable Cake split."""
     prompt = len(req.tokens) // 4
     return Done(
@@ -74,7 +80,8 @@ def done(req: GenerateRequest, completion_tokens: int, reason: str = "length") -
 def prefilled(req: GenerateRequest) -> Prefilled:
     """The split the fake compute reports before its first token (as Done repeats it)."""
     d = done(req, 0)
-    stats = {k: v for k, v in vars(d).items() if k not in ("finish_reason", "completion_tokens")}
+    fields = msgspec.structs.asdict(d)
+    stats = {k: v for k, v in fields.items() if k not in ("finish_reason", "completion_tokens")}
     return Prefilled(**stats)
 
 
@@ -108,7 +115,7 @@ class FakeBackend:
 
     async def on_info(self, _: Message, __: str) -> Message:
         space = Space("fp", 2, 1, 4, "float32", SETTINGS.chunk_tokens)
-        return ModelInfo(MODEL, vars(space), 32768, "fake")
+        return ModelInfo(MODEL, space, 32768, "fake")
 
     async def play(self, req: GenerateRequest) -> None:
         await asyncio.sleep(self.delay_s)
@@ -200,7 +207,7 @@ async def test_completion_returns_text_usage_and_cake(bus: Bus, backend: FakeBac
     [req] = backend.requests
     assert req.request_id == answer["id"]
     assert unpack_tokens(req.tokens) == [ByteTokenizer.BOS, *b"tell me"]
-    assert req.sampling == {"max_tokens": 20, "temperature": 0.5, "top_p": 1.0, "seed": 3}
+    assert asdict(req.sampling) == {"max_tokens": 20, "temperature": 0.5, "top_p": 1.0, "seed": 3}
     assert (req.kv_mode, req.salt) == ("load", "tenant")
     assert before + SETTINGS.request_timeout_s <= req.deadline <= time.time() + 5.0
 
@@ -291,7 +298,7 @@ def test_text_assembler_waits_for_complete_characters_and_stops() -> None:
 
 
 async def test_failed_answers_with_its_status(bus: Bus, backend: FakeBackend) -> None:
-    backend.script = lambda req: [Failed(req.request_id, 503, "unavailable", "compute is gone")]
+    backend.script = lambda req: [Failed(req.request_id, ErrorCode.UNAVAILABLE, "compute is gone")]
     async with gateway(bus) as client:
         resp = await client.post("/v1/completions", json={"prompt": "x"})
         assert resp.status == 503
@@ -305,7 +312,7 @@ async def test_failed_answers_with_its_status(bus: Bus, backend: FakeBackend) ->
 async def test_streamed_failure_is_an_error_event_then_done(bus: Bus, backend: FakeBackend) -> None:
     backend.script = lambda req: [
         *text_tokens(req.request_id, "partial"),
-        Failed(req.request_id, 500, "internal", "compute crashed"),
+        Failed(req.request_id, ErrorCode.INTERNAL, "compute crashed"),
     ]
     async with gateway(bus) as client:
         resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})

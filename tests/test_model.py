@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, MambaConfig, MistralConfig
 
 from shared.core.errors import ConfigError, UnsupportedModelError
-from shared.kv.model import ModelRunner, SamplingParams, check_plain_kv
+from shared.core.request import Sampling
+from shared.kv.model import ModelRunner, check_plain_kv
 from shared.kv.tokenizer import ByteTokenizer, HFTokenizer, plain_chat_prompt
 from tests.models import _COMMON, tiny_runner
 
@@ -71,20 +72,18 @@ def test_sampling_is_reproducible_with_a_seed_and_stops() -> None:
     r = tiny_runner("llama")
     ids = list(range(30))
 
-    def run(params: SamplingParams) -> list[int]:
+    def run(params: Sampling, stop_token_ids: frozenset[int] = frozenset()) -> list[int]:
         cache = r.new_cache()
-        return list(r.generate(cache, r.extend(cache, ids), params))
+        return list(r.generate(cache, r.extend(cache, ids), params, stop_token_ids))
 
-    sampled = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=5)
+    sampled = Sampling(max_tokens=20, temperature=1.0, top_p=0.9, seed=5)
     assert run(sampled) == run(sampled)
-    assert run(sampled) != run(SamplingParams(max_tokens=20, temperature=1.0, seed=6))
-    greedy = run(SamplingParams(max_tokens=20))
+    assert run(sampled) != run(Sampling(max_tokens=20, temperature=1.0, seed=6))
+    greedy = run(Sampling(max_tokens=20))
     assert len(greedy) == 20
     stop = greedy[3]
     first = greedy.index(stop)
-    assert (
-        run(SamplingParams(max_tokens=20, stop_token_ids=frozenset({stop}))) == greedy[: first + 1]
-    )
+    assert run(Sampling(max_tokens=20), frozenset({stop})) == greedy[: first + 1]
 
 
 def test_top_p_keeps_only_the_nucleus() -> None:
@@ -92,9 +91,9 @@ def test_top_p_keeps_only_the_nucleus() -> None:
 
     logits = torch.log(torch.tensor([0.6, 0.3, 0.05, 0.05]))
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(temperature=1.0, top_p=0.5)
+    params = Sampling(temperature=1.0, top_p=0.5)
     assert {pick_token(logits, params, gen) for _ in range(50)} == {0}
-    params = SamplingParams(temperature=1.0, top_p=0.85)
+    params = Sampling(temperature=1.0, top_p=0.85)
     assert {pick_token(logits, params, gen) for _ in range(200)} == {0, 1}
 
 

@@ -15,11 +15,12 @@ from services.loader.service import Loader
 from services.merger.service import Merger
 from shared.core.errors import StoreError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens
+from shared.core.request import Sampling
 from shared.kv.engine import fetch_chunk
 from shared.storage.local import LocalStore
 from shared.storage.staging import Staging
 from shared.wire import subjects
-from shared.wire.messages import Accepted, Cancel, Failed, PrefillJob
+from shared.wire.messages import Accepted, Cancel, Failed, PrefillJob, Space
 from tests.harness import Backend, backend, default_runner, s3_backend, stack_settings
 
 
@@ -235,7 +236,8 @@ async def test_a_cancel_that_overtakes_its_job_drops_the_job(local: Backend) -> 
     await local.client.publish(subjects.control(rid), Cancel(rid, "client went away"))
     await local.client.flush()
     await asyncio.sleep(0.05)
-    job = PrefillJob(rid, pack_tokens(prompt(100, seed=42)), {}, 0, True, {}, 0.0)
+    space = Space.of(KeySpace(default_runner().fingerprint, default_runner().layout, 64))
+    job = PrefillJob(rid, pack_tokens(prompt(100, seed=42)), space, 0, True, Sampling(), 0.0)
     reply = await local.client.request(subjects.COMPUTE_PREFILL, job, Accepted, 2.0)
     assert reply.node == local.settings.node
     assert rid not in compute.jobs

@@ -13,8 +13,8 @@ from transformers import DynamicCache
 
 from shared.core.keys import PromptChunks
 from shared.core.plan import MeetTracker, head_step
+from shared.core.request import FinishReason
 from shared.core.scheduler import Candidate, Phase
-from shared.kv.model import SamplingParams
 from shared.wire.messages import Prefilled, PrefillJob
 
 
@@ -24,7 +24,7 @@ class Job:
 
     msg: PrefillJob
     prompt: PromptChunks
-    params: SamplingParams
+    stop_ids: frozenset[int]  # the model's end-of-sequence ids
     cache: DynamicCache
     ctx: Context = field(default_factory=otel_context.get_current)  # the request's trace
     arrival: float = field(default_factory=time.monotonic)
@@ -38,7 +38,7 @@ class Job:
     tokens_out: Iterator[int] | None = None
     generated: int = 0
     ttft_ms: float = 0.0
-    finish_reason: str = ""
+    finish_reason: FinishReason | None = None
     prefilled: Prefilled | None = None
     writeback: asyncio.Task[None] | None = None
     waited: int = 0  # scheduler steps since it last ran while runnable

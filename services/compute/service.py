@@ -16,12 +16,13 @@ from opentelemetry.context import Context
 
 from services.compute.job import Job
 from shared.core.cancellations import RecentlyCancelled
-from shared.core.errors import CorruptChunkError, RemoteError, TransportError
+from shared.core.errors import CorruptChunkError, ErrorCode, RemoteError, TransportError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
+from shared.core.request import FinishReason
 from shared.core.scheduler import Phase, Piece, plan_step
 from shared.kv.codec import decode_chunk
 from shared.kv.engine import encode_chunk_at
-from shared.kv.model import ModelRunner, SamplingParams
+from shared.kv.model import ModelRunner
 from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
 from shared.runtime.service import Service
@@ -39,7 +40,6 @@ from shared.wire.messages import (
     ModelInfo,
     Prefilled,
     PrefillJob,
-    Sampling,
     Space,
     StoreJob,
     Tokens,
@@ -67,7 +67,7 @@ class Compute(Service):
         """What this replica serves."""
         space = KeySpace(self.runner.fingerprint, self.runner.layout, self.settings.chunk_tokens)
         return ModelInfo(
-            self.runner.name, vars(Space.of(space)), self.runner.max_context, self.settings.node
+            self.runner.name, Space.of(space), self.runner.max_context, self.settings.node
         )
 
     async def start(self) -> None:
@@ -88,20 +88,19 @@ class Compute(Service):
         assert isinstance(msg, PrefillJob)
         if msg.request_id in self.cancelled:
             return Accepted(node=self.settings.node)
-        space = Space(**msg.space).key_space()
+        space = msg.space.key_space()
         if space.model_fingerprint != self.runner.fingerprint:
-            raise RemoteError("bad_request", "job is for another model")
-        s = Sampling(**msg.sampling)
-        params = SamplingParams(
-            s.max_tokens, s.temperature, s.top_p, s.seed, self.runner_stop_ids()
-        )  # fmt: skip
+            raise RemoteError(ErrorCode.BAD_REQUEST, "job is for another model")
         prompt = PromptChunks.of(space, unpack_tokens(msg.tokens))
         budget = self.settings.token_budget // space.chunk_tokens * space.chunk_tokens
         head_piece = max(1, min(self.settings.head_tokens, budget) // space.chunk_tokens)
         if self.settings.exact_splits:  # one chunk per forward: KV bit-identical in every mode
             budget, head_piece = space.chunk_tokens, 1
             msg.head_hint = -1
-        job = Job(msg, prompt, params, self.runner.new_cache(), piece=budget, head_piece=head_piece)
+        stop_ids = self.runner_stop_ids()
+        job = Job(
+            msg, prompt, stop_ids, self.runner.new_cache(), piece=budget, head_piece=head_piece
+        )
         self.jobs[msg.request_id] = job
         self.wake.set()
         return Accepted(node=self.settings.node)
@@ -131,7 +130,7 @@ class Compute(Service):
         if isinstance(msg, Meet) and job.meet is None and job.tokens_out is None:
             job.meet, job.staged = msg.meet, dict(msg.staged)
         elif isinstance(msg, Cancel):
-            job.finish_reason = "cancelled"
+            job.finish_reason = FinishReason.CANCELLED
         self.wake.set()
 
     # --- the scheduler loop -----------------------------------------------------------------
@@ -181,8 +180,8 @@ class Compute(Service):
         now = time.time()
         for rid, job in list(self.jobs.items()):
             if now > job.msg.deadline and not job.finish_reason:
-                job.finish_reason = "deadline"
-                failed = Failed(rid, 504, "deadline", "the request ran past its deadline")
+                job.finish_reason = FinishReason.DEADLINE
+                failed = Failed(rid, ErrorCode.DEADLINE, "the request ran past its deadline")
                 await self.bus.publish(subjects.stream(rid), failed)
 
     def start_writebacks(self) -> None:
@@ -221,7 +220,7 @@ class Compute(Service):
                 continue
             del self.jobs[rid]
             self.staging.discard_request(rid)
-            if job.finish_reason in ("stop", "length"):
+            if job.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
                 self.tasks.spawn(self.send_done(job))
 
     async def send_done(self, job: Job) -> None:
@@ -229,7 +228,7 @@ class Compute(Service):
         otel_context.attach(job.ctx)  # this task's own context: no need to detach
         if job.writeback is not None:
             await asyncio.gather(job.writeback, return_exceptions=True)
-        assert job.prefilled is not None
+        assert job.prefilled is not None and job.finish_reason is not None
         done = job.prefilled.done(job.finish_reason, job.generated)
         await self.bus.publish(subjects.stream(job.msg.request_id), done)
 
@@ -262,8 +261,8 @@ class Compute(Service):
                         self.prefill_piece(job, outbox, piece.tokens)
             except Exception as exc:  # one request's failure (e.g. out of memory) ends it alone
                 log.exception("request failed in compute", request_id=rid)
-                job.finish_reason = "failed"
-                failed = Failed(rid, 500, "internal", f"compute failed: {exc}"[:500])
+                job.finish_reason = FinishReason.FAILED
+                failed = Failed(rid, ErrorCode.INTERNAL, f"compute failed: {exc}"[:500])
                 outbox.append((subjects.stream(rid), failed, job.ctx))
             finally:
                 otel_context.detach(token)
@@ -326,7 +325,7 @@ class Compute(Service):
             logits = self.runner.extend(job.cache, piece)
         if held + len(piece) < len(job.prompt.token_ids):
             return
-        job.tokens_out = self.runner.generate(job.cache, logits, job.params)
+        job.tokens_out = self.runner.generate(job.cache, logits, job.msg.sampling, job.stop_ids)
         with tracer(__name__).start_as_current_span("compute.first_token"):
             self.decode_one(job, outbox)
         job.ttft_ms = (time.monotonic() - job.arrival) * 1000
@@ -339,15 +338,15 @@ class Compute(Service):
         assert job.tokens_out is not None
         token = next(job.tokens_out, None)
         if token is None:
-            job.finish_reason = job.finish_reason or "length"
+            job.finish_reason = job.finish_reason or FinishReason.LENGTH
             return
         job.generated += 1
         rid = job.msg.request_id
         outbox.append((subjects.stream(rid), Tokens(rid, pack_tokens([token])), job.ctx))
-        if token in job.params.stop_token_ids:
-            job.finish_reason = "stop"
-        elif job.generated >= job.params.max_tokens:
-            job.finish_reason = "length"
+        if token in job.stop_ids:
+            job.finish_reason = FinishReason.STOP
+        elif job.generated >= job.msg.sampling.max_tokens:
+            job.finish_reason = FinishReason.LENGTH
 
     def stage_writeback(self, job: Job) -> dict[int, str]:
         """Encode the prompt's complete chunks beyond the hit into staging files."""
@@ -362,8 +361,8 @@ class Compute(Service):
         their Done once their write-backs land (bounded by close())."""
         for rid, job in list(self.jobs.items()):
             if not job.finish_reason:
-                job.finish_reason = "failed"
-                failed = Failed(rid, 503, "unavailable", "the compute service is shutting down")
+                job.finish_reason = FinishReason.FAILED
+                failed = Failed(rid, ErrorCode.UNAVAILABLE, "the compute service is shutting down")
                 await self.bus.publish(subjects.stream(rid), failed)
         await self.retire()  # Done for the finished ones
         await self.tasks.wait(WRITEBACK_DRAIN_S)

@@ -14,7 +14,6 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from typing import Any
 
 import structlog
@@ -34,7 +33,7 @@ from services.gateway.validation import (
     parse_request,
     tokenize,
 )
-from shared.core.errors import TransportError
+from shared.core.errors import ErrorCode, TransportError
 from shared.core.keys import pack_tokens
 from shared.kv.tokenizer import Tokenizer
 from shared.runtime.config import Settings
@@ -158,7 +157,7 @@ class Gateway:
                 )
             except TransportError as exc:
                 message = f"the compute service is not answering ({exc}); try again later"
-                raise ApiError(503, message, "unavailable") from exc
+                raise ApiError(ErrorCode.UNAVAILABLE, message) from exc
             self.limits = dataclasses.replace(self.limits, max_context=info.max_context)
             self.model_known = True
         return self.limits
@@ -167,10 +166,9 @@ class Gateway:
         limit = self.bus.max_payload - MESSAGE_OVERHEAD_BYTES
         if n_tokens * 4 > limit:
             raise ApiError(
-                400,
+                ErrorCode.BAD_REQUEST,
                 f"the prompt has {n_tokens} tokens, more than one NATS message carries "
                 f"({limit // 4}); shorten it",
-                "bad_request",
                 param,
             )
 
@@ -180,7 +178,7 @@ class Gateway:
         return GenerateRequest(
             request_id=rid,
             tokens=pack_tokens(ids),
-            sampling=asdict(parsed.sampling),
+            sampling=parsed.sampling,
             kv_mode=parsed.kv_mode,
             salt=parsed.cache_salt,
             deadline=deadline,
@@ -243,15 +241,15 @@ async def read_body(request: web.Request) -> bytes:
     kind = request.content_type
     if kind != "application/json" and not kind.endswith("+json"):
         raise ApiError(
-            415, f"Content-Type must be application/json, got {kind!r}", "unsupported_media_type"
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type must be application/json, got {kind!r}",
         )
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(
-            413,
+            ErrorCode.REQUEST_TOO_LARGE,
             f"the request body is larger than {MAX_BODY_BYTES} bytes; send less",
-            "request_too_large",
         ) from None
 
 
@@ -266,10 +264,10 @@ async def json_errors(
         if exc.status < 400:
             raise
         message = f"{exc.reason}: {request.method} {request.path}"
-        return ApiError(exc.status, message, "http_error").response()
+        return ApiError(ErrorCode.HTTP_ERROR, message, status=exc.status).response()
     except Exception:
         log.exception("unhandled error", path=request.path)
-        return ApiError(500, "internal error in the gateway", "internal").response()
+        return ApiError(ErrorCode.INTERNAL, "internal error in the gateway").response()
 
 
 def make_app(

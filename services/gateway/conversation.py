@@ -10,12 +10,14 @@ import structlog
 from services.gateway.errors import ApiError
 from shared.core.errors import (
     ConnectionLost,
+    ErrorCode,
     RemoteError,
     RequestTimeout,
     TransportError,
     Unavailable,
 )
 from shared.core.keys import unpack_tokens
+from shared.core.request import FinishReason
 from shared.kv.tokenizer import Tokenizer
 from shared.wire import subjects
 from shared.wire.bus import Bus, Inbox
@@ -30,8 +32,6 @@ from shared.wire.messages import (
 )
 
 log = structlog.get_logger(__name__)
-
-REMOTE_STATUS = {"bad_request": 400, "unavailable": 503}
 
 
 class TextAssembler:
@@ -95,13 +95,13 @@ class Call:
             await self.bus.request(subjects.GENERATE, request, Accepted, timeout)
         except Unavailable as exc:
             raise ApiError(
-                503, f"the merger service is not answering ({exc}); try again later", "unavailable"
+                ErrorCode.UNAVAILABLE,
+                f"the merger service is not answering ({exc}); try again later",
             ) from exc
         except RemoteError as exc:
             self.settled = True
-            status = REMOTE_STATUS.get(exc.code, 500)
             message = f"the merger refused the request: {exc.description}"
-            raise ApiError(status, message, exc.code) from exc
+            raise ApiError(exc.code, message) from exc
 
     async def next(self) -> Prefilled | Tokens | Done | Failed:
         """The next message on the stream; ApiError at the deadline."""
@@ -112,10 +112,12 @@ class Call:
             except RequestTimeout:
                 await self.cancel("deadline")
                 raise ApiError(
-                    504, f"no answer within the request deadline ({self.timeout_s:g}s)", "timeout"
+                    ErrorCode.TIMEOUT,
+                    f"no answer within the request deadline ({self.timeout_s:g}s)",
                 ) from None
             except ConnectionLost:
-                raise ApiError(503, "the gateway lost its NATS connection", "unavailable") from None
+                lost = "the gateway lost its NATS connection"
+                raise ApiError(ErrorCode.UNAVAILABLE, lost) from None
             if isinstance(message, Done | Failed):
                 self.settled = True
             if isinstance(message, Prefilled | Tokens | Done | Failed):
@@ -147,14 +149,14 @@ class Generation:
         self.call, self.text = call, text
         self.done: Done | None = None
         self.prefilled: Prefilled | None = None
-        self.finish_reason = "length"
+        self.finish_reason = FinishReason.LENGTH
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas until Done or a stop string; ApiError on Failed or at the deadline."""
         while True:
             message = await self.call.next()
             if isinstance(message, Failed):
-                raise ApiError(message.status, message.message, message.code)
+                raise ApiError(message.code, message.message)
             if isinstance(message, Prefilled):
                 self.prefilled = message
                 continue
@@ -164,10 +166,10 @@ class Generation:
             else:
                 delta = self.text.add(unpack_tokens(message.tokens))
             if self.text.stopped:
-                self.finish_reason = "stop"
+                self.finish_reason = FinishReason.STOP
                 await self.call.cancel("stop string")
                 if self.done is None and self.prefilled is not None:
-                    self.done = self.prefilled.done("stop", len(self.text.ids))
+                    self.done = self.prefilled.done(FinishReason.STOP, len(self.text.ids))
             if delta:
                 yield delta
             if self.text.stopped or self.done is not None:

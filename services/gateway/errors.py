@@ -7,20 +7,24 @@ from typing import Any
 from aiohttp import web
 
 from services.gateway.validation import RequestError
-from shared.core.errors import CakeError
+from shared.core.errors import CakeError, http_status
 
 
 class ApiError(CakeError):
-    """An unsuccessful answer: HTTP status, error code, message and the offending field."""
+    """An unsuccessful answer: error code, message, the offending field and the HTTP status
+    (by default the code's, from shared.core.errors.HTTP_STATUS)."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, param: str | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
+        self.code, self.message, self.param = code, message, param
+        self.status = http_status(code) if status is None else status
 
     @classmethod
     def of(cls, exc: RequestError) -> ApiError:
         """The answer to a request that failed validation."""
-        return cls(exc.status, str(exc), exc.code, exc.param)
+        return cls(exc.code, str(exc), exc.param)
 
     def body(self) -> dict[str, Any]:
         """OpenAI's error body."""

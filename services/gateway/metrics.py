@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import structlog
 
 from services.gateway.errors import ApiError
+from shared.core.errors import ErrorCode, http_status
+from shared.core.request import KvMode
 from shared.runtime.metrics import Registry
 from shared.wire.messages import Done, Telemetry
 
@@ -34,7 +36,8 @@ class Outcome:
 
     def disconnected(self) -> None:
         """The client went away (499, as nginx counts it)."""
-        self.status, self.error = 499, "client_disconnected"
+        code = ErrorCode.CLIENT_DISCONNECTED
+        self.status, self.error = http_status(code), code
 
 
 def cacheable_tokens(prompt_tokens: int, chunk_tokens: int) -> int:
@@ -92,7 +95,7 @@ class GatewayMetrics:
         self.prompt_tokens.inc(done.loaded_tokens, source="loaded")
         self.prompt_tokens.inc(done.computed_tokens, source="computed")
         self.prompt_tokens.inc(suffix, source="suffix")
-        if kv_mode != "compute":
+        if kv_mode != KvMode.COMPUTE:
             self.lookups.inc()
             self.hit_tokens.inc(done.hit_tokens)
             self.cacheable.inc(cacheable_tokens(done.prompt_tokens, chunk_tokens))

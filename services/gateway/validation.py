@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from shared.core.errors import BadRequestError
+from shared.core.errors import BadRequestError, ErrorCode, http_status
+from shared.core.request import KvMode, Sampling
 from shared.kv.tokenizer import Message as ChatMessage
 from shared.kv.tokenizer import Tokenizer
-from shared.wire.messages import Sampling
 
-KV_MODES = ("cake", "compute", "load")
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 4
 MAX_SALT_CHARS = 256
@@ -33,15 +32,16 @@ class Endpoint(Enum):
 
 
 class RequestError(BadRequestError):
-    """A request Cake cannot serve: HTTP status, the offending field and a message."""
+    """A request Cake cannot serve: error code (and so HTTP status), the offending field and a
+    message."""
 
     def __init__(
-        self, message: str, param: str | None = None, status: int = 400, code: str = "bad_request"
+        self, message: str, param: str | None = None, code: ErrorCode = ErrorCode.BAD_REQUEST
     ) -> None:
         super().__init__(message)
         self.param = param
-        self.status = status
         self.code = code
+        self.status = http_status(code)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class ParsedRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     cache_salt: str = ""
-    kv_mode: str = "cake"
+    kv_mode: KvMode = KvMode.CAKE
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -164,8 +164,7 @@ def _check_model(body: Mapping[str, Any], served: str) -> None:
         raise RequestError(
             f"the model {model!r} does not exist; this server serves {served!r}",
             "model",
-            status=404,
-            code="model_not_found",
+            code=ErrorCode.MODEL_NOT_FOUND,
         )
 
 
@@ -293,8 +292,8 @@ def _salt(body: Mapping[str, Any]) -> str:
     return salt
 
 
-def _kv_mode(body: Mapping[str, Any]) -> str:
-    mode: str = _optional(body, "kv_mode", str, "cake")
-    if mode not in KV_MODES:
-        raise RequestError(f"kv_mode must be one of {', '.join(KV_MODES)}, got {mode!r}", "kv_mode")
-    return mode
+def _kv_mode(body: Mapping[str, Any]) -> KvMode:
+    mode: str = _optional(body, "kv_mode", str, KvMode.CAKE)
+    if mode not in tuple(KvMode):
+        raise RequestError(f"kv_mode must be one of {', '.join(KvMode)}, got {mode!r}", "kv_mode")
+    return KvMode(mode)

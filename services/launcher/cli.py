@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -74,17 +75,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def builder(service: str) -> Builder:
     """How to build a service (imported only when asked: compute brings torch along)."""
-    if service == "gateway":
-        from services.gateway.service import build
-    elif service == "merger":
-        from services.merger.service import build
-    elif service == "compute":
-        from services.compute.service import build
-    elif service == "loader":
-        from services.loader.service import build
-    else:
+    if service not in SERVICES:
         raise ConfigError(f"unknown service {service!r}; use one of {', '.join(SERVICES)}")
-    return build
+    module = importlib.import_module(f"services.{service}.service")
+    return module.build
 
 
 async def serve_until_signalled(service: str, settings: Settings) -> None:

@@ -17,6 +17,7 @@ from services.compute.service import Compute
 from services.loader.service import Loader
 from services.merger.service import build as build_merger
 from shared.core.keys import pack_tokens, unpack_tokens
+from shared.core.request import KvMode, Sampling
 from shared.kv.model import ModelRunner
 from shared.runtime.config import Settings
 from shared.runtime.service import Builder, Service, running
@@ -58,9 +59,8 @@ async def generate(
     rid = "t-" + uuid.uuid4().hex
     start = time.monotonic()
     deadline = time.time() + settings.request_timeout_s
-    req = GenerateRequest(
-        rid, pack_tokens(tokens), {"max_tokens": max_tokens}, kv_mode, salt, deadline
-    )
+    sampling = Sampling(max_tokens=max_tokens)
+    req = GenerateRequest(rid, pack_tokens(tokens), sampling, KvMode(kv_mode), salt, deadline)
     out: list[int] = []
     first: float | None = None
     async with await client.subscribe(subjects.stream(rid)) as inbox:

@@ -44,9 +44,9 @@ log = structlog.get_logger(__name__)
 TELEMETRY_EVERY_S = 2.0
 
 
-def prompt_of(space: dict[str, Any], tokens: bytes) -> PromptChunks:
+def prompt_of(space: Space, tokens: bytes) -> PromptChunks:
     """The keyed prompt a message describes."""
-    return PromptChunks.of(Space(**space).key_space(), unpack_tokens(tokens))
+    return PromptChunks.of(space.key_space(), unpack_tokens(tokens))
 
 
 @dataclass
@@ -180,6 +180,7 @@ class Loader(Service):
             self.staging.inside(path)
             if not 0 <= index < len(prompt.keys):
                 raise ValueError(f"chunk {index} is not a complete chunk of this prompt")
+
         async def read_staged(index: int) -> bytes:
             data = await asyncio.to_thread(self.staging.read, msg.staged[index])
             await asyncio.to_thread(verify_chunk, data, prompt.identity(index))

@@ -10,9 +10,10 @@ from typing import Any
 
 import structlog
 
-from shared.core.errors import RemoteError, RequestTimeout, TransportError, Unavailable
+from shared.core.errors import ErrorCode, RemoteError, RequestTimeout, TransportError, Unavailable
 from shared.core.estimator import Advice, SplitEstimator
 from shared.core.plan import MeetTracker, Split, usable_hit_chunks
+from shared.core.request import KvMode
 from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
 from shared.runtime.service import Service
@@ -33,6 +34,7 @@ from shared.wire.messages import (
     Message,
     ModelInfo,
     PrefillJob,
+    Space,
 )  # fmt: skip
 
 log = structlog.get_logger(__name__)
@@ -66,9 +68,9 @@ class Merger(Service):
             )
         return self.info
 
-    async def lookup(self, req: GenerateRequest, space: dict[str, Any]) -> int:
+    async def lookup(self, req: GenerateRequest, space: Space) -> int:
         """Stored leading chunks; 0 when the loader cannot answer (the request computes)."""
-        if req.kv_mode == "compute":
+        if req.kv_mode == KvMode.COMPUTE:
             return 0
         try:
             reply = await self.bus.request(
@@ -80,13 +82,13 @@ class Merger(Service):
             return 0
         return reply.stored_chunks
 
-    async def fail(self, req: GenerateRequest, status: int, code: str, message: str) -> None:
+    async def fail(self, req: GenerateRequest, code: ErrorCode, message: str) -> None:
         """Tell the gateway the request failed, and compute and loader to drop it."""
         log.warning("request failed", code=code, message=message)
         rid = req.request_id
         with contextlib.suppress(TransportError):
             await self.bus.publish(subjects.control(rid), Cancel(rid, message))
-            await self.bus.publish(subjects.stream(rid), Failed(rid, status, code, message))
+            await self.bus.publish(subjects.stream(rid), Failed(rid, code, message))
 
     async def coordinate(self, req: GenerateRequest) -> None:
         """The whole life of one request on the merger's side."""
@@ -97,30 +99,30 @@ class Merger(Service):
             try:
                 await self._coordinate(req, span)
             except Unavailable as exc:
-                await self.fail(req, 503, "unavailable", f"compute service unavailable: {exc}")
+                await self.fail(req, ErrorCode.UNAVAILABLE, f"compute service unavailable: {exc}")
             except RemoteError as exc:
-                if exc.code == "bad_request":
+                code = ErrorCode.of(exc.code)
+                if code == ErrorCode.BAD_REQUEST:
                     self.info = None  # compute may serve another model now: ask again
-                status = 400 if exc.code == "bad_request" else 500
-                await self.fail(req, status, exc.code, exc.description)
+                await self.fail(req, code, exc.description)
             except Exception as exc:  # never leave a request without an answer
                 log.exception("coordination failed")
-                await self.fail(req, 500, "internal", f"the merger failed: {exc}"[:500])
+                await self.fail(req, ErrorCode.INTERNAL, f"the merger failed: {exc}"[:500])
             except asyncio.CancelledError:  # the merger is shutting down
-                await self.fail(req, 503, "unavailable", "the merger shut down; try again")
+                await self.fail(req, ErrorCode.UNAVAILABLE, "the merger shut down; try again")
                 raise
 
     async def _coordinate(self, req: GenerateRequest, span: Any) -> None:
         info = await self.model_info()
-        space = {**info.space, "salt": req.salt}
+        space = info.space.salted(req.salt)
         n_tokens = len(req.tokens) // 4
         with tracer(__name__).start_as_current_span("merger.lookup"):
             stored = await self.lookup(req, space)
-        hit = usable_hit_chunks(stored, n_tokens, int(space["chunk_tokens"]))
+        hit = usable_hit_chunks(stored, n_tokens, space.chunk_tokens)
         span.set_attribute("cake.hit_chunks", hit)
         async with await self.bus.subscribe(subjects.events(req.request_id)) as events:
-            advice = self.estimator.advise(hit) if req.kv_mode == "cake" else Advice()
-            compute_head = req.kv_mode != "load" and advice.compute_head
+            advice = self.estimator.advise(hit) if req.kv_mode == KvMode.CAKE else Advice()
+            compute_head = req.kv_mode != KvMode.LOAD and advice.compute_head
             span.set_attribute("cake.head_hint", advice.head_hint)
             job = PrefillJob(
                 req.request_id, req.tokens, space, hit, compute_head, req.sampling,
@@ -142,9 +144,7 @@ class Merger(Service):
         meet = Meet(req.request_id, split.meet, hit, {j: staged[j] for j in split.loaded})
         await self.bus.publish(subjects.control(req.request_id), meet)
 
-    async def dispatch_fetch(
-        self, req: GenerateRequest, space: dict[str, Any], hit: int, node: str
-    ) -> bool:
+    async def dispatch_fetch(self, req: GenerateRequest, space: Space, hit: int, node: str) -> bool:
         """Hand the fetch to the loader beside the compute replica; False if none answers."""
         fetch = FetchJob(req.request_id, req.tokens, space, hit, req.deadline)
         try:

@@ -12,13 +12,13 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from shared.core.errors import CakeError
+from shared.core.errors import CakeError, ErrorCode
 
 
 class Overloaded(CakeError):
     """Every slot of the waiting queue is taken: try again after retry_after_s."""
 
-    code = "overloaded"
+    code = ErrorCode.OVERLOADED
 
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
@@ -28,7 +28,7 @@ class Overloaded(CakeError):
 class TooLarge(CakeError):
     """The request needs more KV memory than the whole budget."""
 
-    code = "too_large"
+    code = ErrorCode.TOO_LARGE
 
 
 @dataclass

@@ -4,57 +4,115 @@ CakeError
 ├── ConfigError, UnsupportedModelError       (start-up: settings, model)
 ├── CorruptChunkError, StoreError            (storage: a chunk is a miss, a backend failed)
 ├── BadRequestError                          (a client sent something Cake cannot serve)
+├── Overloaded, TooLarge (shared.core.admission: no room for the request's KV now, or ever)
 └── TransportError                           (the control plane)
     ├── Unavailable: NoResponders | RequestTimeout   (nobody answered)
     ├── ConnectionLost                                (the bus connection is closed)
     └── RemoteError                                   (the other service answered an error)
 
-Each class has a `code`; shared.wire carries it across services, the gateway maps it to HTTP.
+Every error has a code (ErrorCode): the wire carries it across services, and HTTP_STATUS is the
+one table from code to the HTTP status the gateway answers with, wherever the error happened.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Why a request failed, as it appears on the wire, in metrics and in OpenAI's error body."""
+
+    INTERNAL = "internal"
+    BAD_CONFIG = "bad_config"
+    UNSUPPORTED_MODEL = "unsupported_model"
+    CORRUPT_CHUNK = "corrupt_chunk"
+    STORE_ERROR = "store_error"
+    BAD_REQUEST = "bad_request"
+    MODEL_NOT_FOUND = "model_not_found"
+    REQUEST_TOO_LARGE = "request_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    HTTP_ERROR = "http_error"  # aiohttp's own answer (unknown route, wrong method): its status
+    CLIENT_DISCONNECTED = "client_disconnected"
+    UNAVAILABLE = "unavailable"
+    OVERLOADED = "overloaded"  # no room in the waiting queue: retry after a while
+    TOO_LARGE = "too_large"  # the request's KV would not fit the memory budget at all
+    DEADLINE = "deadline"  # the backend saw the request's deadline pass
+    TIMEOUT = "timeout"  # the gateway waited past the deadline
+
+    @classmethod
+    def of(cls, code: str) -> ErrorCode:
+        """The code named code; INTERNAL for a name Cake does not know."""
+        try:
+            return cls(code)
+        except ValueError:
+            return cls.INTERNAL
+
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.BAD_CONFIG: 500,
+    ErrorCode.UNSUPPORTED_MODEL: 500,
+    ErrorCode.CORRUPT_CHUNK: 500,
+    ErrorCode.STORE_ERROR: 500,
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.REQUEST_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorCode.HTTP_ERROR: 500,  # stands in only: the gateway answers with aiohttp's status
+    ErrorCode.CLIENT_DISCONNECTED: 499,  # as nginx counts it
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.OVERLOADED: 429,
+    ErrorCode.TOO_LARGE: 400,
+    ErrorCode.DEADLINE: 504,
+    ErrorCode.TIMEOUT: 504,
+}
+
+
+def http_status(code: str) -> int:
+    """The HTTP status for an error code (500 for a code Cake does not know)."""
+    return HTTP_STATUS[ErrorCode.of(code)]
 
 
 class CakeError(Exception):
     """Base of every error Cake raises on purpose."""
 
-    code = "internal"
+    code: str = ErrorCode.INTERNAL
 
 
 class ConfigError(CakeError):
     """A setting or a command-line option is invalid."""
 
-    code = "bad_config"
+    code = ErrorCode.BAD_CONFIG
 
 
 class UnsupportedModelError(CakeError):
     """The model keeps no plain per-layer key/value cache, so Cake cannot serve it exactly."""
 
-    code = "unsupported_model"
+    code = ErrorCode.UNSUPPORTED_MODEL
 
 
 class CorruptChunkError(CakeError):
     """A stored chunk failed validation (header, key, fingerprint, shape or checksum)."""
 
-    code = "corrupt_chunk"
+    code = ErrorCode.CORRUPT_CHUNK
 
 
 class StoreError(CakeError):
     """A storage backend failed (I/O error, network error, permission denied)."""
 
-    code = "store_error"
+    code = ErrorCode.STORE_ERROR
 
 
 class BadRequestError(CakeError):
     """The client sent something Cake cannot serve; the message says what to fix."""
 
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class TransportError(CakeError):
     """A message could not be exchanged with another service (the control plane failed)."""
 
-    code = "unavailable"
+    code = ErrorCode.UNAVAILABLE
 
 
 class Unavailable(TransportError):
@@ -78,5 +136,5 @@ class RemoteError(TransportError):
 
     def __init__(self, code: str, description: str) -> None:
         super().__init__(f"{code}: {description}")
-        self.code = code
+        self.code = ErrorCode.of(code)
         self.description = description

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from transformers.cache_utils import DynamicLayer
 
 from shared.core.errors import ConfigError, UnsupportedModelError
 from shared.core.keys import KVLayout
+from shared.core.request import Sampling
 from shared.kv.codec import dtype_name, torch_dtype
 from shared.kv.tokenizer import DEFAULT_MODEL, RANDOM_PREFIX, ByteTokenizer, uses_byte_tokenizer
 
@@ -117,25 +117,14 @@ def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) 
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each new token: temperature 0 is greedy."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: frozenset[int] = frozenset()
-
-
-def pick_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+def pick_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:
     """Greedy argmax, or temperature / top-p sampling with the given generator."""
-    if params.temperature <= 0:
+    if sampling.temperature <= 0:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < sampling.top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen).item())
 
@@ -240,16 +229,20 @@ class ModelRunner:
     # --- generation -------------------------------------------------------------------------
 
     def generate(
-        self, cache: DynamicCache, logits: torch.Tensor, params: SamplingParams
+        self,
+        cache: DynamicCache,
+        logits: torch.Tensor,
+        sampling: Sampling,
+        stop_token_ids: frozenset[int] = frozenset(),
     ) -> Iterator[int]:
         """Yield up to max_tokens new ids from the prompt's last logits; stops after a stop id."""
         gen = None
-        if params.temperature > 0:
+        if sampling.temperature > 0:
             gen = torch.Generator(device="cpu")
-            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-        for n in range(params.max_tokens):
-            token = pick_token(logits.cpu(), params, gen)
+            gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        for n in range(sampling.max_tokens):
+            token = pick_token(logits.cpu(), sampling, gen)
             yield token
-            if token in params.stop_token_ids or n + 1 == params.max_tokens:
+            if token in stop_token_ids or n + 1 == sampling.max_tokens:
                 return
             logits = self.extend(cache, [token])

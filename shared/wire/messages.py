@@ -1,4 +1,8 @@
-"""Every NATS message Cake sends: small msgpack maps with a schema version and a type.
+"""Every NATS message Cake sends: msgspec Structs, encoded as msgpack maps.
+
+Each message is tagged with its type name ("t") and the schema version ("v"); decoding checks
+both and validates every field's type, nested ones included (Space, Sampling, the enums), so a
+consumer gets typed values or a SchemaError, never a half-read map.
 
 KV tensors never travel here (claim check: a loaded chunk's event carries the path of its
 staged file). Token ids travel packed as little-endian uint32 bytes.
@@ -6,67 +10,82 @@ staged file). Token ids travel packed as little-endian uint32 bytes.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-import msgpack
+import msgspec
 
+from shared.core.errors import BadRequestError, ErrorCode, http_status
 from shared.core.keys import KeySpace, KVLayout
+from shared.core.request import FinishReason, KvMode, Sampling
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _REGISTRY: dict[str, type[Message]] = {}
+_DECODERS: dict[type[Message], msgspec.msgpack.Decoder[Any]] = {}
+_ENCODER = msgspec.msgpack.Encoder()
 M = TypeVar("M", bound="Message")
 
 
-class SchemaError(ValueError):
-    """A message could not be decoded: wrong version, unknown type or missing fields."""
+class SchemaError(BadRequestError):
+    """A message could not be decoded: wrong version, unknown or unexpected type, missing
+    fields or a field of the wrong type."""
 
 
-@dataclass
-class Message:
-    """Base of all messages: ``encode()`` to bytes, ``decode(bytes)`` back to the right class."""
+class _Envelope(msgspec.Struct):
+    """What every message starts with, read before the message itself."""
 
+    v: Any = None
+    t: Any = None
+
+
+_ENVELOPE = msgspec.msgpack.Decoder(_Envelope)
+
+
+class Message(msgspec.Struct, tag=True, tag_field="t", kw_only=True):
+    """Base of all messages: ``encode()`` to bytes, ``decode(bytes)`` back to the right class.
+
+    The tag ("t") is the class name; ``v`` is the schema version the message was written with.
+    """
+
+    v: int = SCHEMA_VERSION
     type_name: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.type_name = cls.__name__
+        cls.type_name = cls.__name__  # the tag (tag=True: the class name)
         _REGISTRY[cls.__name__] = cls
 
     def encode(self) -> bytes:
         """msgpack bytes with the schema version and type name."""
-        body = dataclasses.asdict(self)
-        body["v"] = SCHEMA_VERSION
-        body["t"] = self.type_name
-        return msgpack.packb(body)
+        return _ENCODER.encode(self)
 
     @classmethod
     def decode(cls: type[M], data: bytes) -> M:
-        """The message in data; raises SchemaError unless it is a cls (or subclass)."""
+        """The message in data; raises SchemaError unless it is a valid cls (or subclass)."""
         try:
-            body = msgpack.unpackb(data, strict_map_key=False)
-        except (ValueError, msgpack.UnpackException) as exc:
+            head = _ENVELOPE.decode(data)
+        except msgspec.DecodeError as exc:
             raise SchemaError(f"unreadable message: {exc}") from exc
-        if not isinstance(body, dict) or body.pop("v", None) != SCHEMA_VERSION:
-            raise SchemaError(f"message is not schema version {SCHEMA_VERSION}")
-        kind = _REGISTRY.get(body.pop("t", ""))
-        if kind is None or not issubclass(kind, cls):
-            raise SchemaError(f"expected a {cls.__name__} message")
+        if head.v != SCHEMA_VERSION:
+            raise SchemaError(
+                f"message has schema version {head.v!r}; this Cake reads version {SCHEMA_VERSION}"
+            )
+        kind = _REGISTRY.get(head.t) if isinstance(head.t, str) else None
+        if kind is None:
+            raise SchemaError(f"unknown message type {head.t!r}")
+        if not issubclass(kind, cls):
+            raise SchemaError(f"expected a {cls.__name__} message, got a {kind.__name__}")
+        decoder = _DECODERS.get(kind)
+        if decoder is None:
+            decoder = _DECODERS[kind] = msgspec.msgpack.Decoder(kind)
         try:
-            return kind._from_body(body)  # type: ignore[return-value]
-        except (TypeError, KeyError, ValueError) as exc:
+            return decoder.decode(data)
+        except msgspec.DecodeError as exc:
             raise SchemaError(f"bad {kind.__name__} message: {exc}") from exc
 
-    @classmethod
-    def _from_body(cls, body: dict[str, Any]) -> Message:
-        return cls(**body)
 
-
-@dataclass
-class Space:
-    """A KeySpace on the wire (nested in messages as a map: ``asdict`` / ``Space(**map)``)."""
+class Space(msgspec.Struct, frozen=True):
+    """A KeySpace on the wire, nested in messages."""
 
     fingerprint: str
     layers: int
@@ -95,88 +114,74 @@ class Space:
         layout = KVLayout(self.layers, self.kv_heads, self.head_dim, self.dtype)
         return KeySpace(self.fingerprint, layout, self.chunk_tokens, self.salt)
 
-
-@dataclass
-class Sampling:
-    """How to decode, nested in messages as a map (stop strings are the gateway's job)."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
+    def salted(self, salt: str) -> Space:
+        """The same space with another salt."""
+        return msgspec.structs.replace(self, salt=salt)
 
 
-@dataclass
 class GenerateRequest(Message):
     """gateway -> merger: one validated, tokenized request."""
 
     request_id: str
     tokens: bytes
-    sampling: dict[str, Any]
-    kv_mode: str = "cake"
+    sampling: Sampling
+    kv_mode: KvMode = KvMode.CAKE
     salt: str = ""
     deadline: float = 0.0  # unix seconds
 
 
-@dataclass
 class Accepted(Message):
     """Reply: the work was taken (by a compute replica on `node`, for prefill jobs)."""
 
     node: str = ""
 
 
-@dataclass
 class ModelInfo(Message):
     """Reply of the compute service: what it serves."""
 
     name: str
-    space: dict[str, Any]
+    space: Space
     max_context: int | None
     node: str
 
 
-@dataclass
 class LookupRequest(Message):
     """merger -> loader: how many leading chunks of this prompt are stored?"""
 
     request_id: str
-    space: dict[str, Any]
+    space: Space
     tokens: bytes
 
 
-@dataclass
 class LookupReply(Message):
     """loader -> merger."""
 
     stored_chunks: int
 
 
-@dataclass
 class PrefillJob(Message):
     """merger -> compute: compute this prompt's head and then serve it."""
 
     request_id: str
     tokens: bytes
-    space: dict[str, Any]
+    space: Space
     hit: int
     compute_head: bool
-    sampling: dict[str, Any]
+    sampling: Sampling
     deadline: float
     head_hint: int = -1  # predicted meeting chunk (the estimator's); -1: none
 
 
-@dataclass
 class FetchJob(Message):
     """merger -> loader: fetch hit chunks [0, hit) tail first and stage them."""
 
     request_id: str
     tokens: bytes
-    space: dict[str, Any]
+    space: Space
     hit: int
     deadline: float
 
 
-@dataclass
 class ChunkComputed(Message):
     """compute -> merger: head chunks [0, upto) are computed."""
 
@@ -185,7 +190,6 @@ class ChunkComputed(Message):
     duration_s: float
 
 
-@dataclass
 class ChunkLoaded(Message):
     """loader -> merger: hit chunk `index` is staged at `staged` (a file path)."""
 
@@ -196,7 +200,6 @@ class ChunkLoaded(Message):
     staged: str
 
 
-@dataclass
 class LoadFailed(Message):
     """loader -> merger: chunk `index` could not be loaded (missing, corrupt, error, stall)."""
 
@@ -205,17 +208,15 @@ class LoadFailed(Message):
     reason: str
 
 
-@dataclass
 class Meet(Message):
     """merger -> compute and loader: stop; use chunks [meet, hit) from these staged files."""
 
     request_id: str
     meet: int
     hit: int
-    staged: dict[int, str] = field(default_factory=dict)
+    staged: dict[int, str] = {}
 
 
-@dataclass
 class Cancel(Message):
     """-> compute and loader: drop this request (client gone, deadline, stop string)."""
 
@@ -223,7 +224,6 @@ class Cancel(Message):
     reason: str
 
 
-@dataclass
 class Tokens(Message):
     """compute -> gateway: new token ids (packed)."""
 
@@ -231,7 +231,6 @@ class Tokens(Message):
     tokens: bytes
 
 
-@dataclass
 class Prefilled(Message):
     """compute -> gateway, just before the first token: where the prompt's KV came from."""
 
@@ -246,18 +245,18 @@ class Prefilled(Message):
     loaded_tokens: int  # prompt tokens whose KV was loaded from storage
     computed_tokens: int  # prompt tokens of the computed head (the rest is the suffix)
 
-    def done(self, finish_reason: str, completion_tokens: int) -> Done:
+    def done(self, finish_reason: FinishReason, completion_tokens: int) -> Done:
         """The Done message that ends this request."""
-        stats = {k: v for k, v in vars(self).items() if k != "request_id"}
+        stats = msgspec.structs.asdict(self)
+        del stats["request_id"], stats["v"]
         return Done(self.request_id, finish_reason, completion_tokens, **stats)
 
 
-@dataclass
 class Done(Message):
     """compute -> gateway: the request finished; usage and the Cake split."""
 
     request_id: str
-    finish_reason: str
+    finish_reason: FinishReason
     completion_tokens: int
     prompt_tokens: int
     hit_tokens: int
@@ -270,27 +269,28 @@ class Done(Message):
     computed_tokens: int = 0
 
 
-@dataclass
 class Failed(Message):
-    """-> gateway: the request failed; status is the HTTP status to answer with."""
+    """-> gateway: the request failed; `status` is the HTTP status its code answers with."""
 
     request_id: str
-    status: int
-    code: str
+    code: ErrorCode
     message: str
 
+    @property
+    def status(self) -> int:
+        """The HTTP status to answer with (shared.core.errors.HTTP_STATUS)."""
+        return http_status(self.code)
 
-@dataclass
+
 class StoreJob(Message):
     """compute -> loader: write these staged chunk files (index -> path) back to storage."""
 
     request_id: str
     tokens: bytes
-    space: dict[str, Any]
+    space: Space
     staged: dict[int, str]
 
 
-@dataclass
 class Telemetry(Message):
     """compute/loader -> anyone: counters and rates for metrics and the adaptive controller."""
 

@@ -28,7 +28,7 @@ class NatsInbox:
     async def next_msg(self, timeout: float) -> RawMsg:
         """The next message; RequestTimeout when none came, ConnectionLost when closed."""
         try:
-            return await self._sub.next_msg(timeout=timeout)  # type: ignore[no-any-return]
+            return await self._sub.next_msg(timeout=timeout)
         except nats.errors.TimeoutError:
             raise RequestTimeout(f"nothing arrived within {timeout:g}s") from None
         except nats.errors.ConnectionClosedError:
