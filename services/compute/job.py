@@ -42,6 +42,7 @@ class Job:
     prefilled: Prefilled | None = None
     writeback: asyncio.Task[None] | None = None
     waited: int = 0  # scheduler steps since it last ran while runnable
+    admitted: bool = True  # False while it waits for KV memory (shared.core.admission)
 
     @property
     def hit(self) -> int:
@@ -57,6 +58,8 @@ class Job:
         """Where this job is (its scheduling priority)."""
         if self.finish_reason:
             return Phase.FINISHED
+        if not self.admitted:
+            return Phase.WAITING
         if self.tokens_out is not None:
             return Phase.DECODE
         if self.meet is None and self.head_done < self.hit:

@@ -15,6 +15,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from services.compute.job import Job
+from shared.core.admission import Admission
 from shared.core.cancellations import RecentlyCancelled
 from shared.core.errors import CorruptChunkError, ErrorCode, RemoteError, TransportError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
@@ -22,7 +23,7 @@ from shared.core.request import FinishReason
 from shared.core.scheduler import Phase, Piece, plan_step
 from shared.kv.codec import decode_chunk
 from shared.kv.engine import encode_chunk_at
-from shared.kv.model import ModelRunner
+from shared.kv.model import ModelRunner, default_kv_budget_bytes
 from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
 from shared.runtime.service import Service
@@ -62,6 +63,8 @@ class Compute(Service):
         self.wake = asyncio.Event()
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-writeback")
+        budget = settings.kv_memory_bytes or default_kv_budget_bytes(runner.device)
+        self.admission = Admission(budget, settings.max_waiting)
 
     def model_info(self) -> ModelInfo:
         """What this replica serves."""
@@ -92,6 +95,8 @@ class Compute(Service):
         if space.model_fingerprint != self.runner.fingerprint:
             raise RemoteError(ErrorCode.BAD_REQUEST, "job is for another model")
         prompt = PromptChunks.of(space, unpack_tokens(msg.tokens))
+        need = (len(prompt.token_ids) + msg.sampling.max_tokens) * space.layout.bytes_per_token
+        admitted = self.admission.offer(msg.request_id, need)  # Overloaded, TooLarge: refused
         budget = self.settings.token_budget // space.chunk_tokens * space.chunk_tokens
         head_piece = max(1, min(self.settings.head_tokens, budget) // space.chunk_tokens)
         if self.settings.exact_splits:  # one chunk per forward: KV bit-identical in every mode
@@ -99,8 +104,9 @@ class Compute(Service):
             msg.head_hint = -1
         stop_ids = self.runner_stop_ids()
         job = Job(
-            msg, prompt, stop_ids, self.runner.new_cache(), piece=budget, head_piece=head_piece
-        )
+            msg, prompt, stop_ids, self.runner.new_cache(), piece=budget, head_piece=head_piece,
+            admitted=admitted,
+        )  # fmt: skip
         self.jobs[msg.request_id] = job
         self.wake.set()
         return Accepted(node=self.settings.node)
@@ -220,6 +226,8 @@ class Compute(Service):
                 continue
             del self.jobs[rid]
             self.staging.discard_request(rid)
+            for started in self.admission.release(rid, time.monotonic() - job.arrival):
+                self.jobs[started].admitted = True
             if job.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
                 self.tasks.spawn(self.send_done(job))
 

@@ -198,6 +198,7 @@ class Gateway:
     async def _stream(
         self, request: web.Request, shapes: Shapes, gen: Generation, outcome: Outcome
     ) -> web.StreamResponse:
+        await gen.started()  # a request refused before its first token gets a real status
         response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
         response.content_type = "text/event-stream"
         try:

@@ -150,13 +150,23 @@ class Generation:
         self.done: Done | None = None
         self.prefilled: Prefilled | None = None
         self.finish_reason = FinishReason.LENGTH
+        self._first: Prefilled | Tokens | Done | None = None
+
+    async def started(self) -> None:
+        """Until the backend has taken the request and prefilled it (ApiError if it failed,
+        e.g. 429 when it is busy), so the HTTP status can still say so."""
+        self._first = self._checked(await self.call.next())
+
+    def _checked(self, message: Prefilled | Tokens | Done | Failed) -> Prefilled | Tokens | Done:
+        if isinstance(message, Failed):
+            raise ApiError(message.code, message.message, retry_after_s=message.retry_after_s)
+        return message
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas until Done or a stop string; ApiError on Failed or at the deadline."""
         while True:
-            message = await self.call.next()
-            if isinstance(message, Failed):
-                raise ApiError(message.code, message.message)
+            first, self._first = self._first, None
+            message = first or self._checked(await self.call.next())
             if isinstance(message, Prefilled):
                 self.prefilled = message
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from aiohttp import web
@@ -15,11 +16,17 @@ class ApiError(CakeError):
     (by default the code's, from shared.core.errors.HTTP_STATUS)."""
 
     def __init__(
-        self, code: str, message: str, param: str | None = None, status: int | None = None
+        self,
+        code: str,
+        message: str,
+        param: str | None = None,
+        status: int | None = None,
+        retry_after_s: float = 0.0,
     ) -> None:
         super().__init__(message)
         self.code, self.message, self.param = code, message, param
         self.status = http_status(code) if status is None else status
+        self.retry_after_s = retry_after_s
 
     @classmethod
     def of(cls, exc: RequestError) -> ApiError:
@@ -34,4 +41,5 @@ class ApiError(CakeError):
 
     def response(self) -> web.Response:
         """The error as an HTTP response."""
-        return web.json_response(self.body(), status=self.status)
+        headers = {"Retry-After": str(math.ceil(self.retry_after_s))} if self.retry_after_s else {}
+        return web.json_response(self.body(), status=self.status, headers=headers)

@@ -30,6 +30,8 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="gateway listen address")
     p.add_argument("--port", type=int, help="gateway port")
     p.add_argument("--log-format", choices=["json", "console", "auto"])
+    p.add_argument("--kv-memory-gb", type=float, help="KV memory budget of a compute replica")
+    p.add_argument("--max-waiting", type=int, help="requests queued beyond those running")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +71,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "host",
         "port",
         "log_format",
+        "kv_memory_gb",
+        "max_waiting",
     )
     return Settings.from_env(**{n: getattr(args, n, None) for n in names})
 

@@ -82,13 +82,16 @@ class Merger(Service):
             return 0
         return reply.stored_chunks
 
-    async def fail(self, req: GenerateRequest, code: ErrorCode, message: str) -> None:
+    async def fail(
+        self, req: GenerateRequest, code: ErrorCode, message: str, retry_after_s: float = 0.0
+    ) -> None:
         """Tell the gateway the request failed, and compute and loader to drop it."""
         log.warning("request failed", code=code, message=message)
         rid = req.request_id
+        failed = Failed(rid, code, message, retry_after_s)
         with contextlib.suppress(TransportError):
             await self.bus.publish(subjects.control(rid), Cancel(rid, message))
-            await self.bus.publish(subjects.stream(rid), Failed(rid, code, message))
+            await self.bus.publish(subjects.stream(rid), failed)
 
     async def coordinate(self, req: GenerateRequest) -> None:
         """The whole life of one request on the merger's side."""
@@ -104,7 +107,7 @@ class Merger(Service):
                 code = ErrorCode.of(exc.code)
                 if code == ErrorCode.BAD_REQUEST:
                     self.info = None  # compute may serve another model now: ask again
-                await self.fail(req, code, exc.description)
+                await self.fail(req, code, exc.description, exc.retry_after_s)
             except Exception as exc:  # never leave a request without an answer
                 log.exception("coordination failed")
                 await self.fail(req, ErrorCode.INTERNAL, f"the merger failed: {exc}"[:500])

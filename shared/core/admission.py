@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from shared.core.errors import CakeError, ErrorCode
 
+RUN_TIME_ALPHA = 0.2  # weight of the newest run in the mean run time (Retry-After)
+
 
 class Overloaded(CakeError):
     """Every slot of the waiting queue is taken: try again after retry_after_s."""
@@ -67,8 +69,11 @@ class Admission:
         self.waiting[request_id] = need_bytes
         return False
 
-    def release(self, request_id: str) -> list[str]:
-        """A request ended (or left the queue); the waiting ones that now run, in order."""
+    def release(self, request_id: str, ran_s: float | None = None) -> list[str]:
+        """A request ended (or left the queue; ran_s: how long it was in the system); the
+        waiting ones that now run, in order."""
+        if ran_s is not None:
+            self.mean_run_s += RUN_TIME_ALPHA * (ran_s - self.mean_run_s)
         self.running.pop(request_id, None)
         self.waiting.pop(request_id, None)
         started = []

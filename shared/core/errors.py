@@ -77,6 +77,7 @@ class CakeError(Exception):
     """Base of every error Cake raises on purpose."""
 
     code: str = ErrorCode.INTERNAL
+    retry_after_s: float = 0.0  # when > 0: when the same request may succeed
 
 
 class ConfigError(CakeError):
@@ -134,7 +135,8 @@ class ConnectionLost(TransportError):
 class RemoteError(TransportError):
     """The service that handled a request answered with an error code and description."""
 
-    def __init__(self, code: str, description: str) -> None:
+    def __init__(self, code: str, description: str, retry_after_s: float = 0.0) -> None:
         super().__init__(f"{code}: {description}")
         self.code = ErrorCode.of(code)
         self.description = description
+        self.retry_after_s = retry_after_s

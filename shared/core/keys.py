@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMAT_VERSION = 1
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEFAULT_CHUNK_TOKENS = 256
 
 
@@ -44,6 +45,11 @@ class KVLayout:
     def tag(self) -> str:
         """Compact text form bound into keys, e.g. 'L8xKV2xH4xD64:float32'."""
         return f"L{self.layers}xKV2xH{self.kv_heads}xD{self.head_dim}:{self.dtype}"
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one token takes across the model."""
+        return self.layers * 2 * self.kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
 
     def chunk_shape(self, tokens: int) -> tuple[int, int, int, int, int]:
         """Tensor shape of a chunk's KV: (layers, 2, kv_heads, tokens, head_dim)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -246,3 +247,19 @@ class ModelRunner:
             if token in stop_token_ids or n + 1 == sampling.max_tokens:
                 return
             logits = self.extend(cache, [token])
+
+
+def default_kv_budget_bytes(device: torch.device | str, share: float = 0.4) -> int:
+    """A KV memory budget when none is set: `share` of the accelerator's free memory (after
+    the weights are loaded), or of the memory the host has available."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * share)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(available * share)

@@ -54,6 +54,8 @@ class Settings:
     fetch_concurrency: int = 4
     token_budget: int = 512  # tokens per compute scheduler step
     decode_share: float = 0.5  # most of a step's budget decode tokens take while prompts wait
+    kv_memory_gb: float | None = None  # KV memory budget of a compute replica (None: derived)
+    max_waiting: int = 64  # requests a compute replica queues beyond those it runs; then 429
     head_tokens: int = 512  # tokens per compute step of a Cake head (the paper's compute chunk)
     exact_splits: bool = False  # every forward pass covers exactly one storage chunk
     skip_head_ratio: float = 0.5  # run load-only when a chunk loads in < this x its compute time
@@ -87,12 +89,15 @@ class Settings:
             "fetch_concurrency",
             "token_budget",
             "max_tokens_limit",
+            "max_waiting",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{env_var(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"CAKE_PORT must be a TCP port (0: any free one), got {self.port}")
+        if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:
+            raise ConfigError(f"CAKE_KV_MEMORY_GB must be positive, got {self.kv_memory_gb}")
         if not 0 < self.decode_share <= 1:
             raise ConfigError(f"CAKE_DECODE_SHARE must be in (0, 1], got {self.decode_share}")
         if not 0 <= self.skip_head_ratio < 1:
@@ -108,6 +113,11 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes).validated()
+
+    @property
+    def kv_memory_bytes(self) -> int | None:
+        """The compute replica's KV memory budget, if set."""
+        return None if self.kv_memory_gb is None else int(self.kv_memory_gb * 2**30)
 
     @property
     def store_capacity_bytes(self) -> int | None:

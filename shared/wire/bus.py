@@ -23,6 +23,7 @@ log = structlog.get_logger(__name__)
 
 ERROR_HEADER = "Cake-Error"
 ERROR_CODE_HEADER = "Cake-Error-Code"
+RETRY_AFTER_HEADER = "Cake-Retry-After"  # seconds, when the error says when to try again
 
 R = TypeVar("R", bound=Message)
 Handler = Callable[[Message, str], Awaitable[Message | None]]  # (message, subject) -> reply
@@ -162,7 +163,8 @@ class Bus:
         reply = await self._conn.request(subject, message.encode(), inject_headers(), timeout_s)
         headers = reply.headers or {}
         if ERROR_CODE_HEADER in headers:
-            raise RemoteError(headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""))
+            code, description = headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, "")
+            raise RemoteError(code, description, float(headers.get(RETRY_AFTER_HEADER) or 0))
         return reply_type.decode(reply.data)
 
     async def handle(self, subject: str, handler: Handler, queue: str = "") -> RawInbox:
@@ -183,6 +185,8 @@ class Bus:
                 log.exception("handler failed", subject=raw.subject, code=code)
                 if raw.reply:
                     headers = {ERROR_CODE_HEADER: code, ERROR_HEADER: str(exc)[:1000]}
+                    if isinstance(exc, CakeError) and exc.retry_after_s:
+                        headers[RETRY_AFTER_HEADER] = f"{exc.retry_after_s:g}"
                     await self._conn.publish(raw.reply, b"", headers)
             finally:
                 otel_context.detach(token)

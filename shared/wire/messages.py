@@ -275,6 +275,7 @@ class Failed(Message):
     request_id: str
     code: ErrorCode
     message: str
+    retry_after_s: float = 0.0  # > 0: the gateway answers with Retry-After
 
     @property
     def status(self) -> int:
