@@ -51,6 +51,7 @@ class LocalSubscription:
     queue: str
     messages: asyncio.Queue[LocalMsg] = field(default_factory=asyncio.Queue)
     worker: asyncio.Task[None] | None = None
+    owner: set[LocalSubscription] | None = None  # the connection's set, left on unsubscribe
 
     async def next_msg(self, timeout: float) -> RawMsg:
         """The next message; RequestTimeout when none came in time."""
@@ -62,6 +63,8 @@ class LocalSubscription:
     async def unsubscribe(self) -> None:
         """Stop receiving; a callback worker finishes the message in hand."""
         self.broker.remove(self)
+        if self.owner is not None:
+            self.owner.discard(self)
         if self.worker is not None:
             self.worker.cancel()
             await asyncio.gather(self.worker, return_exceptions=True)
@@ -102,7 +105,7 @@ class LocalConnection:
 
     def __init__(self, broker: LocalBroker) -> None:
         self.broker = broker
-        self._subs: list[LocalSubscription] = []
+        self._subs: set[LocalSubscription] = set()
         self._closed = False
 
     @property
@@ -158,14 +161,16 @@ class LocalConnection:
                     sub.messages.task_done()
 
         sub.worker = asyncio.ensure_future(work())
-        self._subs.append(sub)
-        return sub
+        return self._own(sub)
 
     async def inbox(self, subject: str) -> LocalSubscription:
         """A subscription to read with next_msg."""
         self._check_open()
-        sub = self.broker.add(subject, "")
-        self._subs.append(sub)
+        return self._own(self.broker.add(subject, ""))
+
+    def _own(self, sub: LocalSubscription) -> LocalSubscription:
+        self._subs.add(sub)
+        sub.owner = self._subs
         return sub
 
     async def flush(self) -> None:
@@ -177,7 +182,7 @@ class LocalConnection:
         if self._closed:
             return
         self._closed = True
-        for sub in self._subs:
+        for sub in list(self._subs):
             self.broker.remove(sub)
         workers = [s for s in self._subs if s.worker is not None]
         with contextlib.suppress(TimeoutError):
