@@ -15,6 +15,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from services.compute.job import Job
+from services.compute.metrics import ComputeMetrics
 from shared.core.cancellations import RecentlyCancelled
 from shared.core.errors import CorruptChunkError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
@@ -22,6 +23,7 @@ from shared.core.scheduler import Candidate, Phase, plan_step
 from shared.kv.codec import decode_chunk, encode_chunk
 from shared.kv.model import ModelRunner, SamplingParams
 from shared.runtime.config import Settings
+from shared.runtime.metrics import serve_metrics
 from shared.runtime.observability import configure_logging, configure_tracing, tracer
 from shared.storage.staging import Staging
 from shared.wire import subjects
@@ -58,6 +60,11 @@ class Compute:
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
         self.loop_task: asyncio.Task[None] | None = None
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-writeback")
+        self.metrics = ComputeMetrics(
+            lambda: len(self.jobs),
+            lambda: sum(job.kv_bytes() for job in list(self.jobs.values())),
+            settings.token_budget,
+        )
 
     def model_info(self) -> ModelInfo:
         """What this replica serves."""
@@ -154,8 +161,11 @@ class Compute:
             for rid, job in self.jobs.items()
         ]
         step = plan_step(candidates, self.settings.token_budget)
+        self.metrics.planned(candidates, step)
         if step:
+            started = time.perf_counter()
             outbox = await asyncio.to_thread(self.run_step, step)
+            self.metrics.step_seconds.observe(time.perf_counter() - started)
             for subject, message, ctx in outbox:
                 token = otel_context.attach(ctx)
                 try:
@@ -216,6 +226,7 @@ class Compute:
             if not job.finish_reason:
                 continue
             del self.jobs[rid]
+            self.metrics.finished.labels(finish_reason=job.finish_reason).inc()
             self.staging.discard_request(rid)
             if job.finish_reason in ("stop", "length"):
                 spawn(self.send_done(job), self.tasks)
@@ -386,7 +397,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     try:
         await compute.start()
         log.info("compute ready", model=runner.name, fingerprint=runner.fingerprint[:16])
-        await stop.wait()
+        async with serve_metrics(compute.metrics.registry, settings.host, settings.metrics_port):
+            await stop.wait()
     finally:
         await compute.close()
         await bus.close()

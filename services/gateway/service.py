@@ -1,6 +1,6 @@
 """The gateway service: the OpenAI-compatible HTTP front door of Cake.
 
-Lifecycle: connect to NATS, mirror Telemetry into metrics, serve HTTP until `stop`; then stop
+Lifecycle: connect to NATS, serve HTTP (the API and /metrics) until `stop`; then stop
 accepting connections, let requests in flight finish (at most DRAIN_TIMEOUT_S) and close the
 bus last, since those requests still read their streams from it.
 """
@@ -11,7 +11,6 @@ import asyncio
 
 import structlog
 from aiohttp import web
-from nats.aio.msg import Msg
 
 from services.gateway.app import make_app
 from services.gateway.metrics import GatewayMetrics
@@ -19,9 +18,7 @@ from shared.kv.model import load_config
 from shared.kv.tokenizer import load_tokenizer
 from shared.runtime.config import Settings
 from shared.runtime.observability import configure_logging, configure_tracing, shutdown_tracing
-from shared.wire import subjects
 from shared.wire.bus import Bus
-from shared.wire.messages import Message, Telemetry
 
 log = structlog.get_logger(__name__)
 
@@ -41,18 +38,12 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     tokenizer = load_tokenizer(settings.model, settings.model_revision)
     max_context = model_max_context(settings)
     metrics = GatewayMetrics()
-
-    async def on_telemetry(message: Message, _: Msg) -> None:
-        if isinstance(message, Telemetry):
-            metrics.record_telemetry(message)
-
     bus = await Bus.connect(settings.nats_url, "cake-gateway")
     app = make_app(bus, settings, tokenizer, settings.model, metrics, max_context)
     runner = web.AppRunner(
         app, shutdown_timeout=DRAIN_TIMEOUT_S, handler_cancellation=True, access_log=None
     )
     try:
-        await bus.handle(subjects.TELEMETRY, on_telemetry)
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.port).start()
         log.info("gateway listening", host=settings.host, port=settings.port, model=settings.model)

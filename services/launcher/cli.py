@@ -27,7 +27,12 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--staging-dir", help="node-local directory shared by loader and compute")
     p.add_argument("--chunk-tokens", type=int, help="tokens per stored chunk")
     p.add_argument("--host", help="gateway listen address")
-    p.add_argument("--port", type=int, help="gateway port")
+    p.add_argument("--port", type=int, help="gateway port (its /metrics too)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="port of a service's /metrics (cake up: merger; compute +1, loader +2); 0: none",
+    )
     p.add_argument("--log-format", choices=["json", "console", "auto"])
 
 
@@ -67,6 +72,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "chunk_tokens",
         "host",
         "port",
+        "metrics_port",
         "log_format",
     )
     return Settings.from_env(**{n: getattr(args, n, None) for n in names})

@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from nats.aio.msg import Msg
 
+from services.loader.metrics import LoaderMetrics
 from shared.core.cancellations import RecentlyCancelled
 from shared.core.errors import CorruptChunkError, StoreError
 from shared.core.keys import PromptChunks, unpack_tokens
 from shared.kv.format import verify_chunk
 from shared.runtime.config import Settings
+from shared.runtime.metrics import serve_metrics
 from shared.runtime.observability import configure_logging, configure_tracing, tracer
 from shared.storage import open_store
 from shared.storage.base import ChunkStore
@@ -35,11 +36,10 @@ from shared.wire.messages import (
     Message,
     Space,
     StoreJob,
-    Telemetry,
 )  # fmt: skip
 
 log = structlog.get_logger(__name__)
-TELEMETRY_EVERY_S = 2.0
+STAGING_SWEEP_EVERY_S = 30.0  # how often staged files of dead or cut-off requests are removed
 
 
 def prompt_of(space: dict[str, Any], tokens: bytes) -> PromptChunks:
@@ -65,7 +65,7 @@ class Loader:
     def __init__(self, bus: Bus, store: ChunkStore, staging: Staging, settings: Settings) -> None:
         self.bus, self.store, self.staging, self.settings = bus, store, staging, settings
         self.fetches: dict[str, Fetch] = {}
-        self.counters: Counter[str] = Counter()
+        self.metrics = LoaderMetrics(staging.usage_bytes, store.usage_bytes)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
 
@@ -76,7 +76,7 @@ class Loader:
         await self.bus.handle(subjects.fetch(node), self.on_fetch, queue=subjects.QUEUE_LOADER)
         await self.bus.handle(subjects.store(node), self.on_store, queue=subjects.QUEUE_LOADER)
         await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
-        spawn(self.publish_telemetry(), self.tasks)
+        spawn(self.sweep_staging(), self.tasks)
 
     async def on_lookup(self, msg: Message, _: Msg) -> Message:
         """How many leading chunks of the prompt are stored."""
@@ -84,7 +84,7 @@ class Loader:
         prompt = prompt_of(msg.space, msg.tokens)
         with tracer(__name__).start_as_current_span("loader.lookup"):
             stored = await self.store.stored_prefix(prompt.keys)
-        self.counters["lookups"] += 1
+        self.metrics.lookups.inc()
         return LookupReply(stored_chunks=stored)
 
     async def on_fetch(self, msg: Message, _: Msg) -> Message:
@@ -127,9 +127,9 @@ class Loader:
                 path = await asyncio.to_thread(self.staging.write, rid, f"{index}.kv", data)
             except (StoreError, CorruptChunkError, TimeoutError, OSError) as exc:
                 reason = "corrupt" if isinstance(exc, CorruptChunkError) else str(exc) or "timeout"
-                self.counters["load_failures"] += 1
+                self.metrics.load_failures.inc()
                 if isinstance(exc, CorruptChunkError):
-                    self.counters["corrupt_chunks"] += 1
+                    self.metrics.corrupt_chunks.inc()
                     log.warning(
                         "corrupt chunk deleted", request_id=rid, chunk=index, error=str(exc)
                     )
@@ -137,9 +137,10 @@ class Loader:
                 await self.bus.publish(events, LoadFailed(rid, index, reason))
                 return
         fetch.staged[index] = path
-        self.counters["bytes_loaded"] += len(data)
-        self.counters["chunks_loaded"] += 1
         duration = time.perf_counter() - start
+        self.metrics.bytes_loaded.inc(len(data))
+        self.metrics.chunks_loaded.inc()
+        self.metrics.fetch_seconds.observe(duration)
         await self.bus.publish(events, ChunkLoaded(rid, index, len(data), duration, path))
 
     async def finish_fetch(self, fetch: Fetch) -> None:
@@ -190,29 +191,25 @@ class Loader:
                     if not await self.store.exists(key):
                         data = bytes(await asyncio.to_thread(self.staging.read, path))
                         await self.store.put(key, data)
-                        self.counters["bytes_stored"] += len(data)
-                        self.counters["chunks_stored"] += 1
+                        self.metrics.bytes_stored.inc(len(data))
+                        self.metrics.chunks_stored.inc()
                 except (StoreError, OSError) as exc:
-                    self.counters["store_failures"] += 1
+                    self.metrics.store_failures.inc()
                     log.warning("write-back failed", request_id=msg.request_id, error=str(exc))
                 finally:
                     self.staging.discard(path)
         self.staging.discard_request_if_empty(msg.request_id)
         return Accepted(node=self.settings.node)
 
-    async def publish_telemetry(self) -> None:
-        """Counters and store usage for metrics, every few seconds."""
+    async def sweep_staging(self) -> None:
+        """Every STAGING_SWEEP_EVERY_S, remove staged files of requests whose services died or
+        were cut off (untouched for twice the request timeout)."""
         while True:
-            counters = {k: float(v) for k, v in self.counters.items()}
-            usage = self.store.usage_bytes()
-            if usage is not None:
-                counters["store_usage_bytes"] = float(usage)
-            await self.bus.publish(
-                subjects.TELEMETRY, Telemetry("loader", self.settings.node, counters)
-            )
-            # staged files of requests whose services died or were cut off
-            await asyncio.to_thread(self.staging.sweep, 2 * self.settings.request_timeout_s)
-            await asyncio.sleep(TELEMETRY_EVERY_S)
+            await asyncio.sleep(STAGING_SWEEP_EVERY_S)
+            try:
+                await asyncio.to_thread(self.staging.sweep, 2 * self.settings.request_timeout_s)
+            except OSError as exc:
+                log.warning("staging sweep failed", error=str(exc))
 
     async def close(self) -> None:
         """Stop background work. Idempotent."""
@@ -244,7 +241,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         try:
             await loader.start()
             log.info("loader ready", store=settings.store, node=settings.node)
-            await stop.wait()
+            async with serve_metrics(loader.metrics.registry, settings.host, settings.metrics_port):
+                await stop.wait()
         finally:
             await bus.close()
             await loader.close()

@@ -11,9 +11,11 @@ import nats
 import structlog
 from nats.aio.msg import Msg
 
+from services.merger.metrics import MergerMetrics
 from shared.core.estimator import Advice, SplitEstimator
 from shared.core.plan import MeetTracker, Split, usable_hit_chunks
 from shared.runtime.config import Settings
+from shared.runtime.metrics import serve_metrics
 from shared.runtime.observability import configure_logging, configure_tracing, tracer
 from shared.wire import subjects
 from shared.wire.bus import Bus, RemoteError, Unavailable, spawn
@@ -45,6 +47,7 @@ class Merger:
         self.info: ModelInfo | None = None
         self.estimator = SplitEstimator(skip_head_ratio=settings.skip_head_ratio)
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.metrics = MergerMetrics()
 
     async def start(self) -> None:
         """Take generate requests (queue group: any merger replica may coordinate one)."""
@@ -81,6 +84,7 @@ class Merger:
     async def fail(self, req: GenerateRequest, status: int, code: str, message: str) -> None:
         """Tell the gateway the request failed, and compute and loader to drop it."""
         log.warning("request failed", code=code, message=message)
+        self.metrics.finished(req.kv_mode, "failed")
         rid = req.request_id
         with contextlib.suppress(nats.errors.Error):
             await self.bus.publish(subjects.control(rid), Cancel(rid, message))
@@ -119,6 +123,8 @@ class Merger:
         events = await self.bus.nc.subscribe(subjects.events(req.request_id))
         try:
             advice = self.estimator.advise(hit) if req.kv_mode == "cake" else Advice()
+            if hit and req.kv_mode == "cake":
+                self.metrics.advised(advice)
             compute_head = req.kv_mode != "load" and advice.compute_head
             span.set_attribute("cake.head_hint", advice.head_hint)
             job = PrefillJob(
@@ -130,18 +136,19 @@ class Merger:
             )
             staged: dict[int, str] = {}
             if hit and not advice.fetch:
-                split = Split(hit, hit)  # too short to split: compute takes it all
+                split, outcome = Split(hit, hit), "no_fetch"  # too short to split: compute all
             elif hit and not await self.dispatch_fetch(req, space, hit, accepted.node):
-                split = Split(hit, hit)  # no loader: compute takes it all
+                split, outcome = Split(hit, hit), "no_loader"  # compute takes it all
             elif hit:
-                split, staged = await self.watch(req, hit, compute_head, events)
+                split, staged, outcome = await self.watch(req, hit, compute_head, events)
             else:
-                split = Split(0, 0)
+                split, outcome = Split(0, 0), "no_hit"
         finally:
             await events.unsubscribe()
         span.set_attribute("cake.meet_chunk", split.meet)
         meet = Meet(req.request_id, split.meet, hit, {j: staged[j] for j in split.loaded})
         await self.bus.publish(subjects.control(req.request_id), meet)
+        self.metrics.finished(req.kv_mode, outcome, split.meet, hit)
 
     async def dispatch_fetch(
         self, req: GenerateRequest, space: dict[str, Any], hit: int, node: str
@@ -160,8 +167,9 @@ class Merger:
 
     async def watch(
         self, req: GenerateRequest, hit: int, compute_head: bool, events: Any
-    ) -> tuple[Split, dict[int, str]]:
-        """Follow computed/loaded events until the frontiers meet (or loads can no longer help).
+    ) -> tuple[Split, dict[int, str], str]:
+        """Follow computed/loaded events until the frontiers meet (or loads can no longer help);
+        the split, the staged chunks and how it ended (met, or stalled).
 
         Feeds the estimator: seconds per computed chunk, and the link's seconds per chunk
         (the spacing of chunk arrivals).
@@ -170,7 +178,7 @@ class Merger:
         staged: dict[int, str] = {}
         start = time.monotonic()
         arrivals: list[float] = []
-        split = tracker.meet()
+        split, outcome = tracker.meet(), "met"
         while split is None:
             timeout = min(self.settings.fetch_timeout_s, req.deadline - time.time())
             try:
@@ -178,7 +186,7 @@ class Merger:
             except TimeoutError:
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
                 self.estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a stalled link
-                split = Split(tracker.load_frontier, hit)
+                split, outcome = Split(tracker.load_frontier, hit), "stalled"
                 break
             event = Message.decode(raw.data)
             if isinstance(event, ChunkComputed):
@@ -195,7 +203,7 @@ class Merger:
                     self.estimator.observe_loads(1, self.settings.fetch_timeout_s)
             split = tracker.meet()
         self.observe_link(start, arrivals)
-        return split, staged
+        return split, staged, outcome
 
     def observe_link(self, start: float, arrivals: list[float]) -> None:
         """Feed the estimator the link's pace: the spacing of arrivals after the first batch of
@@ -225,7 +233,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     try:
         await merger.start()
         log.info("merger ready")
-        await stop.wait()
+        async with serve_metrics(merger.metrics.registry, settings.host, settings.metrics_port):
+            await stop.wait()
     finally:
         await merger.close()  # requests in flight still need the bus
         await bus.close()

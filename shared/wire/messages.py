@@ -288,12 +288,3 @@ class StoreJob(Message):
     tokens: bytes
     space: dict[str, Any]
     staged: dict[int, str]
-
-
-@dataclass
-class Telemetry(Message):
-    """compute/loader -> anyone: counters and rates for metrics and the adaptive controller."""
-
-    service: str
-    node: str
-    counters: dict[str, float]
