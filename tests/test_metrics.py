@@ -17,7 +17,7 @@ from services.compute.service import Compute
 from services.gateway.metrics import GatewayMetrics
 from services.launcher.cli import build_parser, settings_from_args
 from services.launcher.nats_server import free_port
-from services.launcher.stack import SERVICES
+from services.launcher.stack import SERVICES, LocalStack, metrics_port
 from services.loader.metrics import LoaderMetrics
 from services.loader.service import Loader
 from services.merger.service import Merger
@@ -129,13 +129,30 @@ async def test_serve_metrics_on_port_0_serves_nothing_and_a_busy_port_is_a_confi
                 pass
 
 
-def test_metrics_port_setting_and_flag() -> None:
+def test_metrics_port_setting_flag_and_cake_up_ports() -> None:
     assert Settings().metrics_port == 9464
     assert Settings.from_env({"CAKE_METRICS_PORT": "0"}).metrics_port == 0
     with pytest.raises(ConfigError, match="CAKE_METRICS_PORT"):
         Settings.from_env({"CAKE_METRICS_PORT": "70000"})
     args = build_parser().parse_args(["serve", "loader", "--metrics-port", "9999"])
     assert settings_from_args(args).metrics_port == 9999
+    base = Settings(metrics_port=9500)
+    ports = {s: metrics_port(s, base) for s in SERVICES}
+    assert ports == {"gateway": 0, "merger": 9500, "compute": 9501, "loader": 9502}
+    assert not any(metrics_port(s, Settings(metrics_port=0)) for s in SERVICES)
+
+
+def test_cake_up_lists_every_services_metrics_url(tmp_path: Path) -> None:
+    settings = Settings(port=8123, metrics_port=9500, staging_dir=str(tmp_path))
+    stack = LocalStack(settings, start_nats=False)
+    assert stack.metrics_urls() == {
+        "gateway": "http://127.0.0.1:8123/metrics",
+        "merger": "http://127.0.0.1:9500/metrics",
+        "compute": "http://127.0.0.1:9501/metrics",
+        "loader": "http://127.0.0.1:9502/metrics",
+    }
+    off = LocalStack(settings.replace(metrics_port=0), start_nats=False)
+    assert list(off.metrics_urls()) == ["gateway"]
 
 
 # --- every service's families after real requests -------------------------------------------
