@@ -102,7 +102,8 @@ class Bench:
         self.workdir = workdir
         self.settings = Settings.from_env(
             store=str(workdir / "store"), staging_dir=str(workdir / "staging"),
-            port=free_port(), chunk_tokens=config.chunk_tokens, model=config.model,
+            port=free_port(), metrics_port=0,  # no metrics servers: nothing here scrapes them
+            chunk_tokens=config.chunk_tokens, model=config.model,
             dtype=config.dtype, device=config.device, request_timeout_s=900.0,
             fetch_timeout_s=120.0, log_format="json", log_level="warning",
             token_budget=max(config.contexts) + config.chunk_tokens,

@@ -288,6 +288,49 @@ def test_the_collector_exports_traces_to_jaeger() -> None:
     assert "16686:16686" in services()["jaeger"]["ports"]
 
 
+# --- metrics ------------------------------------------------------------------------------
+
+
+def prometheus_config() -> dict[str, Any]:
+    """Prometheus's config as its service mounts it (--config.file=PATH)."""
+    command = words(services()["prometheus"].get("command"))
+    path = next(w.split("=", 1)[1] for w in command if w.startswith("--config.file="))
+    data = yaml.safe_load(mounted_file("prometheus", path).read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def scrape_targets() -> dict[str, set[str]]:
+    """Every scrape job's targets (host:port) and the path it scrapes."""
+    found: dict[str, set[str]] = {}
+    for job in prometheus_config()["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics", job["job_name"]
+        assert job.get("scheme", "http") == "http", job["job_name"]
+        targets = {t for static in job["static_configs"] for t in static["targets"]}
+        found.setdefault(job["job_name"], set()).update(targets)
+    return found
+
+
+def metrics_address(service: str) -> str:
+    """Where a service's container serves /metrics: the gateway on its API port, the others
+    on CAKE_METRICS_PORT."""
+    got = settings(service)
+    port = got.port if service == "gateway" else got.metrics_port
+    assert port, f"{service}: CAKE_METRICS_PORT is 0, nothing serves its metrics"
+    return f"{service}:{port}"
+
+
+def test_prometheus_scrapes_every_service_where_it_serves_metrics() -> None:
+    targets = scrape_targets()
+    for service in SERVICES:
+        assert targets.get(service) == {metrics_address(service)}, f"job {service}: {targets}"
+        # reachable from another container: the metrics server listens on every interface
+        assert settings(service).host == "0.0.0.0", f"{service} listens on localhost only"
+    for job, addresses in targets.items():
+        for address in addresses:
+            assert address.rsplit(":", 1)[0] in services(), f"job {job} scrapes {address}"
+
+
 # --- the image ----------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from shared.storage.staging import Staging
 from shared.wire import subjects
 from shared.wire.messages import Accepted, Cancel, Failed, PrefillJob, Space
 from tests.harness import Backend, backend, default_runner, s3_backend, stack_settings
+from tests.prom import value
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -138,7 +139,7 @@ async def test_failing_or_stalling_storage_is_computed_around(
             assert res.elapsed_s < 10
         loader = be.services["loader"]
         assert isinstance(loader, Loader)
-        assert loader.counters["load_failures"] >= 1
+        assert value(loader.metrics.registry, "cake_load_failures_total") >= 1
 
 
 async def test_compute_down_fails_fast_with_503(nats_url: str, tmp_path: Path) -> None:
@@ -168,7 +169,7 @@ async def test_corrupt_stored_chunk_is_recomputed_counted_and_deleted(local: Bac
     assert res.done.chunks_loaded == 1  # only chunk 6 (above the corrupt one) could be used
     loader = local.services["loader"]
     assert isinstance(loader, Loader)
-    assert loader.counters["corrupt_chunks"] == 1
+    assert value(loader.metrics.registry, "cake_corrupt_chunks_total") == 1
     assert not await store.exists(victim) or (await store.get(victim)) != data[:-10] + b"\xff" * 10
 
 

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from services.launcher.nats_server import free_port
+from tests.prom import samples
 
 
 def port_open(port: int) -> bool:
@@ -22,21 +23,40 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def free_ports(n: int) -> int:
+    """The first of n consecutive ports free right now."""
+    while True:
+        base = free_port()
+        if base + n < 65536 and not any(port_open(base + i) for i in range(n)):
+            return base
+
+
 def test_cake_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
+    metrics_base = free_ports(3)
     env = {**os.environ, "CAKE_STAGING_DIR": str(tmp_path / "staging"), "CAKE_LOG_LEVEL": "warning"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.launcher.cli", "up", "--port", str(port),
-         "--store", str(tmp_path / "store"), "--chunk-tokens", "64"],
+         "--store", str(tmp_path / "store"), "--chunk-tokens", "64",
+         "--metrics-port", str(metrics_base)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
         banner = ""
         deadline = time.monotonic() + 120
-        while "Cake is serving" not in banner and time.monotonic() < deadline:
+        while "Ctrl-C stops everything" not in banner and time.monotonic() < deadline:
             banner += proc.stdout.readline()
             assert proc.poll() is None, banner
+        # after "Cake is serving ...": one line per service with its metrics URL
+        urls = dict(re.findall(r"^  (\w+) metrics: (\S+)$", banner, re.MULTILINE))
+        assert urls == {
+            "gateway": f"http://127.0.0.1:{port}/metrics",
+            "merger": f"http://127.0.0.1:{metrics_base}/metrics",
+            "compute": f"http://127.0.0.1:{metrics_base + 1}/metrics",
+            "loader": f"http://127.0.0.1:{metrics_base + 2}/metrics",
+        }
+        assert banner.index("Cake is serving") < banner.index("gateway metrics")
         nats_port = int(re.search(r"NATS nats://127.0.0.1:(\d+)", banner).group(1))  # type: ignore[union-attr]
         body = json.dumps({"prompt": "y" * 200, "max_tokens": 3}).encode()
         for _ in range(2):
@@ -48,9 +68,19 @@ def test_cake_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
                 answer = json.load(resp)
         assert answer["usage"]["completion_tokens"] == 3
         assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 192  # stored, hit
+        scraped = {}
+        for name, url in urls.items():
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                scraped[name] = resp.read().decode()
+        assert "cake_requests_total{" in scraped["gateway"]
+        assert "cake_merger_requests_total{" in scraped["merger"]
+        assert "cake_compute_requests_finished_total{" in scraped["compute"]
+        assert samples(scraped["loader"])["cake_chunks_stored_total"] == 3  # the first's chunks
+        assert samples(scraped["loader"])["cake_lookups_total"] >= 2
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         assert not port_open(port) and not port_open(nats_port)
+        assert not any(port_open(metrics_base + i) for i in range(3))
         assert "Traceback" not in (proc.stdout.read() or "")
     finally:
         if proc.poll() is None:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from transformers import DynamicCache
@@ -81,6 +82,15 @@ class Job:
             self.head_done, self.hit, self.load_frontier(), self.msg.head_hint,
             self.head_piece, self.piece // self.chunk,
         )  # fmt: skip
+
+    def kv_bytes(self) -> int:
+        """Bytes of this job's KV cache (keys and values of every layer)."""
+        total = 0
+        for layer in list(self.cache.layers):
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.nbytes
+        return total
 
     def next_tokens(self, phase: Phase) -> int:
         """Tokens the next piece wants to compute (the scheduler may grant fewer)."""

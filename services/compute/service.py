@@ -13,9 +13,11 @@ from typing import Any
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
+from prometheus_client import CollectorRegistry
 
 from services.compute.job import Job
-from shared.core.admission import Admission
+from services.compute.metrics import ComputeMetrics
+from shared.core.admission import Admission, Overloaded, TooLarge
 from shared.core.cancellations import RecentlyCancelled
 from shared.core.errors import CorruptChunkError, ErrorCode, RemoteError, TransportError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
@@ -65,6 +67,12 @@ class Compute(Service):
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-writeback")
         budget = settings.kv_memory_bytes or default_kv_budget_bytes(runner.device)
         self.admission = Admission(budget, settings.max_waiting)
+        self.metrics = ComputeMetrics(
+            lambda: len(self.jobs),
+            lambda: sum(job.kv_bytes() for job in list(self.jobs.values())),
+            settings.token_budget,
+        )
+        self.metrics.watch_admission(self.admission)
 
     def model_info(self) -> ModelInfo:
         """What this replica serves."""
@@ -96,7 +104,11 @@ class Compute(Service):
             raise RemoteError(ErrorCode.BAD_REQUEST, "job is for another model")
         prompt = PromptChunks.of(space, unpack_tokens(msg.tokens))
         need = (len(prompt.token_ids) + msg.sampling.max_tokens) * space.layout.bytes_per_token
-        admitted = self.admission.offer(msg.request_id, need)  # Overloaded, TooLarge: refused
+        try:
+            admitted = self.admission.offer(msg.request_id, need)
+        except (Overloaded, TooLarge) as exc:  # refused: the merger tells the client
+            self.metrics.refused.labels(reason=exc.code).inc()
+            raise
         budget = self.settings.token_budget // space.chunk_tokens * space.chunk_tokens
         head_piece = max(1, min(self.settings.head_tokens, budget) // space.chunk_tokens)
         if self.settings.exact_splits:  # one chunk per forward: KV bit-identical in every mode
@@ -160,11 +172,14 @@ class Compute(Service):
         await self.expire()
         candidates = [job.candidate() for job in self.jobs.values()]
         step = plan_step(candidates, self.settings.token_budget, self.settings.decode_share)
+        self.metrics.planned(candidates, step)
         chosen = {piece.request_id for piece in step}
         for c in candidates:
             self.jobs[c.request_id].waited = 0 if c.request_id in chosen else c.waited + 1
         if step:
+            started = time.perf_counter()
             outbox = await asyncio.to_thread(self.run_step, step)
+            self.metrics.step_seconds.observe(time.perf_counter() - started)
             for subject, message, ctx in outbox:
                 token = otel_context.attach(ctx)
                 try:
@@ -225,6 +240,7 @@ class Compute(Service):
             if not job.finish_reason:
                 continue
             del self.jobs[rid]
+            self.metrics.finished.labels(finish_reason=job.finish_reason).inc()
             self.staging.discard_request(rid)
             for started in self.admission.release(rid, time.monotonic() - job.arrival):
                 self.jobs[started].admitted = True
@@ -379,6 +395,10 @@ class Compute(Service):
         """The service's close, then the write-back thread."""
         await super().close()
         self.writer.shutdown(wait=False, cancel_futures=True)
+
+    def registry(self) -> CollectorRegistry:
+        """This service's metric families."""
+        return self.metrics.registry
 
     def describe(self) -> dict[str, Any]:
         """Model and fingerprint, for the ready log line."""

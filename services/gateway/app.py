@@ -37,7 +37,7 @@ from shared.core.errors import ErrorCode, TransportError
 from shared.core.keys import pack_tokens
 from shared.kv.tokenizer import Tokenizer
 from shared.runtime.config import Settings
-from shared.runtime.metrics import CONTENT_TYPE
+from shared.runtime.metrics import render
 from shared.runtime.observability import tracer
 from shared.wire import subjects
 from shared.wire.bus import Bus
@@ -99,11 +99,10 @@ class Gateway:
             {"status": "unavailable", "reason": "NATS is not connected"}, status=503
         )
 
-    async def metrics_text(self, _: web.Request) -> web.Response:
-        """GET /metrics: Prometheus text format."""
-        return web.Response(
-            body=self.metrics.registry.render().encode(), headers={"Content-Type": CONTENT_TYPE}
-        )
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        """GET /metrics: Prometheus text format (OpenMetrics when the scraper asks for it)."""
+        body, content_type = render(self.metrics.registry, request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     # --- serving one request ----------------------------------------------------------------
 

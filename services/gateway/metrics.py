@@ -1,21 +1,20 @@
-"""The gateway's metric families: answered requests and the backend's Telemetry."""
+"""The gateway's metric families: the requests it answered."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
-import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.gateway.errors import ApiError
 from shared.core.errors import ErrorCode, http_status
 from shared.core.request import KvMode
-from shared.runtime.metrics import Registry
-from shared.wire.messages import Done, Telemetry
-
-log = structlog.get_logger(__name__)
+from shared.runtime.metrics import new_registry
+from shared.wire.messages import Done
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-LEVEL_SUFFIXES = ("_bytes", "_per_s", "_ratio")  # Telemetry keys that are levels, not counts
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 @dataclass
@@ -29,6 +28,7 @@ class Outcome:
     completion_tokens: int = 0
     finish_reason: str | None = None
     done: Done | None = None
+    started: float = field(default_factory=time.monotonic)
 
     def fail(self, error: ApiError) -> None:
         """The request ended with this error."""
@@ -46,45 +46,59 @@ def cacheable_tokens(prompt_tokens: int, chunk_tokens: int) -> int:
 
 
 class GatewayMetrics:
-    """The gateway's metric families, and the values mirrored from Telemetry messages."""
+    """The gateway's metric families (counter names get their _total from prometheus_client)."""
 
-    def __init__(self, registry: Registry | None = None) -> None:
-        r = self.registry = registry or Registry()
-        self.requests = r.counter(
-            "cake_requests_total",
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or new_registry()
+        self.requests = Counter(
+            "cake_requests",
             "Completion requests answered, by kv_mode and HTTP status",
             ("kv_mode", "status"),
+            registry=r,
         )
-        self.ttft = r.histogram(
+        self.ttft = Histogram(
             "cake_ttft_seconds",
             "Time to first token reported by the compute service",
             buckets=TTFT_BUCKETS,
+            registry=r,
         )
-        self.prompt_tokens = r.counter(
-            "cake_prompt_tokens_total",
+        self.duration = Histogram(
+            "cake_request_duration_seconds",
+            "Seconds from a request's arrival to the end of its successful answer, by kv_mode",
+            ("kv_mode",),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "cake_prompt_tokens",
             "Prompt tokens of finished requests by where their KV came from",
             ("source",),
+            registry=r,
         )
-        self.lookups = r.counter(
-            "cake_cache_lookups_total", "Finished requests that looked up the KV store"
+        self.lookups = Counter(
+            "cake_cache_lookups", "Finished requests that looked up the KV store", registry=r
         )
-        self.hit_tokens = r.counter(
-            "cake_cache_hit_tokens_total", "Prompt tokens found in the KV store"
+        self.hit_tokens = Counter(
+            "cake_cache_hit_tokens", "Prompt tokens found in the KV store", registry=r
         )
-        self.cacheable = r.counter(
-            "cake_prompt_tokens_cacheable_total",
+        self.cacheable = Counter(
+            "cake_prompt_tokens_cacheable",
             "Prompt tokens a full hit could have served (the hit rate's denominator)",
+            registry=r,
         )
-        self.errors = r.counter("cake_errors_total", "Failed requests by kind", ("kind",))
-        self.generated = r.counter(
-            "cake_generated_tokens_total", "Completion tokens returned to clients"
+        self.errors = Counter("cake_errors", "Failed requests by kind", ("kind",), registry=r)
+        self.generated = Counter(
+            "cake_generated_tokens", "Completion tokens returned to clients", registry=r
         )
 
     def record(self, outcome: Outcome, chunk_tokens: int) -> None:
         """Count one answered request."""
-        self.requests.inc(kv_mode=outcome.kv_mode, status=str(outcome.status))
+        self.requests.labels(kv_mode=outcome.kv_mode, status=str(outcome.status)).inc()
         if outcome.error:
-            self.errors.inc(kind=outcome.error)
+            self.errors.labels(kind=outcome.error).inc()
+        else:
+            elapsed = time.monotonic() - outcome.started
+            self.duration.labels(kv_mode=outcome.kv_mode).observe(elapsed)
         self.generated.inc(outcome.completion_tokens)
         if outcome.done is not None:
             self._record_done(outcome.done, outcome.kv_mode, chunk_tokens)
@@ -92,25 +106,10 @@ class GatewayMetrics:
     def _record_done(self, done: Done, kv_mode: str, chunk_tokens: int) -> None:
         self.ttft.observe(done.ttft_ms / 1000)
         suffix = max(done.prompt_tokens - done.loaded_tokens - done.computed_tokens, 0)
-        self.prompt_tokens.inc(done.loaded_tokens, source="loaded")
-        self.prompt_tokens.inc(done.computed_tokens, source="computed")
-        self.prompt_tokens.inc(suffix, source="suffix")
+        self.prompt_tokens.labels(source="loaded").inc(done.loaded_tokens)
+        self.prompt_tokens.labels(source="computed").inc(done.computed_tokens)
+        self.prompt_tokens.labels(source="suffix").inc(suffix)
         if kv_mode != KvMode.COMPUTE:
             self.lookups.inc()
             self.hit_tokens.inc(done.hit_tokens)
             self.cacheable.inc(cacheable_tokens(done.prompt_tokens, chunk_tokens))
-
-    def record_telemetry(self, message: Telemetry) -> None:
-        """Mirror a service's counters, labelled by service and node: levels (keys ending in
-        LEVEL_SUFFIXES) as gauges cake_<key>, counts as counters cake_<key>_total."""
-        r, names = self.registry, ("service", "node")
-        labels = {"service": message.service, "node": message.node}
-        for key, value in message.counters.items():
-            help_text = f"{key} as last reported in Telemetry by each service and node"
-            try:
-                if key.endswith(LEVEL_SUFFIXES):
-                    r.gauge(f"cake_{key}", help_text, names).set(value, **labels)
-                else:
-                    r.counter(f"cake_{key}_total", help_text, names).set_total(value, **labels)
-            except ValueError as exc:
-                log.debug("telemetry value not exported", key=key, error=str(exc))

@@ -1,8 +1,8 @@
 """The gateway service: the OpenAI-compatible HTTP front door of Cake.
 
-Stopping takes the service's usual order: stop accepting connections, let requests in flight
-finish (at most DRAIN_TIMEOUT_S), and only then close the bus, since those requests still read
-their streams from it.
+Stopping takes the service's usual order: stop accepting connections (the API and /metrics),
+let requests in flight finish (at most DRAIN_TIMEOUT_S), and only then close the bus, since
+those requests still read their streams from it.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from services.gateway.metrics import GatewayMetrics
 from shared.kv.tokenizer import load_tokenizer
 from shared.runtime.config import Settings
 from shared.runtime.service import DRAIN_TIMEOUT_S, Service
-from shared.wire import subjects
 from shared.wire.bus import Bus
-from shared.wire.messages import Message, Telemetry
 
 log = structlog.get_logger(__name__)
 
@@ -40,15 +38,9 @@ class Gateway(Service):
         self.metrics = metrics
 
     async def start(self) -> None:
-        """Mirror Telemetry into metrics, then listen for HTTP."""
-        await self.bus.handle(subjects.TELEMETRY, self.on_telemetry)
+        """Listen for HTTP (the API and the request-level /metrics)."""
         await self.runner.setup()
         await web.TCPSite(self.runner, self.settings.host, self.settings.port).start()
-
-    async def on_telemetry(self, message: Message, _: str) -> None:
-        """A service's counters, for /metrics."""
-        if isinstance(message, Telemetry):
-            self.metrics.record_telemetry(message)
 
     @property
     def url(self) -> str:

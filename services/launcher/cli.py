@@ -28,7 +28,12 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--staging-dir", help="node-local directory shared by loader and compute")
     p.add_argument("--chunk-tokens", type=int, help="tokens per stored chunk")
     p.add_argument("--host", help="gateway listen address")
-    p.add_argument("--port", type=int, help="gateway port")
+    p.add_argument("--port", type=int, help="gateway port (its /metrics too)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="port of a service's /metrics (cake up: merger; compute +1, loader +2); 0: none",
+    )
     p.add_argument("--log-format", choices=["json", "console", "auto"])
     p.add_argument("--kv-memory-gb", type=float, help="KV memory budget of a compute replica")
     p.add_argument("--max-waiting", type=int, help="requests queued beyond those running")
@@ -70,6 +75,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "chunk_tokens",
         "host",
         "port",
+        "metrics_port",
         "log_format",
         "kv_memory_gb",
         "max_waiting",

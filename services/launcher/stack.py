@@ -24,6 +24,15 @@ from shared.wire.messages import Accepted, LookupReply, LookupRequest, ModelInfo
 
 SERVICES = ("gateway", "merger", "compute", "loader")
 READY_TIMEOUT_S = 120.0
+# `cake up` runs every service on one host: each gets CAKE_METRICS_PORT + its offset
+METRICS_PORT_OFFSETS = {"merger": 0, "compute": 1, "loader": 2}
+
+
+def metrics_port(service: str, settings: Settings) -> int:
+    """The metrics port `cake up` gives a service (0: none; the gateway's is its own port)."""
+    if service not in METRICS_PORT_OFFSETS or not settings.metrics_port:
+        return 0
+    return settings.metrics_port + METRICS_PORT_OFFSETS[service]
 
 
 class LocalStack:
@@ -50,12 +59,23 @@ class LocalStack:
         """Start services (the gateway last) and wait until the gateway answers /health."""
         settings = self.settings.replace(**changes) if changes else self.settings
         for name in sorted(services, key=lambda s: s == "gateway"):
+            env = self.env(settings)
+            env[env_var("metrics_port")] = str(metrics_port(name, settings))
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.launcher.cli", "serve", name],
-                env=self.env(settings),
+                env=env,
                 start_new_session=True,  # Ctrl-C reaches only `cake up`; it stops them in order
             )  # fmt: skip
         self.wait_ready()
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Where each service serves its metrics (services without a metrics port left out)."""
+        urls = {"gateway": f"{self.url}/metrics"}
+        for name in METRICS_PORT_OFFSETS:
+            port = metrics_port(name, self.settings)
+            if port:
+                urls[name] = f"http://{self.settings.host}:{port}/metrics"
+        return urls
 
     def restart(self, service: str, **changes: Any) -> None:
         """Stop one service and start it again with some settings changed."""
@@ -136,6 +156,8 @@ def run_stack(settings: Settings, start_nats: bool) -> int:
     try:
         stack.start()
         print(f"Cake is serving {settings.model} at {stack.url}/v1 (NATS {stack.nats_url}).")
+        for name, url in stack.metrics_urls().items():
+            print(f"  {name} metrics: {url}")
         print("Ctrl-C stops everything.", flush=True)
         while not stopping:
             stack.check_alive()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry
 
+from services.loader.metrics import LoaderMetrics
 from shared.core.cancellations import RecentlyCancelled
 from shared.core.errors import CorruptChunkError, StoreError
 from shared.core.keys import PromptChunks, unpack_tokens
@@ -37,11 +38,10 @@ from shared.wire.messages import (
     Message,
     Space,
     StoreJob,
-    Telemetry,
 )  # fmt: skip
 
 log = structlog.get_logger(__name__)
-TELEMETRY_EVERY_S = 2.0
+STAGING_SWEEP_EVERY_S = 30.0  # how often staged files of dead or cut-off requests are removed
 
 
 def prompt_of(space: Space, tokens: bytes) -> PromptChunks:
@@ -70,7 +70,7 @@ class Loader(Service):
         super().__init__(bus, settings)
         self.store, self.staging = store, staging
         self.fetches: dict[str, Fetch] = {}
-        self.counters: Counter[str] = Counter()
+        self.metrics = LoaderMetrics(staging.usage_bytes, store.usage_bytes)
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
 
     async def start(self) -> None:
@@ -80,7 +80,7 @@ class Loader(Service):
         await self.bus.handle(subjects.fetch(node), self.on_fetch, queue=subjects.QUEUE_LOADER)
         await self.bus.handle(subjects.store(node), self.on_store, queue=subjects.QUEUE_LOADER)
         await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
-        self.loops.spawn(self.publish_telemetry())
+        self.loops.spawn(self.sweep_staging())
 
     async def on_lookup(self, msg: Message, _: str) -> Message:
         """How many leading chunks of the prompt are stored."""
@@ -88,7 +88,7 @@ class Loader(Service):
         prompt = prompt_of(msg.space, msg.tokens)
         with tracer(__name__).start_as_current_span("loader.lookup"):
             stored = await self.store.stored_prefix(prompt.keys)
-        self.counters["lookups"] += 1
+        self.metrics.lookups.inc()
         return LookupReply(stored_chunks=stored)
 
     async def on_fetch(self, msg: Message, _: str) -> Message:
@@ -131,14 +131,16 @@ class Loader(Service):
                 path = await asyncio.to_thread(self.staging.write, rid, f"{index}.kv", data)
             except (StoreError, CorruptChunkError, TimeoutError, OSError) as exc:
                 reason = "corrupt" if isinstance(exc, CorruptChunkError) else str(exc) or "timeout"
-                self.counters["load_failures"] += 1
-                self.counters["corrupt_chunks"] += isinstance(exc, CorruptChunkError)
+                self.metrics.load_failures.inc()
+                if isinstance(exc, CorruptChunkError):
+                    self.metrics.corrupt_chunks.inc()
                 await self.bus.publish(events, LoadFailed(rid, index, reason))
                 return
         fetch.staged[index] = path
-        self.counters["bytes_loaded"] += len(data)
-        self.counters["chunks_loaded"] += 1
         duration = time.perf_counter() - start
+        self.metrics.bytes_loaded.inc(len(data))
+        self.metrics.chunks_loaded.inc()
+        self.metrics.fetch_seconds.observe(duration)
         await self.bus.publish(events, ChunkLoaded(rid, index, len(data), duration, path))
 
     async def finish_fetch(self, fetch: Fetch) -> None:
@@ -193,10 +195,10 @@ class Loader(Service):
                 chunks, nbytes = await store_missing(
                     self.store, prompt, sorted(msg.staged), read_staged
                 )
-                self.counters["chunks_stored"] += chunks
-                self.counters["bytes_stored"] += nbytes
+                self.metrics.chunks_stored.inc(chunks)
+                self.metrics.bytes_stored.inc(nbytes)
             except (StoreError, CorruptChunkError, OSError) as exc:
-                self.counters["store_failures"] += 1
+                self.metrics.store_failures.inc()
                 log.warning("write-back failed", request_id=msg.request_id, error=str(exc))
             finally:
                 for path in msg.staged.values():
@@ -204,19 +206,19 @@ class Loader(Service):
         self.staging.discard_request_if_empty(msg.request_id)
         return Accepted(node=self.settings.node)
 
-    async def publish_telemetry(self) -> None:
-        """Counters and store usage for metrics, every few seconds."""
+    async def sweep_staging(self) -> None:
+        """Every STAGING_SWEEP_EVERY_S, remove staged files of requests whose services died or
+        were cut off (untouched for twice the request timeout)."""
         while True:
-            counters = {k: float(v) for k, v in self.counters.items()}
-            usage = self.store.usage_bytes()
-            if usage is not None:
-                counters["store_usage_bytes"] = float(usage)
-            await self.bus.publish(
-                subjects.TELEMETRY, Telemetry("loader", self.settings.node, counters)
-            )
-            # staged files of requests whose services died or were cut off
-            await asyncio.to_thread(self.staging.sweep, 2 * self.settings.request_timeout_s)
-            await asyncio.sleep(TELEMETRY_EVERY_S)
+            await asyncio.sleep(STAGING_SWEEP_EVERY_S)
+            try:
+                await asyncio.to_thread(self.staging.sweep, 2 * self.settings.request_timeout_s)
+            except OSError as exc:
+                log.warning("staging sweep failed", error=str(exc))
+
+    def registry(self) -> CollectorRegistry:
+        """This service's metric families."""
+        return self.metrics.registry
 
     def describe(self) -> dict[str, Any]:
         """Store and node, for the ready log line."""

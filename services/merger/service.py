@@ -9,7 +9,9 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry
 
+from services.merger.metrics import MergerMetrics
 from shared.core.errors import ErrorCode, RemoteError, RequestTimeout, TransportError, Unavailable
 from shared.core.estimator import Advice, SplitEstimator
 from shared.core.plan import MeetTracker, Split, usable_hit_chunks
@@ -49,6 +51,7 @@ class Merger(Service):
         super().__init__(bus, settings)
         self.info: ModelInfo | None = None
         self.estimator = SplitEstimator(skip_head_ratio=settings.skip_head_ratio)
+        self.metrics = MergerMetrics()
 
     async def start(self) -> None:
         """Take generate requests (queue group: any merger replica may coordinate one)."""
@@ -87,6 +90,7 @@ class Merger(Service):
     ) -> None:
         """Tell the gateway the request failed, and compute and loader to drop it."""
         log.warning("request failed", code=code, message=message)
+        self.metrics.finished(req.kv_mode, "failed")
         rid = req.request_id
         failed = Failed(rid, code, message, retry_after_s)
         with contextlib.suppress(TransportError):
@@ -125,6 +129,8 @@ class Merger(Service):
         span.set_attribute("cake.hit_chunks", hit)
         async with await self.bus.subscribe(subjects.events(req.request_id)) as events:
             advice = self.estimator.advise(hit) if req.kv_mode == KvMode.CAKE else Advice()
+            if hit and req.kv_mode == KvMode.CAKE:
+                self.metrics.advised(advice)
             compute_head = req.kv_mode != KvMode.LOAD and advice.compute_head
             span.set_attribute("cake.head_hint", advice.head_hint)
             job = PrefillJob(
@@ -136,16 +142,17 @@ class Merger(Service):
             )
             staged: dict[int, str] = {}
             if hit and not advice.fetch:
-                split = Split(hit, hit)  # too short to split: compute takes it all
+                split, outcome = Split(hit, hit), "no_fetch"  # too short to split: compute all
             elif hit and not await self.dispatch_fetch(req, space, hit, accepted.node):
-                split = Split(hit, hit)  # no loader: compute takes it all
+                split, outcome = Split(hit, hit), "no_loader"  # compute takes it all
             elif hit:
-                split, staged = await self.watch(req, hit, compute_head, events)
+                split, staged, outcome = await self.watch(req, hit, compute_head, events)
             else:
-                split = Split(0, 0)
+                split, outcome = Split(0, 0), "no_hit"
         span.set_attribute("cake.meet_chunk", split.meet)
         meet = Meet(req.request_id, split.meet, hit, {j: staged[j] for j in split.loaded})
         await self.bus.publish(subjects.control(req.request_id), meet)
+        self.metrics.finished(req.kv_mode, outcome, split.meet, hit)
 
     async def dispatch_fetch(self, req: GenerateRequest, space: Space, hit: int, node: str) -> bool:
         """Hand the fetch to the loader beside the compute replica; False if none answers."""
@@ -162,8 +169,9 @@ class Merger(Service):
 
     async def watch(
         self, req: GenerateRequest, hit: int, compute_head: bool, events: Inbox
-    ) -> tuple[Split, dict[int, str]]:
-        """Follow computed/loaded events until the frontiers meet (or loads can no longer help).
+    ) -> tuple[Split, dict[int, str], str]:
+        """Follow computed/loaded events until the frontiers meet (or loads can no longer help);
+        the split, the staged chunks and how it ended (met, or stalled).
 
         Feeds the estimator: seconds per computed chunk, and the link's seconds per chunk
         (the spacing of chunk arrivals).
@@ -172,7 +180,7 @@ class Merger(Service):
         staged: dict[int, str] = {}
         start = time.monotonic()
         arrivals: list[float] = []
-        split = tracker.meet()
+        split, outcome = tracker.meet(), "met"
         while split is None:
             timeout = min(self.settings.fetch_timeout_s, req.deadline - time.time())
             try:
@@ -180,7 +188,7 @@ class Merger(Service):
             except RequestTimeout:
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
                 self.estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a stalled link
-                split = Split(tracker.load_frontier, hit)
+                split, outcome = Split(tracker.load_frontier, hit), "stalled"
                 break
             if isinstance(event, ChunkComputed):
                 self.estimator.observe_compute(event.upto - tracker.computed, event.duration_s)
@@ -196,7 +204,7 @@ class Merger(Service):
                     self.estimator.observe_loads(1, self.settings.fetch_timeout_s)
             split = tracker.meet()
         self.observe_link(start, arrivals)
-        return split, staged
+        return split, staged, outcome
 
     def observe_link(self, start: float, arrivals: list[float]) -> None:
         """Feed the estimator the link's pace: the spacing of arrivals after the first batch of
@@ -208,6 +216,10 @@ class Merger(Service):
             self.estimator.observe_loads(paced, arrivals[-1] - arrivals[first - 1])
         elif arrivals:
             self.estimator.observe_loads(len(arrivals), arrivals[-1] - start)
+
+    def registry(self) -> CollectorRegistry:
+        """This service's metric families."""
+        return self.metrics.registry
 
     async def drain(self) -> None:
         """Let requests being coordinated finish (bounded by the RPC timeout)."""

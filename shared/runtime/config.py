@@ -46,8 +46,9 @@ class Settings:
     staging_dir: str = field(default_factory=_default_staging)
     chunk_tokens: int = 256
     node: str = field(default_factory=_default_node)
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = "127.0.0.1"  # listen address of the gateway and of every metrics server
+    port: int = 8000  # the gateway's HTTP port (its /metrics too)
+    metrics_port: int = 9464  # merger/compute/loader serve /metrics here; 0: no metrics server
     request_timeout_s: float = 300.0
     rpc_timeout_s: float = 5.0  # one request/reply hop (lookup, dispatch)
     fetch_timeout_s: float = 30.0  # one chunk read from storage
@@ -96,6 +97,10 @@ class Settings:
                 raise ConfigError(f"{env_var(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"CAKE_PORT must be a TCP port (0: any free one), got {self.port}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(
+                f"CAKE_METRICS_PORT must be a TCP port or 0 (none), got {self.metrics_port}"
+            )
         if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:
             raise ConfigError(f"CAKE_KV_MEMORY_GB must be positive, got {self.kv_memory_gb}")
         if not 0 < self.decode_share <= 1:

@@ -1,215 +1,82 @@
-"""A tiny metrics registry rendered in the Prometheus text format (version 0.0.4).
+"""Prometheus metrics with prometheus_client: rendering, and a small HTTP server per service.
 
-Counters, gauges and histograms with labels; no dependency. Label values are given as keyword
-arguments (``requests.inc(kv_mode="cake", status="200")``) and must name exactly the metric's
-labels.
+Each service object keeps its own `CollectorRegistry` (never the global default one), so
+several services can run in one process (the tests do). The gateway serves its registry on its
+own HTTP port at /metrics; merger, compute and loader serve theirs with `serve_metrics` on
+CAKE_METRICS_PORT.
+
+Counters are named without `_total` (prometheus_client appends it), and the `_created` series
+prometheus_client would add to every counter and histogram are turned off: the exposition has
+the same series as before the library was used.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-import re
-from collections.abc import Iterator, Sequence
-from typing import ClassVar, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.exposition import choose_encoder
 
-_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+from shared.core.errors import ConfigError
 
-LabelValues = tuple[str, ...]
-M = TypeVar("M", bound="Metric")
+log = structlog.get_logger(__name__)
 
-
-def format_value(value: float) -> str:
-    """A sample value: integers without a fraction, +Inf, -Inf and NaN spelled out."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
+disable_created_metrics()  # no <name>_created series (process-wide; Cake never uses them)
 
 
-def escape_label_value(value: str) -> str:
-    """Backslash, double quote and newline escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def new_registry() -> CollectorRegistry:
+    """A registry of one service's families (not prometheus_client's global REGISTRY)."""
+    return CollectorRegistry(auto_describe=True)
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+def render(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
+    """The registry's samples and their content type, negotiated from an Accept header like
+    prometheus_client's own server does: the Prometheus text format (version 0.0.4) unless the
+    scraper asks for OpenMetrics or text version 1.0.0."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
 
 
-def _sample(name: str, labels: Sequence[tuple[str, str]], value: float) -> str:
-    if not labels:
-        return f"{name} {format_value(value)}"
-    inner = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in labels)
-    return f"{name}{{{inner}}} {format_value(value)}"
+def metrics_handler(
+    registry: CollectorRegistry,
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An aiohttp handler answering GET /metrics from registry."""
+
+    async def handler(request: web.Request) -> web.Response:
+        body, content_type = render(registry, request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    return handler
 
 
-class Metric:
-    """A named metric family with a fixed set of label names."""
+@asynccontextmanager
+async def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int
+) -> AsyncIterator[str | None]:
+    """Serve registry at http://host:port/metrics while the block runs; yields that URL.
 
-    kind: ClassVar[str] = "untyped"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        if not _NAME.match(name):
-            raise ValueError(f"invalid metric name {name!r}")
-        bad = [label for label in labels if not _LABEL.match(label) or label.startswith("__")]
-        if bad or len(set(labels)) != len(labels):
-            raise ValueError(f"invalid or repeated label names {list(labels)!r} for {name}")
-        self.name = name
-        self.help = help_text
-        self.labels = tuple(labels)
-
-    def _key(self, values: dict[str, str]) -> LabelValues:
-        if set(values) != set(self.labels):
-            raise ValueError(f"{self.name} takes labels {self.labels}, got {tuple(values)}")
-        return tuple(str(values[label]) for label in self.labels)
-
-    def _pairs(self, key: LabelValues) -> list[tuple[str, str]]:
-        return list(zip(self.labels, key, strict=True))
-
-    def samples(self) -> Iterator[str]:
-        """The sample lines of this family."""
-        raise NotImplementedError
-
-    def render(self) -> str:
-        """HELP and TYPE lines followed by the samples."""
-        head = [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
-        return "\n".join([*head, *self.samples()]) + "\n"
-
-
-class _Valued(Metric):
-    """A metric with one number per label combination."""
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labels)
-        self._values: dict[LabelValues, float] = {} if labels else {(): 0.0}
-
-    def value(self, **labels: str) -> float:
-        """The current value for these labels (0 when never touched)."""
-        return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> Iterator[str]:
-        """One line per label combination, sorted by label values."""
-        for key in sorted(self._values):
-            yield _sample(self.name, self._pairs(key), self._values[key])
-
-
-class Counter(_Valued):
-    """A number that only goes up."""
-
-    kind = "counter"
-
-    def inc(self, amount: float = 1.0, /, **labels: str) -> None:
-        """Add a non-negative amount."""
-        if amount < 0:
-            raise ValueError(f"counter {self.name} cannot go down (inc by {amount})")
-        key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
-
-    def set_total(self, total: float, /, **labels: str) -> None:
-        """Mirror a count kept elsewhere (exporter style): the value becomes `total`."""
-        self._values[self._key(labels)] = float(total)
-
-
-class Gauge(_Valued):
-    """A number that is set to its current value."""
-
-    kind = "gauge"
-
-    def set(self, value: float, /, **labels: str) -> None:
-        """Set the value for these labels."""
-        self._values[self._key(labels)] = float(value)
-
-
-class Histogram(Metric):
-    """Observations counted in buckets, with their sum and count."""
-
-    kind = "histogram"
-
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labels: Sequence[str] = (),
-        buckets: Sequence[float] = DEFAULT_BUCKETS,
-    ) -> None:
-        if "le" in labels:
-            raise ValueError(f"histogram {name} cannot have a label named 'le'")
-        super().__init__(name, help_text, labels)
-        bounds = sorted(float(b) for b in buckets if not math.isinf(b))
-        if not bounds or len(set(bounds)) != len(bounds):
-            raise ValueError(f"histogram {name} needs distinct finite bucket bounds")
-        self.bounds = tuple(bounds)
-        self._counts: dict[LabelValues, list[int]] = {}
-        self._sums: dict[LabelValues, float] = {}
-        if not labels:
-            self._counts[()] = [0] * (len(bounds) + 1)
-            self._sums[()] = 0.0
-
-    def observe(self, value: float, /, **labels: str) -> None:
-        """Count one observation."""
-        key = self._key(labels)
-        counts = self._counts.setdefault(key, [0] * (len(self.bounds) + 1))
-        counts[bisect.bisect_left(self.bounds, value)] += 1
-        self._sums[key] = self._sums.get(key, 0.0) + value
-
-    def samples(self) -> Iterator[str]:
-        """Cumulative _bucket lines (ending with le="+Inf"), then _sum and _count."""
-        les = [repr(b) for b in self.bounds] + ["+Inf"]
-        for key in sorted(self._counts):
-            pairs = self._pairs(key)
-            total = 0
-            for le, count in zip(les, self._counts[key], strict=True):
-                total += count
-                yield _sample(f"{self.name}_bucket", [*pairs, ("le", le)], total)
-            yield _sample(f"{self.name}_sum", pairs, self._sums[key])
-            yield _sample(f"{self.name}_count", pairs, total)
-
-
-class Registry:
-    """The metric families of one process, rendered together."""
-
-    def __init__(self) -> None:
-        self._metrics: dict[str, Metric] = {}
-
-    def _get(self, kind: type[M], name: str, labels: Sequence[str]) -> M | None:
-        existing = self._metrics.get(name)
-        if existing is None:
-            return None
-        if not isinstance(existing, kind) or existing.labels != tuple(labels):
-            raise ValueError(f"metric {name} is already registered as another kind or labels")
-        return existing
-
-    def _register(self, metric: M) -> M:
-        self._metrics[metric.name] = metric
-        return metric
-
-    def counter(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Counter:
-        """The counter of this name, created on first use."""
-        return self._get(Counter, name, labels) or self._register(Counter(name, help_text, labels))
-
-    def gauge(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Gauge:
-        """The gauge of this name, created on first use."""
-        return self._get(Gauge, name, labels) or self._register(Gauge(name, help_text, labels))
-
-    def histogram(
-        self,
-        name: str,
-        help_text: str,
-        labels: Sequence[str] = (),
-        buckets: Sequence[float] = DEFAULT_BUCKETS,
-    ) -> Histogram:
-        """The histogram of this name, created on first use."""
-        return self._get(Histogram, name, labels) or self._register(
-            Histogram(name, help_text, labels, buckets)
-        )
-
-    def render(self) -> str:
-        """Every family in the text exposition format, in registration order."""
-        return "".join(metric.render() for metric in self._metrics.values())
+    Port 0 serves nothing (yields None). A port that cannot be bound raises ConfigError. The
+    server is closed (port released) when the block exits, however it exits.
+    """
+    if not port:
+        yield None
+        return
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler(registry))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {host}:{port} (CAKE_METRICS_PORT): {exc}"
+            ) from exc
+        url = f"http://{host}:{port}/metrics"
+        log.info("serving metrics", url=url)
+        yield url
+    finally:
+        await runner.cleanup()

@@ -1,6 +1,7 @@
 """The life of every service, in one fixed order.
 
-start: connect the bus, build the service (its resources join the same exit stack), subscribe.
+start: connect the bus, build the service (its resources join the same exit stack), subscribe;
+`serve()` also exports the service's metric families on CAKE_METRICS_PORT while it runs.
 close: stop taking work, drain work in flight (bounded), cancel what is left and await it,
 close the bus, release resources (store, executor), flush traces. close is idempotent and safe
 after a failed start. `cake serve`, `cake up` (through `cake serve`), the in-process stack and
@@ -16,8 +17,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, ClassVar, TypeVar
 
 import structlog
+from prometheus_client import CollectorRegistry
 
 from shared.runtime.config import Settings
+from shared.runtime.metrics import new_registry, serve_metrics
 from shared.runtime.observability import configure_logging, configure_tracing, shutdown_tracing
 from shared.wire.bus import Bus
 
@@ -94,6 +97,10 @@ class Service:
         """What the ready log line says about this service."""
         return {}
 
+    def registry(self) -> CollectorRegistry | None:
+        """The metric families `serve()` exports on CAKE_METRICS_PORT (None: none there)."""
+        return None
+
 
 Builder = Callable[[Bus, Settings, AsyncExitStack], Awaitable[Service]]
 
@@ -122,8 +129,11 @@ async def serve(name: str, build: Builder, settings: Settings, stop: asyncio.Eve
             return Bus.connect(settings.nats_url, f"cake-{name}")
 
         async with running(build, settings, connect) as service:
-            log.info(f"{name} ready", **service.describe())
-            await stop.wait()
-            log.info(f"{name} stopping")
+            registry = service.registry()
+            port = settings.metrics_port if registry is not None else 0
+            async with serve_metrics(registry or new_registry(), settings.host, port):
+                log.info(f"{name} ready", **service.describe())
+                await stop.wait()
+                log.info(f"{name} stopping")
     finally:
         shutdown_tracing()

@@ -65,6 +65,15 @@ class Staging:
         """Remove everything staged for a request."""
         shutil.rmtree(self.request_dir(request_id), ignore_errors=True)
 
+    def usage_bytes(self) -> int:
+        """Bytes of every file staged now, by whichever service on this node wrote it."""
+        total = 0
+        for directory, _, files in os.walk(self.root):
+            for name in files:
+                with contextlib.suppress(OSError):  # removed while we looked
+                    total += os.stat(os.path.join(directory, name)).st_size
+        return total
+
     def sweep(self, older_than_s: float) -> int:
         """Remove request directories untouched for older_than_s (left by crashed services)."""
         cutoff = time.time() - older_than_s

@@ -290,11 +290,3 @@ class StoreJob(Message):
     tokens: bytes
     space: Space
     staged: dict[int, str]
-
-
-class Telemetry(Message):
-    """compute/loader -> anyone: counters and rates for metrics and the adaptive controller."""
-
-    service: str
-    node: str
-    counters: dict[str, float]

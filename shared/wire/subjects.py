@@ -17,7 +17,6 @@ COMPUTE_PREFILL = f"{ROOT}.compute.prefill"  # merger -> compute: PrefillJob -> 
 LOOKUP = f"{ROOT}.loader.lookup"  # merger -> loader: LookupRequest -> LookupReply
 
 # fire and forget
-TELEMETRY = f"{ROOT}.telemetry"  # compute/loader -> gateway, controllers: Telemetry
 CONTROL_ALL = f"{ROOT}.req.*.control"
 EVENTS_ALL = f"{ROOT}.req.*.events"  # every request's chunk events (benchmark timelines)
 

@@ -1,0 +1,120 @@
+"""The compute service's metric families, served on its own CAKE_METRICS_PORT."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shared.core.admission import Admission
+from shared.core.errors import ErrorCode
+from shared.core.scheduler import Candidate, Phase, Piece
+from shared.runtime.metrics import new_registry
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+KINDS = {Phase.DECODE: "decode", Phase.PREFILL: "prefill", Phase.HEAD: "head"}
+
+
+class ComputeMetrics:
+    """The scheduler's load and steps, the KV memory of the jobs, and how requests ended."""
+
+    def __init__(
+        self,
+        running: Callable[[], int],
+        kv_bytes: Callable[[], int],
+        token_budget: int,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        r = self.registry = registry or new_registry()
+        self.running = Gauge(
+            "cake_compute_requests_running",
+            "Requests in the scheduler (accepted, not finished)",
+            registry=r,
+        )
+        self.running.set_function(running)
+        self.queue_depth = Gauge(
+            "cake_compute_queue_depth",
+            "Requests with work to run that the last step left out (over its token budget)",
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "cake_compute_step_seconds",
+            "Seconds one scheduler step ran (its forward passes)",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.step_tokens = Gauge(
+            "cake_compute_step_tokens",
+            "Tokens of the most recent step by kind (decode, prefill, head): the budget in use",
+            ("kind",),
+            registry=r,
+        )
+        self.tokens = Counter(
+            "cake_compute_tokens",
+            "Tokens run in scheduler steps by kind (decode, prefill, head); per step: divide by "
+            "cake_compute_step_seconds_count",
+            ("kind",),
+            registry=r,
+        )
+        self.budget = Gauge(
+            "cake_compute_token_budget",
+            "Tokens one scheduler step may run (CAKE_TOKEN_BUDGET)",
+            registry=r,
+        )
+        self.budget.set(token_budget)
+        self.kv_bytes = Gauge(
+            "cake_compute_kv_cache_bytes",
+            "Bytes of the KV caches of the requests in the scheduler (keys and values)",
+            registry=r,
+        )
+        self.kv_bytes.set_function(kv_bytes)
+        self.finished = Counter(
+            "cake_compute_requests_finished",
+            "Requests that left the scheduler, by finish_reason (stop, length, cancelled, "
+            "deadline, failed)",
+            ("finish_reason",),
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "cake_compute_requests_waiting",
+            "Requests accepted but waiting for KV memory (CAKE_MAX_WAITING at most)",
+            registry=r,
+        )
+        self.kv_reserved = Gauge(
+            "cake_compute_kv_reserved_bytes",
+            "Projected KV bytes (prompt + max_tokens) of the running requests",
+            registry=r,
+        )
+        self.kv_budget = Gauge(
+            "cake_compute_kv_budget_bytes", "KV memory budget (CAKE_KV_MEMORY_GB)", registry=r
+        )
+        self.refused = Counter(
+            "cake_compute_admissions_refused",
+            "Requests refused: overloaded (queue full, 429) or too_large (never fits, 400)",
+            ("reason",),
+            registry=r,
+        )
+        for kind in KINDS.values():  # every kind shows from the start, at 0
+            self.step_tokens.labels(kind=kind)
+            self.tokens.labels(kind=kind)
+
+    def watch_admission(self, admission: Admission) -> None:
+        """Export the admission state: waiting requests, reserved and budgeted KV bytes."""
+        self.waiting.set_function(lambda: len(admission.waiting))
+        self.kv_reserved.set_function(lambda: admission.reserved_bytes)
+        self.kv_budget.set(admission.budget_bytes)
+        for reason in (ErrorCode.OVERLOADED, ErrorCode.TOO_LARGE):
+            self.refused.labels(reason=reason)
+
+    def planned(self, candidates: Sequence[Candidate], step: Sequence[Piece]) -> None:
+        """The scheduler chose `step` among `candidates` (the step's tokens, if any, count)."""
+        runnable = sum(1 for c in candidates if c.phase in KINDS)
+        self.queue_depth.set(runnable - len(step))
+        if not step:
+            return
+        by_kind = dict.fromkeys(KINDS.values(), 0)
+        for piece in step:
+            by_kind[KINDS[piece.phase]] += piece.tokens
+        for kind, tokens in by_kind.items():
+            self.step_tokens.labels(kind=kind).set(tokens)
+            self.tokens.labels(kind=kind).inc(tokens)
