@@ -169,6 +169,25 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, tuple[str, ...], str | None]] = [
         "chat too long", CHAT, {"messages": [{"role": "user", "content": "y" * 80}]}, 400,
         (f"maximum context length is {MAX_CONTEXT}",), "messages",
     ),
+    ("lone surrogate in prompt", COMPLETIONS, b'{"prompt": "a\\ud800b"}', 400,
+     ("invalid Unicode", "lone surrogate"), "prompt"),
+    ("lone surrogate in chat content", CHAT,
+     b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, ("invalid Unicode",),
+     "messages[0].content"),
+    ("lone surrogate in cache_salt", COMPLETIONS, b'{"prompt": "a", "cache_salt": "\\udfff"}',
+     400, ("invalid Unicode",), "cache_salt"),
+    ("nested 100k deep", COMPLETIONS,
+     b'{"prompt": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
+     ("nested too deeply",), None),
+    *[
+        (f"unsupported {name}", COMPLETIONS, {"prompt": "a", name: value}, 400,
+         (f"{name} is not supported",), name)
+        for name, value in [
+            ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"65": 10}),
+            ("suffix", "tail"), ("tools", [{"type": "function"}]),
+            ("response_format", {"type": "json_object"}),
+        ]
+    ],
 ]  # fmt: skip
 
 
@@ -314,3 +333,11 @@ def test_decode_body() -> None:
 def test_non_finite_temperatures_are_rejected(value: float) -> None:
     with pytest.raises(RequestError, match="temperature must be a finite number"):
         parse_request({"prompt": "a", "temperature": value}, Endpoint.COMPLETIONS, LIMITS)
+
+
+def test_unsupported_parameters_at_their_neutral_values_are_accepted() -> None:
+    body = {
+        "prompt": "a", "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+        "suffix": "", "tools": [], "response_format": {"type": "text"},
+    }  # fmt: skip
+    assert parse_request(body, Endpoint.COMPLETIONS, LIMITS).prompt == "a"

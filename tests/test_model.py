@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, MambaConfig, Mistra
 
 from shared.core.errors import ConfigError, UnsupportedModelError
 from shared.core.request import Sampling
-from shared.kv.model import ModelRunner, check_plain_kv
+from shared.kv.model import ModelRunner, check_plain_kv, pick_token
 from shared.kv.tokenizer import ByteTokenizer, HFTokenizer, plain_chat_prompt
 from tests.models import _COMMON, tiny_runner
 
@@ -132,3 +132,9 @@ def test_random_shapes_are_real_model_configs_without_download() -> None:
         load_config("random:gpt-17")
     with pytest.raises(ConfigError, match="unknown random shape"):
         ModelRunner.load("random:gpt-17")
+
+
+def test_a_vanishing_temperature_is_greedy_not_nan() -> None:
+    logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
+    for temperature in (1e-300, 1e-6):
+        assert pick_token(logits, Sampling(temperature=temperature), None) == 1

@@ -70,11 +70,41 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     """The JSON object in a request body."""
     try:
         body = json.loads(raw)
+        bad = _invalid_unicode(body, "")
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply; send a flat object") from None
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, not {_kind(body)}")
+    if bad is not None:
+        raise RequestError(
+            f"{bad or 'the body'} holds invalid Unicode (a lone surrogate such as \\ud800); "
+            "send valid UTF-8 text",
+            bad or None,
+        )
     return body
+
+
+def _invalid_unicode(value: Any, where: str) -> str | None:
+    """Where a string that UTF-8 cannot encode (a lone surrogate) is in value, if anywhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, dict):
+        inside = [(f"{where}.{key}".lstrip("."), key, item) for key, item in value.items()]
+    elif isinstance(value, list):
+        inside = [(f"{where}[{i}]", "", item) for i, item in enumerate(value)]
+    else:
+        return None
+    for path, key, item in inside:
+        found = _invalid_unicode(key, path) or _invalid_unicode(item, path)
+        if found is not None:
+            return found
+    return None
 
 
 def parse_request(body: Mapping[str, Any], endpoint: Endpoint, limits: Limits) -> ParsedRequest:
@@ -168,7 +198,28 @@ def _check_model(body: Mapping[str, Any], served: str) -> None:
         )
 
 
+# OpenAI parameters Cake does not implement, with the value that means "not used"
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "logit_bias": ({},),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "top_logprobs": (0,),
+    "min_tokens": (0,),
+}
+
+
 def _check_unsupported(body: Mapping[str, Any]) -> None:
+    for name, unused in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and value not in unused:
+            raise RequestError(f"{name} is not supported by this server; leave it out", name)
     for name in ("n", "best_of"):
         count = _optional(body, name, int, 1)
         if count != 1:

@@ -24,6 +24,7 @@ from shared.kv.codec import dtype_name, torch_dtype
 from shared.kv.tokenizer import DEFAULT_MODEL, RANDOM_PREFIX, ByteTokenizer, uses_byte_tokenizer
 
 DEFAULT_SEED = 1234
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (as vLLM's _SAMPLING_EPS)
 
 # config keys that describe where or how a model was loaded, not what it computes
 # (architectures is filled in by save_pretrained; the model class name stands for it)
@@ -119,8 +120,9 @@ def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) 
 
 
 def pick_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:
-    """Greedy argmax, or temperature / top-p sampling with the given generator."""
-    if sampling.temperature <= 0:
+    """Greedy argmax, or temperature / top-p sampling with the given generator (a temperature
+    below GREEDY_BELOW is greedy: dividing by it would overflow)."""
+    if sampling.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
