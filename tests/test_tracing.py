@@ -48,6 +48,10 @@ async def test_one_request_is_one_trace(
     lookup = next(s for s in mine if s.name == "loader.lookup")
     assert lookup.parent is not None
     assert by_id[lookup.parent.span_id].name == "merger.lookup"  # linked across NATS
+    # each scheduler step is a span of its own, linked to the requests it served
+    steps = [s for s in finished if s.name == "scheduler.step"]
+    assert any(link.context.trace_id == trace_id for s in steps for link in s.links)
+    assert all(s.parent is None for s in steps)
     # no span of this request escaped into another trace
     strays = [s for s in finished if s.name.startswith(("compute.", "loader.")) and s not in mine]
     assert not strays, [s.name for s in strays]

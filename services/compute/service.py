@@ -7,12 +7,14 @@ import contextlib
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack
+from contextlib import AbstractContextManager, AsyncExitStack
 from typing import Any
 
 import structlog
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span
 from prometheus_client import CollectorRegistry
 
 from services.compute.job import Job
@@ -178,7 +180,8 @@ class Compute(Service):
             self.jobs[c.request_id].waited = 0 if c.request_id in chosen else c.waited + 1
         if step:
             started = time.perf_counter()
-            outbox = await asyncio.to_thread(self.run_step, step)
+            with self.step_span(step):
+                outbox = await asyncio.to_thread(self.run_step, step)
             self.metrics.step_seconds.observe(time.perf_counter() - started)
             for subject, message, ctx in outbox:
                 token = otel_context.attach(ctx)
@@ -189,6 +192,20 @@ class Compute(Service):
         self.start_writebacks()
         await self.retire()
         return bool(step)
+
+    def step_span(self, step: list[Piece]) -> AbstractContextManager[Span]:
+        """A span of its own for one scheduler step, linked to the trace of every request in it
+        (a step serves many requests, so it belongs to none of their traces)."""
+        links = [
+            Link(trace.get_current_span(self.jobs[p.request_id].ctx).get_span_context())
+            for p in step
+        ]
+        tokens = {f"cake.step.{p.phase.name.lower()}_tokens": 0 for p in step}
+        for p in step:
+            tokens[f"cake.step.{p.phase.name.lower()}_tokens"] += p.tokens
+        return tracer(__name__).start_as_current_span(
+            "scheduler.step", context=Context(), links=links, attributes=tokens
+        )
 
     def until_next_deadline(self) -> float:
         """Seconds until the earliest job deadline (at most a second; idle: a minute)."""
