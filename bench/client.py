@@ -37,6 +37,11 @@ class Stream:
     error: str | None = None  # the error body (a refusal, or an error event in the stream)
 
     @property
+    def ttft_s(self) -> float | None:
+        """Time to the first chunk carrying text (the first event when none carried any)."""
+        return self.text_s[0] if self.text_s else self.first_event_s
+
+    @property
     def ok(self) -> bool:
         """Answered 200 and ended with its usage, without an error."""
         return self.status == 200 and self.error is None and bool(self.final)

@@ -24,16 +24,15 @@ def fresh_salt() -> str:
 
 def checked(stream: Stream, what: str) -> Stream:
     """The stream, or RuntimeError when it failed (a scenario needs every request)."""
-    if not stream.ok:
+    if not stream.ok or stream.ttft_s is None:
         raise RuntimeError(f"{what} failed with status {stream.status}: {stream.error}")
     return stream
 
 
 def ttft(stream: Stream) -> float:
-    """Time to the first chunk carrying text."""
-    first = stream.text_s[0] if stream.text_s else stream.first_event_s
-    assert first is not None
-    return first
+    """A checked stream's time to its first text."""
+    assert stream.ttft_s is not None
+    return stream.ttft_s
 
 
 async def keep_decoding(

@@ -108,7 +108,7 @@ class ServeBench:
             body = completion_body(doc.text, 1, doc.salt, kv_mode="compute")
             scenarios.checked(await self.send(body), "storing a document")
         calibration = await self.calibrate(docs)
-        rates = list(cfg.rates or [f * calibration["capacity_rps"] for f in cfg.load_factors])
+        rates = sorted(cfg.rates or [f * calibration["capacity_rps"] for f in cfg.load_factors])
         rows = []
         for i, rate in enumerate(tqdm(rates, desc="cake bench --serve", unit="rate")):
             rows.append(await self.run_rate(i, rate, docs))

@@ -39,6 +39,13 @@ class Record:
         return self.status == 200 and self.error is None
 
     @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first (None with fewer than two tokens)."""
+        if self.ttft_s is None or self.completion_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
+
+    @property
     def end_s(self) -> float:
         """When it ended, since its rate's start."""
         return self.arrival_s + self.e2e_s
@@ -56,13 +63,12 @@ class Record:
         """The record of one streamed request."""
         usage = stream.final.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
-        ttft = stream.text_s[0] if stream.text_s else stream.first_event_s
         itl = tuple(b - a for a, b in zip(stream.text_s, stream.text_s[1:], strict=False))
         error = stream.error
         if stream.status == 200 and error is None and not stream.final:
             error = "the stream ended without its usage"
         return cls(
-            kind, arrival_s, stream.status, ttft, itl, stream.end_s,
+            kind, arrival_s, stream.status, stream.ttft_s, itl, stream.end_s,
             int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
             int(details.get("cached_tokens", 0)), error,
         )  # fmt: skip
@@ -107,6 +113,7 @@ def rate_row(
         "ttft_s": distribution([r.ttft_s for r in done if r.ttft_s is not None], TTFT_QS),
         "itl_s": distribution([x for r in done for x in r.itl_s], TTFT_QS),
         "e2e_s": distribution([r.e2e_s for r in done], E2E_QS),
+        "tpot_s": distribution([t for r in done if (t := r.tpot_s) is not None], E2E_QS),
         "window_s": window,
         "throughput_rps": len(done) / window if window > 0 else 0.0,
         "output_tok_s": tokens / window if window > 0 else 0.0,

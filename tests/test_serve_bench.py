@@ -50,6 +50,7 @@ def test_rate_row_latencies_throughput_and_errors() -> None:
     assert row["ttft_s"] == pytest.approx({"p50": 0.2, "p90": 0.28, "p99": 0.298})
     assert row["itl_s"]["p50"] == pytest.approx(0.02)  # pooled: 0.01, 0.02, 0.03
     assert row["e2e_s"] == pytest.approx({"p50": 2.0, "p99": 3.96})
+    assert row["tpot_s"]["p50"] == pytest.approx(0.1)  # median of 0.9/9, 1.8/19, 3.7/29
     assert row["window_s"] == pytest.approx(5.0)  # first arrival 0.0, last end 5.0
     assert row["throughput_rps"] == pytest.approx(3 / 5.0)
     assert row["output_tok_s"] == pytest.approx(60 / 5.0)  # completed requests' tokens only
