@@ -60,7 +60,7 @@ class ServeConfig:
     @classmethod
     def quick(cls) -> ServeConfig:
         """Small enough for under 4 minutes on 2 CPU cores."""
-        return cls(load_factors=(0.3, 0.8, 1.6), requests_per_rate=8, max_arrival_s=25.0,
+        return cls(load_factors=(0.3, 0.8, 2.0), requests_per_rate=8, max_arrival_s=25.0,
                    documents=(1500, 2500), reps=2)  # fmt: skip
 
 
