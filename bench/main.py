@@ -1,4 +1,4 @@
-"""`cake bench` entry point."""
+"""`cake bench` entry point: the TTFT sweep, or with --serve the serving benchmark."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+from bench import serve_report
 from bench.report import table, write_report
+from bench.serve import ServeConfig, run_serve
 from bench.sweep import BenchConfig, run_bench
+from shared.core.errors import ConfigError
+from shared.runtime.observability import configure_logging
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -22,8 +26,27 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
 
 
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The serving benchmark's --quick defaults (or the full ones), overridden by the flags."""
+    sweep_only = [f"--{n.replace('_', '-')}" for n in ("contexts", "io_ratios")
+                  if getattr(args, n) is not None]  # fmt: skip
+    if sweep_only:
+        raise ConfigError(f"{', '.join(sweep_only)}: only for the TTFT sweep, not with --serve")
+    config = ServeConfig.quick() if args.quick else ServeConfig()
+    changes = {
+        "rates": args.rates, "reps": args.reps, "model": args.model, "dtype": args.dtype,
+        "device": args.device,
+    }  # fmt: skip
+    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+
+
 def bench_main(args: argparse.Namespace) -> int:
     """Run, print the table and summary, write results under --out."""
+    configure_logging("bench", "json", "warning")
+    if args.serve:
+        return serve_main(serve_config_from_args(args), Path(args.out))
+    if args.rates is not None:
+        raise ConfigError("--rates: only with --serve")
     config = config_from_args(args)
     results = asyncio.run(run_bench(config))
     results["config"] = dataclasses.asdict(config)
@@ -37,4 +60,22 @@ def bench_main(args: argparse.Namespace) -> int:
     )
     print(json.dumps(summary, indent=2))
     print(f"results: {out / 'results.json'}, plots: {out / 'ttft.png'}, {out / 'timeline.png'}")
+    return 0
+
+
+def serve_main(config: ServeConfig, out: Path) -> int:
+    """The serving benchmark: run, write serve.json and serve.png, print the table."""
+    results = asyncio.run(run_serve(config))
+    results = {"config": dataclasses.asdict(config), **results}
+    serve_report.write_report(results, out)
+    cal = results["calibration"]
+    print(
+        f"service time alone {cal['service_s']:.2f}s (long {cal['long_s']:.2f}s, short "
+        f"{cal['short_s']:.2f}s, {cal['max_tokens']} tokens): capacity ~{cal['capacity_rps']:.2f}"
+        " req/s one at a time"
+    )
+    print(serve_report.table(results["rates"]))
+    print(serve_report.scenario_lines(results["scenarios"]))
+    print(json.dumps(results["summary"], indent=2))
+    print(f"results: {out / 'serve.json'}, plot: {out / 'serve.png'}")
     return 0
