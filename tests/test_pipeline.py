@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.compute.service import Compute
+from services.compute.job import Job
+from services.compute.service import Compute, Work
 from services.loader.service import Loader
 from services.merger.service import Merger
 from shared.core.errors import StoreError
@@ -215,12 +216,12 @@ async def test_a_failing_request_does_not_stop_the_compute_service(local: Backen
     real = compute.prefill_piece
     calls = 0
 
-    def broken_once(job: object, outbox: object, tokens: int) -> None:
+    def broken_once(job: Job, tokens: int) -> Work | None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("out of memory")
-        real(job, outbox, tokens)  # type: ignore[arg-type]
+        return real(job, tokens)
 
     compute.prefill_piece = broken_once  # type: ignore[method-assign]
     failed = await local.generate(prompt(100, seed=40))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +35,9 @@ class Job:
     loads: MeetTracker = field(init=False)  # the loader's progress (frontier), as compute sees it
     head_piece: int = 1  # most head chunks one step computes
     merged: bool = False
-    tokens_out: Iterator[int] | None = None
+    generator: torch.Generator | None = None  # sampling's random source (None: greedy)
+    decoding: bool = False  # the first token is out
+    last_token: int = -1  # the newest generated token: the next decode step's input
     generated: int = 0
     ttft_ms: float = 0.0
     finish_reason: FinishReason | None = None
@@ -61,7 +62,7 @@ class Job:
             return Phase.FINISHED
         if not self.admitted:
             return Phase.WAITING
-        if self.tokens_out is not None:
+        if self.decoding:
             return Phase.DECODE
         if self.meet is None and self.head_done < self.hit:
             # once the loads reach the head, the merger's Meet is on its way: wait for it

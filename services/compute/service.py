@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, AsyncExitStack
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import structlog
+import torch
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -27,7 +30,7 @@ from shared.core.request import FinishReason
 from shared.core.scheduler import Phase, Piece, plan_step
 from shared.kv.codec import decode_chunk
 from shared.kv.engine import encode_chunk_at
-from shared.kv.model import ModelRunner, default_kv_budget_bytes
+from shared.kv.model import ModelRunner, default_kv_budget_bytes, pick_token
 from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
 from shared.runtime.service import Service
@@ -53,6 +56,16 @@ from shared.wire.messages import (
 log = structlog.get_logger(__name__)
 WRITEBACK_DRAIN_S = 5.0  # how long finished jobs' write-backs may take at shutdown
 Outbox = list[tuple[str, Message, Context]]  # subject, message, trace context to send it in
+
+
+@dataclass(frozen=True)
+class Work:
+    """A piece of a step that runs through the model: its request, what it is, its tokens."""
+
+    job: Job
+    kind: Literal["head", "suffix", "decode"]
+    tokens: Sequence[int]
+    chunks: int = 0  # head chunks it computes
 
 
 class Compute(Service):
@@ -119,7 +132,7 @@ class Compute(Service):
         stop_ids = self.runner_stop_ids()
         job = Job(
             msg, prompt, stop_ids, self.runner.new_cache(), piece=budget, head_piece=head_piece,
-            admitted=admitted,
+            admitted=admitted, generator=self.runner.sampler(msg.sampling),
         )  # fmt: skip
         self.jobs[msg.request_id] = job
         self.wake.set()
@@ -147,7 +160,7 @@ class Compute(Service):
         )
         if job is None:
             return
-        if isinstance(msg, Meet) and job.meet is None and job.tokens_out is None:
+        if isinstance(msg, Meet) and job.meet is None and not job.decoding:
             job.meet, job.staged = msg.meet, dict(msg.staged)
         elif isinstance(msg, Cancel):
             job.finish_reason = FinishReason.CANCELLED
@@ -225,7 +238,7 @@ class Compute(Service):
     def start_writebacks(self) -> None:
         """Write back the new chunks of jobs whose first token is out (off the critical path)."""
         for job in self.jobs.values():
-            if job.tokens_out is not None and job.writeback is None:
+            if job.prefilled is not None and job.writeback is None:
                 job.writeback = self.tasks.spawn(self.write_back(job))
 
     async def write_back(self, job: Job) -> None:
@@ -286,52 +299,123 @@ class Compute(Service):
     # --- one step, in the worker thread -----------------------------------------------------
 
     def run_step(self, step: list[Piece]) -> Outbox:
-        """Run each chosen piece; the messages to publish afterwards."""
+        """Plan each chosen piece, run all that need the model in one forward pass, finish
+        each; the messages to publish afterwards."""
         outbox: Outbox = []
+        work: list[Work] = []
         for piece in step:
             job = self.jobs[piece.request_id]
-            rid = job.msg.request_id
-            token = otel_context.attach(job.ctx)
-            try:
-                with structlog.contextvars.bound_contextvars(request_id=rid):
-                    if piece.phase == Phase.DECODE:
-                        self.decode_one(job, outbox)
-                    elif piece.phase == Phase.HEAD:
-                        self.compute_head_chunks(job, outbox, piece.tokens // job.chunk)
-                    else:
-                        self.prefill_piece(job, outbox, piece.tokens)
-            except Exception as exc:  # one request's failure (e.g. out of memory) ends it alone
-                log.exception("request failed in compute", request_id=rid)
-                job.finish_reason = FinishReason.FAILED
-                failed = Failed(rid, ErrorCode.INTERNAL, f"compute failed: {exc}"[:500])
-                outbox.append((subjects.stream(rid), failed, job.ctx))
-            finally:
-                otel_context.detach(token)
+            with self.request_scope(job, outbox):
+                planned = self.plan_piece(job, piece)
+                if planned is not None:
+                    work.append(planned)
+        # exact splits: each piece alone, so its KV has the same bits as in any other mode
+        passes = [[w] for w in work] if self.settings.exact_splits else [work] if work else []
+        for batch in passes:
+            self.forward(batch, outbox)
         return outbox
 
-    def compute_head_chunks(self, job: Job, outbox: Outbox, n: int = 1) -> None:
-        """The next n head chunks in one forward pass; tell the merger."""
-        start = time.perf_counter()
-        first = job.prompt.space.chunk_bounds(job.head_done)[0]
-        last = job.prompt.space.chunk_bounds(job.head_done + n - 1)[1]
-        with tracer(__name__).start_as_current_span(
-            "compute.chunk", attributes={"chunk": job.head_done}
-        ):
-            self.runner.extend(job.cache, job.prompt.token_ids[first:last])
-        job.head_done += n
-        event = ChunkComputed(job.msg.request_id, job.head_done, time.perf_counter() - start)
-        outbox.append((subjects.events(job.msg.request_id), event, job.ctx))
+    def forward(self, work: list[Work], outbox: Outbox) -> None:
+        """One forward pass over these pieces, then each piece's follow-up."""
+        started = time.time_ns()
+        try:
+            logits = self.runner.step([(w.job.cache, w.tokens) for w in work])
+        except Exception as exc:  # the pass failed (out of memory...): its requests end
+            for w in work:
+                with self.request_scope(w.job, outbox):
+                    raise exc
+            return
+        for w, last in zip(work, logits, strict=True):
+            with self.request_scope(w.job, outbox):
+                self.finish_piece(w, last, started, outbox)
 
-    def prefill_piece(self, job: Job, outbox: Outbox, tokens: int) -> None:
-        """After the meeting point: the rest of the head, then the merge, then the suffix
-        (`tokens`: what the scheduler granted this piece)."""
+    @contextlib.contextmanager
+    def request_scope(self, job: Job, outbox: Outbox) -> Iterator[None]:
+        """In the request's trace and log context; a failure ends this request alone."""
+        rid = job.msg.request_id
+        token = otel_context.attach(job.ctx)
+        try:
+            with structlog.contextvars.bound_contextvars(request_id=rid):
+                yield
+        except Exception as exc:
+            log.exception("request failed in compute", request_id=rid)
+            job.finish_reason = FinishReason.FAILED
+            failed = Failed(rid, ErrorCode.INTERNAL, f"compute failed: {exc}"[:500])
+            outbox.append((subjects.stream(rid), failed, job.ctx))
+        finally:
+            otel_context.detach(token)
+
+    def plan_piece(self, job: Job, piece: Piece) -> Work | None:
+        """What the piece runs through the model (None: it needed no forward pass)."""
+        if piece.phase == Phase.DECODE:
+            return Work(job, "decode", (job.last_token,))
+        if piece.phase == Phase.HEAD:
+            return self.head_work(job, piece.tokens // job.chunk)
+        return self.prefill_piece(job, piece.tokens)
+
+    def head_work(self, job: Job, chunks: int) -> Work:
+        """The next `chunks` head chunks."""
+        first = job.prompt.space.chunk_bounds(job.head_done)[0]
+        last = job.prompt.space.chunk_bounds(job.head_done + chunks - 1)[1]
+        return Work(job, "head", job.prompt.token_ids[first:last], chunks)
+
+    def prefill_piece(self, job: Job, tokens: int) -> Work | None:
+        """After the meeting point: the rest of the head, then the merge (no forward pass),
+        then the suffix (`tokens`: what the scheduler granted this piece)."""
         meet = job.meet if job.meet is not None else job.hit
         if job.head_done < meet:
-            self.compute_head_chunks(job, outbox, min(meet - job.head_done, tokens // job.chunk))
-        elif not job.merged:
+            return self.head_work(job, min(meet - job.head_done, tokens // job.chunk))
+        if not job.merged:
             self.merge_loaded(job, from_chunk=max(job.head_done, meet))
+            return None
+        held = self.runner.cache_length(job.cache)
+        return Work(job, "suffix", job.prompt.token_ids[held : held + tokens])
+
+    def finish_piece(self, w: Work, logits: torch.Tensor, started_ns: int, outbox: Outbox) -> None:
+        """After the pass: report head chunks, or pick the next token."""
+        job, rid = w.job, w.job.msg.request_id
+        if w.kind == "head":
+            self.span("compute.chunk", started_ns, chunk=job.head_done, chunks=w.chunks)
+            job.head_done += w.chunks
+            seconds = (time.time_ns() - started_ns) / 1e9
+            outbox.append(
+                (subjects.events(rid), ChunkComputed(rid, job.head_done, seconds), job.ctx)
+            )
+        elif w.kind == "decode":
+            self.emit(job, self.sample(job, logits), outbox)
         else:
-            self.prefill_suffix_piece(job, outbox, tokens)
+            self.span("compute.suffix", started_ns, tokens=len(w.tokens))
+            if self.runner.cache_length(job.cache) == len(job.prompt.token_ids):
+                self.first_token(job, logits, started_ns, outbox)
+
+    def first_token(self, job: Job, logits: torch.Tensor, started_ns: int, outbox: Outbox) -> None:
+        """The prompt is prefilled: where its KV came from, then its first token."""
+        self.span("compute.first_token", started_ns)
+        job.ttft_ms = (time.monotonic() - job.arrival) * 1000
+        job.prefilled = self.prefilled_message(job)
+        outbox.append((subjects.stream(job.msg.request_id), job.prefilled, job.ctx))
+        job.decoding = True
+        self.emit(job, self.sample(job, logits), outbox)
+
+    def sample(self, job: Job, logits: torch.Tensor) -> int:
+        """The next token from these logits, as the request's sampling says."""
+        return pick_token(logits.cpu(), job.msg.sampling, job.generator)
+
+    def emit(self, job: Job, token: int, outbox: Outbox) -> None:
+        """Stream one new token; the end of the request when it is a stop id or the last."""
+        job.generated += 1
+        job.last_token = token
+        rid = job.msg.request_id
+        outbox.append((subjects.stream(rid), Tokens(rid, pack_tokens([token])), job.ctx))
+        if token in job.stop_ids:
+            job.finish_reason = FinishReason.STOP
+        elif job.generated >= job.msg.sampling.max_tokens:
+            job.finish_reason = FinishReason.LENGTH
+
+    @staticmethod
+    def span(name: str, started_ns: int, **attributes: int) -> None:
+        """A span for one piece of a step: from the step's start to now, in the current trace."""
+        tracer(__name__).start_span(name, start_time=started_ns, attributes=attributes).end()
 
     def merge_loaded(self, job: Job, from_chunk: int) -> None:
         """Append staged chunks [from_chunk, hit); a chunk that cannot be read is computed."""
@@ -355,39 +439,6 @@ class Compute(Service):
             job.meet = from_chunk
             job.merged = True
             job.head_done = max(job.head_done, from_chunk)
-
-    def prefill_suffix_piece(self, job: Job, outbox: Outbox, tokens: int) -> None:
-        """The next `tokens` of the uncached suffix; after the last one, the first token."""
-        held = self.runner.cache_length(job.cache)
-        piece = job.prompt.token_ids[held : held + tokens]
-        with tracer(__name__).start_as_current_span(
-            "compute.suffix", attributes={"tokens": len(piece)}
-        ):
-            logits = self.runner.extend(job.cache, piece)
-        if held + len(piece) < len(job.prompt.token_ids):
-            return
-        job.tokens_out = self.runner.generate(job.cache, logits, job.msg.sampling, job.stop_ids)
-        with tracer(__name__).start_as_current_span("compute.first_token"):
-            self.decode_one(job, outbox)
-        job.ttft_ms = (time.monotonic() - job.arrival) * 1000
-        job.prefilled = self.prefilled_message(job)
-        first_token = outbox.pop()
-        outbox += [(subjects.stream(job.msg.request_id), job.prefilled, job.ctx), first_token]
-
-    def decode_one(self, job: Job, outbox: Outbox) -> None:
-        """One new token (and the end of the request when it is the last)."""
-        assert job.tokens_out is not None
-        token = next(job.tokens_out, None)
-        if token is None:
-            job.finish_reason = job.finish_reason or FinishReason.LENGTH
-            return
-        job.generated += 1
-        rid = job.msg.request_id
-        outbox.append((subjects.stream(rid), Tokens(rid, pack_tokens([token])), job.ctx))
-        if token in job.stop_ids:
-            job.finish_reason = FinishReason.STOP
-        elif job.generated >= job.msg.sampling.max_tokens:
-            job.finish_reason = FinishReason.LENGTH
 
     def stage_writeback(self, job: Job) -> dict[int, str]:
         """Encode the prompt's complete chunks beyond the hit into staging files."""

@@ -20,6 +20,8 @@ from transformers.cache_utils import DynamicLayer
 from shared.core.errors import ConfigError, UnsupportedModelError
 from shared.core.keys import KVLayout
 from shared.core.request import Sampling
+from shared.kv.batch import ATTENTION as STEP_ATTENTION
+from shared.kv.batch import StepCache
 from shared.kv.codec import dtype_name, torch_dtype
 from shared.kv.tokenizer import DEFAULT_MODEL, RANDOM_PREFIX, ByteTokenizer, uses_byte_tokenizer
 
@@ -137,6 +139,7 @@ class ModelRunner:
 
     def __init__(self, model: Any, name: str, weights_id: str | None = None) -> None:
         self.model = model.eval()
+        self.model.set_attn_implementation(STEP_ATTENTION)  # stock SDPA outside batched steps
         self.config: Any = model.config
         self.name = name
         check_plain_kv(self.config)
@@ -189,15 +192,36 @@ class ModelRunner:
     def _ids(self, token_ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
 
-    @torch.inference_mode()
     def extend(self, cache: DynamicCache, token_ids: Sequence[int]) -> torch.Tensor:
         """Run token_ids after what cache holds, appending their KV; the last token's logits."""
-        if not token_ids:
-            raise ValueError("extend needs at least one token")
+        return self.step([(cache, token_ids)])[0]
+
+    @torch.inference_mode()
+    def step(self, pieces: Sequence[tuple[DynamicCache, Sequence[int]]]) -> torch.Tensor:
+        """One forward pass over the pieces of several requests (each runs its token ids after
+        what its own cache holds, and appends their KV there); the last logits of each piece,
+        shape (pieces, vocab). A piece alone gives the same bits as a stock forward pass."""
+        lengths = [len(ids) for _, ids in pieces]
+        if not pieces or min(lengths) == 0:
+            raise ValueError("a step needs at least one piece of at least one token")
+        held = [self.cache_length(cache) for cache, _ in pieces]
+        ids = self._ids([t for _, piece in pieces for t in piece])
+        positions = torch.cat([torch.arange(h, h + n) for h, n in zip(held, lengths, strict=True)])
+        last = torch.cumsum(torch.tensor(lengths), 0) - 1
+        step = StepCache([cache for cache, _ in pieces], lengths)
         out = self.model(
-            input_ids=self._ids(token_ids), cache=cache, use_cache=True, logits_to_keep=1
-        )
-        return out.logits[0, -1]
+            input_ids=ids, position_ids=positions[None].to(self.device), cache=step,
+            use_cache=False, logits_to_keep=last.to(self.device), cake_step=step,
+        )  # fmt: skip
+        return out.logits[0]
+
+    def sampler(self, sampling: Sampling) -> torch.Generator | None:
+        """The random generator a request samples with (None when greedy)."""
+        if sampling.temperature < GREEDY_BELOW:
+            return None
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        return gen
 
     def prefill_chunks(
         self, cache: DynamicCache, token_ids: Sequence[int], chunk_tokens: int
@@ -239,10 +263,7 @@ class ModelRunner:
         stop_token_ids: frozenset[int] = frozenset(),
     ) -> Iterator[int]:
         """Yield up to max_tokens new ids from the prompt's last logits; stops after a stop id."""
-        gen = None
-        if sampling.temperature > 0:
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        gen = self.sampler(sampling)
         for n in range(sampling.max_tokens):
             token = pick_token(logits.cpu(), sampling, gen)
             yield token

@@ -1,0 +1,82 @@
+"""One forward pass over the pieces of several requests, each with its own KV cache.
+
+The pieces (a decode token of one request, a prefill chunk of another, ...) run packed as one
+sequence through the model's linear layers, so a step costs one pass however many requests it
+serves. Attention is the only per-request part: `StepCache` appends each piece's new keys and
+values to its request's own cache, and the attention function registered here attends each
+piece's queries to its own request's keys and values only (causal within the piece). Nothing
+is gathered or copied across requests. A model whose attention implementation is "cake_step"
+runs any other forward (no StepCache) with the stock SDPA attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION = "cake_step"
+
+
+class StepCache:
+    """Stands in for a cache during one step: routes each piece's keys and values to its
+    request's DynamicCache and keeps, per layer, what each piece attends to."""
+
+    def __init__(self, caches: Sequence[DynamicCache], lengths: Sequence[int]) -> None:
+        self.caches, self.lengths = list(caches), list(lengths)
+        self.attended: list[tuple[torch.Tensor, torch.Tensor]] = []  # the current layer's
+
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *_: Any, **__: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append every piece's new keys and values (packed [1, kv_heads, T, dim]) to its own
+        cache; the packed ones go back (the attention below reads self.attended)."""
+        self.attended, start = [], 0
+        for cache, n in zip(self.caches, self.lengths, strict=True):
+            piece = slice(start, start + n)
+            self.attended.append(cache.update(keys[:, :, piece], values[:, :, piece], layer_idx))
+            start += n
+        return keys, values
+
+
+def step_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Each piece's queries (packed [1, heads, T, dim]) over its own request's keys/values."""
+    step: StepCache | None = kwargs.pop("cake_step", None)
+    if step is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    outputs, start = [], 0
+    for (k, v), n in zip(step.attended, step.lengths, strict=True):
+        q, held = query[:, :, start : start + n], k.shape[2]
+        if n == 1:  # a decode token sees everything before it
+            mask, causal = None, False
+        elif held == n:  # a first piece: plain causal
+            mask, causal = None, True
+        else:  # a later piece: causal, offset by what the cache held before it
+            positions = torch.arange(held, device=q.device)
+            mask = positions[None, :] <= torch.arange(held - n, held, device=q.device)[:, None]
+            causal = False
+        outputs.append(
+            F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
+            )
+        )
+        start += n
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, step_attention)

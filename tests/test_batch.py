@@ -1,0 +1,94 @@
+"""Batched steps: one forward pass over the pieces of many requests, each with its own cache."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from services.compute.service import Compute
+from shared.storage.local import LocalStore
+from tests.harness import backend, stack_settings
+from tests.models import tiny_runner
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [256] + [rng.randrange(256) for _ in range(n - 1)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
+def test_a_mixed_step_matches_each_piece_alone(arch: str) -> None:
+    runner = tiny_runner(arch)
+    prompts = [prompt(n, seed=n) for n in (40, 17, 64, 5)]
+    alone, together = [], []
+    for ids in prompts:  # a 32-token head already in each cache, then the rest of the prompt
+        for caches in (alone, together):
+            cache = runner.new_cache()
+            runner.extend(cache, ids[:32]) if len(ids) > 32 else None
+            caches.append(cache)
+    rest = [ids[32:] if len(ids) > 32 else ids for ids in prompts]
+    want = torch.stack([runner.extend(c, r) for c, r in zip(alone, rest, strict=True)])
+    got = runner.step(list(zip(together, rest, strict=True)))
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    for a, b in zip(alone, together, strict=True):
+        assert runner.cache_length(a) == runner.cache_length(b)
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            assert torch.allclose(la.keys, lb.keys, atol=1e-5)
+
+
+def test_a_piece_alone_is_bit_identical_to_a_stock_forward() -> None:
+    runner = tiny_runner("llama")
+    ids = prompt(50, seed=1)
+    cache = DynamicCache(config=runner.config)
+    runner.model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            stock = runner.model(
+                input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1
+            )
+    finally:
+        runner.model.set_attn_implementation("cake_step")
+    mine = runner.new_cache()
+    assert torch.equal(runner.extend(mine, ids), stock.logits[0, -1])
+    assert torch.equal(mine.layers[1].values, cache.layers[1].values)
+
+
+def test_a_step_refuses_empty_pieces() -> None:
+    runner = tiny_runner("llama")
+    with pytest.raises(ValueError, match="at least one"):
+        runner.step([(runner.new_cache(), [])])
+
+
+async def test_concurrent_requests_share_forward_passes_and_keep_their_tokens(
+    nats_url: str, tmp_path: Path
+) -> None:
+    settings = stack_settings(nats_url, tmp_path)
+    passes: list[int] = []
+    async with LocalStore(settings.store) as store, backend(settings, store) as be:
+        compute = be.services["compute"]
+        assert isinstance(compute, Compute)
+        real = compute.runner.step
+
+        def counted(pieces: Sequence[tuple[DynamicCache, Sequence[int]]]) -> torch.Tensor:
+            passes.append(len(pieces))
+            return real(pieces)
+
+        prompts = [prompt(100 + 30 * i, seed=50 + i) for i in range(4)]
+        alone = [await be.generate(p, kv_mode="compute", max_tokens=24) for p in prompts]
+        compute.runner.step = counted  # type: ignore[method-assign]
+        together = await asyncio.gather(
+            *(be.generate(p, kv_mode="compute", salt="batched", max_tokens=24) for p in prompts)
+        )
+    assert max(passes) >= 3, passes  # several requests in one pass
+    assert len(passes) < sum(passes)
+    for a, b in zip(alone, together, strict=True):
+        assert a.done.completion_tokens == b.done.completion_tokens
+        assert a.tokens == b.tokens  # identical greedy tokens with or without companions
