@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 import torch
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
-from transformers import DynamicCache
 
 from shared.core.keys import PromptChunks
 from shared.core.plan import MeetTracker, head_step
 from shared.core.request import FinishReason
 from shared.core.scheduler import Candidate, Phase
+from shared.kv.slots import KVCache
 from shared.wire.messages import Prefilled, PrefillJob
 
 
@@ -25,7 +25,7 @@ class Job:
     msg: PrefillJob
     prompt: PromptChunks
     stop_ids: frozenset[int]  # the model's end-of-sequence ids
-    cache: DynamicCache
+    cache: KVCache | None  # allocated when admitted: a slot of prompt + max_tokens
     ctx: Context = field(default_factory=otel_context.get_current)  # the request's trace
     arrival: float = field(default_factory=time.monotonic)
     piece: int = 0  # most tokens one prefill piece computes (whole chunks)
@@ -44,7 +44,7 @@ class Job:
     prefilled: Prefilled | None = None
     writeback: asyncio.Task[None] | None = None
     waited: int = 0  # scheduler steps since it last ran while runnable
-    admitted: bool = True  # False while it waits for KV memory (shared.core.admission)
+    admitted: bool = False  # True once it has KV memory (shared.core.admission)
 
     @property
     def hit(self) -> int:
@@ -84,10 +84,21 @@ class Job:
             self.head_piece, self.piece // self.chunk,
         )  # fmt: skip
 
+    @property
+    def kv_cache(self) -> KVCache:
+        """The cache of an admitted job."""
+        assert self.cache is not None, "the job is not admitted yet"
+        return self.cache
+
+    @property
+    def capacity(self) -> int:
+        """Tokens its cache must hold: the prompt and every token it may generate."""
+        return len(self.prompt.token_ids) + self.msg.sampling.max_tokens
+
     def kv_bytes(self) -> int:
-        """Bytes of this job's KV cache (keys and values of every layer)."""
+        """Bytes of KV this job holds (keys and values of every layer)."""
         total = 0
-        for layer in list(self.cache.layers):
+        for layer in list(self.cache.layers if self.cache is not None else []):
             for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if isinstance(tensor, torch.Tensor):
                     total += tensor.nbytes
@@ -104,7 +115,7 @@ class Job:
             return min(meet - self.head_done, self.piece // self.chunk) * self.chunk
         if not self.merged:
             return 1  # appending the loaded chunks: no forward pass
-        return min(self.piece, len(self.prompt.token_ids) - self.cache.get_seq_length())
+        return min(self.piece, len(self.prompt.token_ids) - self.kv_cache.get_seq_length())
 
     def candidate(self) -> Candidate:
         """The next piece as the scheduler sees it: prompt work is cut in whole chunks, so a

@@ -131,12 +131,19 @@ class Compute(Service):
             msg.head_hint = -1
         stop_ids = self.runner_stop_ids()
         job = Job(
-            msg, prompt, stop_ids, self.runner.new_cache(), piece=budget, head_piece=head_piece,
-            admitted=admitted, generator=self.runner.sampler(msg.sampling),
+            msg, prompt, stop_ids, None, piece=budget, head_piece=head_piece,
+            generator=self.runner.sampler(msg.sampling),
         )  # fmt: skip
+        if admitted:
+            self.admit(job)
         self.jobs[msg.request_id] = job
         self.wake.set()
         return Accepted(node=self.settings.node)
+
+    def admit(self, job: Job) -> None:
+        """The job may run: its KV slot (prompt + max_tokens, what admission reserved)."""
+        job.cache = self.runner.new_cache(capacity=job.capacity)
+        job.admitted = True
 
     def runner_stop_ids(self) -> frozenset[int]:
         """End-of-sequence ids of the model (its config's and its generation config's)."""
@@ -273,7 +280,7 @@ class Compute(Service):
             self.metrics.finished.labels(finish_reason=job.finish_reason).inc()
             self.staging.discard_request(rid)
             for started in self.admission.release(rid, time.monotonic() - job.arrival):
-                self.jobs[started].admitted = True
+                self.admit(self.jobs[started])
             if job.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
                 self.tasks.spawn(self.send_done(job))
 
@@ -319,7 +326,7 @@ class Compute(Service):
         """One forward pass over these pieces, then each piece's follow-up."""
         started = time.time_ns()
         try:
-            logits = self.runner.step([(w.job.cache, w.tokens) for w in work])
+            logits = self.runner.step([(w.job.kv_cache, w.tokens) for w in work])
         except Exception as exc:  # the pass failed (out of memory...): its requests end
             for w in work:
                 with self.request_scope(w.job, outbox):
@@ -368,7 +375,7 @@ class Compute(Service):
         if not job.merged:
             self.merge_loaded(job, from_chunk=max(job.head_done, meet))
             return None
-        held = self.runner.cache_length(job.cache)
+        held = self.runner.cache_length(job.kv_cache)
         return Work(job, "suffix", job.prompt.token_ids[held : held + tokens])
 
     def finish_piece(self, w: Work, logits: torch.Tensor, started_ns: int, outbox: Outbox) -> None:
@@ -385,7 +392,7 @@ class Compute(Service):
             self.emit(job, self.sample(job, logits), outbox)
         else:
             self.span("compute.suffix", started_ns, tokens=len(w.tokens))
-            if self.runner.cache_length(job.cache) == len(job.prompt.token_ids):
+            if self.runner.cache_length(job.kv_cache) == len(job.prompt.token_ids):
                 self.first_token(job, logits, started_ns, outbox)
 
     def first_token(self, job: Job, logits: torch.Tensor, started_ns: int, outbox: Outbox) -> None:
@@ -433,7 +440,7 @@ class Compute(Service):
                     )
                     job.meet = job.hit  # compute the rest of the head instead
                     return
-            self.runner.append_kv(job.cache, loaded)
+            self.runner.append_kv(job.kv_cache, loaded)
             for j in range(from_chunk, job.hit):  # now in the cache: free the staging area
                 self.staging.discard(job.staged[j])
             job.meet = from_chunk
@@ -444,7 +451,7 @@ class Compute(Service):
         """Encode the prompt's complete chunks beyond the hit into staging files."""
         staged = {}
         for i in range(job.hit, len(job.prompt.keys)):
-            data = encode_chunk_at(self.runner, job.cache, job.prompt, i, self.settings.kv_codec)
+            data = encode_chunk_at(self.runner, job.kv_cache, job.prompt, i, self.settings.kv_codec)
             staged[i] = self.staging.write(job.msg.request_id + "-wb", f"{i}.kv", data)
         return staged
 

@@ -16,17 +16,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, DynamicCache
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from shared.kv.slots import KVCache
 
 ATTENTION = "cake_step"
 
 
 class StepCache:
     """Stands in for a cache during one step: routes each piece's keys and values to its
-    request's DynamicCache and keeps, per layer, what each piece attends to."""
+    request's own cache and keeps, per layer, what each piece attends to."""
 
-    def __init__(self, caches: Sequence[DynamicCache], lengths: Sequence[int]) -> None:
+    def __init__(self, caches: Sequence[KVCache], lengths: Sequence[int]) -> None:
         self.caches, self.lengths = list(caches), list(lengths)
         self.attended: list[tuple[torch.Tensor, torch.Tensor]] = []  # the current layer's
 

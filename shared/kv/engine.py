@@ -11,13 +11,13 @@ from collections.abc import Mapping
 
 import structlog
 import torch
-from transformers import DynamicCache
 
 from shared.core.errors import CorruptChunkError
 from shared.core.keys import PromptChunks
 from shared.core.plan import Split, usable_hit_chunks
 from shared.kv.codec import decode_chunk, encode_chunk
 from shared.kv.model import ModelRunner
+from shared.kv.slots import KVCache
 from shared.kv.stored import read_verified, store_missing
 from shared.storage.base import ChunkStore
 
@@ -40,7 +40,7 @@ async def fetch_chunk(store: ChunkStore, prompt: PromptChunks, index: int) -> to
 
 
 def encode_chunk_at(
-    runner: ModelRunner, cache: DynamicCache, prompt: PromptChunks, index: int, codec: str
+    runner: ModelRunner, cache: KVCache, prompt: PromptChunks, index: int, codec: str
 ) -> bytes:
     """The stored form of chunk index, taken from the cache."""
     start, end = prompt.space.chunk_bounds(index)
@@ -51,7 +51,7 @@ async def write_back(
     runner: ModelRunner,
     store: ChunkStore,
     prompt: PromptChunks,
-    cache: DynamicCache,
+    cache: KVCache,
     first_chunk: int = 0,
     codec: str = "raw",
 ) -> int:
@@ -71,8 +71,8 @@ def merged_prefill(
     prompt: PromptChunks,
     split: Split,
     loaded: Mapping[int, torch.Tensor],
-    cache: DynamicCache | None = None,
-) -> tuple[DynamicCache, torch.Tensor]:
+    cache: KVCache | None = None,
+) -> tuple[KVCache, torch.Tensor]:
     """Computed head [0, meet) + loaded tail [meet, hit) + prefilled suffix; the last logits.
 
     cache may already hold some computed head chunks (the compute service fills it as it goes);

@@ -23,6 +23,7 @@ from shared.core.request import Sampling
 from shared.kv.batch import ATTENTION as STEP_ATTENTION
 from shared.kv.batch import StepCache
 from shared.kv.codec import dtype_name, torch_dtype
+from shared.kv.slots import KVCache, SlotCache
 from shared.kv.tokenizer import DEFAULT_MODEL, RANDOM_PREFIX, ByteTokenizer, uses_byte_tokenizer
 
 DEFAULT_SEED = 1234
@@ -185,19 +186,22 @@ class ModelRunner:
 
     # --- caches -----------------------------------------------------------------------------
 
-    def new_cache(self) -> DynamicCache:
-        """An empty cache for this model."""
-        return DynamicCache(config=self.config)
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty cache: a slot of `capacity` tokens (written in place), or a growing
+        DynamicCache when no capacity is given."""
+        if capacity is None:
+            return DynamicCache(config=self.config)
+        return SlotCache(self.layout, capacity, self.dtype, self.device)
 
     def _ids(self, token_ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
 
-    def extend(self, cache: DynamicCache, token_ids: Sequence[int]) -> torch.Tensor:
+    def extend(self, cache: KVCache, token_ids: Sequence[int]) -> torch.Tensor:
         """Run token_ids after what cache holds, appending their KV; the last token's logits."""
         return self.step([(cache, token_ids)])[0]
 
     @torch.inference_mode()
-    def step(self, pieces: Sequence[tuple[DynamicCache, Sequence[int]]]) -> torch.Tensor:
+    def step(self, pieces: Sequence[tuple[KVCache, Sequence[int]]]) -> torch.Tensor:
         """One forward pass over the pieces of several requests (each runs its token ids after
         what its own cache holds, and appends their KV there); the last logits of each piece,
         shape (pieces, vocab). A piece alone gives the same bits as a stock forward pass."""
@@ -224,7 +228,7 @@ class ModelRunner:
         return gen
 
     def prefill_chunks(
-        self, cache: DynamicCache, token_ids: Sequence[int], chunk_tokens: int
+        self, cache: KVCache, token_ids: Sequence[int], chunk_tokens: int
     ) -> torch.Tensor | None:
         """extend() in pieces of chunk_tokens (chunked prefill); logits of the last token."""
         logits = None
@@ -232,7 +236,7 @@ class ModelRunner:
             logits = self.extend(cache, token_ids[start : start + chunk_tokens])
         return logits
 
-    def chunk_kv(self, cache: DynamicCache, start: int, end: int) -> torch.Tensor:
+    def chunk_kv(self, cache: KVCache, start: int, end: int) -> torch.Tensor:
         """A copy of the cache's KV for tokens [start, end): (layers, 2, kv_heads, tokens, dim)."""
         layers: list[Any] = list(cache.layers)  # all DynamicLayer: checked at load
         parts = [
@@ -241,7 +245,7 @@ class ModelRunner:
         ]
         return torch.stack(parts).contiguous()
 
-    def append_kv(self, cache: DynamicCache, chunks: Sequence[torch.Tensor]) -> None:
+    def append_kv(self, cache: KVCache, chunks: Sequence[torch.Tensor]) -> None:
         """Append loaded chunk KVs (in token order) to the cache, one concatenation per layer."""
         if not chunks:
             return
@@ -249,7 +253,7 @@ class ModelRunner:
         for i in range(self.layout.layers):
             cache.update(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0), i)
 
-    def cache_length(self, cache: DynamicCache) -> int:
+    def cache_length(self, cache: KVCache) -> int:
         """Tokens held in the cache."""
         return int(cache.get_seq_length())
 
@@ -257,7 +261,7 @@ class ModelRunner:
 
     def generate(
         self,
-        cache: DynamicCache,
+        cache: KVCache,
         logits: torch.Tensor,
         sampling: Sampling,
         stop_token_ids: frozenset[int] = frozenset(),
