@@ -92,3 +92,17 @@ async def test_concurrent_requests_share_forward_passes_and_keep_their_tokens(
     for a, b in zip(alone, together, strict=True):
         assert a.done.completion_tokens == b.done.completion_tokens
         assert a.tokens == b.tokens  # identical greedy tokens with or without companions
+
+
+def test_a_plain_forward_after_a_cache_is_causal_from_where_the_cache_ends() -> None:
+    runner = tiny_runner("llama")
+    ids = prompt(40, seed=3)
+    direct = runner.new_cache()
+    runner.extend(direct, ids[:30])
+    with torch.inference_mode():  # the model called directly, not through ModelRunner.step
+        out = runner.model(
+            input_ids=torch.tensor([ids[30:]]), cache=direct, use_cache=True, logits_to_keep=1
+        )
+    stepped = runner.new_cache()
+    runner.extend(stepped, ids[:30])
+    assert torch.allclose(out.logits[0, -1], runner.extend(stepped, ids[30:]), atol=1e-5)

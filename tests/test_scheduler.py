@@ -129,3 +129,12 @@ def test_every_runnable_request_progresses_within_a_bounded_number_of_steps() ->
                 work[rid] = [D, 16, 0]
     # about half the step's capacity on average, in bursts; nothing waits long
     assert worst <= 3 * aging, worst
+
+
+def test_a_budget_of_one_chunk_alternates_instead_of_starving_either_side() -> None:
+    decodes = [cand(f"d{i}", D, 1, float(i)) for i in range(3)]
+    prefill = cand("p", P, 512, 9.0, granule=256)
+    assert granted(plan_step([*decodes, prefill], 256)) == {"p": 256}  # room for its chunk
+    aged = [cand(f"d{i}", D, 1, float(i), waited=8) for i in range(3)]
+    assert "p" not in granted(plan_step([*aged, prefill], 256))  # then the decodes' turn
+    assert len(plan_step([*aged, prefill], 256)) == 3

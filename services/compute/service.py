@@ -24,7 +24,13 @@ from services.compute.job import Job
 from services.compute.metrics import ComputeMetrics
 from shared.core.admission import Admission, Overloaded, TooLarge
 from shared.core.cancellations import RecentlyCancelled
-from shared.core.errors import CorruptChunkError, ErrorCode, RemoteError, TransportError
+from shared.core.errors import (
+    BadRequestError,
+    CorruptChunkError,
+    ErrorCode,
+    RemoteError,
+    TransportError,
+)
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
 from shared.core.request import FinishReason
 from shared.core.scheduler import Phase, Piece, plan_step
@@ -80,10 +86,12 @@ class Compute(Service):
         self.wake = asyncio.Event()
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-writeback")
+        self.stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-step")
+        self.stepping: asyncio.Future[Outbox] | None = None  # the step being computed
         budget = settings.kv_memory_bytes or default_kv_budget_bytes(runner.device)
         self.admission = Admission(budget, settings.max_waiting)
         self.metrics = ComputeMetrics(
-            lambda: len(self.jobs),
+            lambda: len(self.admission.running),
             lambda: sum(job.kv_bytes() for job in list(self.jobs.values())),
             settings.token_budget,
         )
@@ -118,6 +126,8 @@ class Compute(Service):
         if space.model_fingerprint != self.runner.fingerprint:
             raise RemoteError(ErrorCode.BAD_REQUEST, "job is for another model")
         prompt = PromptChunks.of(space, unpack_tokens(msg.tokens))
+        if not prompt.token_ids or max(prompt.token_ids) >= self.runner.vocab_size:
+            raise BadRequestError(f"token ids must be in [0, {self.runner.vocab_size})")
         need = (len(prompt.token_ids) + msg.sampling.max_tokens) * space.layout.bytes_per_token
         try:
             admitted = self.admission.offer(msg.request_id, need)
@@ -196,19 +206,19 @@ class Compute(Service):
         step = plan_step(candidates, self.settings.token_budget, self.settings.decode_share)
         self.metrics.planned(candidates, step)
         chosen = {piece.request_id for piece in step}
-        for c in candidates:
-            self.jobs[c.request_id].waited = 0 if c.request_id in chosen else c.waited + 1
+        for c in candidates:  # steps waited while runnable (what aging counts)
+            runnable = c.phase < Phase.WAITING and c.tokens > 0
+            self.jobs[c.request_id].waited = (
+                c.waited + 1 if runnable and c.request_id not in chosen else 0
+            )
         if step:
             started = time.perf_counter()
             with self.step_span(step):
-                outbox = await asyncio.to_thread(self.run_step, step)
+                loop = asyncio.get_running_loop()
+                self.stepping = loop.run_in_executor(self.stepper, self.run_step, step)
+                outbox = await asyncio.shield(self.stepping)
             self.metrics.step_seconds.observe(time.perf_counter() - started)
-            for subject, message, ctx in outbox:
-                token = otel_context.attach(ctx)
-                try:
-                    await self.bus.publish(subject, message)
-                finally:
-                    otel_context.detach(token)
+            await self.send(outbox)
         self.start_writebacks()
         await self.retire()
         return bool(step)
@@ -226,6 +236,17 @@ class Compute(Service):
         return tracer(__name__).start_as_current_span(
             "scheduler.step", context=Context(), links=links, attributes=tokens
         )
+
+    async def send(self, outbox: Outbox) -> None:
+        """Publish a step's messages, each in its request's trace (one failure loses one)."""
+        for subject, message, ctx in outbox:
+            token = otel_context.attach(ctx)
+            try:
+                await self.bus.publish(subject, message)
+            except TransportError as exc:
+                log.warning("message not sent", subject=subject, error=str(exc))
+            finally:
+                otel_context.detach(token)
 
     def until_next_deadline(self) -> float:
         """Seconds until the earliest job deadline (at most a second; idle: a minute)."""
@@ -277,10 +298,15 @@ class Compute(Service):
             if not job.finish_reason:
                 continue
             del self.jobs[rid]
+            ran_s = time.monotonic() - job.arrival if job.admitted else None
+            for started in self.admission.release(rid, ran_s):
+                if started in self.jobs:
+                    self.admit(self.jobs[started])
+                else:  # gone already: give its memory back too
+                    self.admission.release(started)
+                self.wake.set()
             self.metrics.finished.labels(finish_reason=job.finish_reason).inc()
             self.staging.discard_request(rid)
-            for started in self.admission.release(rid, time.monotonic() - job.arrival):
-                self.admit(self.jobs[started])
             if job.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
                 self.tasks.spawn(self.send_done(job))
 
@@ -325,12 +351,18 @@ class Compute(Service):
     def forward(self, work: list[Work], outbox: Outbox) -> None:
         """One forward pass over these pieces, then each piece's follow-up."""
         started = time.time_ns()
+        held = [self.runner.cache_length(w.job.kv_cache) for w in work]
         try:
             logits = self.runner.step([(w.job.kv_cache, w.tokens) for w in work])
-        except Exception as exc:  # the pass failed (out of memory...): its requests end
-            for w in work:
-                with self.request_scope(w.job, outbox):
-                    raise exc
+        except Exception as exc:  # the pass failed (out of memory...): undo it
+            for w, length in zip(work, held, strict=True):
+                w.job.kv_cache.crop(length)
+            if len(work) > 1:  # each piece alone, so only a piece that fails alone ends
+                for w in work:
+                    self.forward([w], outbox)
+                return
+            with self.request_scope(work[0].job, outbox):
+                raise exc
             return
         for w, last in zip(work, logits, strict=True):
             with self.request_scope(w.job, outbox):
@@ -456,8 +488,10 @@ class Compute(Service):
         return staged
 
     async def drain(self) -> None:
-        """Jobs still computing fail with 503 (the scheduler has stopped); finished ones get
-        their Done once their write-backs land (bounded by close())."""
+        """The step in progress ends (its messages go out); jobs still computing fail with
+        503; finished ones get their Done once their write-backs land (bounded by close())."""
+        if self.stepping is not None and not self.stepping.done():
+            await self.send(await self.stepping)
         for rid, job in list(self.jobs.items()):
             if not job.finish_reason:
                 job.finish_reason = FinishReason.FAILED
@@ -470,6 +504,7 @@ class Compute(Service):
         """The service's close, then the write-back thread."""
         await super().close()
         self.writer.shutdown(wait=False, cancel_futures=True)
+        self.stepper.shutdown(wait=False, cancel_futures=True)
 
     def registry(self) -> CollectorRegistry:
         """This service's metric families."""

@@ -137,9 +137,11 @@ class Call:
 
     async def close(self, reason: str) -> None:
         """Cancel unless the backend is done, and stop listening."""
-        await self.cancel(reason)
-        if self._inbox is not None:
-            await self._inbox.close()
+        try:
+            await self.cancel(reason)
+        finally:
+            if self._inbox is not None:
+                await self._inbox.close()
 
 
 class Generation:

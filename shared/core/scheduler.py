@@ -67,8 +67,10 @@ def plan_step(
     runnable = [c for c in candidates if c.phase < Phase.WAITING and c.tokens > 0]
     decodes = sorted((c for c in runnable if c.phase == Phase.DECODE), key=_longest_waiting)
     others = sorted((c for c in runnable if c.phase != Phase.DECODE), key=_priority)
-    decode_cap = math.ceil(budget * decode_share) if others else budget
-    grants = {c.request_id: 1 for c in decodes[: max(decode_cap, 0)]}
+    grants = {
+        c.request_id: 1
+        for c in decodes[: _decode_cap(decodes, others, budget, decode_share, aging_steps)]
+    }
     left = budget - len(grants)
     aged = sorted((c for c in others if c.waited >= aging_steps), key=_longest_waiting)
     for c in aged:  # first a granule each for the requests that waited longest
@@ -85,6 +87,24 @@ def plan_step(
         grants[(decodes or others)[0].request_id] = (decodes or others)[0].tokens
     phase = {c.request_id: c.phase for c in runnable}
     return [Piece(rid, phase[rid], tokens) for rid, tokens in grants.items()]
+
+
+def _decode_cap(
+    decodes: Sequence[Candidate],
+    others: Sequence[Candidate],
+    budget: int,
+    decode_share: float,
+    aging_steps: int,
+) -> int:
+    """How many decode tokens this step takes: all while no prompt waits; else their share,
+    leaving room for one granule of prompt work unless the decodes have waited too long."""
+    if not others:
+        return budget
+    share = math.ceil(budget * decode_share)
+    if any(c.waited >= aging_steps for c in decodes):
+        return share
+    smallest = min(c.granule for c in others)
+    return min(share, budget - smallest) if smallest <= budget else share
 
 
 def _fit(want: int, left: int, granule: int) -> int:

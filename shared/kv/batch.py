@@ -55,30 +55,43 @@ def step_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Each piece's queries (packed [1, heads, T, dim]) over its own request's keys/values."""
+    """Each piece's queries (packed [1, heads, T, dim]) over its own request's keys/values.
+
+    Outside a step (a plain forward pass) transformers builds no mask for this implementation,
+    so the queries are attended as one piece after what the cache held; with a mask given,
+    stock SDPA.
+    """
     step: StepCache | None = kwargs.pop("cake_step", None)
-    if step is None:
+    if step is None and attention_mask is not None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    attended, lengths = (
+        (step.attended, step.lengths) if step else ([(key, value)], [query.shape[2]])
+    )
     outputs, start = [], 0
-    for (k, v), n in zip(step.attended, step.lengths, strict=True):
-        q, held = query[:, :, start : start + n], k.shape[2]
-        if n == 1:  # a decode token sees everything before it
-            mask, causal = None, False
-        elif held == n:  # a first piece: plain causal
-            mask, causal = None, True
-        else:  # a later piece: causal, offset by what the cache held before it
-            positions = torch.arange(held, device=q.device)
-            mask = positions[None, :] <= torch.arange(held - n, held, device=q.device)[:, None]
-            causal = False
-        outputs.append(
-            F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
-            )
-        )
+    for (k, v), n in zip(attended, lengths, strict=True):
+        outputs.append(attend(query[:, :, start : start + n], k, v, scaling))
         start += n
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """n queries that follow what the keys held before them, causally (GQA heads shared)."""
+    n, held = q.shape[2], k.shape[2]
+    if n == 1:  # a decode token sees everything before it
+        mask, causal = None, False
+    elif held == n:  # a first piece: plain causal
+        mask, causal = None, True
+    else:  # a later piece: causal, offset by what the cache held before it
+        positions = torch.arange(held, device=q.device)
+        mask = positions[None, :] <= torch.arange(held - n, held, device=q.device)[:, None]
+        causal = False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
+    )
 
 
 AttentionInterface.register(ATTENTION, step_attention)

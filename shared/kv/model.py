@@ -157,6 +157,7 @@ class ModelRunner:
             dtype=dtype_name(self.dtype),
         )
         self.max_context = int(getattr(text_cfg, "max_position_embeddings", 0) or 0) or None
+        self.vocab_size = int(text_cfg.vocab_size)
         weights = weights_id or weights_fingerprint(model)
         identity = f"{type(model).__name__}:{config_fingerprint(self.config)}:{weights}"
         self.fingerprint = hashlib.sha256(identity.encode()).hexdigest()

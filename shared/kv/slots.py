@@ -63,6 +63,10 @@ class SlotCache:
         self.lengths[layer_idx] = held + n
         return self.layers[layer_idx].keys, self.layers[layer_idx].values
 
+    def crop(self, length: int) -> None:
+        """Forget every token from `length` on (as DynamicCache.crop)."""
+        self.lengths = [min(held, length) for held in self.lengths]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens held (in a layer)."""
         return self.lengths[layer_idx]

@@ -2,10 +2,10 @@
 
 start: connect the bus, build the service (its resources join the same exit stack), subscribe;
 `serve()` also exports the service's metric families on CAKE_METRICS_PORT while it runs.
-close: stop taking work, drain work in flight (bounded), cancel what is left and await it,
-close the bus, release resources (store, executor), flush traces. close is idempotent and safe
-after a failed start. `cake serve`, `cake up` (through `cake serve`), the in-process stack and
-the test harness all run services through `running()`.
+close: stop taking work (handler subscriptions drain), drain work in flight (bounded), cancel
+what is left and await it, release resources (store, executors), close the bus, flush traces.
+close is idempotent and safe after a failed start. `cake serve`, `cake up` (through
+`cake serve`), the in-process stack and the test harness all run services through `running()`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ read typed inboxes (async iterators of Envelope, each with the sender's trace co
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -16,7 +17,7 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
-from shared.core.errors import CakeError, RemoteError
+from shared.core.errors import CakeError, RemoteError, TransportError, http_status
 from shared.wire.messages import Message, SchemaError
 
 log = structlog.get_logger(__name__)
@@ -43,7 +44,9 @@ class RawInbox(Protocol):
 
     async def next_msg(self, timeout: float) -> RawMsg: ...  # RequestTimeout when none came
 
-    async def unsubscribe(self) -> None: ...
+    async def unsubscribe(self) -> None: ...  # at once: a callback in progress is cancelled
+
+    async def drain(self) -> None: ...  # take no more; let callbacks finish what is queued
 
 
 class Connection(Protocol):
@@ -182,7 +185,10 @@ class Bus:
                     await self._conn.publish(raw.reply, reply.encode(), {})
             except Exception as exc:
                 code = exc.code if isinstance(exc, CakeError) else "internal"
-                log.exception("handler failed", subject=raw.subject, code=code)
+                if isinstance(exc, CakeError) and http_status(code) < 500:
+                    log.warning("request refused", subject=raw.subject, code=code, error=str(exc))
+                else:
+                    log.exception("handler failed", subject=raw.subject, code=code)
                 if raw.reply:
                     headers = {ERROR_CODE_HEADER: code, ERROR_HEADER: str(exc)[:1000]}
                     if isinstance(exc, CakeError) and exc.retry_after_s:
@@ -199,11 +205,15 @@ class Bus:
         """An inbox of the messages on subject (use `async with`, or close it)."""
         return Inbox(await self._conn.inbox(subject))
 
-    async def stop_handling(self) -> None:
-        """Take no more messages for the handlers (requests in flight may still finish)."""
+    async def stop_handling(self, timeout_s: float = 5.0) -> None:
+        """Take no more messages for the handlers; those already taken finish (bounded), so
+        their requests get their replies."""
         handlers, self._handlers = self._handlers, []
         for sub in handlers:
-            await sub.unsubscribe()
+            try:
+                await asyncio.wait_for(sub.drain(), timeout_s)
+            except (TimeoutError, TransportError):
+                await sub.unsubscribe()
 
     async def flush(self) -> None:
         """Until the server has seen everything sent so far."""

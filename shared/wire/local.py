@@ -60,8 +60,15 @@ class LocalSubscription:
         except TimeoutError:
             raise RequestTimeout(f"nothing arrived within {timeout:g}s") from None
 
+    async def drain(self) -> None:
+        """Take no more messages; the callback finishes the ones already queued."""
+        self.broker.remove(self)
+        if self.worker is not None:
+            await self.messages.join()
+        await self.unsubscribe()
+
     async def unsubscribe(self) -> None:
-        """Stop receiving; a callback worker finishes the message in hand."""
+        """Stop receiving at once (a callback in progress is cancelled)."""
         self.broker.remove(self)
         if self.owner is not None:
             self.owner.discard(self)

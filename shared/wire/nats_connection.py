@@ -34,6 +34,13 @@ class NatsInbox:
         except nats.errors.ConnectionClosedError:
             raise ConnectionLost("the NATS connection is closed") from None
 
+    async def drain(self) -> None:
+        """Take no more messages; let the callback finish the ones already received."""
+        try:
+            await self._sub.drain()
+        except nats.errors.Error as exc:
+            raise ConnectionLost(f"cannot drain a NATS subscription: {exc!r}") from exc
+
     async def unsubscribe(self) -> None:
         """Stop receiving (nothing to do once the connection is closed)."""
         with contextlib.suppress(
@@ -88,8 +95,8 @@ class NatsConnection:
         """Send one message."""
         try:
             await self._nc.publish(subject, data, reply=reply, headers=headers or None)
-        except nats.errors.ConnectionClosedError:
-            raise ConnectionLost("the NATS connection is closed") from None
+        except nats.errors.Error as exc:  # closed, draining, buffer full while reconnecting...
+            raise ConnectionLost(f"cannot publish on {subject}: {exc!r}") from exc
 
     async def request(
         self, subject: str, data: bytes, headers: dict[str, str], timeout_s: float
@@ -101,8 +108,8 @@ class NatsConnection:
             raise NoResponders(f"nobody listens on {subject}") from None
         except nats.errors.TimeoutError:
             raise RequestTimeout(f"no answer on {subject} within {timeout_s:g}s") from None
-        except nats.errors.ConnectionClosedError:
-            raise ConnectionLost("the NATS connection is closed") from None
+        except nats.errors.Error as exc:
+            raise ConnectionLost(f"cannot send a request on {subject}: {exc!r}") from exc
 
     async def subscribe(
         self, subject: str, queue: str, callback: Callable[[RawMsg], Awaitable[None]]
