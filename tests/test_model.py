@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, MambaConfig, MistralConfig
 
 from shared.core.errors import ConfigError, UnsupportedModelError
 from shared.core.request import Sampling
-from shared.kv.model import ModelRunner, check_plain_kv, pick_token
+from shared.kv.model import (
+    ModelRunner,
+    cgroup_available_bytes,
+    check_plain_kv,
+    default_kv_budget_bytes,
+    host_available_bytes,
+    pick_token,
+)
 from shared.kv.tokenizer import ByteTokenizer, HFTokenizer, plain_chat_prompt
 from tests.models import _COMMON, tiny_runner
 
@@ -138,3 +147,12 @@ def test_a_vanishing_temperature_is_greedy_not_nan() -> None:
     logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
     for temperature in (1e-300, 1e-6):
         assert pick_token(logits, Sampling(temperature=temperature), None) == 1
+
+
+def test_the_default_kv_budget_respects_a_container_limit(tmp_path: Path) -> None:
+    (tmp_path / "memory.max").write_text("1000000000\n")
+    (tmp_path / "memory.current").write_text("400000000\n")
+    assert cgroup_available_bytes(str(tmp_path)) == 600_000_000
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cgroup_available_bytes(str(tmp_path)) == float("inf")
+    assert 0 < default_kv_budget_bytes("cpu") <= host_available_bytes()

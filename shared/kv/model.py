@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -279,15 +280,36 @@ class ModelRunner:
 
 def default_kv_budget_bytes(device: torch.device | str, share: float = 0.4) -> int:
     """A KV memory budget when none is set: `share` of the accelerator's free memory (after
-    the weights are loaded), or of the memory the host has available."""
+    the weights are loaded), or of the memory this process may still use: the host's available
+    memory, or what its container's cgroup limit leaves, whichever is smaller."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * share)
+    return int(min(host_available_bytes(), cgroup_available_bytes()) * share)
+
+
+def host_available_bytes() -> int:
+    """MemAvailable of the host."""
     try:
         with open("/proc/meminfo") as meminfo:
             fields = dict(line.split(":", 1) for line in meminfo)
-        available = int(fields["MemAvailable"].split()[0]) * 1024
+        return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(available * share)
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def cgroup_available_bytes(root: str = "/sys/fs/cgroup") -> float:
+    """What the cgroup (v2, else v1) memory limit leaves; infinity when there is none."""
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit = Path(root, limit_file).read_text().strip()
+            usage = int(Path(root, usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # v1 spells "no limit" as a huge number
+            return max(0, int(limit) - usage)
+    return float("inf")
