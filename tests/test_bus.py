@@ -10,7 +10,14 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from shared.core.admission import Overloaded
-from shared.core.errors import ErrorCode, NoResponders, RemoteError, RequestTimeout
+from shared.core.errors import (
+    ConnectionLost,
+    ErrorCode,
+    NoResponders,
+    PayloadTooLarge,
+    RemoteError,
+    RequestTimeout,
+)
 from shared.wire.bus import Bus
 from shared.wire.local import LocalBroker, LocalConnection, matches
 from shared.wire.messages import Accepted, Cancel, Message
@@ -146,3 +153,20 @@ async def test_stopping_the_handlers_takes_no_more_work(connect: Connect) -> Non
     await asyncio.sleep(0.05)
     with pytest.raises(NoResponders):
         await client.request("test.bus.stop", Accepted(), Accepted, 1.0)
+
+
+async def test_a_message_over_the_payload_limit_is_refused_clearly(connect: Connect) -> None:
+    bus = await connect("sender")
+    too_big = Cancel("r1", "x" * (bus.max_payload + 1))
+    with pytest.raises(PayloadTooLarge):
+        await bus.publish("test.bus.big", too_big)
+
+
+async def test_closing_wakes_a_reader_waiting_on_an_inbox() -> None:
+    bus = Bus(LocalConnection(LocalBroker()))
+    inbox = await bus.subscribe("test.bus.quiet")
+    reader = asyncio.create_task(inbox.next(30.0))
+    await asyncio.sleep(0)
+    await bus.close()
+    with pytest.raises(ConnectionLost):
+        await asyncio.wait_for(reader, 2.0)

@@ -128,6 +128,10 @@ class RequestTimeout(Unavailable):
     """A service took the request but did not answer within the timeout."""
 
 
+class PayloadTooLarge(TransportError):
+    """A message is larger than the bus carries (NATS max_payload)."""
+
+
 class ConnectionLost(TransportError):
     """The connection to the message bus is closed."""
 

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from shared.core.errors import ConnectionLost, NoResponders, RequestTimeout
+from shared.core.errors import ConnectionLost, NoResponders, PayloadTooLarge, RequestTimeout
 from shared.wire.bus import RawMsg
 
 MAX_PAYLOAD = 8 * 1024 * 1024  # as the embedded nats-server is configured
@@ -49,16 +49,19 @@ class LocalSubscription:
     broker: LocalBroker
     pattern: str
     queue: str
-    messages: asyncio.Queue[LocalMsg] = field(default_factory=asyncio.Queue)
+    messages: asyncio.Queue[LocalMsg | None] = field(default_factory=asyncio.Queue)  # None: closed
     worker: asyncio.Task[None] | None = None
     owner: set[LocalSubscription] | None = None  # the connection's set, left on unsubscribe
 
     async def next_msg(self, timeout: float) -> RawMsg:
         """The next message; RequestTimeout when none came in time."""
         try:
-            return await asyncio.wait_for(self.messages.get(), timeout)
+            msg = await asyncio.wait_for(self.messages.get(), timeout)
         except TimeoutError:
             raise RequestTimeout(f"nothing arrived within {timeout:g}s") from None
+        if msg is None:
+            raise ConnectionLost("the in-process connection is closed")
+        return msg
 
     async def drain(self) -> None:
         """Take no more messages; the callback finishes the ones already queued."""
@@ -129,18 +132,23 @@ class LocalConnection:
         if self._closed:
             raise ConnectionLost("the in-process connection is closed")
 
+    def _check_sendable(self, data: bytes) -> None:
+        self._check_open()
+        if len(data) > MAX_PAYLOAD:
+            raise PayloadTooLarge(f"a message of {len(data)} bytes exceeds {MAX_PAYLOAD} bytes")
+
     async def publish(
         self, subject: str, data: bytes, headers: dict[str, str], reply: str = ""
     ) -> None:
         """Deliver one message."""
-        self._check_open()
+        self._check_sendable(data)
         self.broker.deliver(LocalMsg(subject, data, dict(headers), reply))
 
     async def request(
         self, subject: str, data: bytes, headers: dict[str, str], timeout_s: float
     ) -> RawMsg:
         """Send and wait for one reply."""
-        self._check_open()
+        self._check_sendable(data)
         inbox = self.broker.add(f"_INBOX.{uuid.uuid4().hex}", "")
         try:
             if not self.broker.deliver(LocalMsg(subject, data, dict(headers), inbox.pattern)):
@@ -160,8 +168,7 @@ class LocalConnection:
         sub = self.broker.add(subject, queue)
 
         async def work() -> None:
-            while True:
-                msg = await sub.messages.get()
+            while (msg := await sub.messages.get()) is not None:
                 try:
                     await callback(msg)
                 finally:
@@ -196,3 +203,5 @@ class LocalConnection:
             await asyncio.wait_for(asyncio.gather(*(s.messages.join() for s in workers)), timeout_s)
         for sub in workers:
             await sub.unsubscribe()
+        for sub in list(self._subs):  # readers waiting on an inbox hear that it is closed
+            sub.messages.put_nowait(None)

@@ -13,7 +13,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
-from shared.core.errors import ConnectionLost, NoResponders, RequestTimeout
+from shared.core.errors import ConnectionLost, NoResponders, PayloadTooLarge, RequestTimeout
 from shared.wire.bus import RawMsg
 
 log = structlog.get_logger(__name__)
@@ -95,6 +95,8 @@ class NatsConnection:
         """Send one message."""
         try:
             await self._nc.publish(subject, data, reply=reply, headers=headers or None)
+        except nats.errors.MaxPayloadError as exc:
+            raise PayloadTooLarge(f"a message of {len(data)} bytes on {subject}: {exc}") from exc
         except nats.errors.Error as exc:  # closed, draining, buffer full while reconnecting...
             raise ConnectionLost(f"cannot publish on {subject}: {exc!r}") from exc
 
@@ -108,6 +110,8 @@ class NatsConnection:
             raise NoResponders(f"nobody listens on {subject}") from None
         except nats.errors.TimeoutError:
             raise RequestTimeout(f"no answer on {subject} within {timeout_s:g}s") from None
+        except nats.errors.MaxPayloadError as exc:
+            raise PayloadTooLarge(f"a message of {len(data)} bytes on {subject}: {exc}") from exc
         except nats.errors.Error as exc:
             raise ConnectionLost(f"cannot send a request on {subject}: {exc!r}") from exc
 
