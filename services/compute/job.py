@@ -44,7 +44,6 @@ class Job:
     prefilled: Prefilled | None = None
     writeback: asyncio.Task[None] | None = None
     waited: int = 0  # scheduler steps since it last ran while runnable
-    admitted: bool = False  # True once it has KV memory (shared.core.admission)
 
     @property
     def hit(self) -> int:
@@ -83,6 +82,11 @@ class Job:
             self.head_done, self.hit, self.load_frontier(), self.msg.head_hint,
             self.head_piece, self.piece // self.chunk,
         )  # fmt: skip
+
+    @property
+    def admitted(self) -> bool:
+        """Whether it has its KV memory (shared.core.admission) and so a cache."""
+        return self.cache is not None
 
     @property
     def kv_cache(self) -> KVCache:

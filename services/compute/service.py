@@ -120,7 +120,8 @@ class Compute(Service):
     async def on_prefill(self, msg: Message, _: str) -> Message:
         """Take a job; the scheduler runs it."""
         assert isinstance(msg, PrefillJob)
-        if msg.request_id in self.cancelled:
+        rid = msg.request_id
+        if rid in self.cancelled:
             return Accepted(node=self.settings.node)
         space = msg.space.key_space()
         if space.model_fingerprint != self.runner.fingerprint:
@@ -128,12 +129,6 @@ class Compute(Service):
         prompt = PromptChunks.of(space, unpack_tokens(msg.tokens))
         if not prompt.token_ids or max(prompt.token_ids) >= self.runner.vocab_size:
             raise BadRequestError(f"token ids must be in [0, {self.runner.vocab_size})")
-        need = (len(prompt.token_ids) + msg.sampling.max_tokens) * space.layout.bytes_per_token
-        try:
-            admitted = self.admission.offer(msg.request_id, need)
-        except (Overloaded, TooLarge) as exc:  # refused: the merger tells the client
-            self.metrics.refused.labels(reason=exc.code).inc()
-            raise
         budget = self.settings.token_budget // space.chunk_tokens * space.chunk_tokens
         head_piece = max(1, min(self.settings.head_tokens, budget) // space.chunk_tokens)
         if self.settings.exact_splits:  # one chunk per forward: KV bit-identical in every mode
@@ -144,16 +139,20 @@ class Compute(Service):
             msg, prompt, stop_ids, None, piece=budget, head_piece=head_piece,
             generator=self.runner.sampler(msg.sampling),
         )  # fmt: skip
+        try:  # by projected KV: the prompt and every token it may generate
+            admitted = self.admission.offer(rid, job.capacity * space.layout.bytes_per_token)
+        except (Overloaded, TooLarge) as exc:  # refused: the merger tells the client
+            self.metrics.refused.labels(reason=exc.code).inc()
+            raise
         if admitted:
             self.admit(job)
-        self.jobs[msg.request_id] = job
+        self.jobs[rid] = job
         self.wake.set()
         return Accepted(node=self.settings.node)
 
     def admit(self, job: Job) -> None:
         """The job may run: its KV slot (prompt + max_tokens, what admission reserved)."""
         job.cache = self.runner.new_cache(capacity=job.capacity)
-        job.admitted = True
 
     def runner_stop_ids(self) -> frozenset[int]:
         """End-of-sequence ids of the model (its config's and its generation config's)."""
@@ -230,9 +229,10 @@ class Compute(Service):
             Link(trace.get_current_span(self.jobs[p.request_id].ctx).get_span_context())
             for p in step
         ]
-        tokens = {f"cake.step.{p.phase.name.lower()}_tokens": 0 for p in step}
+        tokens: dict[str, int] = {}
         for p in step:
-            tokens[f"cake.step.{p.phase.name.lower()}_tokens"] += p.tokens
+            name = f"cake.step.{p.phase.name.lower()}_tokens"
+            tokens[name] = tokens.get(name, 0) + p.tokens
         return tracer(__name__).start_as_current_span(
             "scheduler.step", context=Context(), links=links, attributes=tokens
         )
@@ -299,11 +299,8 @@ class Compute(Service):
                 continue
             del self.jobs[rid]
             ran_s = time.monotonic() - job.arrival if job.admitted else None
-            for started in self.admission.release(rid, ran_s):
-                if started in self.jobs:
-                    self.admit(self.jobs[started])
-                else:  # gone already: give its memory back too
-                    self.admission.release(started)
+            for started in self.admission.release(rid, ran_s):  # each offered job is in jobs
+                self.admit(self.jobs[started])
                 self.wake.set()
             self.metrics.finished.labels(finish_reason=job.finish_reason).inc()
             self.staging.discard_request(rid)
@@ -342,9 +339,10 @@ class Compute(Service):
                 planned = self.plan_piece(job, piece)
                 if planned is not None:
                     work.append(planned)
+        if not work:
+            return outbox
         # exact splits: each piece alone, so its KV has the same bits as in any other mode
-        passes = [[w] for w in work] if self.settings.exact_splits else [work] if work else []
-        for batch in passes:
+        for batch in [[w] for w in work] if self.settings.exact_splits else [work]:
             self.forward(batch, outbox)
         return outbox
 
@@ -357,12 +355,12 @@ class Compute(Service):
         except Exception as exc:  # the pass failed (out of memory...): undo it
             for w, length in zip(work, held, strict=True):
                 w.job.kv_cache.crop(length)
-            if len(work) > 1:  # each piece alone, so only a piece that fails alone ends
+            if len(work) == 1:
+                with self.request_scope(work[0].job, outbox):
+                    raise exc
+            else:  # each piece alone, so only a piece that fails alone ends
                 for w in work:
                     self.forward([w], outbox)
-                return
-            with self.request_scope(work[0].job, outbox):
-                raise exc
             return
         for w, last in zip(work, logits, strict=True):
             with self.request_scope(w.job, outbox):

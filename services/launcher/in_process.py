@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
@@ -94,11 +94,8 @@ async def in_process(
     """Merger, compute and loader on one in-process bus; yields a client bus to send on."""
     broker = LocalBroker()
 
-    def connect() -> Awaitable[Bus]:
-        async def local() -> Bus:
-            return Bus(LocalConnection(broker))
-
-        return local()
+    async def connect() -> Bus:
+        return Bus(LocalConnection(broker))
 
     build = builders(runner, store)
     async with AsyncExitStack() as stack:
