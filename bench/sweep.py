@@ -107,6 +107,7 @@ class Bench:
             dtype=config.dtype, device=config.device, request_timeout_s=900.0,
             fetch_timeout_s=120.0, log_format="json", log_level="warning",
             token_budget=max(config.contexts) + config.chunk_tokens,
+            memory_tier=False,  # the sweep times storage against compute, not compute's memory
         )  # fmt: skip
         self.stack = LocalStack(self.settings)
         self.runner: ModelRunner | None = None

@@ -42,6 +42,7 @@ def stack_settings(nats_url: str, tmp: Path, **changes: object) -> Settings:
         "request_timeout_s": 30.0,
         "rpc_timeout_s": 2.0,
         "fetch_timeout_s": 5.0,
+        "memory_tier": False,  # these tests follow the storage path; tests of the tier turn it on
         "node": "node-" + uuid.uuid4().hex[:8],
     }
     base.update(changes)

@@ -57,7 +57,8 @@ async def test_modes_give_identical_text_and_prefixes_hit(stack: Backend) -> Non
     for prompt, want_hit in ((base, 10), (partial, 7), (longer, 10)):
         got, cake, cached = await complete(client, prompt)
         assert got == ref[prompt]
-        assert cached == cake["hit_tokens"] == want_hit * 64
+        assert cake["hit_tokens"] == want_hit * 64
+        assert cached == cake["chunks_loaded"] * 64  # what was loaded, not what was computed
         for mode in ("load", "compute"):
             assert (await complete(client, prompt, mode))[0] == ref[prompt], mode
 
@@ -68,8 +69,9 @@ async def test_salts_isolate_and_streams_match(stack: Backend) -> None:
     first, _, cached = await complete(client, prompt, salt="tenant-a")
     assert cached == 0
     assert (await complete(client, prompt, salt="tenant-b"))[2] == 0
-    again, _, cached = await complete(client, prompt, salt="tenant-a")
-    assert cached == 6 * 64 and again == first
+    again, cake, cached = await complete(client, prompt, salt="tenant-a")
+    assert cake["hit_tokens"] == 6 * 64 and cached == cake["chunks_loaded"] * 64
+    assert again == first
     stream = await client.chat.completions.create(
         model="default", messages=[{"role": "user", "content": prompt}], max_tokens=8,
         stream=True, extra_body={"cache_salt": "tenant-a"},
@@ -86,4 +88,5 @@ async def test_concurrent_requests_complete(stack: Backend) -> None:
     results = await asyncio.gather(*(complete(client, p) for p in prompts for _ in range(2)))
     for i, (got, cake, cached) in enumerate(results):
         assert got == refs[i // 2]
-        assert cached > 0 and cake["chunks_total"] >= 5
+        assert cake["hit_tokens"] > 0 and cake["chunks_total"] >= 5
+        assert cached == cake["chunks_loaded"] * 64

@@ -202,7 +202,7 @@ async def test_completion_returns_text_usage_and_cake(bus: Bus, backend: FakeBac
     }  # fmt: skip
     assert answer["cake"] == {
         "hit_tokens": 8, "chunks_total": 3, "chunks_computed": 1, "chunks_loaded": 2,
-        "meet_chunk": 1, "ttft_ms": 12.5,
+        "reused_tokens": 0, "meet_chunk": 1, "ttft_ms": 12.5,
     }  # fmt: skip
     [req] = backend.requests
     assert req.request_id == answer["id"]

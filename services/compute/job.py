@@ -44,6 +44,9 @@ class Job:
     prefilled: Prefilled | None = None
     writeback: asyncio.Task[None] | None = None
     waited: int = 0  # scheduler steps since it last ran while runnable
+    memory: bool = False  # takes chunks from the memory tier and leaves its own there
+    reused: set[int] = field(default_factory=set)  # prompt chunks taken from the memory tier
+    blocked: bool = False  # its next chunk is one an earlier request is computing: wait for it
 
     @property
     def hit(self) -> int:
@@ -63,6 +66,8 @@ class Job:
             return Phase.WAITING
         if self.decoding:
             return Phase.DECODE
+        if self.blocked:
+            return Phase.WAITING
         if self.meet is None and self.head_done < self.hit:
             # once the loads reach the head, the merger's Meet is on its way: wait for it
             racing = self.msg.compute_head and self.load_frontier() > self.head_done
@@ -71,6 +76,27 @@ class Job:
 
     def __post_init__(self) -> None:
         self.loads = MeetTracker(self.msg.hit)
+
+    def next_chunk(self) -> int | None:
+        """The prompt chunk this job fills next when the memory tier could supply it (a whole
+        chunk at the end of its cache, before the merge or the one holding the last token)."""
+        if not (self.memory and self.admitted) or self.decoding or self.finish_reason:
+            return None
+        if not self.merged:
+            end = self.meet if self.meet is not None else self.hit
+            return self.head_done if self.head_done < end else None
+        held = self.kv_cache.get_seq_length()
+        usable = (len(self.prompt.token_ids) - 1) // self.chunk
+        return (
+            held // self.chunk if held % self.chunk == 0 and held // self.chunk < usable else None
+        )
+
+    def chunks_to_fill(self) -> range:
+        """Complete prompt chunks it has yet to fill (and then leaves in the memory tier)."""
+        if not (self.memory and self.admitted) or self.decoding or self.finish_reason:
+            return range(0)
+        filled = self.kv_cache.get_seq_length() // self.chunk if self.merged else self.head_done
+        return range(filled, len(self.prompt.keys))
 
     def load_frontier(self) -> int:
         """The lowest chunk from which every hit chunk is staged."""

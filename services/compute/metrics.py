@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from shared.core.admission import Admission
 from shared.core.errors import ErrorCode
 from shared.core.scheduler import Candidate, Phase, Piece
+from shared.kv.pool import PrefixPool
 from shared.runtime.metrics import new_registry
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -94,6 +95,24 @@ class ComputeMetrics:
             ("reason",),
             registry=r,
         )
+        self.pool_bytes = Gauge(
+            "cake_compute_memory_tier_bytes",
+            "Bytes of prompt-chunk KV kept in the memory tier (within the KV budget's free part)",
+            registry=r,
+        )
+        self.pool_chunks = Gauge(
+            "cake_compute_memory_tier_chunks", "Prompt chunks kept in the memory tier", registry=r
+        )
+        self.reused = Counter(
+            "cake_compute_reused_chunks",
+            "Prompt chunks taken from the memory tier instead of computed or loaded",
+            registry=r,
+        )
+        self.evicted = Counter(
+            "cake_compute_evicted_chunks",
+            "Chunks evicted from the memory tier (least recently used first) for running requests",
+            registry=r,
+        )
         for kind in KINDS.values():  # every kind shows from the start, at 0
             self.step_tokens.labels(kind=kind)
             self.tokens.labels(kind=kind)
@@ -105,6 +124,11 @@ class ComputeMetrics:
         self.kv_budget.set(admission.budget_bytes)
         for reason in (ErrorCode.OVERLOADED, ErrorCode.TOO_LARGE):
             self.refused.labels(reason=reason)
+
+    def watch_pool(self, pool: PrefixPool) -> None:
+        """Export the memory tier's size."""
+        self.pool_bytes.set_function(lambda: pool.bytes)
+        self.pool_chunks.set_function(lambda: len(pool))
 
     def planned(self, candidates: Sequence[Candidate], step: Sequence[Piece]) -> None:
         """The scheduler chose `step` among `candidates` (the step's tokens, if any, count)."""

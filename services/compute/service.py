@@ -37,6 +37,8 @@ from shared.core.scheduler import Phase, Piece, plan_step
 from shared.kv.codec import decode_chunk
 from shared.kv.engine import encode_chunk_at
 from shared.kv.model import ModelRunner, default_kv_budget_bytes, pick_token
+from shared.kv.pool import PrefixPool
+from shared.kv.slots import SlotCache
 from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
 from shared.runtime.service import Service
@@ -96,6 +98,10 @@ class Compute(Service):
             settings.token_budget,
         )
         self.metrics.watch_admission(self.admission)
+        # the first cache tier: prompt chunks' KV kept in the budget's free part
+        self.pool = PrefixPool(self.metrics.evicted.inc) if settings.memory_tier else None
+        if self.pool is not None:
+            self.metrics.watch_pool(self.pool)
 
     def model_info(self) -> ModelInfo:
         """What this replica serves."""
@@ -135,10 +141,13 @@ class Compute(Service):
             budget, head_piece = space.chunk_tokens, 1
             msg.head_hint = -1
         stop_ids = self.runner_stop_ids()
+        memory = msg.memory and self.pool is not None
         job = Job(
             msg, prompt, stop_ids, None, piece=budget, head_piece=head_piece,
-            generator=self.runner.sampler(msg.sampling),
+            generator=self.runner.sampler(msg.sampling), memory=memory,
         )  # fmt: skip
+        usable = (len(prompt.token_ids) - 1) // space.chunk_tokens
+        pooled = self.pool.prefix(prompt.keys[:usable]) if self.pool is not None and memory else 0
         try:  # by projected KV: the prompt and every token it may generate
             admitted = self.admission.offer(rid, job.capacity * space.layout.bytes_per_token)
         except (Overloaded, TooLarge) as exc:  # refused: the merger tells the client
@@ -148,11 +157,18 @@ class Compute(Service):
             self.admit(job)
         self.jobs[rid] = job
         self.wake.set()
-        return Accepted(node=self.settings.node)
+        return Accepted(node=self.settings.node, pooled=pooled)
 
     def admit(self, job: Job) -> None:
-        """The job may run: its KV slot (prompt + max_tokens, what admission reserved)."""
+        """The job may run: its KV slot (prompt + max_tokens, what admission reserved); the
+        memory tier gives up what the running jobs now reserve."""
         job.cache = self.runner.new_cache(capacity=job.capacity)
+        if self.pool is not None:
+            self.pool.shrink(self.pool_room())
+
+    def pool_room(self) -> int:
+        """Bytes the memory tier may hold: the KV budget that running jobs do not reserve."""
+        return self.admission.budget_bytes - self.admission.reserved_bytes
 
     def runner_stop_ids(self) -> frozenset[int]:
         """End-of-sequence ids of the model (its config's and its generation config's)."""
@@ -201,6 +217,9 @@ class Compute(Service):
     async def step(self) -> bool:
         """One scheduler step and its messages; False when nothing was runnable."""
         await self.expire()
+        if self.pool is not None:
+            loop = asyncio.get_running_loop()
+            await self.send(await loop.run_in_executor(self.stepper, self.reuse_pooled))
         candidates = [job.candidate() for job in self.jobs.values()]
         step = plan_step(candidates, self.settings.token_budget, self.settings.decode_share)
         self.metrics.planned(candidates, step)
@@ -320,13 +339,67 @@ class Compute(Service):
         """Where the prompt's KV came from, once the first token is out."""
         meet = job.meet if job.meet is not None else job.hit
         chunk, n = job.chunk, len(job.prompt.token_ids)
-        loaded, total = job.hit - meet, math.ceil(n / chunk)
+        loaded, total, reused = job.hit - meet, math.ceil(n / chunk), len(job.reused)
+        head = meet - sum(1 for i in job.reused if i < meet)  # head chunks really computed
         return Prefilled(
-            job.msg.request_id, n, job.hit * chunk, total, total - loaded, loaded, meet,
-            job.ttft_ms, loaded * chunk, meet * chunk,
+            job.msg.request_id, n, job.hit * chunk, total, total - loaded - reused, loaded, meet,
+            job.ttft_ms, loaded * chunk, head * chunk, reused * chunk,
         )  # fmt: skip
 
     # --- one step, in the worker thread -----------------------------------------------------
+
+    def reuse_pooled(self) -> Outbox:
+        """Fill jobs' next prompt chunks from the memory tier. A job whose next chunk is not
+        there but an earlier job will fill it waits for that job: requests with a common
+        prefix compute it once."""
+        assert self.pool is not None
+        outbox: Outbox = []
+        filler: dict[str, Job] = {}  # chunk key -> the earliest job that will fill it
+        for job in sorted(self.jobs.values(), key=lambda j: j.arrival):
+            for i in job.chunks_to_fill():
+                filler.setdefault(job.prompt.keys[i], job)
+        for job in list(self.jobs.values()):
+            head_done = job.head_done
+            if self.take_pooled(job, filler) and job.head_done > head_done:
+                rid = job.msg.request_id  # the merger follows the compute frontier
+                computed = ChunkComputed(rid, job.head_done, 0.0, reused=True)
+                outbox.append((subjects.events(rid), computed, job.ctx))
+        return outbox
+
+    def take_pooled(self, job: Job, filler: dict[str, Job]) -> int:
+        """Copy the job's next chunks from the memory tier into its slot; how many. Blocked
+        when the first one missing is one an earlier job will fill."""
+        assert self.pool is not None
+        taken, job.blocked = 0, False
+        while (i := job.next_chunk()) is not None:
+            key = job.prompt.keys[i]
+            kv = self.pool.get(key)
+            if kv is None:
+                job.blocked = filler.get(key, job) is not job
+                break
+            assert isinstance(job.cache, SlotCache)
+            job.cache.append(kv)
+            job.reused.add(i)
+            job.head_done += 0 if job.merged else 1
+            taken += 1
+        if taken:
+            self.metrics.reused.inc(taken)
+            self.pool.touch(job.prompt.keys[: max(job.reused) + 1])
+        return taken
+
+    def remember(self, job: Job, chunks: range, kv: Sequence[torch.Tensor] = ()) -> None:
+        """Leave these complete prompt chunks in the memory tier (their KV, or the slot's)."""
+        if self.pool is None or not job.memory:
+            return
+        assert isinstance(job.cache, SlotCache)
+        for n, i in enumerate(chunks):
+            if i >= len(job.prompt.keys) or job.prompt.keys[i] in self.pool:
+                continue
+            start, end = job.prompt.space.chunk_bounds(i)
+            chunk = kv[n] if kv else job.cache.chunk(start, end)
+            if not self.pool.put(job.prompt.keys[i], chunk, self.pool_room()):
+                break
+        self.pool.touch(job.prompt.keys[: chunks.stop])
 
     def run_step(self, step: list[Piece]) -> Outbox:
         """Plan each chosen piece, run all that need the model in one forward pass, finish
@@ -413,6 +486,7 @@ class Compute(Service):
         job, rid = w.job, w.job.msg.request_id
         if w.kind == "head":
             self.span("compute.chunk", started_ns, chunk=job.head_done, chunks=w.chunks)
+            self.remember(job, range(job.head_done, job.head_done + w.chunks))
             job.head_done += w.chunks
             seconds = (time.time_ns() - started_ns) / 1e9
             outbox.append(
@@ -422,6 +496,8 @@ class Compute(Service):
             self.emit(job, self.sample(job, logits), outbox)
         else:
             self.span("compute.suffix", started_ns, tokens=len(w.tokens))
+            held = self.runner.cache_length(job.kv_cache)
+            self.remember(job, range((held - len(w.tokens)) // job.chunk, held // job.chunk))
             if self.runner.cache_length(job.kv_cache) == len(job.prompt.token_ids):
                 self.first_token(job, logits, started_ns, outbox)
 
@@ -470,7 +546,8 @@ class Compute(Service):
                     )
                     job.meet = job.hit  # compute the rest of the head instead
                     return
-            self.runner.append_kv(job.kv_cache, loaded)
+            on_device = self.runner.append_kv(job.kv_cache, loaded)
+            self.remember(job, range(from_chunk, job.hit), on_device)
             for j in range(from_chunk, job.hit):  # now in the cache: free the staging area
                 self.staging.discard(job.staged[j])
             job.meet = from_chunk

@@ -105,7 +105,9 @@ class GatewayMetrics:
 
     def _record_done(self, done: Done, kv_mode: str, chunk_tokens: int) -> None:
         self.ttft.observe(done.ttft_ms / 1000)
-        suffix = max(done.prompt_tokens - done.loaded_tokens - done.computed_tokens, 0)
+        accounted = done.loaded_tokens + done.computed_tokens + done.reused_tokens
+        suffix = max(done.prompt_tokens - accounted, 0)
+        self.prompt_tokens.labels(source="reused").inc(done.reused_tokens)
         self.prompt_tokens.labels(source="loaded").inc(done.loaded_tokens)
         self.prompt_tokens.labels(source="computed").inc(done.computed_tokens)
         self.prompt_tokens.labels(source="suffix").inc(suffix)

@@ -14,15 +14,21 @@ from shared.wire.messages import Done
 
 
 def usage_of(prompt_tokens: int, gen: Generation) -> dict[str, Any]:
-    """OpenAI's usage object; cached tokens are the prompt tokens found in the store."""
+    """OpenAI's usage object; cached tokens are the prompt tokens whose KV was reused (loaded
+    from storage or taken from compute's memory), not those computed."""
     done = gen.done
     completion = gen.completion_tokens
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": done.hit_tokens if done else 0},
+        "prompt_tokens_details": {"cached_tokens": cached_tokens(done)},
     }
+
+
+def cached_tokens(done: Done | None) -> int:
+    """Prompt tokens whose KV was reused rather than computed."""
+    return done.loaded_tokens + done.reused_tokens if done else 0
 
 
 def cake_of(done: Done | None) -> dict[str, Any] | None:
@@ -34,6 +40,7 @@ def cake_of(done: Done | None) -> dict[str, Any] | None:
         "chunks_total": done.chunks_total,
         "chunks_computed": done.chunks_computed,
         "chunks_loaded": done.chunks_loaded,
+        "reused_tokens": done.reused_tokens,
         "meet_chunk": done.meet_chunk,
         "ttft_ms": done.ttft_ms,
     }

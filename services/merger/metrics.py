@@ -12,6 +12,7 @@ MEET_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 OUTCOMES = (
     "met",  # loads dispatched, the frontiers met
     "stalled",  # loads dispatched, but no progress within CAKE_FETCH_TIMEOUT_S: compute took over
+    "memory",  # compute's memory tier held every hit chunk: no fetch
     "no_hit",  # nothing stored (or kv_mode=compute): compute only
     "no_fetch",  # the estimator found the hit too short to split: compute took it all
     "no_loader",  # no loader answered on the compute node: compute took it all
@@ -48,8 +49,8 @@ class MergerMetrics:
         )
         self.requests = Counter(
             "cake_merger_requests",
-            "Requests coordinated, by kv_mode and outcome (met, stalled, no_hit, no_fetch, "
-            "no_loader, failed)",
+            "Requests coordinated, by kv_mode and outcome (met, stalled, memory, no_hit, "
+            "no_fetch, no_loader, failed)",
             ("kv_mode", "outcome"),
             registry=r,
         )

@@ -135,13 +135,16 @@ class Merger(Service):
             span.set_attribute("cake.head_hint", advice.head_hint)
             job = PrefillJob(
                 req.request_id, req.tokens, space, hit, compute_head, req.sampling,
-                req.deadline, advice.head_hint,
+                req.deadline, advice.head_hint, memory=req.kv_mode == KvMode.CAKE,
             )  # fmt: skip
             accepted = await self.bus.request(
                 subjects.COMPUTE_PREFILL, job, Accepted, self.settings.rpc_timeout_s
             )
             staged: dict[int, str] = {}
-            if hit and not advice.fetch:
+            span.set_attribute("cake.memory_chunks", accepted.pooled)
+            if hit and accepted.pooled >= hit:
+                split, outcome = Split(hit, hit), "memory"  # compute holds every hit chunk
+            elif hit and not advice.fetch:
                 split, outcome = Split(hit, hit), "no_fetch"  # too short to split: compute all
             elif hit and not await self.dispatch_fetch(req, space, hit, accepted.node):
                 split, outcome = Split(hit, hit), "no_loader"  # compute takes it all
@@ -191,7 +194,8 @@ class Merger(Service):
                 split, outcome = Split(tracker.load_frontier, hit), "stalled"
                 break
             if isinstance(event, ChunkComputed):
-                self.estimator.observe_compute(event.upto - tracker.computed, event.duration_s)
+                if not event.reused:  # chunks from compute's memory say nothing of its speed
+                    self.estimator.observe_compute(event.upto - tracker.computed, event.duration_s)
                 tracker.on_computed(event.upto)
             elif isinstance(event, ChunkLoaded):
                 arrivals.append(time.monotonic())

@@ -63,6 +63,23 @@ class SlotCache:
         self.lengths[layer_idx] = held + n
         return self.layers[layer_idx].keys, self.layers[layer_idx].values
 
+    def append(self, kv: torch.Tensor) -> None:
+        """Append (layers, 2, kv_heads, n, head_dim) KV to every layer in one copy (the layers
+        must hold the same number of tokens, as they do between forward passes)."""
+        held, n = self.lengths[0], kv.shape[3]
+        if any(length != held for length in self.lengths):
+            raise ValueError("the slot's layers hold different numbers of tokens")
+        if held + n > self.capacity:
+            raise ValueError(f"the KV slot holds {self.capacity} tokens; {held + n} do not fit")
+        self.kv[:, :, :, held : held + n] = kv
+        self.lengths = [held + n] * len(self.lengths)
+
+    def chunk(self, start: int, end: int) -> torch.Tensor:
+        """A copy of tokens [start, end) of every layer: (layers, 2, kv_heads, n, head_dim)."""
+        if end > min(self.lengths):
+            raise ValueError(f"the slot holds {min(self.lengths)} tokens, not {end}")
+        return self.kv[:, :, :, start:end].clone()
+
     def crop(self, length: int) -> None:
         """Forget every token from `length` on (as DynamicCache.crop)."""
         self.lengths = [min(held, length) for held in self.lengths]

@@ -58,6 +58,7 @@ class Settings:
     kv_memory_gb: float | None = None  # KV memory budget of a compute replica (None: derived)
     max_waiting: int = 64  # requests a compute replica queues beyond those it runs; then 429
     head_tokens: int = 512  # tokens per compute step of a Cake head (the paper's compute chunk)
+    memory_tier: bool = True  # keep prompt chunks' KV in compute memory for later requests
     exact_splits: bool = False  # every forward pass covers exactly one storage chunk
     skip_head_ratio: float = 0.5  # run load-only when a chunk loads in < this x its compute time
     kv_codec: str = "raw"  # how new chunks are stored: raw (exact) or int8 (half of fp16, lossy)

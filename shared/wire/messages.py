@@ -131,9 +131,11 @@ class GenerateRequest(Message):
 
 
 class Accepted(Message):
-    """Reply: the work was taken (by a compute replica on `node`, for prefill jobs)."""
+    """Reply: the work was taken (by a compute replica on `node`, for prefill jobs, which holds
+    the prompt's first `pooled` chunks in its memory tier now)."""
 
     node: str = ""
+    pooled: int = 0
 
 
 class ModelInfo(Message):
@@ -170,6 +172,7 @@ class PrefillJob(Message):
     sampling: Sampling
     deadline: float
     head_hint: int = -1  # predicted meeting chunk (the estimator's); -1: none
+    memory: bool = True  # may take chunks from compute's memory tier (kv_mode cake)
 
 
 class FetchJob(Message):
@@ -183,11 +186,13 @@ class FetchJob(Message):
 
 
 class ChunkComputed(Message):
-    """compute -> merger: head chunks [0, upto) are computed."""
+    """compute -> merger: head chunks [0, upto) are computed (or, reused: taken from compute's
+    memory tier, which says nothing of how fast compute is)."""
 
     request_id: str
     upto: int
     duration_s: float
+    reused: bool = False
 
 
 class ChunkLoaded(Message):
@@ -244,6 +249,7 @@ class Prefilled(Message):
     ttft_ms: float
     loaded_tokens: int  # prompt tokens whose KV was loaded from storage
     computed_tokens: int  # prompt tokens of the computed head (the rest is the suffix)
+    reused_tokens: int = 0  # prompt tokens whose KV compute's memory tier held
 
     def done(self, finish_reason: FinishReason, completion_tokens: int) -> Done:
         """The Done message that ends this request."""
@@ -267,6 +273,7 @@ class Done(Message):
     ttft_ms: float
     loaded_tokens: int = 0
     computed_tokens: int = 0
+    reused_tokens: int = 0
 
 
 class Failed(Message):
