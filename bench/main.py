@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from bench import serve_report
+from bench.ceiling import CeilingConfig, run_ceiling
 from bench.report import table, write_report
 from bench.serve import ServeConfig, run_serve
 from bench.sweep import BenchConfig, run_bench
@@ -43,8 +44,12 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
 def bench_main(args: argparse.Namespace) -> int:
     """Run, print the table and summary, write results under --out."""
     configure_logging("bench", "json", "warning")
+    if args.serve and args.ceiling:
+        raise ConfigError("--serve and --ceiling are separate benchmarks: choose one")
     if args.serve:
         return serve_main(serve_config_from_args(args), Path(args.out))
+    if args.ceiling:
+        return ceiling_main(ceiling_config_from_args(args), Path(args.out))
     if args.rates is not None:
         raise ConfigError("--rates: only with --serve")
     config = config_from_args(args)
@@ -60,6 +65,34 @@ def bench_main(args: argparse.Namespace) -> int:
     )
     print(json.dumps(summary, indent=2))
     print(f"results: {out / 'results.json'}, plots: {out / 'ttft.png'}, {out / 'timeline.png'}")
+    return 0
+
+
+def ceiling_config_from_args(args: argparse.Namespace) -> CeilingConfig:
+    """The ceiling benchmark's settings from the flags that apply to it."""
+    other = [f"--{n.replace('_', '-')}" for n in ("contexts", "io_ratios", "rates")
+             if getattr(args, n) is not None]  # fmt: skip
+    if other:
+        raise ConfigError(f"{', '.join(other)}: not for --ceiling")
+    changes = {"reps": args.reps, "model": args.model, "dtype": args.dtype, "device": args.device}
+    config = CeilingConfig()
+    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+
+
+def ceiling_main(config: CeilingConfig, out: Path) -> int:
+    """The ceiling benchmark: run, write ceiling.json, print both stores' lines."""
+    results = asyncio.run(run_ceiling(config))
+    results["config"] = dataclasses.asdict(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ceiling.json").write_text(json.dumps(results, indent=2) + "\n")
+    for name, r in (("local", results), ("s3", results["s3"])):
+        cold = "-" if r["raw_MBps_cold"] is None else f"{r['raw_MBps_cold']:.0f}"
+        print(
+            f"{name:5s} raw warm {r['raw_MBps_warm']:7.0f} MB/s  cold {cold:>5s} MB/s  "
+            f"delivered {r['delivered_MBps']:6.0f} MB/s  ratio {r['ratio']:.2f}  "
+            f"({r['chunks']} chunks, {r['bytes'] / 1e6:.0f} MB)"
+        )
+    print(f"results: {out / 'ceiling.json'}")
     return 0
 
 

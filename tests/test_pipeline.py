@@ -18,6 +18,7 @@ from shared.core.errors import StoreError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens
 from shared.core.request import Sampling
 from shared.kv.engine import fetch_chunk
+from shared.storage.base import Allocate
 from shared.storage.local import LocalStore
 from shared.storage.staging import Staging
 from shared.wire import subjects
@@ -102,7 +103,7 @@ class BrokenReads(LocalStore):
         super().__init__(root)
         self.mode = mode
 
-    async def get(self, key: str) -> bytes | None:
+    async def get_into(self, key: str, allocate: Allocate) -> memoryview | None:
         if self.mode == "stall":
             await asyncio.sleep(3600)
         raise StoreError("disk on fire")

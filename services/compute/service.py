@@ -536,7 +536,7 @@ class Compute(Service):
             loaded = []
             for j in range(from_chunk, job.hit):
                 try:
-                    data = self.staging.read(job.staged[j])
+                    data = self.staging.map(job.staged[j])
                     # verified by the loader before staging: only the header is checked here
                     kv = decode_chunk(data, job.prompt.identity(j), verify_payload=False)
                     loaded.append(kv)

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="TTFT of compute-only, load-only, Cake and the oracle")
     bench.add_argument("--quick", action="store_true", help="about 3 minutes on 2 CPU cores")
     bench.add_argument("--serve", action="store_true", help="the serving benchmark (serve.json)")
+    bench.add_argument(
+        "--ceiling", action="store_true", help="storage rate vs what the loader delivers"
+    )
     bench.add_argument("--rates", type=float, nargs="+", help="--serve: arrival rates, req/s")
     bench.add_argument("--out", default="bench-results", help="where results go")
     bench.add_argument("--contexts", type=int, nargs="+", help="prompt lengths in tokens")

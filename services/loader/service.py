@@ -116,32 +116,40 @@ class Loader(Service):
             await self.fetch_one(fetch, index)
 
     async def fetch_one(self, fetch: Fetch, index: int) -> None:
-        """Read, validate and stage one chunk; report loaded or failed."""
+        """Read one chunk straight into its staged file, verify it, stage it; report loaded or
+        failed."""
         rid = fetch.job.request_id
         events = subjects.events(rid)
         start = time.perf_counter()
         remaining = fetch.job.deadline - time.time()
         timeout = max(0.0, min(self.settings.fetch_timeout_s, remaining))
+        incoming = self.staging.incoming(rid, f"{index}.kv")
         with tracer(__name__).start_as_current_span("loader.chunk", attributes={"chunk": index}):
             try:
-                read = read_verified(self.store, fetch.prompt, index)
+                read = read_verified(self.store, fetch.prompt, index, incoming.allocate)
                 data = await asyncio.wait_for(read, timeout)
                 if data is None:
                     raise StoreError("missing (evicted since the lookup)")
-                path = await asyncio.to_thread(self.staging.write, rid, f"{index}.kv", data)
+                nbytes = len(data)
+                data.release()
+                path = incoming.commit()
             except (StoreError, CorruptChunkError, TimeoutError, OSError) as exc:
+                incoming.discard()
                 reason = "corrupt" if isinstance(exc, CorruptChunkError) else str(exc) or "timeout"
                 self.metrics.load_failures.inc()
                 if isinstance(exc, CorruptChunkError):
                     self.metrics.corrupt_chunks.inc()
                 await self.bus.publish(events, LoadFailed(rid, index, reason))
                 return
+            except asyncio.CancelledError:  # the request was cancelled
+                incoming.discard()
+                raise
         fetch.staged[index] = path
         duration = time.perf_counter() - start
-        self.metrics.bytes_loaded.inc(len(data))
+        self.metrics.bytes_loaded.inc(nbytes)
         self.metrics.chunks_loaded.inc()
         self.metrics.fetch_seconds.observe(duration)
-        await self.bus.publish(events, ChunkLoaded(rid, index, len(data), duration, path))
+        await self.bus.publish(events, ChunkLoaded(rid, index, nbytes, duration, path))
 
     async def finish_fetch(self, fetch: Fetch) -> None:
         """When every worker ended (done or stopped), drop staged chunks compute will not use."""

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from shared.core.keys import ChunkIdentity
-from shared.kv.format import CODECS, check_header, corrupt, pack_chunk, verify_chunk
+from shared.kv.format import CODECS, Buffer, check_header, corrupt, pack_chunk, verify_chunk
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -83,13 +83,12 @@ def encode_chunk(ident: ChunkIdentity, kv: torch.Tensor, codec: str = "raw") -> 
     return pack_chunk(ident, codec, payload)
 
 
-def decode_chunk(
-    data: bytes | bytearray, ident: ChunkIdentity, verify_payload: bool = True
-) -> torch.Tensor:
+def decode_chunk(data: Buffer, ident: ChunkIdentity, verify_payload: bool = True) -> torch.Tensor:
     """The chunk's KV tensor, after checking the header and (by default) the payload checksum.
 
     verify_payload=False is for bytes already verified by verify_chunk in this node (the
-    loader's staged files); a bytearray is decoded without a copy.
+    loader's staged files); a writable buffer (a bytearray, a copy-on-write mapping) is decoded
+    without a copy.
     """
     if verify_payload:
         header, offset = verify_chunk(data, ident)

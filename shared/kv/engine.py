@@ -33,7 +33,7 @@ async def lookup_hit(store: ChunkStore, prompt: PromptChunks) -> int:
 async def fetch_chunk(store: ChunkStore, prompt: PromptChunks, index: int) -> torch.Tensor | None:
     """Chunk index's KV, or None when missing or corrupt (a corrupt object is deleted)."""
     try:
-        data = await read_verified(store, prompt, index)
+        data = await read_verified(store, prompt, index, lambda n: memoryview(bytearray(n)))
     except CorruptChunkError:
         return None
     return None if data is None else decode_chunk(data, prompt.identity(index), False)

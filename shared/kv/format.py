@@ -50,8 +50,11 @@ def corrupt(ident: ChunkIdentity, why: str) -> CorruptChunkError:
     return CorruptChunkError(f"chunk {ident.key[:16]}: {why}")
 
 
-def _read_header(data: bytes | bytearray, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
-    if len(data) < len(MAGIC) + _LEN.size or not data.startswith(MAGIC):
+Buffer = bytes | bytearray | memoryview
+
+
+def _read_header(data: Buffer, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
+    if len(data) < len(MAGIC) + _LEN.size or bytes(data[: len(MAGIC)]) != MAGIC:
         raise corrupt(ident, "not a Cake chunk (bad magic or truncated)")
     (hlen,) = _LEN.unpack_from(data, len(MAGIC))
     start = len(MAGIC) + _LEN.size
@@ -66,7 +69,7 @@ def _read_header(data: bytes | bytearray, ident: ChunkIdentity) -> tuple[dict[st
     return header, start + hlen
 
 
-def verify_chunk(data: bytes | bytearray, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
+def verify_chunk(data: Buffer, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
     """Check every header field and the payload checksum; the header and the payload offset."""
     header, offset = check_header(data, ident)
     if hashlib.sha256(memoryview(data)[offset:]).hexdigest() != header.get("sha256"):
@@ -74,7 +77,7 @@ def verify_chunk(data: bytes | bytearray, ident: ChunkIdentity) -> tuple[dict[st
     return header, offset
 
 
-def check_header(data: bytes | bytearray, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
+def check_header(data: Buffer, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
     """Check every header field (not the payload); the header and the payload offset."""
     header, offset = _read_header(data, ident)
     for field, want in identity_fields(ident).items():

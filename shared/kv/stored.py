@@ -11,15 +11,18 @@ import structlog
 from shared.core.errors import CorruptChunkError
 from shared.core.keys import PromptChunks
 from shared.kv.format import verify_chunk
-from shared.storage.base import ChunkStore
+from shared.storage.base import Allocate, ChunkStore
 
 log = structlog.get_logger(__name__)
 
 
-async def read_verified(store: ChunkStore, prompt: PromptChunks, index: int) -> bytes | None:
-    """Chunk index's stored bytes after checking header, identity and checksum (off the event
-    loop); None when it is not stored. A corrupt object is deleted, then CorruptChunkError."""
-    data = await store.get(prompt.keys[index])
+async def read_verified(
+    store: ChunkStore, prompt: PromptChunks, index: int, allocate: Allocate
+) -> memoryview | None:
+    """Chunk index read into a buffer from allocate (the loader's staged file), after checking
+    header, identity and checksum (off the event loop): the filled buffer, or None when it is
+    not stored. A corrupt object is deleted, then CorruptChunkError."""
+    data = await store.get_into(prompt.keys[index], allocate)
     if data is None:
         return None
     try:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+#: given an object's size, a writable buffer of that size to read it into (called at most once,
+#: possibly in a worker thread)
+Allocate = Callable[[int], memoryview]
 
 
 class ChunkStore(abc.ABC):
@@ -38,6 +42,21 @@ class ChunkStore(abc.ABC):
     @abc.abstractmethod
     async def get(self, key: str) -> bytes | None:
         """The value stored under key, or None when there is none."""
+
+    async def get_into(self, key: str, allocate: Allocate) -> memoryview | None:
+        """Read the value under key into a buffer from allocate; the filled buffer, or None when
+        there is none. This default copies get()'s bytes; stores override it to read in place."""
+        data = await self.get(key)
+        if data is None:
+            return None
+        buffer = allocate(len(data))
+        buffer[:] = data
+        return buffer
+
+    async def get_copy(self, key: str) -> bytes | None:
+        """get() for stores whose get_into reads in place: into a new buffer, as bytes."""
+        view = await self.get_into(key, lambda size: memoryview(bytearray(size)))
+        return None if view is None else bytes(view)
 
     @abc.abstractmethod
     async def put(self, key: str, data: bytes) -> None:

@@ -16,7 +16,7 @@ from typing import TypeVar
 import structlog
 
 from shared.core.errors import StoreError
-from shared.storage.base import ChunkStore
+from shared.storage.base import Allocate, ChunkStore
 
 log = structlog.get_logger(__name__)
 
@@ -96,10 +96,15 @@ class LocalStore(ChunkStore):
 
     async def get(self, key: str) -> bytes | None:
         """Read the value under key and mark it most recently used; None when missing."""
+        return await self.get_copy(key)  # (the loader reads with get_into)
+
+    async def get_into(self, key: str, allocate: Allocate) -> memoryview | None:
+        """Read the value under key straight into allocate's buffer (one copy, in a worker
+        thread) and mark it most recently used; None when missing."""
         path = self._path(key)
         if key not in self._index:
             return None
-        data = await self._io("read", _read_and_touch, path, self._next_stamp())
+        data = await self._io("read", _read_and_touch, path, self._next_stamp(), allocate)
         if data is not None:
             if key in self._index:
                 self._index.move_to_end(key)
@@ -230,10 +235,13 @@ def _commit(tmp: Path, path: Path, stamp_ns: int) -> None:
     os.utime(path, ns=(stamp_ns, stamp_ns))
 
 
-def _read_and_touch(path: Path, stamp_ns: int) -> bytes | None:
-    """The file's bytes (None when missing), refreshing its recency stamp."""
+def _read_and_touch(path: Path, stamp_ns: int, allocate: Allocate) -> memoryview | None:
+    """The file read into allocate's buffer (None when missing), refreshing its recency stamp."""
     try:
-        data = path.read_bytes()
+        with path.open("rb", buffering=0) as f:
+            data = allocate(os.fstat(f.fileno()).st_size)
+            if f.readinto(data) != len(data):
+                raise OSError(f"{path} changed size while it was read")
     except FileNotFoundError:
         return None
     # evicted right after the read: the bytes we hold are still complete

@@ -13,8 +13,9 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.core.errors import StoreError
-from shared.storage.base import ChunkStore
+from shared.storage.base import Allocate, ChunkStore
 
+READ_PART_BYTES = 1 << 20  # a GetObject body is copied into its buffer this much at a time
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 
 
@@ -116,6 +117,10 @@ class S3Store(ChunkStore):
 
     async def get(self, key: str) -> bytes | None:
         """GetObject: the object's bytes, or None when it does not exist."""
+        return await self.get_copy(key)  # (the loader reads with get_into)
+
+    async def get_into(self, key: str, allocate: Allocate) -> memoryview | None:
+        """GetObject streamed straight into allocate's buffer; None when it does not exist."""
         async with self._call("get_object", key):
             try:
                 resp = await self._client.get_object(Bucket=self.bucket, Key=self.prefix + key)
@@ -123,10 +128,17 @@ class S3Store(ChunkStore):
                 if _code(e) in _MISSING_CODES:
                     return None
                 raise
+            buffer, filled = allocate(int(resp["ContentLength"])), 0
             body = resp["Body"]
             async with body:
-                data: bytes = await body.read()
-            return data
+                while part := await body.read(READ_PART_BYTES):
+                    if filled + len(part) > len(buffer):
+                        raise StoreError(f"s3 object {key[:16]} is longer than announced")
+                    buffer[filled : filled + len(part)] = part
+                    filled += len(part)
+            if filled != len(buffer):
+                raise StoreError(f"s3 object {key[:16]} ended after {filled} bytes")
+            return buffer
 
     async def put(self, key: str, data: bytes) -> None:
         """PutObject: one atomic write."""

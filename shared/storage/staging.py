@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import shutil
 import time
@@ -37,6 +38,12 @@ class Staging:
             raise
         return str(final)
 
+    def incoming(self, request_id: str, name: str) -> Incoming:
+        """A file to be read into in place (see Incoming); commit() stages it as name."""
+        directory = self.request_dir(request_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        return Incoming(directory / name, directory / f".tmp-{uuid.uuid4().hex}")
+
     def inside(self, path: str) -> Path:
         """The resolved path, or ValueError when it is not inside the staging root."""
         resolved = Path(path).resolve()
@@ -51,6 +58,16 @@ class Staging:
             data = bytearray(os.fstat(f.fileno()).st_size)
             f.readinto(data)
         return data
+
+    def map(self, path: str) -> memoryview:
+        """A staged file mapped copy-on-write: writable without a copy (tensors can use it),
+        and nothing written reaches the file. It stays valid after the file is removed."""
+        resolved = self.inside(path)
+        with resolved.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return memoryview(bytearray())
+            return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY))
 
     def discard(self, path: str) -> None:
         """Remove one staged file (missing is fine; a path outside the root is refused)."""
@@ -83,3 +100,43 @@ class Staging:
                 shutil.rmtree(d, ignore_errors=True)
                 removed += 1
         return removed
+
+
+class Incoming:
+    """A staged file read into in place: allocate() sizes a temporary file and maps it shared
+    (a reader fills the mapping: one copy, straight into the page cache of the staging area),
+    commit() renames it into place, discard() removes it."""
+
+    def __init__(self, final: Path, tmp: Path) -> None:
+        self.final, self.tmp = final, tmp
+        self.mapping: mmap.mmap | None = None
+
+    def allocate(self, size: int) -> memoryview:
+        """The file, `size` bytes long, as a writable buffer."""
+        fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            if size == 0:
+                return memoryview(bytearray())
+            self.mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return memoryview(self.mapping)
+
+    def unmap(self) -> None:
+        """Drop the mapping (once every view of it is released; else when they are)."""
+        if self.mapping is not None:
+            with contextlib.suppress(BufferError):  # a view still held: it unmaps with them
+                self.mapping.close()
+            self.mapping = None
+
+    def commit(self) -> str:
+        """Stage the file under its final name; its path."""
+        self.unmap()
+        os.replace(self.tmp, self.final)
+        return str(self.final)
+
+    def discard(self) -> None:
+        """Remove the file (it was never staged)."""
+        self.unmap()
+        self.tmp.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 
 from shared.core.errors import ConfigError
-from shared.storage.base import ChunkStore
+from shared.storage.base import Allocate, ChunkStore
 
 MB = 1e6
 
@@ -66,13 +66,24 @@ class ThrottledStore(ChunkStore):
         """Read from the wrapped store, returning once the bytes have crossed the emulated link."""
         issued = self._now()
         data = await self.inner.get(key)
-        if not data:
-            return data
-        end = self.transfer_end(max(issued, self._free_at), len(data))
+        if data:
+            await self.cross(issued, len(data))
+        return data
+
+    async def get_into(self, key: str, allocate: Allocate) -> memoryview | None:
+        """Read into a buffer from the wrapped store, returning once it has crossed the link."""
+        issued = self._now()
+        view = await self.inner.get_into(key, allocate)
+        if view is not None and len(view):
+            await self.cross(issued, len(view))
+        return view
+
+    async def cross(self, issued: float, nbytes: int) -> None:
+        """Wait until nbytes asked for at `issued` have crossed the emulated link."""
+        end = self.transfer_end(max(issued, self._free_at), nbytes)
         self._free_at = end
         while (remaining := end - self._now()) > 0:
             await asyncio.sleep(remaining)
-        return data
 
     async def put(self, key: str, data: bytes) -> None:
         """Pass-through."""

@@ -1,4 +1,5 @@
-"""Helper (not a test): an in-process S3 server (moto) on 127.0.0.1 and a free port."""
+"""An in-process S3 server (moto) on 127.0.0.1 and a free port: the test S3 server of the tests
+and of `cake bench --ceiling`."""
 
 from __future__ import annotations
 

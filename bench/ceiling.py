@@ -1,0 +1,204 @@
+"""`cake bench --ceiling`: how close the loader comes to the storage under it.
+
+One long prompt is stored; then, in one run, for the local store and for S3 (moto's server):
+
+- raw_MBps_warm / raw_MBps_cold: plain reads of the stored chunk objects, page cache warm, then
+  (local only) after dropping it. Local files are read one after another with a plain `read()`
+  (a new buffer per file, as any reader that keeps the bytes has); raw_readinto_MBps_warm reads
+  them into one reused buffer instead (memory bandwidth more than storage: no reader that hands
+  the bytes on can do it). S3 objects are fetched with the loader's concurrency (one GET at a
+  time is latency-bound, not what the loader does).
+- delivered_MBps: the rate the loader really delivers into compute's KV in load-only mode:
+  hit bytes / (load-only TTFT - TTFT of the uncached suffix alone).
+- ratio = delivered / raw_MBps_warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+import aiohttp
+
+from bench.client import first_token, prompt_text
+from bench.s3_server import FAKE_AWS_ENV, moto_s3_server
+from bench.sweep import evict_page_cache
+from services.launcher.nats_server import free_port
+from services.launcher.stack import LocalStack
+from shared.core.request import KvMode
+from shared.runtime.config import Settings
+
+MB = 1e6
+S3_BUCKET = "cake-ceiling"
+
+
+@dataclass(frozen=True)
+class CeilingConfig:
+    """What to measure: one prompt of `tokens` tokens, each timing repeated `reps` times."""
+
+    tokens: int = 8192 + 100  # 32 chunks of 256 and an uncached suffix of 100 tokens
+    reps: int = 3
+    model: str = "default"
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+def read_files(paths: list[Path], reuse_buffer: bool = False) -> tuple[int, float]:
+    """Read every file with plain read() (or into one reused buffer); bytes and seconds."""
+    view, total = memoryview(bytearray(max(p.stat().st_size for p in paths))), 0
+    start = time.perf_counter()
+    for path in paths:
+        with path.open("rb", buffering=0) as f:
+            total += f.readinto(view) if reuse_buffer else len(f.read())
+    return total, time.perf_counter() - start
+
+
+async def read_objects(endpoint: str, keys: list[str], concurrency: int) -> tuple[int, float]:
+    """GET every object (concurrency at once); bytes read and seconds taken."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for key in keys:
+        queue.put_nowait(key)
+    total = 0
+    async with aioboto3.Session().client("s3", endpoint_url=endpoint) as s3:
+
+        async def worker() -> None:
+            nonlocal total
+            while not queue.empty():
+                obj = await s3.get_object(Bucket=S3_BUCKET, Key=queue.get_nowait())
+                async with obj["Body"] as body:
+                    total += len(await body.read())
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return total, time.perf_counter() - start
+
+
+async def s3_keys(endpoint: str) -> list[str]:
+    """Every object in the benchmark's bucket."""
+    async with aioboto3.Session().client("s3", endpoint_url=endpoint) as s3:
+        listed = await s3.list_objects_v2(Bucket=S3_BUCKET)
+        return [o["Key"] for o in listed.get("Contents", [])]
+
+
+class Ceiling:
+    """One stack; the prompt stored in each store; raw and delivered rates for each."""
+
+    def __init__(self, config: CeilingConfig, workdir: Path) -> None:
+        self.config, self.workdir = config, workdir
+        self.settings = Settings.from_env(
+            store=str(workdir / "store"), staging_dir=str(workdir / "staging"),
+            port=free_port(), metrics_port=0, model=config.model, dtype=config.dtype,
+            device=config.device, request_timeout_s=600.0, log_format="json",
+            log_level="warning", memory_tier=False,  # the loader is measured, not compute's memory
+        )  # fmt: skip
+        self.stack = LocalStack(self.settings)
+        self.text = prompt_text(config.tokens, seed=8)
+        chunk = self.settings.chunk_tokens
+        self.hit = (config.tokens - 1) // chunk
+        self.suffix = self.text[self.hit * chunk - 1 :]  # the tokens after the hit (BOS is one)
+
+    async def ttft(self, text: str, mode: KvMode, salt: str) -> float:
+        """One request's time to first token, in seconds."""
+        return (await first_token(self.session, self.stack.url, text, mode, salt)).ttft_s
+
+    async def delivered(self, salt: str) -> dict[str, float]:
+        """Load-only TTFT (page cache warm: a first request warms it), the suffix's TTFT and
+        the rate the loader delivered."""
+        await self.ttft(self.text, KvMode.LOAD, salt)
+        load = [await self.ttft(self.text, KvMode.LOAD, salt) for _ in range(self.config.reps)]
+        suffix = [
+            await self.ttft(self.suffix, KvMode.COMPUTE, uuid.uuid4().hex)
+            for _ in range(self.config.reps)
+        ]
+        return {"load_ttft_s": statistics.median(load), "suffix_ttft_s": statistics.median(suffix)}
+
+    async def local(self) -> dict[str, Any]:
+        """The local store: store the prompt, read its files plainly, then load it."""
+        salt = "ceiling-local"
+        await self.ttft(self.text, KvMode.COMPUTE, salt)  # writes the prefix back
+        store = Path(self.settings.store)
+        paths = sorted(p for p in store.rglob("*") if p.is_file() and len(p.name) == 64)
+        nbytes, _ = read_files(paths)  # warms the page cache
+        warm = min(read_files(paths)[1] for _ in range(self.config.reps))
+        reused = min(read_files(paths, reuse_buffer=True)[1] for _ in range(self.config.reps))
+        cold = []
+        for _ in range(self.config.reps):
+            evict_page_cache(store)
+            cold.append(read_files(paths)[1])
+        timings = await self.delivered(salt)
+        result = self.result(
+            nbytes, len(paths), nbytes / warm / MB, nbytes / min(cold) / MB, timings
+        )
+        return {**result, "raw_readinto_MBps_warm": round(nbytes / reused / MB, 1)}
+
+    async def s3(self) -> dict[str, Any]:
+        """S3 (moto's server): the same, with the loader restarted on the bucket."""
+        os.environ.update({k: os.environ.get(k, v) for k, v in FAKE_AWS_ENV.items()})
+        with moto_s3_server() as endpoint:
+            async with aioboto3.Session().client("s3", endpoint_url=endpoint) as s3:
+                await s3.create_bucket(Bucket=S3_BUCKET)
+            store = f"s3://{S3_BUCKET}/kv"
+            await asyncio.to_thread(self.stack.restart, "loader", store=store, s3_endpoint=endpoint)
+            salt = "ceiling-s3"
+            await self.ttft(self.text, KvMode.COMPUTE, salt)
+            keys = await s3_keys(endpoint)
+            concurrency = self.settings.fetch_concurrency
+            nbytes, _ = await read_objects(endpoint, keys, concurrency)
+            runs = [
+                await read_objects(endpoint, keys, concurrency) for _ in range(self.config.reps)
+            ]
+            warm = min(seconds for _, seconds in runs)
+            timings = await self.delivered(salt)
+        # moto keeps objects in memory: there is no cold read to measure
+        return self.result(nbytes, len(keys), nbytes / warm / MB, None, timings)
+
+    def result(
+        self, nbytes: int, chunks: int, warm: float, cold: float | None, t: dict[str, float]
+    ) -> dict[str, Any]:
+        """One store's line of ceiling.json."""
+        loading_s = t["load_ttft_s"] - t["suffix_ttft_s"]
+        delivered = nbytes / loading_s / MB if loading_s > 0 else float("inf")
+        return {
+            "raw_MBps_warm": round(warm, 1),
+            "raw_MBps_cold": None if cold is None else round(cold, 1),
+            "delivered_MBps": round(delivered, 1),
+            "ratio": round(delivered / warm, 3),
+            "bytes": nbytes,
+            "chunks": chunks,
+            **{k: round(v, 4) for k, v in t.items()},
+        }
+
+    async def run(self) -> dict[str, Any]:
+        """Start the stack, measure both stores, stop it."""
+        await asyncio.to_thread(self.stack.start)
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout_s)
+            async with aiohttp.ClientSession(timeout=timeout) as self.session:
+                local = await self.local()
+                s3 = await self.s3()
+        finally:
+            await asyncio.to_thread(self.stack.close)
+        return {**local, "s3": s3, "prompt_tokens": self.config.tokens, "hit_chunks": self.hit}
+
+
+@asynccontextmanager
+async def workdir() -> AsyncIterator[Path]:
+    """A scratch directory on the same disk as the store would be."""
+    with tempfile.TemporaryDirectory(prefix="cake-ceiling-") as tmp:
+        yield Path(tmp)
+
+
+async def run_ceiling(config: CeilingConfig) -> dict[str, Any]:
+    """The ceiling measurement in a scratch directory."""
+    async with workdir() as tmp:
+        return await Ceiling(config, tmp).run()
