@@ -89,7 +89,7 @@ def ceiling_main(config: CeilingConfig, out: Path) -> int:
         cold = "-" if r["raw_MBps_cold"] is None else f"{r['raw_MBps_cold']:.0f}"
         print(
             f"{name:5s} raw warm {r['raw_MBps_warm']:7.0f} MB/s  cold {cold:>5s} MB/s  "
-            f"delivered {r['delivered_MBps']:6.0f} MB/s  ratio {r['ratio']:.2f}  "
+            f"delivered {r['delivered_MBps']} MB/s  ratio {r['ratio']}  "
             f"({r['chunks']} chunks, {r['bytes'] / 1e6:.0f} MB)"
         )
     print(f"results: {out / 'ceiling.json'}")

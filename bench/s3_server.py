@@ -3,6 +3,7 @@ and of `cake bench --ceiling`."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,6 +21,7 @@ FAKE_AWS_ENV = {
 @contextmanager
 def moto_s3_server() -> Iterator[str]:
     """Run moto's S3 server on a free local port (the OS picks it); yield its endpoint URL."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

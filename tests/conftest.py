@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.launcher.nats_server import NatsServer
 from bench.s3_server import FAKE_AWS_ENV, moto_s3_server
+from services.launcher.nats_server import NatsServer
 
 # --- S3 (moto) ------------------------------------------------------------------------------
 

@@ -106,3 +106,21 @@ def test_a_plain_forward_after_a_cache_is_causal_from_where_the_cache_ends() -> 
     stepped = runner.new_cache()
     runner.extend(stepped, ids[:30])
     assert torch.allclose(out.logits[0, -1], runner.extend(stepped, ids[30:]), atol=1e-5)
+
+
+def test_slot_places_chunks_ahead_and_extends_over_them() -> None:
+    """Chunks placed out of order past what a slot holds become part of it with extend_to, the
+    same bits as appending them in order; a placed chunk may not overlap what is held."""
+    runner = tiny_runner("llama")
+    chunks = [torch.randn(runner.layout.chunk_shape(4)) for _ in range(3)]
+    appended, placed = runner.new_cache(capacity=16), runner.new_cache(capacity=16)
+    for kv in chunks:
+        appended.append(kv)
+    placed.append(chunks[0])
+    placed.place(8, chunks[2])  # the tail arrives first
+    placed.place(4, chunks[1])
+    with pytest.raises(ValueError, match="held already"):
+        placed.place(0, chunks[1])
+    placed.extend_to(12)
+    assert placed.get_seq_length() == 12
+    assert torch.equal(placed.chunk(0, 12), appended.chunk(0, 12))

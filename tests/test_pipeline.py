@@ -21,6 +21,7 @@ from shared.kv.engine import fetch_chunk
 from shared.storage.base import Allocate
 from shared.storage.local import LocalStore
 from shared.storage.staging import Staging
+from shared.storage.throttled import ThrottledStore
 from shared.wire import subjects
 from shared.wire.messages import Accepted, Cancel, Failed, PrefillJob, Space
 from tests.harness import Backend, backend, default_runner, s3_backend, stack_settings
@@ -317,3 +318,23 @@ async def test_int8_codec_stores_half_the_bytes_and_still_hits(
             sizes[codec] = store.usage_bytes()
     # float32 KV: int8 values plus a float32 scale per 64 values, about 0.27 of the raw bytes
     assert sizes["int8"] < 0.3 * sizes["raw"]
+
+
+async def test_loaded_chunks_are_placed_as_they_arrive(nats_url: str, tmp_path: Path) -> None:
+    """Over a slow link, compute copies each loaded chunk into its slot when it arrives, so the
+    merge at the meeting point copies (almost) nothing; the tokens are compute-only's."""
+    tokens = prompt(700, seed=30)  # 10 usable chunks
+    settings = stack_settings(nats_url, tmp_path)
+    async with LocalStore(settings.store) as store:
+        async with backend(settings, store) as be:
+            ref = await be.generate(tokens, kv_mode="compute")  # and written back
+        usage = store.usage_bytes()
+        assert usage is not None
+        slow = ThrottledStore(store, bandwidth_MBps=usage / 10 / 1e6 / 0.05)  # 50 ms a chunk
+        async with slow, backend(settings, slow) as be:
+            got = await be.generate(tokens, kv_mode="load")
+            registry = be.services["compute"].metrics.registry  # type: ignore[attr-defined]
+    assert got.tokens == ref.tokens and got.done.chunks_loaded == 10
+    arrival = value(registry, "cake_compute_loaded_chunks_total", placed="on_arrival")
+    merge = value(registry, "cake_compute_loaded_chunks_total", placed="at_merge")
+    assert arrival + merge == 10 and arrival >= 8

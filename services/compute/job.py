@@ -31,7 +31,7 @@ class Job:
     piece: int = 0  # most tokens one prefill piece computes (whole chunks)
     head_done: int = 0  # chunks [0, head_done) computed
     meet: int | None = None  # where loaded chunks start, once known
-    staged: dict[int, str] = field(default_factory=dict)
+    staged: dict[int, str] = field(default_factory=dict)  # loaded chunk -> its staged file
     loads: MeetTracker = field(init=False)  # the loader's progress (frontier), as compute sees it
     head_piece: int = 1  # most head chunks one step computes
     merged: bool = False
@@ -46,6 +46,7 @@ class Job:
     waited: int = 0  # scheduler steps since it last ran while runnable
     memory: bool = False  # takes chunks from the memory tier and leaves its own there
     reused: set[int] = field(default_factory=set)  # prompt chunks taken from the memory tier
+    placed: set[int] = field(default_factory=set)  # loaded chunks already copied into the slot
     blocked: bool = False  # its next chunk is one an earlier request is computing: wait for it
 
     @property

@@ -108,6 +108,15 @@ class ComputeMetrics:
             "Prompt chunks taken from the memory tier instead of computed or loaded",
             registry=r,
         )
+        self.placed = Counter(
+            "cake_compute_loaded_chunks",
+            "Loaded chunks copied into their slots, by when: on_arrival (overlapping the loads) "
+            "or at_merge (after the meeting point)",
+            ("placed",),
+            registry=r,
+        )
+        for when in ("on_arrival", "at_merge"):
+            self.placed.labels(placed=when)
         self.evicted = Counter(
             "cake_compute_evicted_chunks",
             "Chunks evicted from the memory tier (least recently used first) for running requests",

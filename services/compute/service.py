@@ -179,11 +179,14 @@ class Compute(Service):
         return frozenset(ids)
 
     async def on_event(self, msg: Message, subject: str) -> None:
-        """Note staged chunks of our jobs, so head steps stop where loaded chunks begin."""
+        """Note staged chunks of our jobs, so head steps stop where loaded chunks begin and
+        each is copied into its slot as it arrives (see place_loaded)."""
         if isinstance(msg, ChunkLoaded):
             job = self.jobs.get(subjects.request_id_of(subject))
-            if job is not None and 0 <= msg.index < job.hit:
+            if job is not None and 0 <= msg.index < job.hit and not job.merged:
                 job.loads.on_loaded(msg.index)
+                job.staged[msg.index] = msg.staged
+                self.wake.set()
 
     async def on_control(self, msg: Message, subject: str) -> None:
         """Meet: use these staged chunks. Cancel: drop the job."""
@@ -193,7 +196,8 @@ class Compute(Service):
         if job is None:
             return
         if isinstance(msg, Meet) and job.meet is None and not job.decoding:
-            job.meet, job.staged = msg.meet, dict(msg.staged)
+            job.meet = msg.meet
+            job.staged.update(msg.staged)
         elif isinstance(msg, Cancel):
             job.finish_reason = FinishReason.CANCELLED
         self.wake.set()
@@ -217,9 +221,8 @@ class Compute(Service):
     async def step(self) -> bool:
         """One scheduler step and its messages; False when nothing was runnable."""
         await self.expire()
-        if self.pool is not None:
-            loop = asyncio.get_running_loop()
-            await self.send(await loop.run_in_executor(self.stepper, self.reuse_pooled))
+        loop = asyncio.get_running_loop()
+        await self.send(await loop.run_in_executor(self.stepper, self.prepare))
         candidates = [job.candidate() for job in self.jobs.values()]
         step = plan_step(candidates, self.settings.token_budget, self.settings.decode_share)
         self.metrics.planned(candidates, step)
@@ -348,6 +351,37 @@ class Compute(Service):
 
     # --- one step, in the worker thread -----------------------------------------------------
 
+    def prepare(self) -> Outbox:
+        """Before planning a step: copy loaded chunks and chunks from the memory tier into the
+        slots (the step's thread, so no step runs meanwhile)."""
+        for job in list(self.jobs.values()):
+            self.place_loaded(job)
+        return self.reuse_pooled() if self.pool is not None else []
+
+    def place_loaded(self, job: Job) -> None:
+        """Copy the job's newly staged chunks into their places in its slot, past its computed
+        head, so the merge copies nothing (a chunk that cannot be read is left to the merge)."""
+        if not job.admitted or job.merged or job.finish_reason:
+            return
+        assert isinstance(job.cache, SlotCache)
+        for j in sorted(set(job.staged) - job.placed):
+            if j < job.head_done:
+                continue
+            try:
+                kv = self.read_staged(job, j)
+            except (OSError, ValueError, CorruptChunkError):
+                continue
+            job.cache.place(job.prompt.space.chunk_bounds(j)[0], kv)
+            job.placed.add(j)
+            self.metrics.placed.labels(placed="on_arrival").inc()
+            self.staging.discard(job.staged[j])
+
+    def read_staged(self, job: Job, j: int) -> torch.Tensor:
+        """A staged chunk's KV, a view of its mapped file (the loader verified it before
+        staging it: only the header is checked here)."""
+        data = self.staging.map(job.staged[j])
+        return decode_chunk(data, job.prompt.identity(j), verify_payload=False)
+
     def reuse_pooled(self) -> Outbox:
         """Fill jobs' next prompt chunks from the memory tier. A job whose next chunk is not
         there but an earlier job will fill it waits for that job: requests with a common
@@ -387,16 +421,15 @@ class Compute(Service):
             self.pool.touch(job.prompt.keys[: max(job.reused) + 1])
         return taken
 
-    def remember(self, job: Job, chunks: range, kv: Sequence[torch.Tensor] = ()) -> None:
-        """Leave these complete prompt chunks in the memory tier (their KV, or the slot's)."""
+    def remember(self, job: Job, chunks: range) -> None:
+        """Leave these complete prompt chunks in the memory tier (copies from the slot)."""
         if self.pool is None or not job.memory:
             return
         assert isinstance(job.cache, SlotCache)
-        for n, i in enumerate(chunks):
+        for i in chunks:
             if i >= len(job.prompt.keys) or job.prompt.keys[i] in self.pool:
                 continue
-            start, end = job.prompt.space.chunk_bounds(i)
-            chunk = kv[n] if kv else job.cache.chunk(start, end)
+            chunk = job.cache.chunk(*job.prompt.space.chunk_bounds(i))
             if not self.pool.put(job.prompt.keys[i], chunk, self.pool_room()):
                 break
         self.pool.touch(job.prompt.keys[: chunks.stop])
@@ -531,25 +564,26 @@ class Compute(Service):
         tracer(__name__).start_span(name, start_time=started_ns, attributes=attributes).end()
 
     def merge_loaded(self, job: Job, from_chunk: int) -> None:
-        """Append staged chunks [from_chunk, hit); a chunk that cannot be read is computed."""
+        """Make loaded chunks [from_chunk, hit) part of the cache: most were placed as they
+        arrived; the rest are placed now. A chunk that cannot be read is computed instead."""
         with tracer(__name__).start_as_current_span("compute.merge"):
-            loaded = []
+            assert isinstance(job.cache, SlotCache)
             for j in range(from_chunk, job.hit):
+                if j in job.placed:
+                    continue
                 try:
-                    data = self.staging.map(job.staged[j])
-                    # verified by the loader before staging: only the header is checked here
-                    kv = decode_chunk(data, job.prompt.identity(j), verify_payload=False)
-                    loaded.append(kv)
+                    job.cache.place(job.prompt.space.chunk_bounds(j)[0], self.read_staged(job, j))
                 except (KeyError, OSError, ValueError, CorruptChunkError) as exc:
                     log.warning(
                         "staged chunk unusable; computing from it on", chunk=j, error=str(exc)
                     )
                     job.meet = job.hit  # compute the rest of the head instead
                     return
-            on_device = self.runner.append_kv(job.kv_cache, loaded)
-            self.remember(job, range(from_chunk, job.hit), on_device)
-            for j in range(from_chunk, job.hit):  # now in the cache: free the staging area
+                job.placed.add(j)
+                self.metrics.placed.labels(placed="at_merge").inc()
                 self.staging.discard(job.staged[j])
+            job.cache.extend_to(job.hit * job.chunk)
+            self.remember(job, range(from_chunk, job.hit))
             job.meet = from_chunk
             job.merged = True
             job.head_done = max(job.head_done, from_chunk)

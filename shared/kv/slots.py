@@ -66,13 +66,25 @@ class SlotCache:
     def append(self, kv: torch.Tensor) -> None:
         """Append (layers, 2, kv_heads, n, head_dim) KV to every layer in one copy (the layers
         must hold the same number of tokens, as they do between forward passes)."""
-        held, n = self.lengths[0], kv.shape[3]
-        if any(length != held for length in self.lengths):
-            raise ValueError("the slot's layers hold different numbers of tokens")
-        if held + n > self.capacity:
-            raise ValueError(f"the KV slot holds {self.capacity} tokens; {held + n} do not fit")
-        self.kv[:, :, :, held : held + n] = kv
-        self.lengths = [held + n] * len(self.lengths)
+        held = self.lengths[0]
+        self.place(held, kv)
+        self.extend_to(held + kv.shape[3])
+
+    def place(self, start: int, kv: torch.Tensor) -> None:
+        """Write (layers, 2, kv_heads, n, head_dim) KV (any dtype or device: converted) at
+        tokens [start, start + n), at or past what every layer holds; extend_to() then makes
+        them part of the cache. Loaded chunks are placed as they arrive."""
+        n = kv.shape[3]
+        if start < max(self.lengths) or start + n > self.capacity:
+            raise ValueError(f"tokens [{start}, {start + n}) are held already or do not fit")
+        self.kv[:, :, :, start : start + n] = kv
+
+    def extend_to(self, length: int) -> None:
+        """Hold `length` tokens in every layer (the layers must agree; the tokens past what
+        they held must have been placed)."""
+        if any(held != self.lengths[0] for held in self.lengths) or length > self.capacity:
+            raise ValueError(f"cannot extend the slot's layers {set(self.lengths)} to {length}")
+        self.lengths = [max(self.lengths[0], length)] * len(self.lengths)
 
     def chunk(self, start: int, end: int) -> torch.Tensor:
         """A copy of tokens [start, end) of every layer: (layers, 2, kv_heads, n, head_dim)."""
