@@ -80,7 +80,8 @@ async def read_objects(endpoint: str, keys: list[str], concurrency: int) -> tupl
             nonlocal total
             while not queue.empty():
                 obj = await s3.get_object(Bucket=S3_BUCKET, Key=queue.get_nowait())
-                async with obj["Body"] as body:
+                body = obj["Body"]  # (entered as itself: `as` gives the raw response)
+                async with body:
                     total += len(await body.read())
 
         start = time.perf_counter()

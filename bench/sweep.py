@@ -41,7 +41,7 @@ class BenchConfig:
     """What to measure."""
 
     contexts: Sequence[int] = (2048, 4096, 8192)
-    io_ratios: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    io_ratios: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0, 16.0)  # 16: near the loader's ceiling
     reps: int = 3
     fetch_concurrencies: Sequence[int] = (1, 4)
     chunk_tokens: int = 128  # the paper's I/O chunk; compute steps are 512 tokens
