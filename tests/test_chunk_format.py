@@ -147,3 +147,27 @@ def test_decoding_verified_bytes_skips_only_the_checksum() -> None:
         decode_chunk(data, ident)
     with pytest.raises(CorruptChunkError, match="key"):
         decode_chunk(data, dataclasses.replace(ident, key="cd" * 32), verify_payload=False)
+
+
+def test_a_cluster_secret_refuses_chunks_without_its_mac() -> None:
+    """Given CAKE_KV_SECRET, a reader takes only chunks MAC'd with it: a forger who can write
+    to the store (and so set any header field and a matching sha256) but lacks the secret is
+    refused; readers without the secret still read MAC'd chunks."""
+    ident, secret = identity(), b"cluster secret"
+    kv = random_kv(ident)
+    signed = encode_chunk(ident, kv, secret=secret)
+    assert torch.equal(decode_chunk(signed, ident, secret=secret), kv)
+    assert torch.equal(decode_chunk(signed, ident), kv)
+    forged_payload = encode_chunk(ident, torch.zeros_like(kv))  # valid checksum, no MAC
+    for what, data in {
+        "no mac": forged_payload,
+        "another secret": encode_chunk(ident, kv, secret=b"not ours"),
+        "mac copied onto other KV": _reheader(
+            forged_payload,
+            mac=msgpack.unpackb(signed[12 : 12 + int.from_bytes(signed[8:12], "little")])["mac"],
+        ),
+        "a field changed under the mac": _reheader(signed, codec="int8"),
+    }.items():
+        with pytest.raises(CorruptChunkError, match="MAC"):
+            decode_chunk(data, ident, secret=secret)
+            pytest.fail(what)

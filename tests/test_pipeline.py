@@ -17,6 +17,7 @@ from services.merger.service import Merger
 from shared.core.errors import StoreError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens
 from shared.core.request import Sampling
+from shared.kv.codec import encode_chunk
 from shared.kv.engine import fetch_chunk
 from shared.storage.base import Allocate
 from shared.storage.local import LocalStore
@@ -338,3 +339,26 @@ async def test_loaded_chunks_are_placed_as_they_arrive(nats_url: str, tmp_path: 
     arrival = value(registry, "cake_compute_loaded_chunks_total", placed="on_arrival")
     merge = value(registry, "cake_compute_loaded_chunks_total", placed="at_merge")
     assert arrival + merge == 10 and arrival >= 8
+
+
+async def test_a_forged_chunk_is_refused_under_a_cluster_secret(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """With CAKE_KV_SECRET set, a chunk planted by someone who can write to the store (right
+    header, right checksum, other KV) is refused and deleted; the answer is compute-only's."""
+    tokens = prompt(500, seed=31)
+    settings = stack_settings(nats_url, tmp_path, kv_secret="s3cret")
+    async with LocalStore(settings.store) as store, backend(settings, store) as be:
+        ref = await be.generate(tokens, kv_mode="compute")  # stores 7 MAC'd chunks
+        compute = be.services["compute"]
+        assert isinstance(compute, Compute)
+        prompt_chunks = PromptChunks.of(
+            KeySpace(compute.runner.fingerprint, compute.runner.layout, 64), tokens
+        )
+        victim = prompt_chunks.keys[0]  # the head: the loads above it still count
+        ident = prompt_chunks.identity(0)
+        await store.put(victim, encode_chunk(ident, torch.zeros(ident.layout.chunk_shape(64))))
+        got = await be.generate(tokens, kv_mode="load")
+        assert got.tokens == ref.tokens
+        assert got.done.chunks_loaded == 6  # the forged first one was refused and computed
+        assert not await store.exists(victim)

@@ -84,6 +84,7 @@ class Compute(Service):
     def __init__(self, bus: Bus, runner: ModelRunner, staging: Staging, settings: Settings) -> None:
         super().__init__(bus, settings)
         self.runner, self.staging = runner, staging
+        self.secret = settings.kv_secret_bytes()  # the MAC of chunks written and read
         self.jobs: dict[str, Job] = {}
         self.wake = asyncio.Event()
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
@@ -380,7 +381,7 @@ class Compute(Service):
         """A staged chunk's KV, a view of its mapped file (the loader verified it before
         staging it: only the header is checked here)."""
         data = self.staging.map(job.staged[j])
-        return decode_chunk(data, job.prompt.identity(j), verify_payload=False)
+        return decode_chunk(data, job.prompt.identity(j), False, self.secret)
 
     def reuse_pooled(self) -> Outbox:
         """Fill jobs' next prompt chunks from the memory tier. A job whose next chunk is not
@@ -592,7 +593,9 @@ class Compute(Service):
         """Encode the prompt's complete chunks beyond the hit into staging files."""
         staged = {}
         for i in range(job.hit, len(job.prompt.keys)):
-            data = encode_chunk_at(self.runner, job.kv_cache, job.prompt, i, self.settings.kv_codec)
+            data = encode_chunk_at(
+                self.runner, job.kv_cache, job.prompt, i, self.settings.kv_codec, self.secret
+            )
             staged[i] = self.staging.write(job.msg.request_id + "-wb", f"{i}.kv", data)
         return staged
 

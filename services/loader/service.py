@@ -72,6 +72,7 @@ class Loader(Service):
         self.fetches: dict[str, Fetch] = {}
         self.metrics = LoaderMetrics(staging.usage_bytes, store.usage_bytes)
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
+        self.secret = settings.kv_secret_bytes()  # chunks must carry its MAC (None: no MAC)
 
     async def start(self) -> None:
         """Subscribe to lookups, this node's fetch and store jobs, and all control messages."""
@@ -126,7 +127,9 @@ class Loader(Service):
         incoming = self.staging.incoming(rid, f"{index}.kv")
         with tracer(__name__).start_as_current_span("loader.chunk", attributes={"chunk": index}):
             try:
-                read = read_verified(self.store, fetch.prompt, index, incoming.allocate)
+                read = read_verified(
+                    self.store, fetch.prompt, index, incoming.allocate, self.secret
+                )
                 data = await asyncio.wait_for(read, timeout)
                 if data is None:
                     raise StoreError("missing (evicted since the lookup)")
@@ -193,7 +196,7 @@ class Loader(Service):
 
         async def read_staged(index: int) -> bytes:
             data = await asyncio.to_thread(self.staging.read, msg.staged[index])
-            await asyncio.to_thread(verify_chunk, data, prompt.identity(index))
+            await asyncio.to_thread(verify_chunk, data, prompt.identity(index), self.secret)
             return bytes(data)
 
         with tracer(__name__).start_as_current_span(

@@ -67,8 +67,11 @@ def _dequantize_int8(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...
     return (q.float() * scale).to(dtype)
 
 
-def encode_chunk(ident: ChunkIdentity, kv: torch.Tensor, codec: str = "raw") -> bytes:
-    """Serialize one chunk's KV, shape (layers, 2, kv_heads, tokens, head_dim)."""
+def encode_chunk(
+    ident: ChunkIdentity, kv: torch.Tensor, codec: str = "raw", secret: bytes | None = None
+) -> bytes:
+    """Serialize one chunk's KV, shape (layers, 2, kv_heads, tokens, head_dim) (MAC'd under
+    the cluster secret, if any)."""
     shape = ident.layout.chunk_shape(len(ident.token_ids))
     if tuple(kv.shape) != shape:
         raise ValueError(f"chunk KV has shape {tuple(kv.shape)}, layout expects {shape}")
@@ -80,20 +83,23 @@ def encode_chunk(ident: ChunkIdentity, kv: torch.Tensor, codec: str = "raw") -> 
         payload = _quantize_int8(kv)
     else:
         raise ValueError(f"unknown codec {codec!r}; use one of {CODECS}")
-    return pack_chunk(ident, codec, payload)
+    return pack_chunk(ident, codec, payload, secret)
 
 
-def decode_chunk(data: Buffer, ident: ChunkIdentity, verify_payload: bool = True) -> torch.Tensor:
-    """The chunk's KV tensor, after checking the header and (by default) the payload checksum.
+def decode_chunk(
+    data: Buffer, ident: ChunkIdentity, verify_payload: bool = True, secret: bytes | None = None
+) -> torch.Tensor:
+    """The chunk's KV tensor, after checking the header (with the MAC, given the cluster's
+    secret) and (by default) the payload checksum.
 
     verify_payload=False is for bytes already verified by verify_chunk in this node (the
     loader's staged files); a writable buffer (a bytearray, a copy-on-write mapping) is decoded
     without a copy.
     """
     if verify_payload:
-        header, offset = verify_chunk(data, ident)
+        header, offset = verify_chunk(data, ident, secret)
     else:
-        header, offset = check_header(data, ident)
+        header, offset = check_header(data, ident, secret)
     shape = ident.layout.chunk_shape(len(ident.token_ids))
     dtype = torch_dtype(ident.layout.dtype)
     payload = memoryview(data)[offset:]

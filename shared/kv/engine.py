@@ -19,7 +19,7 @@ from shared.kv.codec import decode_chunk, encode_chunk
 from shared.kv.model import ModelRunner
 from shared.kv.slots import KVCache
 from shared.kv.stored import read_verified, store_missing
-from shared.storage.base import ChunkStore
+from shared.storage.base import ChunkStore, new_buffer
 
 log = structlog.get_logger(__name__)
 
@@ -30,21 +30,29 @@ async def lookup_hit(store: ChunkStore, prompt: PromptChunks) -> int:
     return usable_hit_chunks(stored, len(prompt.token_ids), prompt.space.chunk_tokens)
 
 
-async def fetch_chunk(store: ChunkStore, prompt: PromptChunks, index: int) -> torch.Tensor | None:
+async def fetch_chunk(
+    store: ChunkStore, prompt: PromptChunks, index: int, secret: bytes | None = None
+) -> torch.Tensor | None:
     """Chunk index's KV, or None when missing or corrupt (a corrupt object is deleted)."""
     try:
-        data = await read_verified(store, prompt, index, lambda n: memoryview(bytearray(n)))
+        data = await read_verified(store, prompt, index, new_buffer, secret)
     except CorruptChunkError:
         return None
     return None if data is None else decode_chunk(data, prompt.identity(index), False)
 
 
 def encode_chunk_at(
-    runner: ModelRunner, cache: KVCache, prompt: PromptChunks, index: int, codec: str
+    runner: ModelRunner,
+    cache: KVCache,
+    prompt: PromptChunks,
+    index: int,
+    codec: str,
+    secret: bytes | None = None,
 ) -> bytes:
     """The stored form of chunk index, taken from the cache."""
     start, end = prompt.space.chunk_bounds(index)
-    return encode_chunk(prompt.identity(index), runner.chunk_kv(cache, start, end), codec)
+    kv = runner.chunk_kv(cache, start, end)
+    return encode_chunk(prompt.identity(index), kv, codec, secret)
 
 
 async def write_back(

@@ -5,6 +5,12 @@ The header names the format version, chunk key, model fingerprint, dtype, shape
 (layers, 2, kv_heads, tokens, head_dim), the packed token ids, the codec and the sha256 of the
 payload. Reading checks every one of them against what the reader expects, so a truncated,
 corrupt, foreign-model or wrong-salt object raises CorruptChunkError and is never served.
+
+With a cluster secret (CAKE_KV_SECRET) the header also carries `mac`, an HMAC-SHA256 under the
+secret of every other header field (the payload's sha256 among them), and readers with the
+secret refuse a chunk whose MAC is missing or wrong: a party that can write to the store but
+does not hold the secret cannot plant KV that passes. It costs one HMAC over a few hundred
+header bytes, nothing per payload byte.
 The loader verifies chunks with this module alone (no torch); shared.kv.codec turns payloads
 into tensors and back.
 """
@@ -12,6 +18,7 @@ into tensors and back.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 from typing import Any
 
@@ -38,10 +45,23 @@ def identity_fields(ident: ChunkIdentity) -> dict[str, Any]:
     }
 
 
-def pack_chunk(ident: ChunkIdentity, codec: str, payload: bytes) -> bytes:
-    """The stored object: magic, header (with the payload's checksum), payload."""
-    checksum = hashlib.sha256(payload).hexdigest()
-    header = msgpack.packb({**identity_fields(ident), "codec": codec, "sha256": checksum})
+def mac(fields: dict[str, Any], secret: bytes) -> str:
+    """HMAC-SHA256 under the secret of the header fields other than `mac`, canonically packed."""
+    signed = {k: v for k, v in sorted(fields.items()) if k != "mac"}
+    return hmac.new(secret, msgpack.packb(signed), hashlib.sha256).hexdigest()
+
+
+def pack_chunk(ident: ChunkIdentity, codec: str, payload: bytes, secret: bytes | None) -> bytes:
+    """The stored object: magic, header (with the payload's checksum, and its MAC under the
+    cluster secret when there is one), payload."""
+    fields = {
+        **identity_fields(ident),
+        "codec": codec,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    if secret is not None:
+        fields["mac"] = mac(fields, secret)
+    header = msgpack.packb(fields)
     return MAGIC + _LEN.pack(len(header)) + header + payload
 
 
@@ -69,18 +89,27 @@ def _read_header(data: Buffer, ident: ChunkIdentity) -> tuple[dict[str, Any], in
     return header, start + hlen
 
 
-def verify_chunk(data: Buffer, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
+def verify_chunk(
+    data: Buffer, ident: ChunkIdentity, secret: bytes | None
+) -> tuple[dict[str, Any], int]:
     """Check every header field and the payload checksum; the header and the payload offset."""
-    header, offset = check_header(data, ident)
+    header, offset = check_header(data, ident, secret)
     if hashlib.sha256(memoryview(data)[offset:]).hexdigest() != header.get("sha256"):
         raise corrupt(ident, "payload checksum mismatch (truncated or corrupt)")
     return header, offset
 
 
-def check_header(data: Buffer, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
-    """Check every header field (not the payload); the header and the payload offset."""
+def check_header(
+    data: Buffer, ident: ChunkIdentity, secret: bytes | None
+) -> tuple[dict[str, Any], int]:
+    """Check every header field and, with a secret, the MAC (not the payload); the header and
+    the payload offset."""
     header, offset = _read_header(data, ident)
     for field, want in identity_fields(ident).items():
         if header.get(field) != want:
             raise corrupt(ident, f"header field {field!r} does not match")
+    if secret is not None:
+        given = header.get("mac")
+        if not isinstance(given, str) or not hmac.compare_digest(given, mac(header, secret)):
+            raise corrupt(ident, "MAC missing or wrong: not written with this cluster's secret")
     return header, offset

@@ -17,16 +17,21 @@ log = structlog.get_logger(__name__)
 
 
 async def read_verified(
-    store: ChunkStore, prompt: PromptChunks, index: int, allocate: Allocate
+    store: ChunkStore,
+    prompt: PromptChunks,
+    index: int,
+    allocate: Allocate,
+    secret: bytes | None = None,
 ) -> memoryview | None:
     """Chunk index read into a buffer from allocate (the loader's staged file), after checking
     header, identity and checksum (off the event loop): the filled buffer, or None when it is
-    not stored. A corrupt object is deleted, then CorruptChunkError."""
+    not stored. A corrupt object (or, given the cluster secret, one without its MAC) is
+    deleted, then CorruptChunkError."""
     data = await store.get_into(prompt.keys[index], allocate)
     if data is None:
         return None
     try:
-        await asyncio.to_thread(verify_chunk, data, prompt.identity(index))
+        await asyncio.to_thread(verify_chunk, data, prompt.identity(index), secret)
     except CorruptChunkError as exc:
         log.warning("corrupt chunk deleted", chunk=index, error=str(exc))
         await store.delete(prompt.keys[index])

@@ -61,6 +61,7 @@ class Settings:
     memory_tier: bool = True  # keep prompt chunks' KV in compute memory for later requests
     exact_splits: bool = False  # every forward pass covers exactly one storage chunk
     skip_head_ratio: float = 0.5  # run load-only when a chunk loads in < this x its compute time
+    kv_secret: str | None = field(default=None, repr=False)  # cluster secret, or @path to it
     kv_codec: str = "raw"  # how new chunks are stored: raw (exact) or int8 (half of fp16, lossy)
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     log_format: str = "auto"  # json, console or auto (console on a terminal)
@@ -124,6 +125,21 @@ class Settings:
     def kv_memory_bytes(self) -> int | None:
         """The compute replica's KV memory budget, if set."""
         return None if self.kv_memory_gb is None else int(self.kv_memory_gb * 2**30)
+
+    def kv_secret_bytes(self) -> bytes | None:
+        """The cluster secret that stored chunks are MAC'd with (CAKE_KV_SECRET: the secret,
+        or @path to a file holding it), or None."""
+        if not self.kv_secret:
+            return None
+        if not self.kv_secret.startswith("@"):
+            return self.kv_secret.encode()
+        try:
+            secret = Path(self.kv_secret[1:]).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"CAKE_KV_SECRET: cannot read {self.kv_secret[1:]}: {exc}") from None
+        if not secret:
+            raise ConfigError(f"CAKE_KV_SECRET: {self.kv_secret[1:]} is empty")
+        return secret
 
     @property
     def store_capacity_bytes(self) -> int | None:

@@ -11,6 +11,11 @@ from collections.abc import Callable, Sequence
 Allocate = Callable[[int], memoryview]
 
 
+def new_buffer(size: int) -> memoryview:
+    """A fresh writable buffer of size bytes (the plain Allocate)."""
+    return memoryview(bytearray(size))
+
+
 class ChunkStore(abc.ABC):
     """An async key -> bytes store for serialized KV chunks.
 
@@ -55,7 +60,7 @@ class ChunkStore(abc.ABC):
 
     async def get_copy(self, key: str) -> bytes | None:
         """get() for stores whose get_into reads in place: into a new buffer, as bytes."""
-        view = await self.get_into(key, lambda size: memoryview(bytearray(size)))
+        view = await self.get_into(key, new_buffer)
         return None if view is None else bytes(view)
 
     @abc.abstractmethod
