@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 from opentelemetry.trace import Span, Status, StatusCode
 
+from services.gateway.auth import TENANT, ApiKeys, auth_middleware
 from services.gateway.conversation import Call, Generation, TextAssembler
 from services.gateway.errors import ApiError
 from services.gateway.metrics import GatewayMetrics, Outcome
@@ -34,7 +35,7 @@ from services.gateway.validation import (
     tokenize,
 )
 from shared.core.errors import ErrorCode, TransportError
-from shared.core.keys import pack_tokens
+from shared.core.keys import pack_tokens, tenant_salt
 from shared.kv.tokenizer import Tokenizer
 from shared.runtime.config import Settings
 from shared.runtime.metrics import render
@@ -138,7 +139,9 @@ class Gateway:
         deadline = time.time() + self.settings.request_timeout_s
         call = Call(self.bus, rid, deadline, self.settings.request_timeout_s)
         try:
-            await call.start(self._message(rid, parsed, ids, deadline), self.settings.rpc_timeout_s)
+            salt = tenant_salt(request.get(TENANT, ""), parsed.cache_salt)
+            message = self._message(rid, parsed, ids, salt, deadline)
+            await call.start(message, self.settings.rpc_timeout_s)
             gen = Generation(call, TextAssembler(self.tokenizer, parsed.stop))
             shapes = Shapes(rid, self.limits.model_name, endpoint, int(time.time()))
             if parsed.stream:
@@ -172,14 +175,14 @@ class Gateway:
             )
 
     def _message(
-        self, rid: str, parsed: ParsedRequest, ids: list[int], deadline: float
+        self, rid: str, parsed: ParsedRequest, ids: list[int], salt: str, deadline: float
     ) -> GenerateRequest:
         return GenerateRequest(
             request_id=rid,
             tokens=pack_tokens(ids),
             sampling=parsed.sampling,
             kv_mode=parsed.kv_mode,
-            salt=parsed.cache_salt,
+            salt=salt,
             deadline=deadline,
         )
 
@@ -282,7 +285,9 @@ def make_app(
     the compute service on the first request)."""
     limits = Limits(model_name, settings.max_tokens_limit, max_context)
     gateway = Gateway(bus, settings, tokenizer, metrics, limits)
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+    refused = metrics.errors.labels(kind=ErrorCode.INVALID_API_KEY).inc
+    middlewares = [json_errors, auth_middleware(ApiKeys.of(settings), refused)]
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app.router.add_post("/v1/completions", gateway.completions)
     app.router.add_post("/v1/chat/completions", gateway.chat_completions)
     app.router.add_get("/v1/models", gateway.models)

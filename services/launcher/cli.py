@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run nats-server (unless --nats-url) and all four services")
     _settings_flags(up)
+    up.add_argument(
+        "--api-key", action="append", metavar="KEY[:TENANT]",
+        help="require this API key (repeat for more; added to CAKE_API_KEYS)",
+    )  # fmt: skip
     bench = sub.add_parser("bench", help="TTFT of compute-only, load-only, Cake and the oracle")
     bench.add_argument("--quick", action="store_true", help="about 3 minutes on 2 CPU cores")
     bench.add_argument("--serve", action="store_true", help="the serving benchmark (serve.json)")
@@ -85,7 +90,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "kv_memory_gb",
         "max_waiting",
     )
-    return Settings.from_env(**{n: getattr(args, n, None) for n in names})
+    keys = ",".join([os.environ.get("CAKE_API_KEYS", ""), *(getattr(args, "api_key", None) or [])])
+    return Settings.from_env(
+        **{n: getattr(args, n, None) for n in names}, api_keys=keys.strip(",") or None
+    )
 
 
 def builder(service: str) -> Builder:

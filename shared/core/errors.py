@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     CORRUPT_CHUNK = "corrupt_chunk"
     STORE_ERROR = "store_error"
     BAD_REQUEST = "bad_request"
+    INVALID_API_KEY = "invalid_api_key"  # OpenAI's code for a missing or unknown key
     MODEL_NOT_FOUND = "model_not_found"
     REQUEST_TOO_LARGE = "request_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
@@ -55,6 +56,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CORRUPT_CHUNK: 500,
     ErrorCode.STORE_ERROR: 500,
     ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.INVALID_API_KEY: 401,
     ErrorCode.MODEL_NOT_FOUND: 404,
     ErrorCode.REQUEST_TOO_LARGE: 413,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,

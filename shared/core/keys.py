@@ -56,6 +56,15 @@ class KVLayout:
         return (self.layers, 2, self.kv_heads, tokens, self.head_dim)
 
 
+def tenant_salt(tenant: str, cache_salt: str) -> str:
+    """The salt a request's chunk keys bind: its cache_salt within its tenant's space. The
+    tenant comes from the API key (server-side); without API keys there is one tenant ("") and
+    the salt is the cache_salt alone, as it always was."""
+    if not tenant:
+        return cache_salt
+    return json.dumps(["tenant", tenant, cache_salt], separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class KeySpace:
     """Everything besides the tokens that a chunk key binds."""

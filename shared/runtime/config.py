@@ -7,6 +7,7 @@ OpenTelemetry exporter reads the standard OTEL_* variables itself.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import socket
 import tempfile
@@ -62,6 +63,7 @@ class Settings:
     exact_splits: bool = False  # every forward pass covers exactly one storage chunk
     skip_head_ratio: float = 0.5  # run load-only when a chunk loads in < this x its compute time
     kv_secret: str | None = field(default=None, repr=False)  # cluster secret, or @path to it
+    api_keys: str | None = field(default=None, repr=False)  # key or key:tenant, comma-separated
     kv_codec: str = "raw"  # how new chunks are stored: raw (exact) or int8 (half of fp16, lossy)
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     log_format: str = "auto"  # json, console or auto (console on a terminal)
@@ -125,6 +127,30 @@ class Settings:
     def kv_memory_bytes(self) -> int | None:
         """The compute replica's KV memory budget, if set."""
         return None if self.kv_memory_gb is None else int(self.kv_memory_gb * 2**30)
+
+    def api_key_tenants(self) -> dict[str, str]:
+        """CAKE_API_KEYS as key -> tenant: comma-separated `key` or `key:tenant` entries, or
+        @path to a file of them (one or more a line; # starts a comment). A key without a
+        tenant is a tenant of its own. Empty: no keys (requests need none)."""
+        entries: list[str] = []
+        for entry in filter(None, (e.strip() for e in (self.api_keys or "").split(","))):
+            if not entry.startswith("@"):
+                entries.append(entry)
+                continue
+            try:
+                lines = Path(entry[1:]).read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"CAKE_API_KEYS: cannot read {entry[1:]}: {exc}") from None
+            for line in lines:
+                entries += [e.strip() for e in line.split("#", 1)[0].split(",") if e.strip()]
+        tenants: dict[str, str] = {}
+        for entry in entries:
+            key, _, tenant = entry.partition(":")
+            key, tenant = key.strip(), tenant.strip()
+            if not key or (":" in entry and not tenant):
+                raise ConfigError(f"CAKE_API_KEYS: {entry[:8]!r}... is not `key` or `key:tenant`")
+            tenants[key] = tenant or "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        return tenants
 
     def kv_secret_bytes(self) -> bytes | None:
         """The cluster secret that stored chunks are MAC'd with (CAKE_KV_SECRET: the secret,
