@@ -117,6 +117,9 @@ class FakeBackend:
         space = Space("fp", 2, 1, 4, "float32", SETTINGS.chunk_tokens)
         return ModelInfo(MODEL, space, 32768, "fake")
 
+    async def on_up(self, _: Message, __: str) -> Message:
+        return Accepted()
+
     async def play(self, req: GenerateRequest) -> None:
         await asyncio.sleep(self.delay_s)
         for message in self.script(req):
@@ -144,6 +147,8 @@ async def backend(bus: Bus) -> AsyncIterator[FakeBackend]:
     subs = [
         await bus.handle(subjects.GENERATE, fake.on_generate, queue="merger"),
         await bus.handle(subjects.COMPUTE_INFO, fake.on_info, queue="compute"),
+        await bus.handle(subjects.MERGER_INFO, fake.on_up, queue="merger"),
+        await bus.handle(subjects.LOADER_INFO, fake.on_up, queue="loader"),
         await bus.handle(subjects.CONTROL_ALL, fake.on_control),
     ]
     await bus.flush()
@@ -401,14 +406,16 @@ async def test_models_lists_the_served_model(bus: Bus) -> None:
     assert models[0].model_extra is not None and models[0].model_extra["max_model_len"] == 1024
 
 
-async def test_health_follows_the_nats_connection(nats_url: str) -> None:
+async def test_health_follows_the_nats_connection(nats_url: str, backend: FakeBackend) -> None:
     own = await Bus.connect(nats_url, "test-health")
     async with gateway(own) as client:
         resp = await client.get("/health")
         assert (resp.status, await resp.json()) == (200, {"status": "ok"})
         await own.close()
         resp = await client.get("/health")
-        assert resp.status == 503
+        assert (resp.status, (await resp.json())["reason"]) == (503, "NATS is not connected")
+        resp = await client.post("/v1/completions", json={"prompt": "hi"})
+        assert resp.status == 503  # at once, not after the RPC timeout
 
 
 async def test_metrics_count_requests_tokens_and_errors(bus: Bus, backend: FakeBackend) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,8 @@ log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MESSAGE_OVERHEAD_BYTES = 4096  # room for the other fields of a GenerateRequest
+HEALTH_PROBE_S = 1.0  # how long /health waits for each service's answer
+HEALTH_CACHE_S = 1.0  # how long a /health finding is reused
 
 
 def new_request_id() -> str:
@@ -69,6 +72,8 @@ class Gateway:
         self.bus, self.settings, self.tokenizer = bus, settings, tokenizer
         self.metrics, self.limits = metrics, limits
         self.model_known = limits.max_context is not None  # else asked of compute once
+        self.checked_at = -math.inf  # when /health last probed the services
+        self.problem: str | None = None  # and what it found
         self.started = int(time.time())
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -93,12 +98,43 @@ class Gateway:
         return web.json_response({"object": "list", "data": [model]})
 
     async def health(self, _: web.Request) -> web.Response:
-        """GET /health: 200 while connected to NATS, 503 otherwise."""
-        if self.bus.connected:
+        """GET /health: 200 when a request would be served (NATS connected; compute, with its
+        model loaded, a merger and a loader answering), else 503 with the reason."""
+        now = time.monotonic()
+        if now - self.checked_at > HEALTH_CACHE_S:  # probes, at most once a second
+            self.checked_at, self.problem = now, await self.backend_problem()
+        problem = "NATS is not connected" if not self.bus.connected else self.problem
+        if problem is None:
             return web.json_response({"status": "ok"})
-        return web.json_response(
-            {"status": "unavailable", "reason": "NATS is not connected"}, status=503
+        return web.json_response({"status": "unavailable", "reason": problem}, status=503)
+
+    async def backend_problem(self) -> str | None:
+        """Why a request would not be served now (by the services), or None."""
+        if not self.bus.connected:
+            return "NATS is not connected"
+        timeout = min(HEALTH_PROBE_S, self.settings.rpc_timeout_s)
+        probes = (
+            ("compute", subjects.COMPUTE_INFO, ModelInfo),
+            ("merger", subjects.MERGER_INFO, Accepted),
+            ("loader", subjects.LOADER_INFO, Accepted),
         )
+        answers = await asyncio.gather(
+            *(
+                self.bus.request(subject, Accepted(), reply, timeout)
+                for _, subject, reply in probes
+            ),
+            return_exceptions=True,
+        )
+        silent = [
+            name
+            for (name, _, _), a in zip(probes, answers, strict=True)
+            if isinstance(a, BaseException)
+        ]
+        if silent:
+            return (
+                f"no {' or '.join(silent)} service answers (starting, loading the model, or down)"
+            )
+        return None
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         """GET /metrics: Prometheus text format (OpenMetrics when the scraper asks for it)."""
@@ -131,6 +167,8 @@ class Gateway:
     async def _run(
         self, request: web.Request, endpoint: Endpoint, rid: str, outcome: Outcome
     ) -> web.StreamResponse:
+        if not self.bus.connected:  # at once, not after the RPC timeout
+            raise ApiError(ErrorCode.UNAVAILABLE, "the gateway has lost its NATS connection")
         parsed = parse_request(decode_body(await read_body(request)), endpoint, self.limits)
         outcome.kv_mode = parsed.kv_mode
         ids = tokenize(parsed, self.tokenizer, await self.model_limits())

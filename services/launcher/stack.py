@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import os
 import signal
@@ -15,12 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from services.launcher.nats_server import NatsServer
-from shared.core.errors import TransportError
 from shared.runtime.config import Settings, env_var
 from shared.runtime.observability import configure_logging
-from shared.wire import subjects
-from shared.wire.bus import Bus
-from shared.wire.messages import Accepted, LookupReply, LookupRequest, ModelInfo
 
 SERVICES = ("gateway", "merger", "compute", "loader")
 READY_TIMEOUT_S = 120.0
@@ -87,7 +82,7 @@ class LocalStack:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.check_alive()
-            if self._gateway_up() and asyncio.run(self._backend_up()):
+            if self._gateway_up():  # /health: every service answers, the model is loaded
                 return
             time.sleep(0.2)
         raise RuntimeError(f"the stack was not ready within {timeout_s:.0f}s")
@@ -98,19 +93,6 @@ class LocalStack:
                 return bool(resp.status == 200)
         except (OSError, http.client.HTTPException):  # not up yet, or not our gateway
             return False
-
-    async def _backend_up(self) -> bool:
-        """Compute has its model loaded and a loader answers lookups."""
-        bus = await Bus.connect(self.nats_url, "cake-stack")
-        try:
-            info = await bus.request(subjects.COMPUTE_INFO, Accepted(), ModelInfo, timeout_s=1.0)
-            ping = LookupRequest("ready-check", info.space, b"")
-            await bus.request(subjects.LOOKUP, ping, LookupReply, timeout_s=1.0)
-            return True
-        except TransportError:
-            return False
-        finally:
-            await bus.close()
 
     def check_alive(self) -> None:
         """RuntimeError naming any service that exited."""

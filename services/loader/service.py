@@ -78,10 +78,15 @@ class Loader(Service):
         """Subscribe to lookups, this node's fetch and store jobs, and all control messages."""
         node = self.settings.node
         await self.bus.handle(subjects.LOOKUP, self.on_lookup, queue=subjects.QUEUE_LOADER)
+        await self.bus.handle(subjects.LOADER_INFO, self.on_info, queue=subjects.QUEUE_LOADER)
         await self.bus.handle(subjects.fetch(node), self.on_fetch, queue=subjects.QUEUE_LOADER)
         await self.bus.handle(subjects.store(node), self.on_store, queue=subjects.QUEUE_LOADER)
         await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
         self.loops.spawn(self.sweep_staging())
+
+    async def on_info(self, _: Message, __: str) -> Message:
+        """Answer that a loader is up, and on which node (the gateway's /health asks)."""
+        return Accepted(node=self.settings.node)
 
     async def on_lookup(self, msg: Message, _: str) -> Message:
         """How many leading chunks of the prompt are stored."""

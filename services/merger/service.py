@@ -56,6 +56,11 @@ class Merger(Service):
     async def start(self) -> None:
         """Take generate requests (queue group: any merger replica may coordinate one)."""
         await self.bus.handle(subjects.GENERATE, self.on_generate, queue=subjects.QUEUE_MERGER)
+        await self.bus.handle(subjects.MERGER_INFO, self.on_info, queue=subjects.QUEUE_MERGER)
+
+    async def on_info(self, _: Message, __: str) -> Message:
+        """Answer that a merger is up (the gateway's /health asks)."""
+        return Accepted()
 
     async def on_generate(self, msg: Message, _: str) -> Message:
         """Accept at once; coordinate in the background."""

@@ -15,6 +15,8 @@ GENERATE = f"{ROOT}.merger.generate"  # gateway -> merger: GenerateRequest -> Ac
 COMPUTE_INFO = f"{ROOT}.compute.info"  # any -> compute: (empty) -> ModelInfo
 COMPUTE_PREFILL = f"{ROOT}.compute.prefill"  # merger -> compute: PrefillJob -> Accepted
 LOOKUP = f"{ROOT}.loader.lookup"  # merger -> loader: LookupRequest -> LookupReply
+MERGER_INFO = f"{ROOT}.merger.info"  # any -> merger: (empty) -> Accepted (it is up)
+LOADER_INFO = f"{ROOT}.loader.info"  # any -> loader: (empty) -> Accepted(node) (it is up)
 
 # fire and forget
 CONTROL_ALL = f"{ROOT}.req.*.control"
