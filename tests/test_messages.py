@@ -31,6 +31,7 @@ from shared.wire.messages import (
     PrefillJob,
     SchemaError,
     Space,
+    StartHead,
     StoreJob,
     Tokens,
 )  # fmt: skip
@@ -54,6 +55,7 @@ EXAMPLES: list[Message] = [
     LoadFailed("r1", 3, "timeout"),
     Meet("r1", 2, 4, {2: "/staging/r1/2.kv", 3: "/staging/r1/3.kv"}),
     Cancel("r1", "client went away"),
+    StartHead("r1"),
     Tokens("r1", TOKENS),
     PREFILLED,
     PREFILLED.done(FinishReason.LENGTH, 8),

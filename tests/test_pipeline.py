@@ -362,3 +362,33 @@ async def test_a_forged_chunk_is_refused_under_a_cluster_secret(
         assert got.tokens == ref.tokens
         assert got.done.chunks_loaded == 6  # the forged first one was refused and computed
         assert not await store.exists(victim)
+
+
+async def test_a_load_only_plan_whose_loads_fall_behind_computes_the_head(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """The estimator expects a fast link and advises load-only; the link delivers a chunk a
+    second instead: once no chunk came for 4x the expected pace, compute starts the head and
+    the two sides meet, long before the loads alone would finish (about 10 s)."""
+    tokens = prompt(700, seed=32)  # 10 usable chunks
+    settings = stack_settings(nats_url, tmp_path)
+    async with LocalStore(settings.store) as store:
+        async with backend(settings, store) as be:
+            ref = await be.generate(tokens, kv_mode="compute")  # and written back
+        usage = store.usage_bytes()
+        assert usage is not None
+        slow = ThrottledStore(store, bandwidth_MBps=usage / 10 / 1e6)  # a chunk a second
+        async with slow, backend(settings, slow) as be:
+            merger = be.services["merger"]
+            assert isinstance(merger, Merger)
+            merger.estimator.observe_compute(2, 2.0)  # what it believes: compute 1 s a chunk,
+            merger.estimator.observe_loads(1, 0.01)  # loads 10 ms: load-only is advised
+            got = await be.generate(tokens)
+            registry = merger.metrics.registry
+    assert got.tokens == ref.tokens
+    assert got.first_token_s is not None and got.first_token_s < 5.0
+    assert got.done.meet_chunk > 0  # compute took part of the head
+    assert value(registry, "cake_merger_advice_total", advice="skip_head") == 1
+    assert (
+        value(registry, "cake_merger_requests_total", kv_mode="cake", outcome="resumed_head") == 1
+    )

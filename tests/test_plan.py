@@ -6,7 +6,14 @@ import random
 
 import pytest
 
-from shared.core.plan import MeetTracker, Split, oracle_split, usable_hit_chunks
+from shared.core.plan import (
+    MIN_OVERDUE_S,
+    MeetTracker,
+    Split,
+    loads_overdue_after,
+    oracle_split,
+    usable_hit_chunks,
+)
 
 
 @pytest.mark.parametrize(
@@ -155,3 +162,12 @@ def test_oracle_counts_the_load_sides_latency_only_when_it_loads() -> None:
     assert oracle_split([0.1] * 4, [1.0] * 4, load_latency_s=5.0) == (4, pytest.approx(0.4))
     m, t = oracle_split([1.0] * 8, [1.0] * 8, load_latency_s=2.0)
     assert (m, t) == (5, pytest.approx(5.0))  # the head takes one more chunk per second late
+
+
+def test_loads_are_overdue_after_four_gaps_of_their_own_pace() -> None:
+    assert loads_overdue_after([], 10.0, None, 30.0) == 40.0  # no pace known: the cap
+    assert loads_overdue_after([], 10.0, 0.5, 30.0) == 12.0  # the estimator's pace
+    assert loads_overdue_after([], 10.0, 0.001, 30.0) == 10.0 + MIN_OVERDUE_S
+    # this request's own pace wins once two chunks arrived: gaps of 0.1 s -> 0.4 s after the last
+    assert loads_overdue_after([11.0, 11.1, 11.2], 10.0, 5.0, 30.0) == pytest.approx(11.6)
+    assert loads_overdue_after([11.0, 21.0], 10.0, None, 30.0) == 51.0  # never past the cap

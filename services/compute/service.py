@@ -57,6 +57,7 @@ from shared.wire.messages import (
     Prefilled,
     PrefillJob,
     Space,
+    StartHead,
     StoreJob,
     Tokens,
 )  # fmt: skip
@@ -190,13 +191,16 @@ class Compute(Service):
                 self.wake.set()
 
     async def on_control(self, msg: Message, subject: str) -> None:
-        """Meet: use these staged chunks. Cancel: drop the job."""
+        """Meet: use these staged chunks. StartHead: compute the head too. Cancel: drop the
+        job."""
         job = self.cancelled.owned(
             self.jobs, subjects.request_id_of(subject), isinstance(msg, Cancel)
         )
         if job is None:
             return
-        if isinstance(msg, Meet) and job.meet is None and not job.decoding:
+        if isinstance(msg, StartHead):
+            job.msg.compute_head = True  # the loads fell behind: race them after all
+        elif isinstance(msg, Meet) and job.meet is None and not job.decoding:
             job.meet = msg.meet
             job.staged.update(msg.staged)
         elif isinstance(msg, Cancel):

@@ -11,6 +11,7 @@ MEET_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # how coordinating a request ended (cake_merger_requests_total{outcome})
 OUTCOMES = (
     "met",  # loads dispatched, the frontiers met
+    "resumed_head",  # advised load-only, the loads fell behind their pace: compute did the head
     "stalled",  # loads dispatched, but no progress within CAKE_FETCH_TIMEOUT_S: compute took over
     "memory",  # compute's memory tier held every hit chunk: no fetch
     "no_hit",  # nothing stored (or kv_mode=compute): compute only
@@ -49,8 +50,8 @@ class MergerMetrics:
         )
         self.requests = Counter(
             "cake_merger_requests",
-            "Requests coordinated, by kv_mode and outcome (met, stalled, memory, no_hit, "
-            "no_fetch, no_loader, failed)",
+            "Requests coordinated, by kv_mode and outcome (met, resumed_head, stalled, memory, "
+            "no_hit, no_fetch, no_loader, failed)",
             ("kv_mode", "outcome"),
             registry=r,
         )

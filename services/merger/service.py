@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from contextlib import AsyncExitStack
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from services.merger.metrics import MergerMetrics
 from shared.core.errors import ErrorCode, RemoteError, RequestTimeout, TransportError, Unavailable
 from shared.core.estimator import Advice, SplitEstimator
-from shared.core.plan import MeetTracker, Split, usable_hit_chunks
+from shared.core.plan import MeetTracker, Split, loads_overdue_after, usable_hit_chunks
 from shared.core.request import KvMode
 from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
@@ -37,6 +39,7 @@ from shared.wire.messages import (
     ModelInfo,
     PrefillJob,
     Space,
+    StartHead,
 )  # fmt: skip
 
 log = structlog.get_logger(__name__)
@@ -191,9 +194,14 @@ class Merger(Service):
         split, outcome = tracker.meet(), "met"
         while split is None:
             timeout = min(self.settings.fetch_timeout_s, req.deadline - time.time())
+            overdue_in = self.loads_overdue_in(req, tracker, arrivals, start)
             try:
-                event = (await events.next(timeout)).message
+                event = (await events.next(min(timeout, overdue_in))).message
             except RequestTimeout:
+                if overdue_in < timeout:  # a load-only plan fell behind: compute the head too
+                    await self.start_head(req, tracker, len(arrivals))
+                    outcome = "resumed_head"
+                    continue
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
                 self.estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a stalled link
                 split, outcome = Split(tracker.load_frontier, hit), "stalled"
@@ -214,6 +222,23 @@ class Merger(Service):
             split = tracker.meet()
         self.observe_link(start, arrivals)
         return split, staged, outcome
+
+    def loads_overdue_in(
+        self, req: GenerateRequest, tracker: MeetTracker, arrivals: list[float], start: float
+    ) -> float:
+        """Seconds until a load-only Cake plan counts as behind its pace (inf: not one)."""
+        if tracker.compute_head or req.kv_mode != KvMode.CAKE:
+            return math.inf
+        cap = self.settings.fetch_timeout_s
+        due = loads_overdue_after(arrivals, start, self.estimator.load_s.value, cap)
+        return max(0.0, due - time.monotonic())
+
+    async def start_head(self, req: GenerateRequest, tracker: MeetTracker, loaded: int) -> None:
+        """Tell compute to compute the head after all; the frontiers then meet as usual."""
+        log.info("loads fell behind their pace; computing the head", loaded=loaded)
+        tracker.compute_head = True
+        trace.get_current_span().set_attribute("cake.resumed_head", True)
+        await self.bus.publish(subjects.control(req.request_id), StartHead(req.request_id))
 
     def observe_link(self, start: float, arrivals: list[float]) -> None:
         """Feed the estimator the link's pace: the spacing of arrivals after the first batch of

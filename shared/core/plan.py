@@ -86,6 +86,26 @@ class MeetTracker:
         return None
 
 
+OVERDUE_GAPS = 4.0  # a load-only plan is behind when no chunk came for this many gaps of its pace
+MIN_OVERDUE_S = 0.25  # nor before this long (arrivals jitter)
+
+
+def loads_overdue_after(
+    arrivals: Sequence[float], started: float, prior_gap_s: float | None, cap_s: float
+) -> float:
+    """When (on the arrivals' clock) a load-only plan counts as behind: OVERDUE_GAPS times its
+    pace after the last arrival (or the start). The pace is the mean gap between this
+    request's arrivals, else the estimator's seconds per chunk (prior_gap_s); without either,
+    cap_s (the fetch timeout). At least MIN_OVERDUE_S, at most cap_s after it."""
+    last = arrivals[-1] if arrivals else started
+    if len(arrivals) >= 2:
+        gap: float | None = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
+    else:
+        gap = prior_gap_s
+    wait = cap_s if gap is None else min(cap_s, max(MIN_OVERDUE_S, OVERDUE_GAPS * gap))
+    return last + wait
+
+
 def head_step(done: int, hit: int, frontier: int, hint: int, step: int, max_step: int) -> int:
     """Head chunks the next compute step takes, stopping where staged chunks begin.
 

@@ -222,6 +222,13 @@ class Meet(Message):
     staged: dict[int, str] = {}
 
 
+class StartHead(Message):
+    """merger -> compute: the loads fell behind their pace; compute the head after all (a
+    load-only plan becomes a Cake split, and the two sides meet as usual)."""
+
+    request_id: str
+
+
 class Cancel(Message):
     """-> compute and loader: drop this request (client gone, deadline, stop string)."""
 
