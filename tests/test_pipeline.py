@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from services.compute.job import Job
 from services.compute.service import Compute, Work
+from services.launcher.in_process import Result
 from services.loader.service import Loader
 from services.merger.service import Merger
 from shared.core.errors import StoreError
@@ -321,20 +323,30 @@ async def test_int8_codec_stores_half_the_bytes_and_still_hits(
     assert sizes["int8"] < 0.3 * sizes["raw"]
 
 
-async def test_loaded_chunks_are_placed_as_they_arrive(nats_url: str, tmp_path: Path) -> None:
-    """Over a slow link, compute copies each loaded chunk into its slot when it arrives, so the
-    merge at the meeting point copies (almost) nothing; the tokens are compute-only's."""
-    tokens = prompt(700, seed=30)  # 10 usable chunks
+@asynccontextmanager
+async def over_a_slow_link(
+    nats_url: str, tmp_path: Path, tokens: list[int], chunk_s: float
+) -> AsyncIterator[tuple[Result, Backend]]:
+    """The compute-only answer for tokens (whose 10 usable chunks it stores), then services
+    whose store delivers a chunk every chunk_s seconds."""
     settings = stack_settings(nats_url, tmp_path)
     async with LocalStore(settings.store) as store:
         async with backend(settings, store) as be:
             ref = await be.generate(tokens, kv_mode="compute")  # and written back
         usage = store.usage_bytes()
         assert usage is not None
-        slow = ThrottledStore(store, bandwidth_MBps=usage / 10 / 1e6 / 0.05)  # 50 ms a chunk
+        slow = ThrottledStore(store, bandwidth_MBps=usage / 10 / 1e6 / chunk_s)
         async with slow, backend(settings, slow) as be:
-            got = await be.generate(tokens, kv_mode="load")
-            registry = be.services["compute"].metrics.registry  # type: ignore[attr-defined]
+            yield ref, be
+
+
+async def test_loaded_chunks_are_placed_as_they_arrive(nats_url: str, tmp_path: Path) -> None:
+    """Over a slow link, compute copies each loaded chunk into its slot when it arrives, so the
+    merge at the meeting point copies (almost) nothing; the tokens are compute-only's."""
+    tokens = prompt(700, seed=30)  # 10 usable chunks
+    async with over_a_slow_link(nats_url, tmp_path, tokens, chunk_s=0.05) as (ref, be):
+        got = await be.generate(tokens, kv_mode="load")
+        registry = be.services["compute"].metrics.registry  # type: ignore[attr-defined]
     assert got.tokens == ref.tokens and got.done.chunks_loaded == 10
     arrival = value(registry, "cake_compute_loaded_chunks_total", placed="on_arrival")
     merge = value(registry, "cake_compute_loaded_chunks_total", placed="at_merge")
@@ -371,20 +383,13 @@ async def test_a_load_only_plan_whose_loads_fall_behind_computes_the_head(
     second instead: once no chunk came for 4x the expected pace, compute starts the head and
     the two sides meet, long before the loads alone would finish (about 10 s)."""
     tokens = prompt(700, seed=32)  # 10 usable chunks
-    settings = stack_settings(nats_url, tmp_path)
-    async with LocalStore(settings.store) as store:
-        async with backend(settings, store) as be:
-            ref = await be.generate(tokens, kv_mode="compute")  # and written back
-        usage = store.usage_bytes()
-        assert usage is not None
-        slow = ThrottledStore(store, bandwidth_MBps=usage / 10 / 1e6)  # a chunk a second
-        async with slow, backend(settings, slow) as be:
-            merger = be.services["merger"]
-            assert isinstance(merger, Merger)
-            merger.estimator.observe_compute(2, 2.0)  # what it believes: compute 1 s a chunk,
-            merger.estimator.observe_loads(1, 0.01)  # loads 10 ms: load-only is advised
-            got = await be.generate(tokens)
-            registry = merger.metrics.registry
+    async with over_a_slow_link(nats_url, tmp_path, tokens, chunk_s=1.0) as (ref, be):
+        merger = be.services["merger"]
+        assert isinstance(merger, Merger)
+        merger.estimator.observe_compute(2, 2.0)  # what it believes: compute 1 s a chunk,
+        merger.estimator.observe_loads(1, 0.01)  # loads 10 ms: load-only is advised
+        got = await be.generate(tokens)
+        registry = merger.metrics.registry
     assert got.tokens == ref.tokens
     assert got.first_token_s is not None and got.first_token_s < 5.0
     assert got.done.meet_chunk > 0  # compute took part of the head
