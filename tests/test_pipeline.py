@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from services.compute.service import Compute, Work
 from services.launcher.in_process import Result
 from services.loader.service import Loader
 from services.merger.service import Merger
-from shared.core.errors import StoreError
+from shared.core.errors import RemoteError, StoreError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens
 from shared.core.request import Sampling
 from shared.kv.codec import encode_chunk
@@ -26,7 +28,16 @@ from shared.storage.local import LocalStore
 from shared.storage.staging import Staging
 from shared.storage.throttled import ThrottledStore
 from shared.wire import subjects
-from shared.wire.messages import Accepted, Cancel, Failed, PrefillJob, Space
+from shared.wire.messages import (
+    Accepted,
+    Cancel,
+    Failed,
+    LookupReply,
+    LookupRequest,
+    PrefillJob,
+    Space,
+    StoreJob,
+)
 from tests.harness import Backend, backend, default_runner, s3_backend, stack_settings
 from tests.prom import value
 
@@ -397,3 +408,37 @@ async def test_a_load_only_plan_whose_loads_fall_behind_computes_the_head(
     assert (
         value(registry, "cake_merger_requests_total", kv_mode="cake", outcome="resumed_head") == 1
     )
+
+
+async def test_services_check_what_comes_over_nats(local: Backend) -> None:
+    """A client on the bus cannot make compute hold a job past the limits, make a loader hash a
+    prompt in 1-token chunks, or make a loader store or delete another request's staged file."""
+    compute = local.services["compute"]
+    assert isinstance(compute, Compute)
+    space = Space.of(KeySpace(compute.runner.fingerprint, compute.runner.layout, 64))
+    tokens = pack_tokens(prompt(300, seed=40))
+    deadline = time.time() + 30
+    bad_jobs = {
+        "max_tokens must be in": PrefillJob(
+            "r-big", tokens, space, 0, True, Sampling(max_tokens=10**6), deadline
+        ),
+        "chunks of this replica hold 64": PrefillJob(
+            "r-tiny", tokens, msgspec.structs.replace(space, chunk_tokens=1), 0, True,
+            Sampling(), deadline,
+        ),
+        "hit 99 is not": PrefillJob("r-hit", tokens, space, 99, True, Sampling(), deadline),
+    }  # fmt: skip
+    for why, job in bad_jobs.items():
+        with pytest.raises(RemoteError, match=why):
+            await local.client.request(subjects.COMPUTE_PREFILL, job, Accepted, 2.0)
+    tiny = msgspec.structs.replace(space, chunk_tokens=1)
+    with pytest.raises(RemoteError, match="chunks here hold 64"):
+        await local.client.request(
+            subjects.LOOKUP, LookupRequest("r-look", tiny, tokens), LookupReply, 2.0
+        )
+    staging = Staging(local.settings.staging_dir)
+    victim = staging.write("someone-else", "0.kv", b"their chunk")
+    forged = StoreJob("r-store", tokens, space, {0: victim})
+    with pytest.raises(RemoteError, match="not staged for request r-store"):
+        await local.client.request(subjects.store(local.settings.node), forged, Accepted, 2.0)
+    assert Path(victim).read_bytes() == b"their chunk"

@@ -134,7 +134,8 @@ class Compute(Service):
         space = msg.space.key_space()
         if space.model_fingerprint != self.runner.fingerprint:
             raise RemoteError(ErrorCode.BAD_REQUEST, "job is for another model")
-        prompt = PromptChunks.of(space, unpack_tokens(msg.tokens))
+        self.check_job(msg)
+        prompt = await asyncio.to_thread(PromptChunks.of, space, unpack_tokens(msg.tokens))
         if not prompt.token_ids or max(prompt.token_ids) >= self.runner.vocab_size:
             raise BadRequestError(f"token ids must be in [0, {self.runner.vocab_size})")
         budget = self.settings.token_budget // space.chunk_tokens * space.chunk_tokens
@@ -160,6 +161,24 @@ class Compute(Service):
         self.jobs[rid] = job
         self.wake.set()
         return Accepted(node=self.settings.node, pooled=pooled)
+
+    def check_job(self, msg: PrefillJob) -> None:
+        """A job is checked here, not trusted for coming over NATS: its space is this model's,
+        its tokens and max_tokens within the model's context and CAKE_MAX_TOKENS_LIMIT."""
+        if msg.space.key_space().chunk_tokens != self.settings.chunk_tokens:
+            raise BadRequestError(
+                f"chunks of this replica hold {self.settings.chunk_tokens} tokens"
+            )
+        if not 0 < msg.sampling.max_tokens <= self.settings.max_tokens_limit:
+            raise BadRequestError(f"max_tokens must be in [1, {self.settings.max_tokens_limit}]")
+        n = len(msg.tokens) // 4
+        if self.runner.max_context and n + msg.sampling.max_tokens > self.runner.max_context:
+            raise BadRequestError(
+                f"{n} prompt tokens and max_tokens {msg.sampling.max_tokens} exceed the model's "
+                f"context of {self.runner.max_context}"
+            )
+        if not 0 <= msg.hit <= n // self.settings.chunk_tokens:
+            raise BadRequestError(f"hit {msg.hit} is not a number of the prompt's chunks")
 
     def admit(self, job: Job) -> None:
         """The job may run: its KV slot (prompt + max_tokens, what admission reserved); the
@@ -384,7 +403,7 @@ class Compute(Service):
     def read_staged(self, job: Job, j: int) -> torch.Tensor:
         """A staged chunk's KV, a view of its mapped file (the loader verified it before
         staging it: only the header is checked here)."""
-        data = self.staging.map(job.staged[j])
+        data = self.staging.map(str(self.staging.owned(job.staged[j], job.msg.request_id)))
         return decode_chunk(data, job.prompt.identity(j), False, self.secret)
 
     def reuse_pooled(self) -> Outbox:

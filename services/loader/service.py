@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from services.loader.metrics import LoaderMetrics
 from shared.core.cancellations import RecentlyCancelled
-from shared.core.errors import CorruptChunkError, StoreError
+from shared.core.errors import BadRequestError, CorruptChunkError, StoreError
 from shared.core.keys import PromptChunks, unpack_tokens
 from shared.kv.format import verify_chunk
 from shared.kv.stored import read_verified, store_missing
@@ -88,10 +88,17 @@ class Loader(Service):
         """Answer that a loader is up, and on which node (the gateway's /health asks)."""
         return Accepted(node=self.settings.node)
 
+    async def checked_prompt(self, space: Space, tokens: bytes) -> PromptChunks:
+        """The keyed prompt a message describes, checked, not trusted for coming over NATS:
+        chunks of this deployment's size (keys hashed off the event loop)."""
+        if space.chunk_tokens != self.settings.chunk_tokens:
+            raise BadRequestError(f"chunks here hold {self.settings.chunk_tokens} tokens")
+        return await asyncio.to_thread(prompt_of, space, tokens)
+
     async def on_lookup(self, msg: Message, _: str) -> Message:
         """How many leading chunks of the prompt are stored."""
         assert isinstance(msg, LookupRequest)
-        prompt = prompt_of(msg.space, msg.tokens)
+        prompt = await self.checked_prompt(msg.space, msg.tokens)
         with tracer(__name__).start_as_current_span("loader.lookup"):
             stored = await self.store.stored_prefix(prompt.keys)
         self.metrics.lookups.inc()
@@ -102,7 +109,9 @@ class Loader(Service):
         assert isinstance(msg, FetchJob)
         if msg.request_id in self.cancelled:
             return Accepted(node=self.settings.node)
-        fetch = Fetch(msg, prompt_of(msg.space, msg.tokens))
+        fetch = Fetch(msg, await self.checked_prompt(msg.space, msg.tokens))
+        if not 0 <= msg.hit <= len(fetch.prompt.keys):
+            raise BadRequestError(f"hit {msg.hit} is not a number of the prompt's chunks")
         self.fetches[msg.request_id] = fetch
         queue: asyncio.Queue[int] = asyncio.Queue()
         for j in range(msg.hit - 1, -1, -1):
@@ -193,9 +202,9 @@ class Loader(Service):
     async def on_store(self, msg: Message, _: str) -> Message:
         """Write staged chunk files to storage (skipping ones already there), then remove them."""
         assert isinstance(msg, StoreJob)
-        prompt = prompt_of(msg.space, msg.tokens)
+        prompt = await self.checked_prompt(msg.space, msg.tokens)
         for index, path in msg.staged.items():  # refuse the whole job before touching a file
-            self.staging.inside(path)
+            self.staging.owned(path, msg.request_id)
             if not 0 <= index < len(prompt.keys):
                 raise ValueError(f"chunk {index} is not a complete chunk of this prompt")
 

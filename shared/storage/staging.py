@@ -51,6 +51,13 @@ class Staging:
             raise ValueError(f"{path} is outside the staging area")
         return resolved
 
+    def owned(self, path: str, request_id: str) -> Path:
+        """The resolved path, or ValueError when it is not a file of this request's."""
+        resolved = self.inside(path)
+        if resolved.parent != self.request_dir(request_id).resolve():
+            raise ValueError(f"{path} is not staged for request {request_id}")
+        return resolved
+
     def read(self, path: str) -> bytearray:
         """A staged file's bytes (writable, so tensors can use them without a copy)."""
         resolved = self.inside(path)
