@@ -16,13 +16,14 @@ import torch
 from services.compute.job import Job
 from services.compute.service import Compute, Work
 from services.launcher.in_process import Result
-from services.loader.service import Loader
+from services.loader.service import Loader, probe_store
 from services.merger.service import Merger
-from shared.core.errors import RemoteError, StoreError
+from shared.core.errors import ConfigError, RemoteError, StoreError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens
 from shared.core.request import Sampling
 from shared.kv.codec import encode_chunk
 from shared.kv.engine import fetch_chunk
+from shared.runtime.config import Settings
 from shared.storage.base import Allocate
 from shared.storage.local import LocalStore
 from shared.storage.staging import Staging
@@ -310,7 +311,6 @@ async def test_exact_splits_store_the_kv_of_chunk_by_chunk_prefill(
 
 def test_boolean_settings_parse() -> None:
     from shared.core.errors import ConfigError
-    from shared.runtime.config import Settings
 
     assert Settings.from_env({"CAKE_EXACT_SPLITS": "1"}).exact_splits is True
     assert Settings.from_env({"CAKE_EXACT_SPLITS": "false"}).exact_splits is False
@@ -442,3 +442,40 @@ async def test_services_check_what_comes_over_nats(local: Backend) -> None:
     with pytest.raises(RemoteError, match="not staged for request r-store"):
         await local.client.request(subjects.store(local.settings.node), forged, Accepted, 2.0)
     assert Path(victim).read_bytes() == b"their chunk"
+
+
+async def test_a_fresh_stack_splits_its_first_request_from_what_services_measured(
+    local: Backend,
+) -> None:
+    """Compute's chunk cost (measured when its model loads) comes with ModelInfo and the
+    loader's probed read rate with each lookup: the merger's very first Cake request gets real
+    advice, not none."""
+    tokens = prompt(700, seed=41)  # 10 usable chunks
+    compute, loader, merger = (local.services[n] for n in ("compute", "loader", "merger"))
+    assert isinstance(compute, Compute) and isinstance(loader, Loader)
+    assert isinstance(merger, Merger)
+    # what build() measures when a service starts (the harness builds them without it)
+    compute.chunk_compute_s = compute.runner.measure_chunk_s(64, 128)
+    loader.read_MBps = await probe_store(local.store, local.settings)
+    assert compute.chunk_compute_s > 0 and loader.read_MBps > 0
+    await local.generate(tokens, kv_mode="compute")  # stores the prompt; no estimate is fed
+    assert merger.estimator.load_s.value is None
+    got = await local.generate(tokens)
+    advice = {a: value(merger.metrics.registry, "cake_merger_advice_total", advice=a)
+              for a in ("skip_head", "no_fetch", "hint", "none")}  # fmt: skip
+    assert advice["none"] == 0 and sum(advice.values()) == 1
+    assert got.done.hit_tokens == 10 * 64
+
+
+async def test_the_loader_refuses_a_store_it_cannot_write(tmp_path: Path) -> None:
+    class ReadOnly(LocalStore):
+        async def put(self, key: str, data: bytes) -> None:
+            raise StoreError("permission denied")
+
+    settings = Settings(store=str(tmp_path / "store")).validated()
+    async with ReadOnly(settings.store) as store:
+        with pytest.raises(ConfigError, match="cannot write to and read from its store"):
+            await probe_store(store, settings)
+    async with LocalStore(settings.store) as store:
+        assert await probe_store(store, settings) > 0
+        assert store.usage_bytes() == 0  # the probe is gone

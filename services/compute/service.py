@@ -85,6 +85,7 @@ class Compute(Service):
     def __init__(self, bus: Bus, runner: ModelRunner, staging: Staging, settings: Settings) -> None:
         super().__init__(bus, settings)
         self.runner, self.staging = runner, staging
+        self.chunk_compute_s = 0.0  # a head chunk's cost, measured by build()
         self.secret = settings.kv_secret_bytes()  # the MAC of chunks written and read
         self.jobs: dict[str, Job] = {}
         self.wake = asyncio.Event()
@@ -109,8 +110,9 @@ class Compute(Service):
         """What this replica serves."""
         space = KeySpace(self.runner.fingerprint, self.runner.layout, self.settings.chunk_tokens)
         return ModelInfo(
-            self.runner.name, Space.of(space), self.runner.max_context, self.settings.node
-        )
+            self.runner.name, Space.of(space), self.runner.max_context, self.settings.node,
+            self.chunk_compute_s,
+        )  # fmt: skip
 
     async def start(self) -> None:
         """Subscribe and start the scheduler loop."""
@@ -655,4 +657,10 @@ async def build(bus: Bus, settings: Settings, _: AsyncExitStack) -> Compute:
     runner = await asyncio.to_thread(
         ModelRunner.load, settings.model, settings.dtype, settings.device, settings.model_revision
     )
-    return Compute(bus, runner, Staging(settings.staging_dir), settings)
+    compute = Compute(bus, runner, Staging(settings.staging_dir), settings)
+    step = min(settings.head_tokens, settings.token_budget)  # a head step, as it runs
+    compute.chunk_compute_s = await asyncio.to_thread(
+        runner.measure_chunk_s, settings.chunk_tokens, max(step, settings.chunk_tokens)
+    )  # the merger's first estimate: a fresh stack splits its first requests well
+    log.info("measured a head chunk", seconds=round(compute.chunk_compute_s, 4))
+    return compute

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import os
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from services.loader.metrics import LoaderMetrics
 from shared.core.cancellations import RecentlyCancelled
-from shared.core.errors import BadRequestError, CorruptChunkError, StoreError
+from shared.core.errors import BadRequestError, ConfigError, CorruptChunkError, StoreError
 from shared.core.keys import PromptChunks, unpack_tokens
 from shared.kv.format import verify_chunk
 from shared.kv.stored import read_verified, store_missing
@@ -22,7 +24,7 @@ from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
 from shared.runtime.service import Service
 from shared.storage import open_store
-from shared.storage.base import ChunkStore
+from shared.storage.base import ChunkStore, new_buffer
 from shared.storage.staging import Staging
 from shared.wire import subjects
 from shared.wire.bus import Bus
@@ -41,6 +43,7 @@ from shared.wire.messages import (
 )  # fmt: skip
 
 log = structlog.get_logger(__name__)
+PROBE_BYTES = 4 << 20  # the start-up probe object (a chunk's size, give or take)
 STAGING_SWEEP_EVERY_S = 30.0  # how often staged files of dead or cut-off requests are removed
 
 
@@ -73,6 +76,7 @@ class Loader(Service):
         self.metrics = LoaderMetrics(staging.usage_bytes, store.usage_bytes)
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
         self.secret = settings.kv_secret_bytes()  # chunks must carry its MAC (None: no MAC)
+        self.read_MBps = 0.0  # the store's read rate, measured by build()
 
     async def start(self) -> None:
         """Subscribe to lookups, this node's fetch and store jobs, and all control messages."""
@@ -102,7 +106,7 @@ class Loader(Service):
         with tracer(__name__).start_as_current_span("loader.lookup"):
             stored = await self.store.stored_prefix(prompt.keys)
         self.metrics.lookups.inc()
-        return LookupReply(stored_chunks=stored)
+        return LookupReply(stored_chunks=stored, read_MBps=self.read_MBps)
 
     async def on_fetch(self, msg: Message, _: str) -> Message:
         """Start fetching chunks [0, hit) tail first with bounded concurrency."""
@@ -266,4 +270,30 @@ async def build(bus: Bus, settings: Settings, resources: AsyncExitStack) -> Load
     staging = Staging(settings.staging_dir)
     staging.sweep(older_than_s=settings.request_timeout_s * 2)
     store = await resources.enter_async_context(store_from_settings(settings))
-    return Loader(bus, store, staging, settings)
+    loader = Loader(bus, store, staging, settings)
+    loader.read_MBps = await probe_store(store, settings)
+    log.info("probed the store", read_MBps=round(loader.read_MBps, 1))
+    return loader
+
+
+async def probe_store(store: ChunkStore, settings: Settings) -> float:
+    """Write, read back and delete a probe object: the store's read rate in MB/s, the merger's
+    first load estimate. A store that cannot take a write stops the loader here, with what to
+    fix, rather than at every write-back later."""
+    key = hashlib.sha256(f"cake-probe:{settings.node}".encode()).hexdigest()
+    data = os.urandom(PROBE_BYTES)
+    try:
+        await store.put(key, data)
+        started = time.perf_counter()
+        read = await store.get_into(key, new_buffer)
+        seconds = time.perf_counter() - started
+        await store.delete(key)
+    except StoreError as exc:
+        raise ConfigError(
+            f"the loader cannot write to and read from its store {settings.store} ({exc}); "
+            "check that the directory is writable or the bucket exists and the credentials "
+            "allow PutObject, GetObject and DeleteObject"
+        ) from exc
+    if read is None or bytes(read) != data:
+        raise ConfigError(f"the store {settings.store} did not return what was written to it")
+    return PROBE_BYTES / seconds / 1e6

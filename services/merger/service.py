@@ -72,11 +72,14 @@ class Merger(Service):
         return Accepted()
 
     async def model_info(self) -> ModelInfo:
-        """What the compute service serves (asked once, then remembered)."""
+        """What the compute service serves (asked once, then remembered); its chunk cost
+        measured at start is the estimator's first compute estimate."""
         if self.info is None:
             self.info = await self.bus.request(
                 subjects.COMPUTE_INFO, Accepted(), ModelInfo, self.settings.rpc_timeout_s
             )
+            if self.estimator.compute_s.value is None and self.info.chunk_compute_s > 0:
+                self.estimator.compute_s.add(self.info.chunk_compute_s)
         return self.info
 
     async def lookup(self, req: GenerateRequest, space: Space) -> int:
@@ -91,6 +94,9 @@ class Merger(Service):
         except (Unavailable, RemoteError) as exc:
             log.warning("lookup failed; computing everything", error=str(exc))
             return 0
+        if self.estimator.load_s.value is None and reply.read_MBps > 0:  # the first estimate
+            chunk_bytes = space.chunk_tokens * space.key_space().layout.bytes_per_token
+            self.estimator.load_s.add(chunk_bytes / (reply.read_MBps * 1e6))
         return reply.stored_chunks
 
     async def fail(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,17 @@ class ModelRunner:
         return cls(pretrained.to(device), name=source)
 
     # --- caches -----------------------------------------------------------------------------
+
+    def measure_chunk_s(self, chunk_tokens: int, step_tokens: int) -> float:
+        """Seconds per chunk of chunk_tokens in head steps of step_tokens: two steps, one at the
+        start of a prompt and one after it (after an untimed warm-up step)."""
+        ids = [i % self.vocab_size for i in range(1, 2 * step_tokens + 1)]
+        self.extend(self.new_cache(capacity=step_tokens), ids[:step_tokens])  # warm-up
+        cache = self.new_cache(capacity=2 * step_tokens)
+        started = time.perf_counter()
+        self.extend(cache, ids[:step_tokens])
+        self.extend(cache, ids[step_tokens:])
+        return (time.perf_counter() - started) * chunk_tokens / (2 * step_tokens)
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """An empty cache: a slot of `capacity` tokens (written in place), or a growing

@@ -145,6 +145,7 @@ class ModelInfo(Message):
     space: Space
     max_context: int | None
     node: str
+    chunk_compute_s: float = 0.0  # a head chunk's cost, measured when the model loaded (0: not)
 
 
 class LookupRequest(Message):
@@ -156,9 +157,11 @@ class LookupRequest(Message):
 
 
 class LookupReply(Message):
-    """loader -> merger."""
+    """loader -> merger: the stored prefix, and the store's read rate its probe measured at
+    start (0: none)."""
 
     stored_chunks: int
+    read_MBps: float = 0.0
 
 
 class PrefillJob(Message):
