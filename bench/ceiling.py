@@ -82,7 +82,8 @@ async def read_objects(endpoint: str, keys: list[str], concurrency: int) -> tupl
                 obj = await s3.get_object(Bucket=S3_BUCKET, Key=queue.get_nowait())
                 body = obj["Body"]  # (entered as itself: `as` gives the raw response)
                 async with body:
-                    total += len(await body.read())
+                    data = await body.read()
+                total += len(data)  # (not `total += len(await ...)`: that loses updates)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
