@@ -257,7 +257,7 @@ class Bench:
 
     async def record_timeline(self, ctx: Context) -> list[dict[str, Any]]:
         """The computed and loaded events of one Cake request, with their times."""
-        bus = await Bus.connect(self.stack.nats_url, "cake-bench")
+        bus = await Bus.connect(self.stack.nats_url_for("observer"), "cake-bench")
         events: list[dict[str, Any]] = []
         start = time.perf_counter()
 

@@ -16,6 +16,22 @@ from pathlib import Path
 from services.launcher.nats_server import free_port
 from tests.prom import samples
 
+ANONYMOUS_CLIENT = """
+import asyncio, sys
+import nats
+
+async def main():
+    try:
+        nc = await nats.connect(sys.argv[1], allow_reconnect=False, connect_timeout=2)
+        await nc.subscribe("cake.>")
+        await nc.flush(timeout=2)
+        print("connected")
+    except Exception:
+        print("refused")
+
+asyncio.run(main())
+"""
+
 
 def port_open(port: int) -> bool:
     with socket.socket() as s:
@@ -79,6 +95,13 @@ def test_cake_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert "cake_compute_requests_finished_total{" in scraped["compute"]
         assert samples(scraped["loader"])["cake_chunks_stored_total"] == 3  # the first's chunks
         assert samples(scraped["loader"])["cake_lookups_total"] >= 2
+        # the embedded nats-server takes only the services' own users
+        anonymous = subprocess.run(
+            [sys.executable, "-c", ANONYMOUS_CLIENT, f"nats://127.0.0.1:{nats_port}"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert anonymous.stdout.strip() == "refused", anonymous.stdout + anonymous.stderr
+        assert "password" not in banner.lower() and "@127.0.0.1" not in banner
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         assert not port_open(port) and not port_open(nats_port)

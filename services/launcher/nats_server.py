@@ -11,6 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared.core.errors import ConfigError
 
@@ -57,8 +58,14 @@ class NatsServer:
     workdir: tempfile.TemporaryDirectory[str]
 
     @classmethod
-    def start(cls, port: int | None = None, timeout_s: float = 10.0) -> NatsServer:
-        """Start on port (one the server picks by default) and wait until it accepts clients.
+    def start(
+        cls,
+        port: int | None = None,
+        timeout_s: float = 10.0,
+        authorization: dict[str, Any] | None = None,
+    ) -> NatsServer:
+        """Start on port (one the server picks by default) and wait until it accepts clients;
+        with an `authorization` block (services.launcher.nats_auth), only its users connect.
 
         The server's log goes to a file in its work directory (a pipe nobody reads would fill
         and stall it); the port it picked is read from the ports file it writes.
@@ -70,7 +77,9 @@ class NatsServer:
             f'ports_file_dir: "{root}"\n'
             f"max_payload: {MAX_PAYLOAD}\n"
             f'jetstream {{ store_dir: "{root}/js" }}\n'
+            + (f"authorization: {json.dumps(authorization)}\n" if authorization else "")
         )
+        (root / "nats.conf").chmod(0o600)  # it holds the passwords
         with (root / "nats.log").open("wb") as log_file:
             proc = subprocess.Popen(
                 [nats_server_binary(), "-c", str(root / "nats.conf")],

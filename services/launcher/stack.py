@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from services.launcher.nats_auth import authorization, new_passwords, with_credentials
 from services.launcher.nats_server import NatsServer
 from shared.runtime.config import Settings, env_var
 from shared.runtime.observability import configure_logging
@@ -35,8 +36,11 @@ class LocalStack:
 
     def __init__(self, settings: Settings, start_nats: bool = True) -> None:
         self.settings = settings
-        self.nats = NatsServer.start() if start_nats else None
-        self.nats_url = self.nats.url if self.nats else settings.nats_url
+        # its own nats-server: a user per service role, fresh passwords on every start
+        self.passwords = new_passwords() if start_nats else {}
+        auth = authorization(self.passwords) if start_nats else None
+        self.nats = NatsServer.start(authorization=auth) if start_nats else None
+        self.nats_url = self.nats.url if self.nats else settings.nats_url  # (no secrets in it)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.url = f"http://{settings.host}:{settings.port}"
         Path(settings.staging_dir).mkdir(parents=True, exist_ok=True)
@@ -47,8 +51,13 @@ class LocalStack:
         for name, value in vars(settings).items():
             if value is not None:
                 env[env_var(name)] = str(value)
-        env[env_var("nats_url")] = self.nats_url
         return env
+
+    def nats_url_for(self, role: str) -> str:
+        """The NATS URL a role connects with (its credentials in it, on our own server)."""
+        if role not in self.passwords:
+            return self.nats_url
+        return with_credentials(self.nats_url, role, self.passwords[role])
 
     def start(self, services: Sequence[str] = SERVICES, **changes: Any) -> None:
         """Start services (the gateway last) and wait until the gateway answers /health."""
@@ -56,6 +65,7 @@ class LocalStack:
         for name in sorted(services, key=lambda s: s == "gateway"):
             env = self.env(settings)
             env[env_var("metrics_port")] = str(metrics_port(name, settings))
+            env[env_var("nats_url")] = self.nats_url_for(name)
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.launcher.cli", "serve", name],
                 env=env,

@@ -76,7 +76,8 @@ class NatsConnection:
                 return cls(nc)
             except (OSError, nats.errors.Error) as exc:
                 if time.monotonic() >= deadline:
-                    raise ConnectionLost(f"cannot reach NATS at {url}: {exc!r}") from exc
+                    where = redacted(url)
+                    raise ConnectionLost(f"cannot reach NATS at {where}: {exc!r}") from exc
                 await asyncio.sleep(0.5)
 
     @property
@@ -137,3 +138,9 @@ class NatsConnection:
             await asyncio.wait_for(self._nc.drain(), timeout_s)
         except (TimeoutError, nats.errors.Error):
             await self._nc.close()
+
+
+def redacted(url: str) -> str:
+    """The URL without credentials (user:password@), for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rpartition("@")[2]

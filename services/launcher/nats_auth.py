@@ -1,0 +1,76 @@
+"""Who may do what on the embedded nats-server: one NATS user per service role, with only the
+subjects that role needs, and a fresh password for each on every start. An anonymous client is
+refused: without a role's password nobody reads prompts off the bus or joins a queue group.
+
+What the subjects do not separate: Meet, StartHead and Cancel share a request's control
+subject (the gateway, which may Cancel, could also send a Meet), and every role that makes
+requests may subscribe to `_INBOX.>`, where all replies travel.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from shared.wire import subjects
+
+STREAMS = "cake.req.*.stream"  # a request's Tokens, Done and Failed
+FETCHES = "cake.loader.*.fetch"
+STORES = "cake.loader.*.store"
+INBOX = "_INBOX.>"  # replies to this role's requests
+
+ROLES: dict[str, dict[str, list[str]]] = {
+    "gateway": {
+        "publish": [
+            subjects.GENERATE, subjects.COMPUTE_INFO, subjects.MERGER_INFO, subjects.LOADER_INFO,
+            subjects.CONTROL_ALL,  # Cancel
+        ],
+        "subscribe": [STREAMS, INBOX],
+    },
+    "merger": {
+        "publish": [
+            subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, subjects.LOOKUP, FETCHES,
+            subjects.CONTROL_ALL, STREAMS,  # Meet, StartHead, Cancel; Failed
+        ],
+        "subscribe": [subjects.GENERATE, subjects.MERGER_INFO, subjects.EVENTS_ALL, INBOX],
+    },
+    "compute": {
+        "publish": [STREAMS, subjects.EVENTS_ALL, STORES],
+        "subscribe": [
+            subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, subjects.CONTROL_ALL,
+            subjects.EVENTS_ALL, INBOX,
+        ],
+    },
+    "loader": {
+        "publish": [subjects.EVENTS_ALL],
+        "subscribe": [
+            subjects.LOOKUP, subjects.LOADER_INFO, FETCHES, STORES, subjects.CONTROL_ALL, INBOX,
+        ],
+    },
+    "observer": {"publish": [], "subscribe": [subjects.EVENTS_ALL]},  # benchmark timelines
+}  # fmt: skip
+
+
+def new_passwords() -> dict[str, str]:
+    """A fresh random password for every role."""
+    return {role: secrets.token_urlsafe(24) for role in ROLES}
+
+
+def authorization(passwords: dict[str, str]) -> dict[str, Any]:
+    """The nats-server `authorization` block: each role's user, password and permissions
+    (replies to requests it serves allowed)."""
+    users = []
+    for role, allowed in ROLES.items():
+        permissions = {
+            "publish": {"allow": allowed["publish"] or ["_cake.nothing"]},
+            "subscribe": {"allow": allowed["subscribe"]},
+            "allow_responses": True,
+        }
+        users.append({"user": role, "password": passwords[role], "permissions": permissions})
+    return {"users": users}
+
+
+def with_credentials(url: str, role: str, password: str) -> str:
+    """The server URL with a role's credentials in it (what that service connects with)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{role}:{password}@{rest}"

@@ -1,0 +1,77 @@
+"""The embedded nats-server's roles: each service's user reaches only its subjects; anonymous
+clients are refused."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from services.launcher.nats_auth import authorization, new_passwords, with_credentials
+from services.launcher.nats_server import NatsServer
+from shared.wire import subjects
+from shared.wire.nats_connection import redacted
+
+
+async def ignore(_: Exception) -> None:
+    """The server's permission errors arrive here; the tests look at what was delivered."""
+
+
+@pytest.fixture
+async def roles() -> AsyncIterator[tuple[str, dict[str, Client]]]:
+    """The server's URL (no credentials) and a client per service role."""
+    passwords = new_passwords()
+    server = NatsServer.start(authorization=authorization(passwords))
+    clients: dict[str, Client] = {}
+    try:
+        for role in ("gateway", "merger", "compute", "loader"):
+            url = with_credentials(server.url, role, passwords[role])
+            clients[role] = await nats.connect(url, allow_reconnect=False, error_cb=ignore)
+        yield server.url, clients
+    finally:
+        for client in clients.values():
+            await client.close()
+        server.stop()
+
+
+async def received(client: Client, subject: str, queue: str = "") -> list[Msg]:
+    got: list[Msg] = []
+
+    async def on(msg: Msg) -> None:
+        got.append(msg)
+
+    await client.subscribe(subject, queue=queue, cb=on)
+    await client.flush()
+    return got
+
+
+async def test_roles_reach_only_their_subjects(roles: tuple[str, dict[str, Client]]) -> None:
+    url, clients = roles
+    with pytest.raises(Exception):  # noqa: B017 (nats-py raises its own error kinds)
+        await nats.connect(url, allow_reconnect=False, connect_timeout=2, error_cb=ignore)
+    # only compute may take prefill jobs: the gateway cannot join its queue group
+    compute_jobs = await received(clients["compute"], subjects.COMPUTE_PREFILL, "compute")
+    gateway_jobs = await received(clients["gateway"], subjects.COMPUTE_PREFILL, "compute")
+    # only compute and the merger may publish on a request's stream
+    stream = subjects.stream("r1")
+    seen = await received(clients["gateway"], stream)
+    for _ in range(4):
+        await clients["merger"].publish(subjects.COMPUTE_PREFILL, b"job")
+    await clients["loader"].publish(stream, b"forged tokens")
+    await clients["gateway"].publish(stream, b"forged tokens")
+    await clients["compute"].publish(stream, b"tokens")
+    for client in (clients["merger"], clients["loader"], clients["gateway"], clients["compute"]):
+        await client.flush()
+    await asyncio.sleep(0.3)
+    assert (len(compute_jobs), len(gateway_jobs)) == (4, 0)
+    assert [m.data for m in seen] == [b"tokens"]
+
+
+def test_urls_with_credentials_are_redacted_in_messages() -> None:
+    url = with_credentials("nats://127.0.0.1:4222", "compute", "s3cret")
+    assert url == "nats://compute:s3cret@127.0.0.1:4222"
+    assert redacted(url) == "nats://127.0.0.1:4222"
