@@ -20,7 +20,9 @@ import pytest
 import yaml
 
 from services.launcher.cli import SERVICES, build_parser
+from services.launcher.nats_auth import ROLES, authorization
 from shared.runtime.config import ENV_VARS, Settings
+from shared.wire.nats_connection import redacted
 
 ROOT = Path(__file__).resolve().parents[1]
 AWS_VARS = frozenset(
@@ -59,7 +61,12 @@ def environment(service: str) -> dict[str, str]:
         # compose rejects booleans and null would mean "take it from the host"
         assert isinstance(value, str | int | float), f"{service}: {name}={value!r}"
         assert not isinstance(value, bool), f"{service}: {name} is a YAML boolean; quote it"
-    return {name: str(value) for name, value in env.items()}
+    return {name: interpolated(str(value)) for name, value in env.items()}
+
+
+def interpolated(value: str) -> str:
+    """A compose value with `${NAME:-default}` as compose fills it when NAME is not set."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
 
 
 def settings(service: str) -> Settings:
@@ -139,9 +146,27 @@ def test_environment_gives_valid_settings(service: str) -> None:
 
 
 def test_services_agree_on_what_chunk_keys_depend_on() -> None:
-    fields = ("nats_url", "model", "model_revision", "chunk_tokens")
-    seen = {s: tuple(getattr(settings(s), f) for f in fields) for s in SERVICES}
+    fields = ("model", "model_revision", "chunk_tokens")
+    seen = {s: (redacted(settings(s).nats_url), *(getattr(settings(s), f) for f in fields))
+            for s in SERVICES}  # fmt: skip
     assert len(set(seen.values())) == 1, seen
+
+
+def test_nats_has_a_user_per_service_with_its_roles_permissions_and_no_published_port() -> None:
+    """compose/nats.conf's users are services.launcher.nats_auth's roles, each service connects
+    as its own role with the password the server is given, and NATS is not published."""
+    conf = (ROOT / "compose" / "nats.conf").read_text()
+    block = conf[conf.index("authorization:") + len("authorization:") :]
+    block = re.sub(r"\$CAKE_NATS_(\w+)_PASSWORD", lambda m: f'"{m.group(1).lower()}"', block)
+    users = {u["user"]: u for u in json.loads(block)["users"]}
+    want = {u["user"]: u for u in authorization({r: r for r in ROLES})["users"]}
+    assert users == {role: want[role] for role in SERVICES}
+    server_env = environment("nats")
+    for service in SERVICES:
+        url = urlparse(settings(service).nats_url)
+        assert url.username == service, service
+        assert url.password == server_env[f"CAKE_NATS_{service.upper()}_PASSWORD"], service
+    assert not services()["nats"].get("ports")
 
 
 def test_gateway_listens_on_all_interfaces_on_a_published_port() -> None:
