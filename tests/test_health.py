@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import aiohttp
 
+from services.compute.service import Compute
+from services.launcher.stack import SERVICES
 from shared.storage.local import LocalStore
 from tests.harness import backend, stack_settings
 
@@ -23,3 +27,35 @@ async def test_health_is_503_with_the_reason_until_every_service_answers(
             body = await resp.json()
         assert resp.status == 503 and "compute" in body["reason"], body
         assert "loader" not in body["reason"] and "merger" not in body["reason"]
+
+
+async def test_a_stream_whose_compute_dies_ends_with_an_error_event(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """Compute says Alive for each request every CAKE_HEARTBEAT_S; when it goes silent (here: its
+    NATS connection drops mid-stream) the client gets an error event and [DONE] within three
+    heartbeats, not at the deadline (30 s here)."""
+    settings = stack_settings(nats_url, tmp_path, heartbeat_s=0.2)
+    body = {"prompt": "x" * 300, "max_tokens": 3000, "stream": True, "temperature": 0}
+    async with (
+        LocalStore(settings.store) as store,
+        backend(settings, store, SERVICES) as be,
+        aiohttp.ClientSession() as session,
+        session.post(f"{be.url}/v1/completions", json=body) as resp,
+    ):
+        assert resp.status == 200
+        events: list[bytes] = []
+        killed_at = 0.0
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                events.append(line.strip())
+            if len(events) == 2 and not killed_at:
+                compute = be.services["compute"]
+                assert isinstance(compute, Compute)
+                await compute.bus.close()  # gone: no Done, no Failed, no Alive
+                killed_at = time.monotonic()
+        ended_after = time.monotonic() - killed_at
+    assert events[-1] == b"data: [DONE]"
+    error = json.loads(events[-2][len(b"data: ") :])["error"]
+    assert error["code"] == "unavailable" and "stopped answering" in error["message"]
+    assert ended_after < 3.0

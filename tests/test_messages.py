@@ -14,6 +14,7 @@ from shared.wire import messages
 from shared.wire.messages import (
     SCHEMA_VERSION,
     Accepted,
+    Alive,
     Cancel,
     ChunkComputed,
     ChunkLoaded,
@@ -56,6 +57,7 @@ EXAMPLES: list[Message] = [
     Meet("r1", 2, 4, {2: "/staging/r1/2.kv", 3: "/staging/r1/3.kv"}),
     Cancel("r1", "client went away"),
     StartHead("r1"),
+    Alive("r1"),
     Tokens("r1", TOKENS),
     PREFILLED,
     PREFILLED.done(FinishReason.LENGTH, 8),

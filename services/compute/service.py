@@ -47,6 +47,7 @@ from shared.wire import subjects
 from shared.wire.bus import Bus
 from shared.wire.messages import (
     Accepted,
+    Alive,
     Cancel,
     ChunkComputed,
     ChunkLoaded,
@@ -122,6 +123,18 @@ class Compute(Service):
         await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
         await self.bus.handle(subjects.EVENTS_ALL, self.on_event)
         self.loops.spawn(self.loop())
+        self.loops.spawn(self.heartbeat())
+
+    async def heartbeat(self) -> None:
+        """Every CAKE_HEARTBEAT_S, Alive on the stream of each request held: the gateway fails a
+        request whose stream stays silent for three (compute gone) instead of waiting for its
+        deadline. From the event loop, so a long step does not silence it."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            for rid, job in list(self.jobs.items()):
+                if not job.finish_reason:
+                    with contextlib.suppress(TransportError):
+                        await self.bus.publish(subjects.stream(rid), Alive(rid))
 
     async def on_info(self, _: Message, __: str) -> Message:
         """Answer with the model info."""
@@ -633,7 +646,8 @@ class Compute(Service):
             if not job.finish_reason:
                 job.finish_reason = FinishReason.FAILED
                 failed = Failed(rid, ErrorCode.UNAVAILABLE, "the compute service is shutting down")
-                await self.bus.publish(subjects.stream(rid), failed)
+                with contextlib.suppress(TransportError):  # NATS gone too: the gateway times out
+                    await self.bus.publish(subjects.stream(rid), failed)
         await self.retire()  # Done for the finished ones
         await self.tasks.wait(WRITEBACK_DRAIN_S)
 

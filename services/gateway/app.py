@@ -49,6 +49,7 @@ log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MESSAGE_OVERHEAD_BYTES = 4096  # room for the other fields of a GenerateRequest
+SILENT_HEARTBEATS = 3  # a stream silent for this many heartbeats has lost its compute replica
 HEALTH_PROBE_S = 1.0  # how long /health waits for each service's answer
 HEALTH_CACHE_S = 1.0  # how long a /health finding is reused
 
@@ -175,7 +176,11 @@ class Gateway:
         outcome.prompt_tokens = len(ids)
         self._check_payload(len(ids), "prompt" if endpoint is Endpoint.COMPLETIONS else "messages")
         deadline = time.time() + self.settings.request_timeout_s
-        call = Call(self.bus, rid, deadline, self.settings.request_timeout_s)
+        silence = SILENT_HEARTBEATS * self.settings.heartbeat_s
+        call = Call(
+            self.bus, rid, deadline, self.settings.request_timeout_s, silence,
+            2 * self.settings.rpc_timeout_s,  # the merger's lookup and dispatch come first
+        )  # fmt: skip
         try:
             salt = tenant_salt(request.get(TENANT, ""), parsed.cache_salt)
             message = self._message(rid, parsed, ids, salt, deadline)

@@ -81,9 +81,20 @@ class TextAssembler:
 class Call:
     """One request sent to the merger: its stream subscription and the Cancel it may owe."""
 
-    def __init__(self, bus: Bus, request_id: str, deadline: float, timeout_s: float) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        request_id: str,
+        deadline: float,
+        timeout_s: float,
+        silence_s: float,
+        first_word_s: float,
+    ) -> None:
         self.bus, self.request_id = bus, request_id
         self.deadline, self.timeout_s = deadline, timeout_s
+        self.silence_s = silence_s  # the backend is gone when the stream is silent this long
+        self.first_word_s = first_word_s  # more, before its first word (lookup, dispatch)
+        self.heard = False
         self.settled = False  # Done or Failed arrived, or Cancel was sent: nothing to cancel
         self._inbox: Inbox | None = None
 
@@ -104,20 +115,29 @@ class Call:
             raise ApiError(exc.code, message) from exc
 
     async def next(self) -> Prefilled | Tokens | Done | Failed:
-        """The next message on the stream; ApiError at the deadline."""
+        """The next message on the stream; ApiError at the deadline, or when the stream has been
+        silent (not even an Alive) for silence_s: the compute replica is gone."""
         assert self._inbox is not None, "start() first"
         while True:
+            left = self.deadline - time.time()
+            silence = self.silence_s + (0.0 if self.heard else self.first_word_s)
             try:
-                message = (await self._inbox.next(self.deadline - time.time())).message
+                message = (await self._inbox.next(min(left, silence))).message
             except RequestTimeout:
-                await self.cancel("deadline")
+                await self.cancel("deadline" if left <= silence else "backend silent")
+                if left <= silence:
+                    raise ApiError(
+                        ErrorCode.TIMEOUT,
+                        f"no answer within the request deadline ({self.timeout_s:g}s)",
+                    ) from None
                 raise ApiError(
-                    ErrorCode.TIMEOUT,
-                    f"no answer within the request deadline ({self.timeout_s:g}s)",
+                    ErrorCode.UNAVAILABLE,
+                    f"the compute service stopped answering (nothing for {silence:g}s); try again",
                 ) from None
             except ConnectionLost:
                 lost = "the gateway lost its NATS connection"
                 raise ApiError(ErrorCode.UNAVAILABLE, lost) from None
+            self.heard = True
             if isinstance(message, Done | Failed):
                 self.settled = True
             if isinstance(message, Prefilled | Tokens | Done | Failed):

@@ -239,6 +239,13 @@ class Cancel(Message):
     reason: str
 
 
+class Alive(Message):
+    """compute -> gateway, every CAKE_HEARTBEAT_S for each request it holds: still on it. A
+    request whose stream stays silent for three heartbeats has lost its compute replica."""
+
+    request_id: str
+
+
 class Tokens(Message):
     """compute -> gateway: new token ids (packed)."""
 
