@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 from services.launcher.nats_server import free_port
+from services.launcher.stack import LocalStack
+from shared.runtime.config import Settings
 from tests.prom import samples
 
 ANONYMOUS_CLIENT = """
@@ -110,3 +112,45 @@ def test_cake_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_stack_restarts_what_dies(tmp_path: Path) -> None:
+    """A service killed under `cake up` (SIGKILL: no goodbye) is restarted and the stack serves
+    again; so is a killed nats-server, on its port, and the services reconnect."""
+    settings = Settings(
+        port=free_port(), metrics_port=0, store=str(tmp_path / "store"),
+        staging_dir=str(tmp_path / "staging"), chunk_tokens=64, log_level="warning",
+    ).validated()  # fmt: skip
+    stack = LocalStack(settings)
+    body = json.dumps({"prompt": "z" * 100, "max_tokens": 2}).encode()
+
+    def served_within(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            stack.supervise()
+            req = urllib.request.Request(
+                f"{stack.url}/v1/completions", body, {"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    return bool(json.load(resp)["usage"]["completion_tokens"] == 2)
+            except OSError:
+                time.sleep(0.5)
+        return False
+
+    try:
+        stack.start()
+        assert served_within(30)
+        compute = stack.procs["compute"]
+        compute.kill()
+        compute.wait()
+        assert served_within(60)
+        assert stack.procs["compute"].pid != compute.pid
+        assert stack.nats is not None
+        nats_port = stack.nats.port
+        stack.nats.process.kill()
+        stack.nats.process.wait()
+        assert served_within(60)
+        assert stack.nats.port == nats_port
+    finally:
+        stack.close()

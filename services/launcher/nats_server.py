@@ -99,6 +99,11 @@ class NatsServer:
         cls(proc, "", workdir).stop()
         raise ConfigError(f"nats-server did not start listening within {timeout_s}s")
 
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        return int(self.url.rsplit(":", 1)[1])
+
     def stop(self) -> None:
         """Terminate (then kill) the server and remove its files. Idempotent."""
         if self.process.poll() is None:

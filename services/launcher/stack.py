@@ -13,13 +13,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from services.launcher.nats_auth import authorization, new_passwords, with_credentials
 from services.launcher.nats_server import NatsServer
 from shared.runtime.config import Settings, env_var
 from shared.runtime.observability import configure_logging
 
+log = structlog.get_logger(__name__)
 SERVICES = ("gateway", "merger", "compute", "loader")
 READY_TIMEOUT_S = 120.0
+CRASH_LIMIT = 5  # deaths of one service within CRASH_WINDOW_S that stop the whole stack
+CRASH_WINDOW_S = 120.0
+MAX_BACKOFF_S = 30.0
 # `cake up` runs every service on one host: each gets CAKE_METRICS_PORT + its offset
 METRICS_PORT_OFFSETS = {"merger": 0, "compute": 1, "loader": 2}
 
@@ -38,10 +44,13 @@ class LocalStack:
         self.settings = settings
         # its own nats-server: a user per service role, fresh passwords on every start
         self.passwords = new_passwords() if start_nats else {}
-        auth = authorization(self.passwords) if start_nats else None
-        self.nats = NatsServer.start(authorization=auth) if start_nats else None
+        self.authorization = authorization(self.passwords) if start_nats else None
+        self.nats = NatsServer.start(authorization=self.authorization) if start_nats else None
         self.nats_url = self.nats.url if self.nats else settings.nats_url  # (no secrets in it)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.settings_of: dict[str, Settings] = {}  # what each service was started with
+        self.deaths: dict[str, list[float]] = {}  # when each service was found dead
+        self.restart_at: dict[str, float] = {}  # dead services waiting out their backoff
         self.url = f"http://{settings.host}:{settings.port}"
         Path(settings.staging_dir).mkdir(parents=True, exist_ok=True)
 
@@ -63,15 +72,49 @@ class LocalStack:
         """Start services (the gateway last) and wait until the gateway answers /health."""
         settings = self.settings.replace(**changes) if changes else self.settings
         for name in sorted(services, key=lambda s: s == "gateway"):
-            env = self.env(settings)
-            env[env_var("metrics_port")] = str(metrics_port(name, settings))
-            env[env_var("nats_url")] = self.nats_url_for(name)
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.launcher.cli", "serve", name],
-                env=env,
-                start_new_session=True,  # Ctrl-C reaches only `cake up`; it stops them in order
-            )  # fmt: skip
+            self.spawn(name, settings)
         self.wait_ready()
+
+    def spawn(self, name: str, settings: Settings) -> None:
+        """Start one service process (not waiting for it)."""
+        env = self.env(settings)
+        env[env_var("metrics_port")] = str(metrics_port(name, settings))
+        env[env_var("nats_url")] = self.nats_url_for(name)
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "services.launcher.cli", "serve", name],
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches only `cake up`; it stops them in order
+        )  # fmt: skip
+        self.settings_of[name] = settings
+
+    def supervise(self) -> None:
+        """Restart what died: nats-server on its port (services reconnect), a service after a
+        backoff that doubles while it keeps dying (1 s, 2 s ... 30 s); RuntimeError once one
+        died CRASH_LIMIT times within CRASH_WINDOW_S."""
+        if self.nats is not None and self.nats.process.poll() is not None:
+            log.warning("nats-server exited; restarting it", port=self.nats.port)
+            self.nats.stop()
+            self.nats = NatsServer.start(port=self.nats.port, authorization=self.authorization)
+        now = time.monotonic()
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            if name in self.restart_at:  # waiting out its backoff
+                if now >= self.restart_at[name]:
+                    del self.restart_at[name]
+                    self.spawn(name, self.settings_of[name])
+                continue
+            self.restart_at[name] = now + self.backoff(name, now, proc.returncode)
+
+    def backoff(self, name: str, now: float, exit_code: int | None) -> float:
+        """Note a death of a service; seconds until it is restarted."""
+        deaths = [t for t in self.deaths.get(name, []) if now - t < CRASH_WINDOW_S] + [now]
+        self.deaths[name] = deaths
+        if len(deaths) >= CRASH_LIMIT:
+            raise RuntimeError(f"{name} died {len(deaths)} times in {CRASH_WINDOW_S:g}s")
+        wait = min(MAX_BACKOFF_S, 2.0 ** (len(deaths) - 1))
+        log.warning("service exited; restarting it", service=name, exit_code=exit_code, in_s=wait)
+        return wait
 
     def metrics_urls(self) -> dict[str, str]:
         """Where each service serves its metrics (services without a metrics port left out)."""
@@ -150,9 +193,9 @@ def run_stack(settings: Settings, start_nats: bool) -> int:
         print(f"Cake is serving {settings.model} at {stack.url}/v1 (NATS {stack.nats_url}).")
         for name, url in stack.metrics_urls().items():
             print(f"  {name} metrics: {url}")
-        print("Ctrl-C stops everything.", flush=True)
+        print("Ctrl-C stops everything; a service that dies is restarted.", flush=True)
         while not stopping:
-            stack.check_alive()
+            stack.supervise()
             time.sleep(0.2)
         return 0
     except RuntimeError as exc:
