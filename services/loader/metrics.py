@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from services.loader.gate import ReadGate
 from shared.runtime.metrics import new_registry
 
 FETCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -75,3 +76,17 @@ class LoaderMetrics:
             registry=r,
         )
         r.register(Levels(staging_bytes, store_bytes))
+        self.read_limit = Gauge(
+            "cake_loader_read_limit",
+            "Chunk reads this node runs at once (all requests together; moved by how fast reads "
+            "come back: additive increase, multiplicative decrease)",
+            registry=r,
+        )
+        self.reads_in_flight = Gauge(
+            "cake_loader_reads_in_flight", "Chunk reads running now on this node", registry=r
+        )
+
+    def watch_reads(self, gate: ReadGate) -> None:
+        """Export the node's read limit and the reads in flight."""
+        self.read_limit.set_function(lambda: gate.limit.slots)
+        self.reads_in_flight.set_function(lambda: gate.in_flight)

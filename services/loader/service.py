@@ -14,9 +14,11 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
+from services.loader.gate import ReadGate
 from services.loader.metrics import LoaderMetrics
 from shared.core.cancellations import RecentlyCancelled
 from shared.core.errors import BadRequestError, ConfigError, CorruptChunkError, StoreError
+from shared.core.fetch_limit import FetchLimit
 from shared.core.keys import PromptChunks, unpack_tokens
 from shared.kv.format import verify_chunk
 from shared.kv.stored import read_verified, store_missing
@@ -25,7 +27,7 @@ from shared.runtime.observability import tracer
 from shared.runtime.service import Service
 from shared.storage import open_store
 from shared.storage.base import ChunkStore, new_buffer
-from shared.storage.staging import Staging
+from shared.storage.staging import Incoming, Staging
 from shared.wire import subjects
 from shared.wire.bus import Bus
 from shared.wire.messages import (
@@ -43,6 +45,7 @@ from shared.wire.messages import (
 )  # fmt: skip
 
 log = structlog.get_logger(__name__)
+FETCH_LIMIT_GROWTH = 4  # the node's read limit grows up to this times CAKE_FETCH_CONCURRENCY
 PROBE_BYTES = 4 << 20  # the start-up probe object (a chunk's size, give or take)
 STAGING_SWEEP_EVERY_S = 30.0  # how often staged files of dead or cut-off requests are removed
 
@@ -77,6 +80,10 @@ class Loader(Service):
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
         self.secret = settings.kv_secret_bytes()  # chunks must carry its MAC (None: no MAC)
         self.read_MBps = 0.0  # the store's read rate, measured by build()
+        start = settings.fetch_concurrency  # reads at once on this node, all requests together
+        self.fetch_limit = FetchLimit(float(start), max_limit=FETCH_LIMIT_GROWTH * start)
+        self.gate = ReadGate(self.fetch_limit)
+        self.metrics.watch_reads(self.gate)
 
     async def start(self) -> None:
         """Subscribe to lookups, this node's fetch and store jobs, and all control messages."""
@@ -120,7 +127,7 @@ class Loader(Service):
         queue: asyncio.Queue[int] = asyncio.Queue()
         for j in range(msg.hit - 1, -1, -1):
             queue.put_nowait(j)
-        n = min(self.settings.fetch_concurrency, msg.hit)
+        n = min(self.fetch_limit.max_limit, msg.hit)  # the node's gate bounds them all
         with structlog.contextvars.bound_contextvars(request_id=msg.request_id):  # for the tasks
             fetch.workers = [self.tasks.spawn(self.fetch_worker(fetch, queue)) for _ in range(n)]
             self.tasks.spawn(self.finish_fetch(fetch))
@@ -143,16 +150,11 @@ class Loader(Service):
         remaining = fetch.job.deadline - time.time()
         timeout = max(0.0, min(self.settings.fetch_timeout_s, remaining))
         incoming = self.staging.incoming(rid, f"{index}.kv")
-        with tracer(__name__).start_as_current_span("loader.chunk", attributes={"chunk": index}):
+        with tracer(__name__).start_as_current_span(
+            "loader.chunk", attributes={"chunk": index, "cake.fetch_limit": self.fetch_limit.slots}
+        ):
             try:
-                read = read_verified(
-                    self.store, fetch.prompt, index, incoming.allocate, self.secret
-                )
-                data = await asyncio.wait_for(read, timeout)
-                if data is None:
-                    raise StoreError("missing (evicted since the lookup)")
-                nbytes = len(data)
-                data.release()
+                nbytes = await self.read_chunk(fetch, index, incoming, timeout)
                 path = incoming.commit()
             except (StoreError, CorruptChunkError, TimeoutError, OSError) as exc:
                 incoming.discard()
@@ -171,6 +173,27 @@ class Loader(Service):
         self.metrics.chunks_loaded.inc()
         self.metrics.fetch_seconds.observe(duration)
         await self.bus.publish(events, ChunkLoaded(rid, index, nbytes, duration, path))
+
+    async def read_chunk(self, fetch: Fetch, index: int, incoming: Incoming, timeout: float) -> int:
+        """Read and verify one chunk into its staged file through the node's gate; its bytes.
+        The read's time (not the wait for a slot) feeds the node's fetch limit."""
+        async with asyncio.timeout(max(0.0, fetch.job.deadline - time.time())):
+            await self.gate.acquire()  # (in this task: a timeout cannot lose a taken slot)
+        try:
+            started = time.perf_counter()
+            read = read_verified(self.store, fetch.prompt, index, incoming.allocate, self.secret)
+            data = await asyncio.wait_for(read, timeout)
+            if data is None:
+                raise StoreError("missing (evicted since the lookup)")
+            self.fetch_limit.on_read(time.perf_counter() - started, len(data))
+            nbytes = len(data)
+            data.release()
+            return nbytes
+        except (StoreError, TimeoutError, OSError):
+            self.fetch_limit.on_failure()
+            raise
+        finally:
+            await self.gate.release()
 
     async def finish_fetch(self, fetch: Fetch) -> None:
         """When every worker ended (done or stopped), drop staged chunks compute will not use."""
