@@ -113,3 +113,15 @@ async def test_tenants_never_see_each_others_prefixes(keyed: Backend) -> None:
         )
         assert same["cake"]["hit_tokens"] == 7 * 64
         assert same["usage"]["prompt_tokens_details"]["cached_tokens"] == 7 * 64
+
+
+async def test_a_cache_salt_cannot_name_a_tenants_space(nats_url: str, tmp_path: Path) -> None:
+    """Without keys the salt is the client's, so one that looks like a tenant's is refused."""
+    settings = stack_settings(nats_url, tmp_path)
+    async with (
+        LocalStore(settings.store) as store,
+        backend(settings, store, ("gateway",)) as be,
+        aiohttp.ClientSession() as session,
+    ):
+        status, body = await post(session, be, None, prompt="hi", cache_salt=tenant_salt("a", ""))
+    assert status == 400 and body["error"]["param"] == "cache_salt"

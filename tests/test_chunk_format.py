@@ -92,6 +92,9 @@ def test_bad_objects_are_detected() -> None:
         "other version": _reheader(good, v=99),
         "unknown codec": _reheader(good, codec="zstd"),
         "lying checksum and shape": _reheader(good, shape=[3, 2, 2, 8, 32]),
+        "a header key that is not text": _reheader(good, **{"mac": "0" * 64}).replace(
+            msgpack.packb("mac"), msgpack.packb(b"mac")
+        ),
     }
     for what, data in bad_objects.items():
         with pytest.raises(CorruptChunkError):

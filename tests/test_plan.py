@@ -165,9 +165,14 @@ def test_oracle_counts_the_load_sides_latency_only_when_it_loads() -> None:
 
 
 def test_loads_are_overdue_after_four_gaps_of_their_own_pace() -> None:
-    assert loads_overdue_after([], 10.0, None, 30.0) == 40.0  # no pace known: the cap
-    assert loads_overdue_after([], 10.0, 0.5, 30.0) == 12.0  # the estimator's pace
-    assert loads_overdue_after([], 10.0, 0.001, 30.0) == 10.0 + MIN_OVERDUE_S
+    assert loads_overdue_after([], [], 10.0, None, 30.0) == 40.0  # no pace known: the cap
+    assert loads_overdue_after([], [], 10.0, 0.5, 30.0) == 12.0  # the estimator's pace
+    assert loads_overdue_after([], [], 10.0, 0.001, 30.0) == 10.0 + MIN_OVERDUE_S
     # this request's own pace wins once two chunks arrived: gaps of 0.1 s -> 0.4 s after the last
-    assert loads_overdue_after([11.0, 11.1, 11.2], 10.0, 5.0, 30.0) == pytest.approx(11.6)
-    assert loads_overdue_after([11.0, 21.0], 10.0, None, 30.0) == 51.0  # never past the cap
+    assert loads_overdue_after([11.0, 11.1, 11.2], [0.1] * 3, 10.0, 5.0, 30.0) == pytest.approx(
+        11.6
+    )
+    # a burst of four concurrent reads of 0.4 s each: the next comes a read later, not 4 gaps
+    burst = [11.0, 11.001, 11.002, 11.003]
+    assert loads_overdue_after(burst, [0.4] * 4, 10.0, None, 30.0) == pytest.approx(11.803)
+    assert loads_overdue_after([11.0, 21.0], [], 10.0, None, 30.0) == 51.0  # never past the cap

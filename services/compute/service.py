@@ -89,6 +89,8 @@ class Compute(Service):
         self.chunk_compute_s = 0.0  # a head chunk's cost, measured by build()
         self.secret = settings.kv_secret_bytes()  # the MAC of chunks written and read
         self.jobs: dict[str, Job] = {}
+        self.finishing: dict[str, Job] = {}  # out of the scheduler, write-back or Done pending
+        self.pool_stale = False  # admissions changed the room the memory tier may use
         self.wake = asyncio.Event()
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-writeback")
@@ -131,10 +133,14 @@ class Compute(Service):
         deadline. From the event loop, so a long step does not silence it."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
-            for rid, job in list(self.jobs.items()):
-                if not job.finish_reason:
-                    with contextlib.suppress(TransportError):
-                        await self.bus.publish(subjects.stream(rid), Alive(rid))
+            held = [r for r, j in list(self.jobs.items()) if not j.finish_reason]
+            done_pending = [
+                r for r, j in list(self.finishing.items())
+                if j.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+            ]  # fmt: skip
+            for rid in held + done_pending:
+                with contextlib.suppress(TransportError):
+                    await self.bus.publish(subjects.stream(rid), Alive(rid))
 
     async def on_info(self, _: Message, __: str) -> Message:
         """Answer with the model info."""
@@ -164,15 +170,18 @@ class Compute(Service):
             msg, prompt, stop_ids, None, piece=budget, head_piece=head_piece,
             generator=self.runner.sampler(msg.sampling), memory=memory,
         )  # fmt: skip
-        usable = (len(prompt.token_ids) - 1) // space.chunk_tokens
-        pooled = self.pool.prefix(prompt.keys[:usable]) if self.pool is not None and memory else 0
         try:  # by projected KV: the prompt and every token it may generate
             admitted = self.admission.offer(rid, job.capacity * space.layout.bytes_per_token)
         except (Overloaded, TooLarge) as exc:  # refused: the merger tells the client
             self.metrics.refused.labels(reason=exc.code).inc()
             raise
-        if admitted:
+        pooled = 0
+        if admitted:  # the chunks it will take are kept for it (prepare); a waiting job's may go
             self.admit(job)
+            usable = (len(prompt.token_ids) - 1) // space.chunk_tokens
+            pooled = (
+                self.pool.prefix(prompt.keys[:usable]) if self.pool is not None and memory else 0
+            )
         self.jobs[rid] = job
         self.wake.set()
         return Accepted(node=self.settings.node, pooled=pooled)
@@ -192,15 +201,14 @@ class Compute(Service):
                 f"{n} prompt tokens and max_tokens {msg.sampling.max_tokens} exceed the model's "
                 f"context of {self.runner.max_context}"
             )
-        if not 0 <= msg.hit <= n // self.settings.chunk_tokens:
+        if not 0 <= msg.hit <= max(0, n - 1) // self.settings.chunk_tokens:
             raise BadRequestError(f"hit {msg.hit} is not a number of the prompt's chunks")
 
     def admit(self, job: Job) -> None:
         """The job may run: its KV slot (prompt + max_tokens, what admission reserved); the
         memory tier gives up what the running jobs now reserve."""
         job.cache = self.runner.new_cache(capacity=job.capacity)
-        if self.pool is not None:
-            self.pool.shrink(self.pool_room())
+        self.pool_stale = True  # the memory tier shrinks before the next step (its thread)
 
     def pool_room(self) -> int:
         """Bytes the memory tier may hold: the KV budget that running jobs do not reserve."""
@@ -233,10 +241,14 @@ class Compute(Service):
         if job is None:
             return
         if isinstance(msg, StartHead):
-            job.msg.compute_head = True  # the loads fell behind: race them after all
+            job.msg.compute_head = True  # the loads fell behind: race them after all,
+            job.msg.head_hint = -1  # in full head steps (the skip advice's hint was 0)
         elif isinstance(msg, Meet) and job.meet is None and not job.decoding:
+            if msg.hit != job.hit or not 0 <= msg.meet <= job.hit:
+                log.warning("Meet outside the job's hit ignored", meet=msg.meet, hit=msg.hit)
+                return
             job.meet = msg.meet
-            job.staged.update(msg.staged)
+            job.staged.update({j: p for j, p in msg.staged.items() if msg.meet <= j < job.hit})
         elif isinstance(msg, Cancel):
             job.finish_reason = FinishReason.CANCELLED
         self.wake.set()
@@ -354,28 +366,36 @@ class Compute(Service):
             self.staging.discard_request(f"{rid}-wb")
 
     async def retire(self) -> None:
-        """Finish jobs that are done: wait for their write-back, then send Done."""
+        """Take jobs that are done out of the scheduler; finish() does the rest."""
         for rid, job in list(self.jobs.items()):
             if not job.finish_reason:
                 continue
             del self.jobs[rid]
+            self.metrics.finished.labels(finish_reason=job.finish_reason).inc()
+            self.staging.discard_request(rid)
+            self.finishing[rid] = job
+            self.tasks.spawn(self.finish(job))
+
+    async def finish(self, job: Job) -> None:
+        """After its write-back (which still reads its slot): its KV memory goes back, waiting
+        jobs are admitted, then Done, so the next request with this prefix hits. Until then it
+        stays Alive for the gateway."""
+        otel_context.attach(job.ctx)  # this task's own context: no need to detach
+        rid = job.msg.request_id
+        try:
+            if job.writeback is not None:
+                await asyncio.gather(job.writeback, return_exceptions=True)
             ran_s = time.monotonic() - job.arrival if job.admitted else None
+            job.cache = None
             for started in self.admission.release(rid, ran_s):  # each offered job is in jobs
                 self.admit(self.jobs[started])
                 self.wake.set()
-            self.metrics.finished.labels(finish_reason=job.finish_reason).inc()
-            self.staging.discard_request(rid)
             if job.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
-                self.tasks.spawn(self.send_done(job))
-
-    async def send_done(self, job: Job) -> None:
-        """Done after the write-back landed, so the next request with this prefix hits."""
-        otel_context.attach(job.ctx)  # this task's own context: no need to detach
-        if job.writeback is not None:
-            await asyncio.gather(job.writeback, return_exceptions=True)
-        assert job.prefilled is not None and job.finish_reason is not None
-        done = job.prefilled.done(job.finish_reason, job.generated)
-        await self.bus.publish(subjects.stream(job.msg.request_id), done)
+                assert job.prefilled is not None
+                done = job.prefilled.done(job.finish_reason, job.generated)
+                await self.bus.publish(subjects.stream(rid), done)
+        finally:
+            self.finishing.pop(rid, None)
 
     def prefilled_message(self, job: Job) -> Prefilled:
         """Where the prompt's KV came from, once the first token is out."""
@@ -395,7 +415,13 @@ class Compute(Service):
         slots (the step's thread, so no step runs meanwhile)."""
         for job in list(self.jobs.values()):
             self.place_loaded(job)
-        return self.reuse_pooled() if self.pool is not None else []
+        if self.pool is None:
+            return []
+        if self.pool_stale:  # give running jobs their room, keeping what they are about to take
+            self.pool_stale = False
+            keep = {j.prompt.keys[i] for j in list(self.jobs.values()) for i in j.chunks_to_fill()}
+            self.pool.shrink(self.pool_room(), keep)
+        return self.reuse_pooled()
 
     def place_loaded(self, job: Job) -> None:
         """Copy the job's newly staged chunks into their places in its slot, past its computed

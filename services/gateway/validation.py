@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from shared.core.errors import BadRequestError, ErrorCode, http_status
+from shared.core.keys import TENANT_SALT_PREFIX
 from shared.core.request import KvMode, Sampling
 from shared.kv.tokenizer import Message as ChatMessage
 from shared.kv.tokenizer import Tokenizer
@@ -340,6 +341,8 @@ def _salt(body: Mapping[str, Any]) -> str:
             f"cache_salt must be at most {MAX_SALT_CHARS} characters, got {len(salt)}",
             "cache_salt",
         )
+    if salt.startswith(TENANT_SALT_PREFIX):  # a tenant's space is named by its key, not a salt
+        raise RequestError(f"cache_salt may not start with {TENANT_SALT_PREFIX}", "cache_salt")
     return salt
 
 

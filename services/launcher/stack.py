@@ -17,6 +17,7 @@ import structlog
 
 from services.launcher.nats_auth import authorization, new_passwords, with_credentials
 from services.launcher.nats_server import NatsServer
+from shared.core.errors import ConfigError
 from shared.runtime.config import Settings, env_var
 from shared.runtime.observability import configure_logging
 
@@ -198,7 +199,7 @@ def run_stack(settings: Settings, start_nats: bool) -> int:
             stack.supervise()
             time.sleep(0.2)
         return 0
-    except RuntimeError as exc:
+    except (RuntimeError, ConfigError) as exc:
         print(f"cake: {exc}; stopping", file=sys.stderr)
         return 1
     finally:

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import time
+import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,24 +150,29 @@ class Loader(Service):
         start = time.perf_counter()
         remaining = fetch.job.deadline - time.time()
         timeout = max(0.0, min(self.settings.fetch_timeout_s, remaining))
-        incoming = self.staging.incoming(rid, f"{index}.kv")
+        incoming: Incoming | None = None
         with tracer(__name__).start_as_current_span(
             "loader.chunk", attributes={"chunk": index, "cake.fetch_limit": self.fetch_limit.slots}
         ):
             try:
+                incoming = self.staging.incoming(rid, f"{index}.kv")
                 nbytes = await self.read_chunk(fetch, index, incoming, timeout)
                 path = incoming.commit()
-            except (StoreError, CorruptChunkError, TimeoutError, OSError) as exc:
-                incoming.discard()
+            except asyncio.CancelledError:  # the request was cancelled
+                if incoming is not None:
+                    incoming.discard()
+                raise
+            except Exception as exc:  # any failure is this chunk's alone: compute takes it
+                if incoming is not None:
+                    incoming.discard()
+                if not isinstance(exc, StoreError | CorruptChunkError | TimeoutError | OSError):
+                    log.exception("chunk load failed unexpectedly", chunk=index)
                 reason = "corrupt" if isinstance(exc, CorruptChunkError) else str(exc) or "timeout"
                 self.metrics.load_failures.inc()
                 if isinstance(exc, CorruptChunkError):
                     self.metrics.corrupt_chunks.inc()
-                await self.bus.publish(events, LoadFailed(rid, index, reason))
+                await self.bus.publish(events, LoadFailed(rid, index, reason[:200]))
                 return
-            except asyncio.CancelledError:  # the request was cancelled
-                incoming.discard()
-                raise
         fetch.staged[index] = path
         duration = time.perf_counter() - start
         self.metrics.bytes_loaded.inc(nbytes)
@@ -303,7 +309,7 @@ async def probe_store(store: ChunkStore, settings: Settings) -> float:
     """Write, read back and delete a probe object: the store's read rate in MB/s, the merger's
     first load estimate. A store that cannot take a write stops the loader here, with what to
     fix, rather than at every write-back later."""
-    key = hashlib.sha256(f"cake-probe:{settings.node}".encode()).hexdigest()
+    key = hashlib.sha256(f"cake-probe:{settings.node}:{uuid.uuid4()}".encode()).hexdigest()
     data = os.urandom(PROBE_BYTES)
     try:
         await store.put(key, data)

@@ -197,10 +197,11 @@ class Merger(Service):
         staged: dict[int, str] = {}
         start = time.monotonic()
         arrivals: list[float] = []
+        reads_s: list[float] = []  # each loaded chunk's read time
         split, outcome = tracker.meet(), "met"
         while split is None:
             timeout = min(self.settings.fetch_timeout_s, req.deadline - time.time())
-            overdue_in = self.loads_overdue_in(req, tracker, arrivals, start)
+            overdue_in = self.loads_overdue_in(req, tracker, arrivals, reads_s, start)
             try:
                 event = (await events.next(min(timeout, overdue_in))).message
             except RequestTimeout:
@@ -218,6 +219,7 @@ class Merger(Service):
                 tracker.on_computed(event.upto)
             elif isinstance(event, ChunkLoaded):
                 arrivals.append(time.monotonic())
+                reads_s.append(event.duration_s)
                 staged[event.index] = event.staged
                 tracker.on_loaded(event.index)
             elif isinstance(event, LoadFailed):
@@ -230,13 +232,18 @@ class Merger(Service):
         return split, staged, outcome
 
     def loads_overdue_in(
-        self, req: GenerateRequest, tracker: MeetTracker, arrivals: list[float], start: float
+        self,
+        req: GenerateRequest,
+        tracker: MeetTracker,
+        arrivals: list[float],
+        reads_s: list[float],
+        start: float,
     ) -> float:
         """Seconds until a load-only Cake plan counts as behind its pace (inf: not one)."""
         if tracker.compute_head or req.kv_mode != KvMode.CAKE:
             return math.inf
-        cap = self.settings.fetch_timeout_s
-        due = loads_overdue_after(arrivals, start, self.estimator.load_s.value, cap)
+        cap, prior = self.settings.fetch_timeout_s, self.estimator.load_s.value
+        due = loads_overdue_after(arrivals, reads_s, start, prior, cap)
         return max(0.0, due - time.monotonic())
 
     async def start_head(self, req: GenerateRequest, tracker: MeetTracker, loaded: int) -> None:

@@ -56,6 +56,9 @@ class KVLayout:
         return (self.layers, 2, self.kv_heads, tokens, self.head_dim)
 
 
+TENANT_SALT_PREFIX = '["tenant",'  # what only tenant_salt writes (a cache_salt may not start so)
+
+
 def tenant_salt(tenant: str, cache_salt: str) -> str:
     """The salt a request's chunk keys bind: its cache_salt within its tenant's space. The
     tenant comes from the API key (server-side); without API keys there is one tenant ("") and

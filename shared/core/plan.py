@@ -91,19 +91,27 @@ MIN_OVERDUE_S = 0.25  # nor before this long (arrivals jitter)
 
 
 def loads_overdue_after(
-    arrivals: Sequence[float], started: float, prior_gap_s: float | None, cap_s: float
+    arrivals: Sequence[float],
+    reads_s: Sequence[float],
+    started: float,
+    prior_gap_s: float | None,
+    cap_s: float,
 ) -> float:
     """When (on the arrivals' clock) a load-only plan counts as behind: OVERDUE_GAPS times its
     pace after the last arrival (or the start). The pace is the mean gap between this
     request's arrivals, else the estimator's seconds per chunk (prior_gap_s); without either,
-    cap_s (the fetch timeout). At least MIN_OVERDUE_S, at most cap_s after it."""
+    cap_s (the fetch timeout). Concurrent reads arrive in bursts, so it is never sooner than
+    twice a read's median duration (reads_s) after the last arrival either. At least
+    MIN_OVERDUE_S, at most cap_s after it."""
     last = arrivals[-1] if arrivals else started
     if len(arrivals) >= 2:
         gap: float | None = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
     else:
         gap = prior_gap_s
-    wait = cap_s if gap is None else min(cap_s, max(MIN_OVERDUE_S, OVERDUE_GAPS * gap))
-    return last + wait
+    if gap is None:
+        return last + cap_s
+    read = sorted(reads_s)[len(reads_s) // 2] if reads_s else 0.0
+    return last + min(cap_s, max(MIN_OVERDUE_S, OVERDUE_GAPS * gap, 2 * read))
 
 
 def head_step(done: int, hit: int, frontier: int, hint: int, step: int, max_step: int) -> int:

@@ -84,8 +84,8 @@ def _read_header(data: Buffer, ident: ChunkIdentity) -> tuple[dict[str, Any], in
         header = msgpack.unpackb(memoryview(data)[start : start + hlen])
     except (ValueError, msgpack.UnpackException) as exc:
         raise corrupt(ident, f"unreadable header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise corrupt(ident, "header is not a map")
+    if not isinstance(header, dict) or not all(isinstance(k, str) for k in header):
+        raise corrupt(ident, "header is not a map of names")
     return header, start + hlen
 
 

@@ -195,10 +195,17 @@ class ModelRunner:
         ids = [i % self.vocab_size for i in range(1, 2 * step_tokens + 1)]
         self.extend(self.new_cache(capacity=step_tokens), ids[:step_tokens])  # warm-up
         cache = self.new_cache(capacity=2 * step_tokens)
+        self.synchronize()
         started = time.perf_counter()
         self.extend(cache, ids[:step_tokens])
         self.extend(cache, ids[step_tokens:])
+        self.synchronize()
         return (time.perf_counter() - started) * chunk_tokens / (2 * step_tokens)
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a no-op on the CPU), so a clock reads it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """An empty cache: a slot of `capacity` tokens (written in place), or a growing

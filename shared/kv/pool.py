@@ -10,7 +10,7 @@ deepest go first (`touch`), as in vLLM, since a chunk is useless once its parent
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 
 import torch
 
@@ -63,12 +63,15 @@ class PrefixPool:
         self.bytes += kv.nbytes
         return True
 
-    def shrink(self, limit_bytes: int) -> None:
-        """Evict the least recently used chunks until at most limit_bytes are held."""
+    def shrink(self, limit_bytes: int, keep: Set[str] = frozenset()) -> None:
+        """Evict the least recently used chunks, except those in keep (about to be used),
+        until at most limit_bytes are held (or only kept ones are left)."""
         evicted = 0
-        while self.chunks and self.bytes > limit_bytes:
-            _, kv = self.chunks.popitem(last=False)
-            self.bytes -= kv.nbytes
-            evicted += 1
+        for key in list(self.chunks):
+            if self.bytes <= limit_bytes:
+                break
+            if key not in keep:
+                self.bytes -= self.chunks.pop(key).nbytes
+                evicted += 1
         if evicted:
             self.on_evict(evicted)

@@ -122,9 +122,10 @@ class Incoming:
         """The file, `size` bytes long, as a writable buffer."""
         fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
             if size == 0:
                 return memoryview(bytearray())
+            # blocks allocated now: a full tmpfs is an OSError here, not a SIGBUS at a write
+            os.posix_fallocate(fd, 0, size)
             self.mapping = mmap.mmap(fd, size)
         finally:
             os.close(fd)
