@@ -32,9 +32,11 @@ from shared.wire import subjects
 from shared.wire.messages import (
     Accepted,
     Cancel,
+    ChunkLoaded,
     Failed,
     LookupReply,
     LookupRequest,
+    Message,
     PrefillJob,
     Space,
     StoreJob,
@@ -352,13 +354,26 @@ async def over_a_slow_link(
 
 
 async def test_loaded_chunks_are_placed_as_they_arrive(nats_url: str, tmp_path: Path) -> None:
-    """Over a slow link, compute copies each loaded chunk into its slot when it arrives, so the
-    merge at the meeting point copies (almost) nothing; the tokens are compute-only's."""
+    """Over a slow link, chunks arrive tail first (the node's read gate admits workers in any
+    order, but each takes the next chunk once admitted) and compute copies each into its slot
+    when it arrives, so the merge at the meeting point copies (almost) nothing; the tokens are
+    compute-only's."""
     tokens = prompt(700, seed=30)  # 10 usable chunks
     async with over_a_slow_link(nats_url, tmp_path, tokens, chunk_s=0.05) as (ref, be):
+        order: list[int] = []
+
+        async def on_event(event: Message, _: str) -> None:
+            if isinstance(event, ChunkLoaded):
+                order.append(event.index)
+
+        await be.client.handle(subjects.EVENTS_ALL, on_event)
+        await be.client.flush()
         got = await be.generate(tokens, kv_mode="load")
         registry = be.services["compute"].metrics.registry  # type: ignore[attr-defined]
     assert got.tokens == ref.tokens and got.done.chunks_loaded == 10
+    assert sorted(order) == list(range(10))
+    # tail first: concurrent reads (4 at once) may swap neighbours, never more
+    assert all(abs(index - (9 - k)) < 4 for k, index in enumerate(order)), order
     arrival = value(registry, "cake_compute_loaded_chunks_total", placed="on_arrival")
     merge = value(registry, "cake_compute_loaded_chunks_total", placed="at_merge")
     assert arrival + merge == 10 and arrival >= 8

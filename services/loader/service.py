@@ -135,12 +135,24 @@ class Loader(Service):
         return Accepted(node=self.settings.node)
 
     async def fetch_worker(self, fetch: Fetch, queue: asyncio.Queue[int]) -> None:
-        """Load chunks from the queue until it is empty or the fetch is stopped."""
+        """Load chunks from the queue until it is empty, the fetch is stopped or its deadline
+        passes, each in a slot of the node's gate. The chunk is taken from the queue once the
+        slot is held, so chunks are read tail first whatever order the gate admits workers in."""
         while not queue.empty():
-            index = queue.get_nowait()
-            if fetch.meet is not None and index < fetch.meet:
+            try:
+                async with asyncio.timeout(max(0.0, fetch.job.deadline - time.time())):
+                    await self.gate.acquire()  # (in this task: a timeout cannot lose a slot)
+            except TimeoutError:
                 return
-            await self.fetch_one(fetch, index)
+            try:
+                if queue.empty():
+                    return
+                index = queue.get_nowait()
+                if fetch.meet is not None and index < fetch.meet:
+                    return
+                await self.fetch_one(fetch, index)
+            finally:
+                await self.gate.release()
 
     async def fetch_one(self, fetch: Fetch, index: int) -> None:
         """Read one chunk straight into its staged file, verify it, stage it; report loaded or
@@ -181,10 +193,8 @@ class Loader(Service):
         await self.bus.publish(events, ChunkLoaded(rid, index, nbytes, duration, path))
 
     async def read_chunk(self, fetch: Fetch, index: int, incoming: Incoming, timeout: float) -> int:
-        """Read and verify one chunk into its staged file through the node's gate; its bytes.
-        The read's time (not the wait for a slot) feeds the node's fetch limit."""
-        async with asyncio.timeout(max(0.0, fetch.job.deadline - time.time())):
-            await self.gate.acquire()  # (in this task: a timeout cannot lose a taken slot)
+        """Read and verify one chunk into its staged file; its bytes. The read's time feeds the
+        node's fetch limit."""
         try:
             started = time.perf_counter()
             read = read_verified(self.store, fetch.prompt, index, incoming.allocate, self.secret)
@@ -198,8 +208,6 @@ class Loader(Service):
         except (StoreError, TimeoutError, OSError):
             self.fetch_limit.on_failure()
             raise
-        finally:
-            await self.gate.release()
 
     async def finish_fetch(self, fetch: Fetch) -> None:
         """When every worker ended (done or stopped), drop staged chunks compute will not use."""
