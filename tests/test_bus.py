@@ -73,8 +73,13 @@ async def test_nobody_listening_and_nobody_answering_are_told_apart(connect: Con
         await client.request("test.bus.nobody", Accepted(), Accepted, 5.0)
     async with await server.subscribe("test.bus.silent"):  # takes messages, never answers
         await server.flush()
+        await client.flush()
         with pytest.raises(RequestTimeout):
-            await client.request("test.bus.silent", Accepted(), Accepted, 0.2)
+            try:
+                await client.request("test.bus.silent", Accepted(), Accepted, 0.2)
+            except NoResponders:  # seen once in ~20 suite runs under CI: interest not yet seen
+                await asyncio.sleep(0.2)
+                await client.request("test.bus.silent", Accepted(), Accepted, 0.2)
 
 
 async def test_a_handlers_error_crosses_as_code_description_and_retry_hint(
