@@ -367,3 +367,17 @@ def test_the_image_runs_the_cake_script_as_a_non_root_user() -> None:
     assert scripts["cake"] == "services.launcher.cli:main"
     users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
     assert users and users[-1] not in ("root", "0")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_service_has_a_healthcheck_on_its_own_port(service: str) -> None:
+    """The gateway is healthy when /health says a request would be served, the others while
+    their metrics server answers; compose restarts a service that exits."""
+    svc = services()[service]
+    probe = " ".join(svc["healthcheck"]["test"])
+    got = settings(service)
+    if service == "gateway":
+        assert f"localhost:{got.port}/health" in probe
+    else:
+        assert f"localhost:{got.metrics_port}/metrics" in probe
+    assert svc["restart"] == "unless-stopped"
