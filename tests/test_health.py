@@ -22,11 +22,11 @@ async def test_health_is_503_with_the_reason_until_every_service_answers(
         LocalStore(settings.store) as store,
         backend(settings, store, ("gateway", "merger", "loader")) as be,
         aiohttp.ClientSession() as session,
+        session.get(f"{be.url}/health") as resp,
     ):
-        async with session.get(f"{be.url}/health") as resp:
-            body = await resp.json()
-        assert resp.status == 503 and "compute" in body["reason"], body
-        assert "loader" not in body["reason"] and "merger" not in body["reason"]
+        body = await resp.json()
+    assert resp.status == 503 and "compute" in body["reason"], body
+    assert "loader" not in body["reason"] and "merger" not in body["reason"], body
 
 
 async def test_a_stream_whose_compute_dies_ends_with_an_error_event(

@@ -116,6 +116,7 @@ async def running(
         service = await build(bus, settings, stack)
         stack.push_async_callback(service.close)
         await service.start()
+        await bus.flush()  # its subscriptions are live at the server before it counts as up
         yield service
 
 
