@@ -26,8 +26,6 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,14 +207,7 @@ class Ceiling:
         return {**local, "s3": s3, "prompt_tokens": self.config.tokens, "hit_chunks": self.hit}
 
 
-@asynccontextmanager
-async def workdir() -> AsyncIterator[Path]:
-    """A scratch directory on the same disk as the store would be."""
-    with tempfile.TemporaryDirectory(prefix="cake-ceiling-") as tmp:
-        yield Path(tmp)
-
-
 async def run_ceiling(config: CeilingConfig) -> dict[str, Any]:
     """The ceiling measurement in a scratch directory."""
-    async with workdir() as tmp:
-        return await Ceiling(config, tmp).run()
+    with tempfile.TemporaryDirectory(prefix="cake-ceiling-") as tmp:
+        return await Ceiling(config, Path(tmp)).run()

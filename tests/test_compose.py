@@ -279,13 +279,18 @@ def test_the_loader_stores_in_the_bucket_minio_init_creates() -> None:
 # --- traces -------------------------------------------------------------------------------
 
 
-def collector_config() -> dict[str, Any]:
-    """The collector's config as its service mounts it (--config=PATH)."""
-    command = words(services()["otel-collector"].get("command"))
-    path = next(w.split("=", 1)[1] for w in command if w.startswith("--config="))
-    data = yaml.safe_load(mounted_file("otel-collector", path).read_text())
+def mounted_config(service: str, flag: str) -> dict[str, Any]:
+    """A service's YAML config as it mounts it (`FLAG=PATH` in its command), parsed."""
+    command = words(services()[service].get("command"))
+    path = next(w.split("=", 1)[1] for w in command if w.startswith(f"{flag}="))
+    data = yaml.safe_load(mounted_file(service, path).read_text())
     assert isinstance(data, dict)
     return data
+
+
+def collector_config() -> dict[str, Any]:
+    """The collector's config as its service mounts it (--config=PATH)."""
+    return mounted_config("otel-collector", "--config")
 
 
 def test_services_send_traces_to_the_collectors_http_receiver() -> None:
@@ -318,11 +323,7 @@ def test_the_collector_exports_traces_to_jaeger() -> None:
 
 def prometheus_config() -> dict[str, Any]:
     """Prometheus's config as its service mounts it (--config.file=PATH)."""
-    command = words(services()["prometheus"].get("command"))
-    path = next(w.split("=", 1)[1] for w in command if w.startswith("--config.file="))
-    data = yaml.safe_load(mounted_file("prometheus", path).read_text())
-    assert isinstance(data, dict)
-    return data
+    return mounted_config("prometheus", "--config.file")
 
 
 def scrape_targets() -> dict[str, set[str]]:

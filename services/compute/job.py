@@ -78,10 +78,15 @@ class Job:
     def __post_init__(self) -> None:
         self.loads = MeetTracker(self.msg.hit)
 
+    @property
+    def filling_prompt(self) -> bool:
+        """Whether it is filling its prompt's chunks with the memory tier's help."""
+        return self.memory and self.admitted and not self.decoding and not self.finish_reason
+
     def next_chunk(self) -> int | None:
         """The prompt chunk this job fills next when the memory tier could supply it (a whole
         chunk at the end of its cache, before the merge or the one holding the last token)."""
-        if not (self.memory and self.admitted) or self.decoding or self.finish_reason:
+        if not self.filling_prompt:
             return None
         if not self.merged:
             end = self.meet if self.meet is not None else self.hit
@@ -94,7 +99,7 @@ class Job:
 
     def chunks_to_fill(self) -> range:
         """Complete prompt chunks it has yet to fill (and then leaves in the memory tier)."""
-        if not (self.memory and self.admitted) or self.decoding or self.finish_reason:
+        if not self.filling_prompt:
             return range(0)
         filled = self.kv_cache.get_seq_length() // self.chunk if self.merged else self.head_done
         return range(filled, len(self.prompt.keys))

@@ -62,6 +62,8 @@ def authorization(passwords: dict[str, str]) -> dict[str, Any]:
     users = []
     for role, allowed in ROLES.items():
         permissions = {
+            # a role that publishes nothing gets a subject nobody uses: nats-server takes an
+            # empty allow list as no restriction
             "publish": {"allow": allowed["publish"] or ["_cake.nothing"]},
             "subscribe": {"allow": allowed["subscribe"]},
             "allow_responses": True,

@@ -266,19 +266,16 @@ class ModelRunner:
         ]
         return torch.stack(parts).contiguous()
 
-    def append_kv(self, cache: KVCache, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def append_kv(self, cache: KVCache, chunks: Sequence[torch.Tensor]) -> None:
         """Append loaded chunk KVs (in token order) to the cache: a slot takes each chunk in one
-        copy; a DynamicCache, one concatenation per layer. The chunks on the model's device and
-        in its dtype."""
-        chunks = [c.to(device=self.device, dtype=self.dtype) for c in chunks]
+        copy (converting it); a DynamicCache, one concatenation per layer."""
         if isinstance(cache, SlotCache):
             for kv in chunks:
                 cache.append(kv)
         elif chunks:
-            kv = torch.cat(chunks, dim=3)
+            kv = torch.cat([c.to(device=self.device, dtype=self.dtype) for c in chunks], dim=3)
             for i in range(self.layout.layers):
                 cache.update(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0), i)
-        return chunks
 
     def cache_length(self, cache: KVCache) -> int:
         """Tokens held in the cache."""
