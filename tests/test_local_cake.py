@@ -18,7 +18,11 @@ async def test_split_follows_storage_speed(tmp_path: Path) -> None:
     rng = random.Random(0)
     ids = [rng.randrange(256) for _ in range(1000)]
     settings = Settings(
-        chunk_tokens=32, token_budget=1024, staging_dir=str(tmp_path), node="in-process"
+        chunk_tokens=32,
+        token_budget=1024,
+        staging_dir=str(tmp_path),
+        node="in-process",
+        request_timeout_s=60.0,  # a stuck request fails with its reason, before pytest's timeout
     ).validated()
     store = MemoryStore()
     async with in_process(settings, runner, store) as client:

@@ -19,7 +19,7 @@ from services.launcher.in_process import Result
 from services.loader.service import Loader, probe_store
 from services.merger.service import Merger
 from shared.core.errors import ConfigError, RemoteError, StoreError
-from shared.core.keys import KeySpace, PromptChunks, pack_tokens
+from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
 from shared.core.request import Sampling
 from shared.kv.codec import encode_chunk
 from shared.kv.engine import fetch_chunk
@@ -33,6 +33,7 @@ from shared.wire.messages import (
     Accepted,
     Cancel,
     ChunkLoaded,
+    Done,
     Failed,
     LookupReply,
     LookupRequest,
@@ -40,6 +41,7 @@ from shared.wire.messages import (
     PrefillJob,
     Space,
     StoreJob,
+    Tokens,
 )
 from tests.harness import Backend, backend, default_runner, s3_backend, stack_settings
 from tests.prom import value
@@ -494,3 +496,37 @@ async def test_the_loader_refuses_a_store_it_cannot_write(tmp_path: Path) -> Non
     async with LocalStore(settings.store) as store:
         assert await probe_store(store, settings) > 0
         assert store.usage_bytes() == 0  # the probe is gone
+
+
+async def test_a_job_the_merger_never_answers_goes_on_alone(nats_url: str, tmp_path: Path) -> None:
+    """NATS delivers at most once: if the merger's word is lost (or the merger dies), a
+    load-only job does not wait for its deadline but computes the head itself once it has
+    waited as long as the merger would (a fetch timeout and two hops), and its output is exact."""
+    settings = stack_settings(nats_url, tmp_path, fetch_timeout_s=1.0, rpc_timeout_s=0.5)
+    async with LocalStore(settings.store) as store, backend(settings, store, ("compute",)) as be:
+        compute = be.services["compute"]
+        assert isinstance(compute, Compute)
+        space = Space.of(KeySpace(compute.runner.fingerprint, compute.runner.layout, 64))
+        tokens = pack_tokens(prompt(300, seed=44))
+
+        async def run(rid: str, hit: int, compute_head: bool) -> tuple[list[int], float]:
+            job = PrefillJob(
+                rid, tokens, space, hit, compute_head, Sampling(max_tokens=4), time.time() + 30
+            )
+            started = time.monotonic()
+            out: list[int] = []
+            async with await be.client.subscribe(subjects.stream(rid)) as inbox:
+                await be.client.request(subjects.COMPUTE_PREFILL, job, Accepted, 2.0)
+                while not isinstance(msg := (await inbox.next(20.0)).message, Done | Failed):
+                    if isinstance(msg, Tokens):
+                        out += unpack_tokens(msg.tokens)
+            assert isinstance(msg, Done), msg
+            return out, time.monotonic() - started
+
+        reference, _ = await run("r-alone-ref", 0, True)
+        alone, waited = await run("r-alone", 4, False)  # load-only, and no merger, no loads
+    assert alone == reference
+    assert waited >= 2.0  # it waited as long as the merger would have
+    assert (
+        value(compute.registry(), "cake_compute_went_on_alone_total", decided="computes_head") == 1
+    )

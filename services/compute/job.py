@@ -48,6 +48,7 @@ class Job:
     reused: set[int] = field(default_factory=set)  # prompt chunks taken from the memory tier
     placed: set[int] = field(default_factory=set)  # loaded chunks already copied into the slot
     blocked: bool = False  # its next chunk is one an earlier request is computing: wait for it
+    news_at: float = field(default_factory=time.monotonic)  # last progress or word about it
 
     @property
     def hit(self) -> int:
@@ -74,6 +75,23 @@ class Job:
             racing = self.msg.compute_head and self.load_frontier() > self.head_done
             return Phase.HEAD if racing else Phase.WAITING
         return Phase.PREFILL
+
+    def awaits_merger(self) -> bool:
+        """Whether only a word from the merger (Meet or StartHead) lets it go on."""
+        return (
+            self.admitted and not self.blocked and self.meet is None
+            and self.head_done < self.hit and self.phase() == Phase.WAITING
+        )  # fmt: skip
+
+    def go_on_alone(self) -> str:
+        """No word came from the merger (a lost message, a dead merger): decide as it would
+        have. Meet where the head reached the loads, or else compute the head; what it did."""
+        self.news_at = time.monotonic()
+        if self.head_done >= self.load_frontier():
+            self.meet = self.head_done  # computed chunks win any overlap, as MeetTracker says
+            return "met"
+        self.msg.compute_head, self.msg.head_hint = True, -1
+        return "computes_head"
 
     def __post_init__(self) -> None:
         self.loads = MeetTracker(self.msg.hit)

@@ -117,6 +117,15 @@ class ComputeMetrics:
         )
         for when in ("on_arrival", "at_merge"):
             self.placed.labels(placed=when)
+        self.went_on_alone = Counter(
+            "cake_compute_went_on_alone",
+            "Requests that waited for the merger past its own bounds and went on without it, by "
+            "what compute decided: met (where the head reached the loads) or computes_head",
+            ("decided",),
+            registry=r,
+        )
+        for decided in ("met", "computes_head"):
+            self.went_on_alone.labels(decided=decided)
         self.evicted = Counter(
             "cake_compute_evicted_chunks",
             "Chunks evicted from the memory tier (least recently used first) for running requests",

@@ -230,6 +230,7 @@ class Compute(Service):
             if job is not None and 0 <= msg.index < job.hit and not job.merged:
                 job.loads.on_loaded(msg.index)
                 job.staged[msg.index] = msg.staged
+                job.news_at = time.monotonic()
                 self.wake.set()
 
     async def on_control(self, msg: Message, subject: str) -> None:
@@ -240,6 +241,7 @@ class Compute(Service):
         )
         if job is None:
             return
+        job.news_at = time.monotonic()
         if isinstance(msg, StartHead):
             job.msg.compute_head = True  # the loads fell behind: race them after all,
             job.msg.head_hint = -1  # in full head steps (the skip advice's hint was 0)
@@ -328,13 +330,21 @@ class Compute(Service):
         return max(0.01, min(1.0, min(j.msg.deadline for j in self.jobs.values()) - time.time()))
 
     async def expire(self) -> None:
-        """Fail jobs past their deadline."""
+        """Fail jobs past their deadline; a job left waiting for the merger longer than the
+        merger itself would wait (a fetch timeout and two hops) goes on alone."""
         now = time.time()
+        patience = self.settings.fetch_timeout_s + 2 * self.settings.rpc_timeout_s
         for rid, job in list(self.jobs.items()):
             if now > job.msg.deadline and not job.finish_reason:
                 job.finish_reason = FinishReason.DEADLINE
                 failed = Failed(rid, ErrorCode.DEADLINE, "the request ran past its deadline")
                 await self.bus.publish(subjects.stream(rid), failed)
+            elif not job.awaits_merger():
+                job.news_at = time.monotonic()  # the wait for a word starts when it waits
+            elif time.monotonic() - job.news_at > patience:
+                decided = job.go_on_alone()
+                log.warning("no word from the merger; going on alone", request_id=rid, did=decided)
+                self.metrics.went_on_alone.labels(decided=decided).inc()
 
     def start_writebacks(self) -> None:
         """Write back the new chunks of jobs whose first token is out (off the critical path)."""
