@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from services.loader.service import store_from_settings
+from shared.core.bandwidth import BandwidthTrace
 from shared.core.errors import ConfigError, StoreError
+from shared.runtime.config import Settings
 from shared.storage import (
     ChunkStore,
     LocalStore,
@@ -351,6 +354,67 @@ def test_throttled_bad_config(kw: dict[str, object]) -> None:
         ThrottledStore(MemoryStore(), **kw)  # type: ignore[arg-type]
 
 
+def test_a_bandwidth_trace_repeats_after_its_period(tmp_path: Path) -> None:
+    trace = BandwidthTrace.parse("0:100, 10:10, 20:50")  # repeats after 20 + 10 s by default
+    assert trace.period_s == 30
+    rates = [trace.rate_MBps(t) for t in (0, 9.9, 10, 25, 30, 41, 55, 3600 + 12)]
+    assert rates == [100, 100, 10, 50, 100, 10, 50, 10]
+    # 50 MB at 50 MB/s until second 30, then 50 MB at 100 MB/s as the trace starts over
+    assert trace.transfer_end(29, 100_000_000) == pytest.approx(30.5)
+    lines = tmp_path / "link.trace"
+    lines.write_text("# t MBps\n0 100\n10 10  # congested\n\n20 50\n")
+    assert BandwidthTrace.parse(str(lines), period_s=60) == BandwidthTrace(trace.steps, 60)
+    assert BandwidthTrace.parse("0:5").period_s is None  # one step: a constant link
+    down = BandwidthTrace.parse("0:0,1:2")  # down for a second of every two
+    assert down.transfer_end(0.5, 3_000_000) == pytest.approx(3.5)
+
+
+@pytest.mark.parametrize(
+    ("spec", "period", "why"),
+    [
+        ("0:100,10", None, "use `t0:MBps"),
+        ("fast", None, "use `t0:MBps"),
+        ("0:100,10:20", 5.0, "must end after its last step"),
+        ("0:0,10:0", None, "needs a step with a rate > 0"),
+        ("1:100", None, "must start at second 0"),
+    ],
+)
+def test_a_bad_bandwidth_trace_is_refused(spec: str, period: float | None, why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        BandwidthTrace.parse(spec, period)
+
+
+def test_the_bandwidth_trace_setting() -> None:
+    env = {"CAKE_STORE_BANDWIDTH_TRACE": "0:80,5:8", "CAKE_STORE_BANDWIDTH_PERIOD_S": "12"}
+    assert Settings.from_env(env).bandwidth_trace() == BandwidthTrace(((0, 80), (5, 8)), 12)
+    assert Settings.from_env({"CAKE_STORE_BANDWIDTH_MBPS": "7"}).bandwidth_trace() == (
+        BandwidthTrace(((0, 7),))
+    )
+    assert Settings.from_env({}).bandwidth_trace() is None
+    with pytest.raises(ConfigError, match="set one"):
+        Settings.from_env({**env, "CAKE_STORE_BANDWIDTH_MBPS": "7"})
+    with pytest.raises(ConfigError, match="CAKE_STORE_BANDWIDTH_TRACE='0:80,x'"):
+        Settings.from_env({"CAKE_STORE_BANDWIDTH_TRACE": "0:80,x"})
+
+
+async def test_the_loaders_store_follows_the_trace_from_its_start() -> None:
+    settings = Settings.from_env(
+        {"CAKE_STORE": "memory://", "CAKE_STORE_BANDWIDTH_TRACE": "0:10,0.2:1,0.4:10"}
+    )
+    store = store_from_settings(settings)
+    assert isinstance(store, ThrottledStore)
+    await store.inner.put(key(1), b"t" * 500_000)
+    async with store:
+        started = now()
+        await store.get(key(1))  # 0.05 s at 10 MB/s
+        fast = now() - started
+        await asyncio.sleep(0.25 - (now() - started))
+        started = now()
+        await store.get(key(1))  # 0.15 s at 1 MB/s (150 kB), the rest at 10 MB/s: ~0.19 s
+        slow = now() - started
+    assert fast < 0.12 < 0.15 < slow
+
+
 # --- S3 store -------------------------------------------------------------------------------
 
 
@@ -426,7 +490,7 @@ def test_open_store_parses_specs(tmp_path: Path) -> None:
     plain = open_store("relative/dir")
     assert isinstance(plain, LocalStore) and plain.root == Path("relative/dir")
 
-    slow = open_store("memory://", bandwidth_MBps=5.0)
+    slow = open_store("memory://", bandwidth=5.0)
     assert isinstance(slow, ThrottledStore) and isinstance(slow.inner, MemoryStore)
     assert slow.transfer_end(0.0, 5_000_000) == pytest.approx(1.0)
 
@@ -453,7 +517,7 @@ def test_open_store_errors(spec: str, options: dict[str, object], match: str) ->
 
 
 async def test_open_store_round_trip_through_local(tmp_path: Path) -> None:
-    async with open_store(str(tmp_path), capacity_bytes=100, bandwidth_MBps=100.0) as store:
+    async with open_store(str(tmp_path), capacity_bytes=100, bandwidth=100.0) as store:
         await store.put(key(1), b"x" * 60)
         await store.put(key(2), b"y" * 60)
         assert await store.exists_many([key(1), key(2)]) == [False, True]

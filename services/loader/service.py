@@ -296,7 +296,7 @@ def store_from_settings(settings: Settings) -> ChunkStore:
     return open_store(
         settings.store,
         capacity_bytes=settings.store_capacity_bytes,
-        bandwidth_MBps=settings.store_bandwidth_mbps,
+        bandwidth=settings.bandwidth_trace(),
         endpoint_url=settings.s3_endpoint,
         region=settings.s3_region,
     )

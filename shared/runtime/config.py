@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from shared.core.bandwidth import BandwidthTrace
 from shared.core.errors import ConfigError
 from shared.kv.format import CODECS
 
@@ -42,6 +43,8 @@ class Settings:
     store: str = ".cake/store"  # a path, file:///path, s3://bucket/prefix or memory://
     store_capacity_gb: float | None = None
     store_bandwidth_mbps: float | None = None  # emulate a slower tier (benchmarks)
+    store_bandwidth_trace: str | None = None  # or one that changes: "t0:MBps,t1:MBps,..." or a file
+    store_bandwidth_period_s: float | None = None  # the trace repeats (default: last t + its gap)
     s3_endpoint: str | None = None
     s3_region: str | None = None
     staging_dir: str = field(default_factory=_default_staging)
@@ -119,7 +122,24 @@ class Settings:
             raise ConfigError("CAKE_LOG_FORMAT must be json, console or auto")
         if self.token_budget < self.chunk_tokens:
             raise ConfigError("CAKE_TOKEN_BUDGET must be at least CAKE_CHUNK_TOKENS")
+        if self.store_bandwidth_trace and self.store_bandwidth_mbps is not None:
+            raise ConfigError(
+                "CAKE_STORE_BANDWIDTH_MBPS and CAKE_STORE_BANDWIDTH_TRACE both limit the link: "
+                "set one"
+            )
+        self.bandwidth_trace()  # a trace that cannot be read fails at start, not at a read
         return self
+
+    def bandwidth_trace(self) -> BandwidthTrace | None:
+        """The emulated link's bandwidth over time (CAKE_STORE_BANDWIDTH_MBPS: constant), or
+        None: the store's own speed."""
+        if self.store_bandwidth_trace:
+            return BandwidthTrace.parse(self.store_bandwidth_trace, self.store_bandwidth_period_s)
+        if self.store_bandwidth_mbps is not None:
+            if not self.store_bandwidth_mbps > 0:
+                raise ConfigError("CAKE_STORE_BANDWIDTH_MBPS must be positive")
+            return BandwidthTrace(((0.0, self.store_bandwidth_mbps),))
+        return None
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated)."""

@@ -6,6 +6,7 @@ import inspect
 import re
 from typing import Any
 
+from shared.core.bandwidth import BandwidthTrace
 from shared.core.errors import ConfigError
 from shared.storage.base import ChunkStore
 from shared.storage.local import LocalStore, validate_key
@@ -30,15 +31,15 @@ _S3_OPTIONS = frozenset(inspect.signature(S3Store).parameters) - {"bucket", "pre
 def open_store(
     spec: str,
     capacity_bytes: int | None = None,
-    bandwidth_MBps: float | None = None,
+    bandwidth: BandwidthTrace | float | None = None,
     **s3_options: Any,
 ) -> ChunkStore:
     """Build the store a spec names, not yet started.
 
     spec: ``memory://``, ``s3://bucket[/prefix]``, ``file:///abs/path`` or a plain path.
     capacity_bytes bounds memory and local stores (S3 is bounded by the bucket's own rules).
-    With bandwidth_MBps the store is wrapped in a ThrottledStore. s3_options go to S3Store
-    (endpoint_url, region, access_key_id, ...); options set to None are ignored.
+    With a bandwidth (a trace, or constant MB/s) the store is wrapped in a ThrottledStore.
+    s3_options go to S3Store (endpoint_url, region, access_key_id, ...); None means not set.
     Raises ConfigError for a spec or an option that cannot be served.
     """
     options = {k: v for k, v in s3_options.items() if v is not None}
@@ -46,8 +47,10 @@ def open_store(
     if unknown:
         raise ConfigError(f"unknown store options {unknown}; known: {sorted(_S3_OPTIONS)}")
     store = _open_base(spec.strip(), capacity_bytes, options)
-    if bandwidth_MBps is not None:
-        return ThrottledStore(store, bandwidth_MBps=bandwidth_MBps)
+    if isinstance(bandwidth, BandwidthTrace):
+        return ThrottledStore(store, trace=bandwidth)
+    if bandwidth is not None:
+        return ThrottledStore(store, bandwidth_MBps=bandwidth)
     return store
 
 

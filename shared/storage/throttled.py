@@ -1,34 +1,31 @@
-"""A wrapper that emulates a slower storage tier by limiting the read bandwidth of a store."""
+"""A wrapper that emulates a slower storage tier by limiting the read bandwidth of a store,
+constant or following a time trace (CAKE_STORE_BANDWIDTH_TRACE) that may repeat."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import math
 from collections.abc import Sequence
 
+from shared.core.bandwidth import BandwidthTrace
 from shared.core.errors import ConfigError
 from shared.storage.base import Allocate, ChunkStore
-
-MB = 1e6
 
 
 class ThrottledStore(ChunkStore):
     """Limits ``get`` of the wrapped store to one shared link of a fixed or time-varying bandwidth.
 
-    Give exactly one of ``bandwidth_MBps`` (constant) or ``trace``: steps of
-    ``(start_second, MBps)`` relative to ``start()``, the first at second 0; a step may be 0
-    (link down) except the last. Reads share the link: a read of n bytes reserves the link
-    from ``max(issue time, link free time)`` until n bytes have passed, and returns when its
-    reservation ends, so two concurrent reads take as long as one read of twice the size.
-    A miss transfers nothing. exists/put/delete pass straight through. MB = 1e6 bytes.
+    Give exactly one of ``bandwidth_MBps`` (constant) or ``trace`` (a BandwidthTrace, or its
+    steps), its clock starting at ``start()``. Reads share the link: a read of n bytes
+    reserves the link from ``max(issue time, link free time)`` until n bytes have passed, and
+    returns when its reservation ends, so two concurrent reads take as long as one read of
+    twice the size. A miss transfers nothing; exists/put/delete pass through. MB = 1e6 bytes.
     """
 
     def __init__(
         self,
         inner: ChunkStore,
         bandwidth_MBps: float | None = None,
-        trace: Sequence[tuple[float, float]] | None = None,
+        trace: BandwidthTrace | Sequence[tuple[float, float]] | None = None,
     ) -> None:
         if (bandwidth_MBps is None) == (trace is None):
             raise ConfigError("ThrottledStore needs exactly one of bandwidth_MBps or trace")
@@ -37,10 +34,11 @@ class ThrottledStore(ChunkStore):
                 raise ConfigError(f"bandwidth_MBps must be > 0, got {bandwidth_MBps}")
             trace = [(0.0, bandwidth_MBps)]
         assert trace is not None
-        _check_trace(trace)
+        if not isinstance(trace, BandwidthTrace):
+            trace = BandwidthTrace(tuple((float(t), float(r)) for t, r in trace))
+        self.trace = trace
         self.inner = inner
         self.batch_concurrency = inner.batch_concurrency
-        self._steps = [(float(t), float(mbps) * MB) for t, mbps in trace]  # (second, bytes/s)
         self._t0: float | None = None
         self._free_at = 0.0  # seconds after start() when the link is next free
 
@@ -99,35 +97,9 @@ class ThrottledStore(ChunkStore):
 
     def transfer_end(self, start_s: float, nbytes: int) -> float:
         """When (seconds after start()) nbytes starting at start_s finish, integrating the trace."""
-        remaining = float(nbytes)
-        t = start_s
-        for i, (step_start, rate) in enumerate(self._steps):
-            step_end = self._steps[i + 1][0] if i + 1 < len(self._steps) else math.inf
-            if step_end <= t:
-                continue
-            t = max(t, step_start)
-            if rate > 0:
-                if remaining <= rate * (step_end - t):
-                    return t + remaining / rate
-                remaining -= rate * (step_end - t)
-            t = step_end
-        return t  # not reached: the last step is open-ended with a positive rate
+        return self.trace.transfer_end(start_s, nbytes)
 
     def _now(self) -> float:
         if self._t0 is None:
             raise RuntimeError("ThrottledStore used before start()")
         return asyncio.get_running_loop().time() - self._t0
-
-
-def _check_trace(trace: Sequence[tuple[float, float]]) -> None:
-    if not trace:
-        raise ConfigError("bandwidth trace is empty")
-    if trace[0][0] != 0:
-        raise ConfigError(f"bandwidth trace must start at second 0, got {trace[0][0]}")
-    for (t0, _), (t1, _) in itertools.pairwise(trace):
-        if not t1 > t0:
-            raise ConfigError(f"bandwidth trace times must increase: {t0} then {t1}")
-    if any(not mbps >= 0 for _, mbps in trace):
-        raise ConfigError("bandwidth trace rates must be >= 0 MB/s")
-    if not trace[-1][1] > 0:
-        raise ConfigError("the last step of a bandwidth trace must have a rate > 0 MB/s")
