@@ -530,3 +530,29 @@ async def test_a_job_the_merger_never_answers_goes_on_alone(nats_url: str, tmp_p
     assert (
         value(compute.registry(), "cake_compute_went_on_alone_total", decided="computes_head") == 1
     )
+
+
+async def test_without_controllers_cake_runs_on_fixed_settings(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """CAKE_CONTROLLERS=false (the ablation): whatever the services measured, every Cake request
+    races the head in fixed steps from chunk 0 with no hint, and the loader's read limit stays
+    at CAKE_FETCH_CONCURRENCY."""
+    settings = stack_settings(nats_url, tmp_path, controllers=False, fetch_concurrency=3)
+    tokens = prompt(700, seed=45)
+    async with LocalStore(settings.store) as store, backend(settings, store) as be:
+        compute, loader, merger = (be.services[n] for n in ("compute", "loader", "merger"))
+        assert isinstance(compute, Compute) and isinstance(loader, Loader)
+        assert isinstance(merger, Merger)
+        compute.chunk_compute_s = compute.runner.measure_chunk_s(64, 128)
+        loader.read_MBps = await probe_store(be.store, be.settings)
+        reference = await be.generate(tokens, kv_mode="compute")
+        merger.estimator.compute_s.add(1.0)  # a link 100x faster than compute: skip the head,
+        merger.estimator.load_s.add(0.01)  # were the controllers on
+        results = [await be.generate(tokens) for _ in range(2)]
+    advice = {a: value(merger.metrics.registry, "cake_merger_advice_total", advice=a)
+              for a in ("skip_head", "no_fetch", "hint", "none")}  # fmt: skip
+    assert advice == {"skip_head": 0, "no_fetch": 0, "hint": 0, "none": 2}
+    assert all(r.tokens == reference.tokens and r.done.hit_tokens == 10 * 64 for r in results)
+    assert loader.fetch_limit.slots == 3
+    assert (loader.fetch_limit.min_limit, loader.fetch_limit.max_limit) == (3, 3)

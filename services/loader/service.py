@@ -82,7 +82,8 @@ class Loader(Service):
         self.secret = settings.kv_secret_bytes()  # chunks must carry its MAC (None: no MAC)
         self.read_MBps = 0.0  # the store's read rate, measured by build()
         start = settings.fetch_concurrency  # reads at once on this node, all requests together
-        self.fetch_limit = FetchLimit(float(start), max_limit=FETCH_LIMIT_GROWTH * start)
+        most, least = (FETCH_LIMIT_GROWTH * start, 1) if settings.controllers else (start, start)
+        self.fetch_limit = FetchLimit(float(start), max_limit=most, min_limit=least)
         self.gate = ReadGate(self.fetch_limit)
         self.metrics.watch_reads(self.gate)
 

@@ -142,7 +142,8 @@ class Merger(Service):
         hit = usable_hit_chunks(stored, n_tokens, space.chunk_tokens)
         span.set_attribute("cake.hit_chunks", hit)
         async with await self.bus.subscribe(subjects.events(req.request_id)) as events:
-            advice = self.estimator.advise(hit) if req.kv_mode == KvMode.CAKE else Advice()
+            adapt = req.kv_mode == KvMode.CAKE and self.settings.controllers
+            advice = self.estimator.advise(hit) if adapt else Advice()
             if hit and req.kv_mode == KvMode.CAKE:
                 self.metrics.advised(advice)
             compute_head = req.kv_mode != KvMode.LOAD and advice.compute_head

@@ -66,6 +66,7 @@ class Settings:
     memory_tier: bool = True  # keep prompt chunks' KV in compute memory for later requests
     exact_splits: bool = False  # every forward pass covers exactly one storage chunk
     skip_head_ratio: float = 0.5  # run load-only when a chunk loads in < this x its compute time
+    controllers: bool = True  # plans and the fetch limit follow telemetry (off: fixed settings)
     kv_secret: str | None = field(default=None, repr=False)  # cluster secret, or @path to it
     api_keys: str | None = field(default=None, repr=False)  # key or key:tenant, comma-separated
     kv_codec: str = "raw"  # how new chunks are stored: raw (exact) or int8 (half of fp16, lossy)
