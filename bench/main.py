@@ -1,4 +1,4 @@
-"""`cake bench` entry point: the TTFT sweep, or with --serve the serving benchmark."""
+"""`cake bench` entry point: the TTFT sweep, or --serve, --ceiling or --fluctuating."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from bench import serve_report
+from bench import fluctuating_report, serve_report
 from bench.ceiling import CeilingConfig, run_ceiling
+from bench.fluctuating import FluctuatingConfig, run_fluctuating
 from bench.report import table, write_report
 from bench.serve import ServeConfig, run_serve
 from bench.sweep import BenchConfig, run_bench
@@ -44,12 +45,15 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
 def bench_main(args: argparse.Namespace) -> int:
     """Run, print the table and summary, write results under --out."""
     configure_logging("bench", "json", "warning")
-    if args.serve and args.ceiling:
-        raise ConfigError("--serve and --ceiling are separate benchmarks: choose one")
+    chosen = [f"--{n}" for n in ("serve", "ceiling", "fluctuating") if getattr(args, n)]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} are separate benchmarks: choose one")
     if args.serve:
         return serve_main(serve_config_from_args(args), Path(args.out))
     if args.ceiling:
         return ceiling_main(ceiling_config_from_args(args), Path(args.out))
+    if args.fluctuating:
+        return fluctuating_main(fluctuating_config_from_args(args), Path(args.out))
     if args.rates is not None:
         raise ConfigError("--rates: only with --serve")
     config = config_from_args(args)
@@ -68,12 +72,16 @@ def bench_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_flags(args: argparse.Namespace, names: tuple[str, ...], benchmark: str) -> None:
+    """ConfigError naming the given flags that do not apply to this benchmark."""
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not for {benchmark}")
+
+
 def ceiling_config_from_args(args: argparse.Namespace) -> CeilingConfig:
     """The ceiling benchmark's settings from the flags that apply to it."""
-    other = [f"--{n.replace('_', '-')}" for n in ("contexts", "io_ratios", "rates")
-             if getattr(args, n) is not None]  # fmt: skip
-    if other:
-        raise ConfigError(f"{', '.join(other)}: not for --ceiling")
+    refuse_flags(args, ("contexts", "io_ratios", "rates"), "--ceiling")
     changes = {"reps": args.reps, "model": args.model, "dtype": args.dtype, "device": args.device}
     config = CeilingConfig()
     return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
@@ -111,4 +119,24 @@ def serve_main(config: ServeConfig, out: Path) -> int:
     print(serve_report.scenario_lines(results["scenarios"]))
     print(json.dumps(results["summary"], indent=2))
     print(f"results: {out / 'serve.json'}, plot: {out / 'serve.png'}")
+    return 0
+
+
+def fluctuating_config_from_args(args: argparse.Namespace) -> FluctuatingConfig:
+    """The fluctuating benchmark's --quick defaults (or the full ones), overridden by the
+    flags that apply to it (one context: the first of --contexts)."""
+    refuse_flags(args, ("io_ratios", "rates", "reps"), "--fluctuating")
+    config = FluctuatingConfig.quick() if args.quick else FluctuatingConfig()
+    changes = {"model": args.model, "dtype": args.dtype, "device": args.device,
+               "context": args.contexts[0] if args.contexts else None}  # fmt: skip
+    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+
+
+def fluctuating_main(config: FluctuatingConfig, out: Path) -> int:
+    """The fluctuating benchmark: run, write fluctuating.json and .png, print the table."""
+    results = asyncio.run(run_fluctuating(config))
+    fluctuating_report.write_report(results, out)
+    print(fluctuating_report.table(results["rows"]))
+    print(json.dumps(results["summary"], indent=2))
+    print(f"results: {out / 'fluctuating.json'}, plot: {out / 'fluctuating.png'}")
     return 0

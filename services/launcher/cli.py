@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--ceiling", action="store_true", help="storage rate vs what the loader delivers"
     )
+    bench.add_argument(
+        "--fluctuating", action="store_true",
+        help="TTFT on a link that follows a trace, compute disturbed part of the time",
+    )  # fmt: skip
     bench.add_argument("--rates", type=float, nargs="+", help="--serve: arrival rates, req/s")
     bench.add_argument("--out", default="bench-results", help="where results go")
     bench.add_argument("--contexts", type=int, nargs="+", help="prompt lengths in tokens")
