@@ -3,8 +3,9 @@ disturbed for part of each period (the paper's Fig. 5).
 
 The loader's link follows CAKE_STORE_BANDWIDTH_TRACE, steps of bandwidth in units of the
 compute side's KV rate, repeating every period. Each mode runs for one whole period of its own
-on a freshly started merger and loader (the link's clock starts with the loader): compute-only,
-load-only, Cake with its controllers, then Cake on fixed settings (CAKE_CONTROLLERS=false).
+on a freshly started merger and loader (the link's second 0 at an epoch the benchmark sets):
+compute-only, load-only, Cake with its controllers, then Cake on fixed settings
+(CAKE_CONTROLLERS=false).
 Every mode sends its requests at the same phases of the trace, so request k of every mode meets
 the same link and the same disturbance (background compute-only requests during a window of
 the period) without any warm-up that tells the system the link.
@@ -40,6 +41,7 @@ from shared.runtime.config import Settings
 from shared.storage.local import LocalStore
 
 MODES = ("compute", "load", "cake", "cake_static")  # cake_static: CAKE_CONTROLLERS=false
+RESTART_S = 5.0  # the link's clock starts this long after a period's loader is asked to start
 DISTURB_SALT = "bench-disturbance"  # background prompts are stored once, then only computed
 
 
@@ -162,16 +164,18 @@ class Fluctuating:
         }  # fmt: skip
 
     async def period(self, mode: str, trace_file: Path) -> list[Sent]:
-        """One period of one mode: a fresh merger and loader (the link's clock starts with the
-        loader), the disturbance in its window, a request at each phase."""
-        changes = {
-            "store_bandwidth_trace": str(trace_file),
-            "store_bandwidth_period_s": self.config.period_s,
-            "controllers": mode != "cake_static",
-        }
-        for service in ("merger", "loader"):
-            await asyncio.to_thread(self.stack.restart, service, **changes)
-        start = time.perf_counter()  # the link's clock started just before the loader answered
+        """One period of one mode: a fresh merger and loader (the link's clock starts at an epoch
+        set just after the loader is up), the disturbance in its window, a request at each
+        phase."""
+        controllers = mode != "cake_static"
+        await asyncio.to_thread(self.stack.restart, "merger", controllers=controllers)
+        epoch = time.time() + RESTART_S  # the link's second 0, the same on both clocks
+        await asyncio.to_thread(
+            self.stack.restart, "loader", controllers=controllers,
+            store_bandwidth_trace=str(trace_file), store_bandwidth_period_s=self.config.period_s,
+            store_bandwidth_epoch=epoch,
+        )  # fmt: skip
+        start = time.perf_counter() + epoch - time.time()
         disturbance = asyncio.create_task(self.disturb(start))
         sent = []
         try:

@@ -12,8 +12,12 @@ def test_ewma_tracks_recent_samples() -> None:
     assert e.value is None
     e.add(4.0)
     assert e.value == 4.0
-    e.add(2.0)
-    assert e.value == 3.0
+    e.add(1.0)
+    assert e.value == pytest.approx(2.0)  # the geometric mean of 4 and 1
+    fast, slow = Ewma(alpha=0.5, value=1.0), Ewma(alpha=0.5, value=1.0)
+    fast.add(1 / 16)
+    slow.add(16.0)
+    assert fast.value == pytest.approx(1 / 4) and slow.value == pytest.approx(4.0)  # symmetric
     for _ in range(20):
         e.add(10.0)
     assert abs(e.value - 10.0) < 1e-3
@@ -72,10 +76,10 @@ def test_single_chunk_steps_do_not_drag_the_compute_estimate() -> None:
     est = SplitEstimator()
     est.observe_compute(1, 0.3)  # nothing better yet: counts
     est.observe_compute(1, 0.1)  # still only single steps (CAKE_EXACT_SPLITS): they count
-    assert est.compute_s.value == pytest.approx(0.2)
+    assert est.compute_s.value == pytest.approx((0.3 * 0.1) ** 0.5)
     est.observe_compute(8, 0.8)
     est.observe_compute(1, 0.3)  # a precise step near the meeting: ignored
-    assert est.compute_s.value == pytest.approx(0.15)
+    assert est.compute_s.value == pytest.approx((0.3 * 0.1) ** 0.25 * 0.1**0.5)
 
 
 def test_merger_reads_the_link_pace_after_the_first_concurrent_batch() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -391,6 +392,11 @@ def test_the_bandwidth_trace_setting() -> None:
         BandwidthTrace(((0, 7),))
     )
     assert Settings.from_env({}).bandwidth_trace() is None
+    with_epoch = Settings.from_env({**env, "CAKE_STORE_BANDWIDTH_EPOCH": "1700000000.5"})
+    assert with_epoch.bandwidth_trace() == BandwidthTrace(((0, 80), (5, 8)), 12, 1700000000.5)
+    for name in ("CAKE_STORE_BANDWIDTH_PERIOD_S", "CAKE_STORE_BANDWIDTH_EPOCH"):
+        with pytest.raises(ConfigError, match=f"{name} needs CAKE_STORE_BANDWIDTH_TRACE"):
+            Settings.from_env({name: "5"})
     with pytest.raises(ConfigError, match="set one"):
         Settings.from_env({**env, "CAKE_STORE_BANDWIDTH_MBPS": "7"})
     with pytest.raises(ConfigError, match="CAKE_STORE_BANDWIDTH_TRACE='0:80,x'"):
@@ -413,6 +419,14 @@ async def test_the_loaders_store_follows_the_trace_from_its_start() -> None:
         await store.get(key(1))  # 0.15 s at 1 MB/s (150 kB), the rest at 10 MB/s: ~0.19 s
         slow = now() - started
     assert fast < 0.12 < 0.15 < slow
+    late = settings.replace(store_bandwidth_epoch=time.time() - 0.25)  # its clock at 0.25 s
+    store = store_from_settings(late)
+    assert isinstance(store, ThrottledStore)
+    await store.inner.put(key(1), b"t" * 500_000)
+    async with store:
+        started = now()
+        await store.get(key(1))  # in the slow step from the start: ~0.19 s
+        assert now() - started > 0.15
 
 
 # --- S3 store -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class BandwidthTrace:
 
     steps: tuple[tuple[float, float], ...]
     period_s: float | None = None
+    epoch: float | None = None  # the Unix time of second 0; None: when its link starts
 
     def __post_init__(self) -> None:
         steps = self.steps
@@ -46,7 +47,9 @@ class BandwidthTrace:
                 raise ConfigError("a repeating bandwidth trace needs a step with a rate > 0 MB/s")
 
     @classmethod
-    def parse(cls, spec: str, period_s: float | None = None) -> BandwidthTrace:
+    def parse(
+        cls, spec: str, period_s: float | None = None, epoch: float | None = None
+    ) -> BandwidthTrace:
         """From `t0:MBps,t1:MBps,...` or the path of a file of `t MBps` lines (# comments).
         It repeats after period_s, by default its last t plus that step's gap (a single step
         is a constant link)."""
@@ -65,7 +68,7 @@ class BandwidthTrace:
             ) from None
         if period_s is None and len(steps) > 1:
             period_s = 2 * steps[-1][0] - steps[-2][0]
-        return cls(steps, period_s)
+        return cls(steps, period_s, epoch)
 
     def step_at(self, t: float) -> tuple[float, float]:
         """The rate (bytes/s) at second t and when that step ends (inf: never)."""

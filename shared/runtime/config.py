@@ -45,6 +45,7 @@ class Settings:
     store_bandwidth_mbps: float | None = None  # emulate a slower tier (benchmarks)
     store_bandwidth_trace: str | None = None  # or one that changes: "t0:MBps,t1:MBps,..." or a file
     store_bandwidth_period_s: float | None = None  # the trace repeats (default: last t + its gap)
+    store_bandwidth_epoch: float | None = None  # Unix time of the trace's 0 (default: start)
     s3_endpoint: str | None = None
     s3_region: str | None = None
     staging_dir: str = field(default_factory=_default_staging)
@@ -128,6 +129,9 @@ class Settings:
                 "CAKE_STORE_BANDWIDTH_MBPS and CAKE_STORE_BANDWIDTH_TRACE both limit the link: "
                 "set one"
             )
+        for name in ("store_bandwidth_period_s", "store_bandwidth_epoch"):
+            if getattr(self, name) is not None and not self.store_bandwidth_trace:
+                raise ConfigError(f"{env_var(name)} needs CAKE_STORE_BANDWIDTH_TRACE")
         self.bandwidth_trace()  # a trace that cannot be read fails at start, not at a read
         return self
 
@@ -135,7 +139,8 @@ class Settings:
         """The emulated link's bandwidth over time (CAKE_STORE_BANDWIDTH_MBPS: constant), or
         None: the store's own speed."""
         if self.store_bandwidth_trace:
-            return BandwidthTrace.parse(self.store_bandwidth_trace, self.store_bandwidth_period_s)
+            trace, period = self.store_bandwidth_trace, self.store_bandwidth_period_s
+            return BandwidthTrace.parse(trace, period, self.store_bandwidth_epoch)
         if self.store_bandwidth_mbps is not None:
             if not self.store_bandwidth_mbps > 0:
                 raise ConfigError("CAKE_STORE_BANDWIDTH_MBPS must be positive")

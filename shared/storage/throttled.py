@@ -4,6 +4,7 @@ constant or following a time trace (CAKE_STORE_BANDWIDTH_TRACE) that may repeat.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 from shared.core.bandwidth import BandwidthTrace
@@ -43,10 +44,13 @@ class ThrottledStore(ChunkStore):
         self._free_at = 0.0  # seconds after start() when the link is next free
 
     async def start(self) -> None:
-        """Start the wrapped store; the trace clock starts at the first call."""
+        """Start the wrapped store; the trace's clock starts at the first call (or at its
+        epoch, when it has one)."""
         await self.inner.start()
         if self._t0 is None:
-            self._t0 = asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
+            epoch = self.trace.epoch
+            self._t0 = loop.time() - (0.0 if epoch is None else time.time() - epoch)
 
     async def close(self) -> None:
         """Close the wrapped store."""
