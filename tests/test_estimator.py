@@ -93,3 +93,16 @@ def test_merger_reads_the_link_pace_after_the_first_concurrent_batch() -> None:
     few = Merger(None, Settings(fetch_concurrency=4))  # type: ignore[arg-type]
     few.observe_link(0.0, [0.3, 0.6])  # too few to see the pace: the average since dispatch
     assert few.estimator.load_s.value == pytest.approx(0.3)
+
+
+def test_a_link_nobody_loads_from_is_tried_again() -> None:
+    """Computing short hits whole observes no loads; without hope the estimate would never
+    change, so a link that got faster meanwhile would never be used again."""
+    est = SplitEstimator()
+    est.observe_compute(4, 0.4)  # 0.1 s a chunk
+    est.observe_loads(1, 2.0)  # 2 s a chunk: a 10-chunk hit would save under one head step
+    tries = 0
+    while not est.advise(10).fetch:
+        est.loads_unobserved()
+        tries += 1
+    assert 2 <= tries <= 5

@@ -161,6 +161,7 @@ class Merger(Service):
                 split, outcome = Split(hit, hit), "memory"  # compute holds every hit chunk
             elif hit and not advice.fetch:
                 split, outcome = Split(hit, hit), "no_fetch"  # too short to split: compute all
+                self.estimator.loads_unobserved()
             elif hit and not await self.dispatch_fetch(req, space, hit, accepted.node):
                 split, outcome = Split(hit, hit), "no_loader"  # compute takes it all
             elif hit:

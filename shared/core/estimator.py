@@ -16,6 +16,9 @@ import math
 from dataclasses import dataclass, field
 
 
+STALE_HOPE = 0.7  # the link estimate's factor per request computed whole without loads
+
+
 @dataclass
 class Ewma:
     """An exponentially weighted moving average of positive samples, taken over their
@@ -69,6 +72,13 @@ class SplitEstimator:
         """The link delivered `chunks` chunks in `seconds`."""
         if chunks > 0 and seconds > 0:
             self.load_s.add(seconds / chunks)
+
+    def loads_unobserved(self) -> None:
+        """A request was computed whole without loads, so it said nothing of the link: the
+        link estimate grows more hopeful (STALE_HOPE), so that a link that got faster while
+        nobody loaded is tried again after a few such requests instead of never."""
+        if self.load_s.value is not None:
+            self.load_s.value *= STALE_HOPE
 
     def advise(self, hit: int) -> Advice:
         """Advice for a request with `hit` loadable chunks."""

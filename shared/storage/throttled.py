@@ -4,6 +4,7 @@ constant or following a time trace (CAKE_STORE_BANDWIDTH_TRACE) that may repeat.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 
@@ -41,7 +42,7 @@ class ThrottledStore(ChunkStore):
         self.inner = inner
         self.batch_concurrency = inner.batch_concurrency
         self._t0: float | None = None
-        self._free_at = 0.0  # seconds after start() when the link is next free
+        self._free_at = -math.inf  # when (on the trace's clock) the link is next free
 
     async def start(self) -> None:
         """Start the wrapped store; the trace's clock starts at the first call (or at its
