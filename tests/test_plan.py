@@ -11,6 +11,7 @@ from shared.core.plan import (
     MeetTracker,
     Split,
     loads_overdue_after,
+    loads_too_slow,
     oracle_split,
     usable_hit_chunks,
 )
@@ -176,3 +177,11 @@ def test_loads_are_overdue_after_four_gaps_of_their_own_pace() -> None:
     burst = [11.0, 11.001, 11.002, 11.003]
     assert loads_overdue_after(burst, [0.4] * 4, 10.0, None, 30.0) == pytest.approx(11.803)
     assert loads_overdue_after([11.0, 21.0], [], 10.0, None, 30.0) == 51.0  # never past the cap
+
+
+def test_a_load_only_plan_is_behind_once_its_own_pace_would_not_have_earned_the_skip() -> None:
+    compute_s, ratio = 0.1, 0.5  # the skip holds while a chunk loads in under 0.05 s
+    assert not loads_too_slow([0.0, 0.06], compute_s, ratio)  # two arrivals: too few to say
+    assert loads_too_slow([0.0, 0.06, 0.12], compute_s, ratio)
+    assert not loads_too_slow([0.0, 0.01, 0.08], compute_s, ratio)  # 0.04 s a chunk
+    assert not loads_too_slow([0.0, 0.5, 1.0], None, ratio)  # no compute estimate: no claim

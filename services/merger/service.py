@@ -16,7 +16,13 @@ from prometheus_client import CollectorRegistry
 from services.merger.metrics import MergerMetrics
 from shared.core.errors import ErrorCode, RemoteError, RequestTimeout, TransportError, Unavailable
 from shared.core.estimator import Advice, SplitEstimator
-from shared.core.plan import MeetTracker, Split, loads_overdue_after, usable_hit_chunks
+from shared.core.plan import (
+    MeetTracker,
+    Split,
+    loads_overdue_after,
+    loads_too_slow,
+    usable_hit_chunks,
+)
 from shared.core.request import KvMode
 from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
@@ -224,6 +230,9 @@ class Merger(Service):
                 reads_s.append(event.duration_s)
                 staged[event.index] = event.staged
                 tracker.on_loaded(event.index)
+                if self.loads_fell_behind(req, tracker, arrivals):
+                    await self.start_head(req, tracker, len(arrivals))
+                    outcome = "resumed_head"
             elif isinstance(event, LoadFailed):
                 log.warning("chunk load failed", chunk=event.index, reason=event.reason)
                 tracker.on_failed(event.index)
@@ -232,6 +241,15 @@ class Merger(Service):
             split = tracker.meet()
         self.observe_link(start, arrivals)
         return split, staged, outcome
+
+    def loads_fell_behind(
+        self, req: GenerateRequest, tracker: MeetTracker, arrivals: list[float]
+    ) -> bool:
+        """Whether a load-only Cake plan's loads arrive too slowly to have earned the skip."""
+        if tracker.compute_head or req.kv_mode != KvMode.CAKE:
+            return False
+        compute_s, ratio = self.estimator.compute_s.value, self.settings.skip_head_ratio
+        return loads_too_slow(arrivals, compute_s, ratio)
 
     def loads_overdue_in(
         self,

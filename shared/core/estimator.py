@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-
 STALE_HOPE = 0.7  # the link estimate's factor per request computed whole without loads
 
 
