@@ -82,17 +82,33 @@ def test_single_chunk_steps_do_not_drag_the_compute_estimate() -> None:
     assert est.compute_s.value == pytest.approx((0.3 * 0.1) ** 0.25 * 0.1**0.5)
 
 
-def test_merger_reads_the_link_pace_after_the_first_concurrent_batch() -> None:
+async def test_every_merger_replica_learns_both_sides_from_telemetry() -> None:
+    """The estimate comes from the telemetry every replica receives alike: head chunks' cost
+    with their queueing, and the link's pace while it was reading (busy time per read)."""
     from services.merger.service import Merger
     from shared.runtime.config import Settings
+    from shared.wire.messages import ComputeTelemetry, LoaderTelemetry
 
-    merger = Merger(None, Settings(fetch_concurrency=4))  # type: ignore[arg-type]
-    # four reads issued together share a 0.5 s latency, then one chunk every 0.1 s
-    merger.observe_link(0.0, [0.5, 0.5, 0.5, 0.5, 0.6, 0.7, 0.8])
-    assert merger.estimator.load_s.value == pytest.approx(0.1)
-    few = Merger(None, Settings(fetch_concurrency=4))  # type: ignore[arg-type]
-    few.observe_link(0.0, [0.3, 0.6])  # too few to see the pace: the average since dispatch
-    assert few.estimator.load_s.value == pytest.approx(0.3)
+    replicas = [Merger(None, Settings()) for _ in range(2)]  # type: ignore[arg-type]
+    compute = ComputeTelemetry(
+        node="n", window_s=1.0, steps=4, step_s=0.1, tokens={"head": 512}, head_chunks=4,
+        head_s=0.8, running=1, waiting=3, kv_pool_bytes=0, kv_budget_bytes=1,
+    )  # fmt: skip
+    loader = LoaderTelemetry(
+        node="n", window_s=1.0, reads=10, nbytes=20_000_000, read_s=0.2, busy_s=0.5,
+        in_flight=0, read_limit=4, stalls=0, failures=0,
+    )  # fmt: skip
+    idle = LoaderTelemetry(
+        node="n", window_s=1.0, reads=0, nbytes=0, read_s=0.0, busy_s=0.0, in_flight=0,
+        read_limit=4, stalls=0, failures=0,
+    )  # fmt: skip
+    for merger in replicas:
+        for message in (compute, loader, idle):  # a window without reads says nothing
+            await merger.on_telemetry(message, "cake.telemetry.x.n")
+    for merger in replicas:
+        assert merger.estimator.compute_s.value == pytest.approx(0.2)  # queueing included
+        assert merger.estimator.load_s.value == pytest.approx(0.05)  # 0.5 s busy / 10 reads
+    assert loader.link_MBps == pytest.approx(40.0)
 
 
 def test_a_link_nobody_loads_from_is_tried_again() -> None:

@@ -33,8 +33,10 @@ from shared.wire.messages import (
     Accepted,
     Cancel,
     ChunkLoaded,
+    ComputeTelemetry,
     Done,
     Failed,
+    LoaderTelemetry,
     LookupReply,
     LookupRequest,
     Message,
@@ -556,3 +558,34 @@ async def test_without_controllers_cake_runs_on_fixed_settings(
     assert all(r.tokens == reference.tokens and r.done.hit_tokens == 10 * 64 for r in results)
     assert loader.fetch_limit.slots == 3
     assert (loader.fetch_limit.min_limit, loader.fetch_limit.max_limit) == (3, 3)
+
+
+async def test_compute_and_loader_publish_telemetry_that_the_merger_learns_from(
+    nats_url: str, tmp_path: Path
+) -> None:
+    settings = stack_settings(nats_url, tmp_path, telemetry_s=0.2)
+    tokens = prompt(700, seed=46)  # 10 usable chunks
+    got: list[Message] = []
+
+    async def collect(message: Message, subject: str) -> None:
+        got.append(message)
+        assert subject == subjects.telemetry(type(message).__name__[:-9].lower(), settings.node)
+
+    async with LocalStore(settings.store) as store, backend(settings, store) as be:
+        merger = be.services["merger"]
+        assert isinstance(merger, Merger)
+        await be.client.handle(subjects.TELEMETRY_ALL, collect)
+        await be.generate(tokens, kv_mode="compute")  # stores the prompt
+        await asyncio.sleep(0.5)
+        assert merger.estimator.load_s.value is None  # nothing was read yet
+        cake = await be.generate(tokens)
+        await asyncio.sleep(0.5)  # two more windows
+    computes = [m for m in got if isinstance(m, ComputeTelemetry)]
+    loaders = [m for m in got if isinstance(m, LoaderTelemetry)]
+    assert len(computes) >= 5 and len(loaders) >= 5  # every 0.2 s, busy or not
+    assert all(m.node == settings.node and 0.1 < m.window_s < 1.0 for m in computes + loaders)
+    assert sum(m.tokens["prefill"] for m in computes) >= 700  # the compute-only prefill
+    assert sum(m.head_chunks for m in computes) <= cake.done.meet_chunk  # (the rest: PREFILL)
+    assert sum(m.reads for m in loaders) >= cake.done.chunks_loaded > 0
+    assert sum(m.busy_s for m in loaders) > 0 and all(m.read_limit >= 1 for m in loaders)
+    assert merger.estimator.load_s.value is not None

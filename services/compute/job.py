@@ -49,6 +49,7 @@ class Job:
     placed: set[int] = field(default_factory=set)  # loaded chunks already copied into the slot
     blocked: bool = False  # its next chunk is one an earlier request is computing: wait for it
     news_at: float = field(default_factory=time.monotonic)  # last progress or word about it
+    head_ready_at: float = field(default_factory=time.monotonic)  # runnable as a head since
 
     @property
     def hit(self) -> int:

@@ -21,7 +21,8 @@ from opentelemetry.trace import Link, Span
 from prometheus_client import CollectorRegistry
 
 from services.compute.job import Job
-from services.compute.metrics import ComputeMetrics
+from services.compute.metrics import KINDS, ComputeMetrics
+from services.compute.telemetry import StepWindow
 from shared.core.admission import Admission, Overloaded, TooLarge
 from shared.core.cancellations import RecentlyCancelled
 from shared.core.errors import (
@@ -51,6 +52,7 @@ from shared.wire.messages import (
     Cancel,
     ChunkComputed,
     ChunkLoaded,
+    ComputeTelemetry,
     Failed,
     Meet,
     Message,
@@ -91,6 +93,7 @@ class Compute(Service):
         self.jobs: dict[str, Job] = {}
         self.finishing: dict[str, Job] = {}  # out of the scheduler, write-back or Done pending
         self.pool_stale = False  # admissions changed the room the memory tier may use
+        self.window = StepWindow()
         self.wake = asyncio.Event()
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-writeback")
@@ -126,6 +129,7 @@ class Compute(Service):
         await self.bus.handle(subjects.EVENTS_ALL, self.on_event)
         self.loops.spawn(self.loop())
         self.loops.spawn(self.heartbeat())
+        self.loops.spawn(self.publish_telemetry(self.telemetry))
 
     async def heartbeat(self) -> None:
         """Every CAKE_HEARTBEAT_S, Alive on the stream of each request held: the gateway fails a
@@ -277,6 +281,10 @@ class Compute(Service):
         loop = asyncio.get_running_loop()
         await self.send(await loop.run_in_executor(self.stepper, self.prepare))
         candidates = [job.candidate() for job in self.jobs.values()]
+        now = time.monotonic()
+        for c in candidates:  # a head's cost counts from when it could run
+            if c.phase != Phase.HEAD:
+                self.jobs[c.request_id].head_ready_at = now
         step = plan_step(candidates, self.settings.token_budget, self.settings.decode_share)
         self.metrics.planned(candidates, step)
         chosen = {piece.request_id for piece in step}
@@ -292,10 +300,35 @@ class Compute(Service):
                 self.stepping = loop.run_in_executor(self.stepper, self.run_step, step)
                 outbox = await asyncio.shield(self.stepping)
             self.metrics.step_seconds.observe(time.perf_counter() - started)
+            self.note_step(step, time.perf_counter() - started)
             await self.send(outbox)
         self.start_writebacks()
         await self.retire()
         return bool(step)
+
+    def note_step(self, step: list[Piece], seconds: float) -> None:
+        """Count a step in the telemetry window; each head piece's cost runs from when its job
+        could run as a head to now (the queueing a busy replica adds is part of it)."""
+        tokens: dict[str, int] = {}
+        now = time.monotonic()
+        for piece in step:
+            kind = KINDS[piece.phase]
+            tokens[kind] = tokens.get(kind, 0) + piece.tokens
+            job = self.jobs.get(piece.request_id)
+            if piece.phase == Phase.HEAD and job is not None:
+                self.window.head(piece.tokens // job.chunk, now - job.head_ready_at)
+                job.head_ready_at = now
+        self.window.step(seconds, tokens)
+
+    def telemetry(self) -> ComputeTelemetry:
+        """The window since the last call; a new one opens."""
+        window, self.window = self.window, StepWindow()
+        running = sum(1 for j in self.jobs.values() if j.admitted)
+        pool_bytes = self.pool.bytes if self.pool is not None else 0
+        return window.message(
+            self.settings.node, running, len(self.jobs) - running, pool_bytes,
+            self.admission.budget_bytes,
+        )  # fmt: skip
 
     def step_span(self, step: list[Piece]) -> AbstractContextManager[Span]:
         """A span of its own for one scheduler step, linked to the trace of every request in it

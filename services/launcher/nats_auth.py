@@ -18,6 +18,7 @@ STREAMS = "cake.req.*.stream"  # a request's Tokens, Done and Failed
 FETCHES = "cake.loader.*.fetch"
 STORES = "cake.loader.*.store"
 INBOX = "_INBOX.>"  # replies to this role's requests
+TELEMETRY = "cake.telemetry.*.*"  # a service's telemetry on its node
 
 ROLES: dict[str, dict[str, list[str]]] = {
     "gateway": {
@@ -32,22 +33,27 @@ ROLES: dict[str, dict[str, list[str]]] = {
             subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, subjects.LOOKUP, FETCHES,
             subjects.CONTROL_ALL, STREAMS,  # Meet, StartHead, Cancel; Failed
         ],
-        "subscribe": [subjects.GENERATE, subjects.MERGER_INFO, subjects.EVENTS_ALL, INBOX],
+        "subscribe": [
+            subjects.GENERATE, subjects.MERGER_INFO, subjects.EVENTS_ALL, subjects.TELEMETRY_ALL,
+            INBOX,
+        ],
     },
     "compute": {
-        "publish": [STREAMS, subjects.EVENTS_ALL, STORES],
+        "publish": [STREAMS, subjects.EVENTS_ALL, STORES, TELEMETRY],
         "subscribe": [
             subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, subjects.CONTROL_ALL,
             subjects.EVENTS_ALL, INBOX,
         ],
     },
     "loader": {
-        "publish": [subjects.EVENTS_ALL],
+        "publish": [subjects.EVENTS_ALL, TELEMETRY],
         "subscribe": [
             subjects.LOOKUP, subjects.LOADER_INFO, FETCHES, STORES, subjects.CONTROL_ALL, INBOX,
         ],
     },
-    "observer": {"publish": [], "subscribe": [subjects.EVENTS_ALL]},  # benchmark timelines
+    "observer": {  # benchmark timelines, dashboards
+        "publish": [], "subscribe": [subjects.EVENTS_ALL, subjects.TELEMETRY_ALL],
+    },
 }  # fmt: skip
 
 

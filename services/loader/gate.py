@@ -1,9 +1,11 @@
 """The node-wide gate on chunk reads: at most the FetchLimit's slots at once, whatever the
-number of requests fetching (the limit moves as reads come back)."""
+number of requests fetching (the limit moves as reads come back). It also keeps the time the
+node spent with at least one read in flight (the telemetry's busy_s)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from shared.core.fetch_limit import FetchLimit
 
@@ -15,15 +17,32 @@ class ReadGate:
         self.limit = limit
         self.in_flight = 0
         self.changed = asyncio.Condition()
+        self._busy_s = 0.0  # busy time not yet taken (take_busy_s)
+        self._busy_since: float | None = None  # when the current busy stretch began
 
     async def acquire(self) -> None:
         """Wait for a slot."""
         async with self.changed:
             await self.changed.wait_for(lambda: self.in_flight < self.limit.slots)
+            if self.in_flight == 0:
+                self._busy_since = time.monotonic()
             self.in_flight += 1
 
     async def release(self) -> None:
         """Give a slot back (and let waiters see a limit that may have grown)."""
         async with self.changed:
             self.in_flight -= 1
+            if self.in_flight == 0 and self._busy_since is not None:
+                self._busy_s += time.monotonic() - self._busy_since
+                self._busy_since = None
             self.changed.notify_all()
+
+    def take_busy_s(self) -> float:
+        """Seconds with a read in flight since the last call (a stretch still going counts up
+        to now)."""
+        now = time.monotonic()
+        busy, self._busy_s = self._busy_s, 0.0
+        if self._busy_since is not None:
+            busy += now - self._busy_since
+            self._busy_since = now
+        return busy

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from services.loader.gate import ReadGate
 from services.loader.metrics import LoaderMetrics
+from services.loader.telemetry import ReadWindow
 from shared.core.cancellations import RecentlyCancelled
 from shared.core.errors import BadRequestError, ConfigError, CorruptChunkError, StoreError
 from shared.core.fetch_limit import FetchLimit
@@ -36,6 +37,7 @@ from shared.wire.messages import (
     Cancel,
     ChunkLoaded,
     FetchJob,
+    LoaderTelemetry,
     LoadFailed,
     LookupReply,
     LookupRequest,
@@ -86,6 +88,7 @@ class Loader(Service):
         self.fetch_limit = FetchLimit(float(start), max_limit=most, min_limit=least)
         self.gate = ReadGate(self.fetch_limit)
         self.metrics.watch_reads(self.gate)
+        self.window = ReadWindow()
 
     async def start(self) -> None:
         """Subscribe to lookups, this node's fetch and store jobs, and all control messages."""
@@ -96,6 +99,12 @@ class Loader(Service):
         await self.bus.handle(subjects.store(node), self.on_store, queue=subjects.QUEUE_LOADER)
         await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
         self.loops.spawn(self.sweep_staging())
+        self.loops.spawn(self.publish_telemetry(self.telemetry))
+
+    def telemetry(self) -> LoaderTelemetry:
+        """The window of reads since the last call; a new one opens."""
+        window, self.window = self.window, ReadWindow()
+        return window.message(self.settings.node, self.gate)
 
     async def on_info(self, _: Message, __: str) -> Message:
         """Answer that a loader is up, and on which node (the gateway's /health asks)."""
@@ -203,11 +212,13 @@ class Loader(Service):
             if data is None:
                 raise StoreError("missing (evicted since the lookup)")
             self.fetch_limit.on_read(time.perf_counter() - started, len(data))
+            self.window.read(time.perf_counter() - started, len(data))
             nbytes = len(data)
             data.release()
             return nbytes
-        except (StoreError, TimeoutError, OSError):
+        except (StoreError, TimeoutError, OSError) as exc:
             self.fetch_limit.on_failure()
+            self.window.failed(stalled=isinstance(exc, TimeoutError))
             raise
 
     async def finish_fetch(self, fetch: Fetch) -> None:

@@ -34,9 +34,11 @@ from shared.wire.messages import (
     Cancel,
     ChunkComputed,
     ChunkLoaded,
+    ComputeTelemetry,
     Failed,
     FetchJob,
     GenerateRequest,
+    LoaderTelemetry,
     LoadFailed,
     LookupReply,
     LookupRequest,
@@ -66,10 +68,19 @@ class Merger(Service):
         """Take generate requests (queue group: any merger replica may coordinate one)."""
         await self.bus.handle(subjects.GENERATE, self.on_generate, queue=subjects.QUEUE_MERGER)
         await self.bus.handle(subjects.MERGER_INFO, self.on_info, queue=subjects.QUEUE_MERGER)
+        await self.bus.handle(subjects.TELEMETRY_ALL, self.on_telemetry)  # every replica: all
 
     async def on_info(self, _: Message, __: str) -> Message:
         """Answer that a merger is up (the gateway's /health asks)."""
         return Accepted()
+
+    async def on_telemetry(self, msg: Message, _: str) -> None:
+        """Feed the estimator what each side really delivered, from the telemetry every merger
+        replica receives alike: head chunks' cost with queueing, the link's pace while reading."""
+        if isinstance(msg, ComputeTelemetry):
+            self.estimator.observe_compute(msg.head_chunks, msg.head_s)
+        elif isinstance(msg, LoaderTelemetry):
+            self.estimator.observe_loads(msg.reads, msg.busy_s)
 
     async def on_generate(self, msg: Message, _: str) -> Message:
         """Accept at once; coordinate in the background."""
@@ -198,8 +209,8 @@ class Merger(Service):
         """Follow computed/loaded events until the frontiers meet (or loads can no longer help);
         the split, the staged chunks and how it ended (met, or stalled).
 
-        Feeds the estimator: seconds per computed chunk, and the link's seconds per chunk
-        (the spacing of chunk arrivals).
+        Stalls and timeouts tell the estimator the link is slow (the pace itself comes from
+        telemetry, see on_telemetry).
         """
         tracker = MeetTracker(hit, compute_head=compute_head)
         staged: dict[int, str] = {}
@@ -222,8 +233,6 @@ class Merger(Service):
                 split, outcome = Split(tracker.load_frontier, hit), "stalled"
                 break
             if isinstance(event, ChunkComputed):
-                if not event.reused:  # chunks from compute's memory say nothing of its speed
-                    self.estimator.observe_compute(event.upto - tracker.computed, event.duration_s)
                 tracker.on_computed(event.upto)
             elif isinstance(event, ChunkLoaded):
                 arrivals.append(time.monotonic())
@@ -239,7 +248,6 @@ class Merger(Service):
                 if event.reason == "timeout":  # a stalled read says the link is slow
                     self.estimator.observe_loads(1, self.settings.fetch_timeout_s)
             split = tracker.meet()
-        self.observe_link(start, arrivals)
         return split, staged, outcome
 
     def loads_fell_behind(
@@ -272,17 +280,6 @@ class Merger(Service):
         tracker.compute_head = True
         trace.get_current_span().set_attribute("cake.resumed_head", True)
         await self.bus.publish(subjects.control(req.request_id), StartHead(req.request_id))
-
-    def observe_link(self, start: float, arrivals: list[float]) -> None:
-        """Feed the estimator the link's pace: the spacing of arrivals after the first batch of
-        concurrent reads (their common latency is not bandwidth), else the average since the
-        fetch was sent."""
-        first = self.settings.fetch_concurrency
-        if len(arrivals) > first:
-            paced = len(arrivals) - first
-            self.estimator.observe_loads(paced, arrivals[-1] - arrivals[first - 1])
-        elif arrivals:
-            self.estimator.observe_loads(len(arrivals), arrivals[-1] - start)
 
     def registry(self) -> CollectorRegistry:
         """This service's metric families."""

@@ -55,6 +55,7 @@ class Settings:
     port: int = 8000  # the gateway's HTTP port (its /metrics too)
     metrics_port: int = 9464  # merger/compute/loader serve /metrics here; 0: no metrics server
     request_timeout_s: float = 300.0
+    telemetry_s: float = 1.0  # compute and loader publish their telemetry this often
     heartbeat_s: float = 2.0  # compute says Alive this often per request; 3 missed: it is gone
     rpc_timeout_s: float = 5.0  # one request/reply hop (lookup, dispatch)
     fetch_timeout_s: float = 30.0  # one chunk read from storage
@@ -97,6 +98,7 @@ class Settings:
             "request_timeout_s",
             "rpc_timeout_s",
             "heartbeat_s",
+            "telemetry_s",
             "fetch_timeout_s",
             "fetch_concurrency",
             "token_budget",

@@ -19,10 +19,13 @@ from typing import Any, ClassVar, TypeVar
 import structlog
 from prometheus_client import CollectorRegistry
 
+from shared.core.errors import TransportError
 from shared.runtime.config import Settings
 from shared.runtime.metrics import new_registry, serve_metrics
 from shared.runtime.observability import configure_logging, configure_tracing, shutdown_tracing
+from shared.wire import subjects
 from shared.wire.bus import Bus
+from shared.wire.messages import Message
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +76,17 @@ class Service:
 
     async def start(self) -> None:
         """Subscribe to the subjects the service handles and start its background work."""
+
+    async def publish_telemetry(self, snapshot: Callable[[], Message]) -> None:
+        """Every CAKE_TELEMETRY_S, the service's telemetry window on its node's subject (a send
+        that fails loses one window, not the loop)."""
+        subject = subjects.telemetry(self.name, self.settings.node)
+        while True:
+            await asyncio.sleep(self.settings.telemetry_s)
+            try:
+                await self.bus.publish(subject, snapshot())
+            except TransportError as exc:
+                log.warning("telemetry not sent", error=str(exc))
 
     async def stop_taking_work(self) -> None:
         """No new work from now on: the handlers' subscriptions and periodic loops end."""

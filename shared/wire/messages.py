@@ -216,6 +216,42 @@ class LoadFailed(Message):
     reason: str
 
 
+class ComputeTelemetry(Message):
+    """compute -> mergers and operators, every CAKE_TELEMETRY_S: one replica's last window."""
+
+    node: str
+    window_s: float
+    steps: int
+    step_s: float  # their mean duration (0: none)
+    tokens: dict[str, int]  # tokens computed, by kind: decode, prefill, head
+    head_chunks: int  # Cake head chunks computed
+    head_s: float  # their cost, queueing included: from runnable as a head to its step's end
+    running: int  # requests admitted (holding KV memory)
+    waiting: int  # requests queued for admission
+    kv_pool_bytes: int  # the memory tier's prompt chunks
+    kv_budget_bytes: int  # the replica's whole KV budget
+
+
+class LoaderTelemetry(Message):
+    """loader -> mergers and operators, every CAKE_TELEMETRY_S: one node's last window."""
+
+    node: str
+    window_s: float
+    reads: int  # chunk reads that finished
+    nbytes: int
+    read_s: float  # their mean duration (0: none)
+    busy_s: float  # time with at least one read in flight: busy_s / reads is the link's pace
+    in_flight: int
+    read_limit: int
+    stalls: int  # reads past CAKE_FETCH_TIMEOUT_S
+    failures: int  # reads that failed or found a corrupt chunk
+
+    @property
+    def link_MBps(self) -> float:
+        """What the store delivered while reading (0: no reads)."""
+        return self.nbytes / 1e6 / self.busy_s if self.busy_s > 0 else 0.0
+
+
 class Meet(Message):
     """merger -> compute and loader: stop; use chunks [meet, hit) from these staged files."""
 

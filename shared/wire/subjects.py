@@ -21,6 +21,7 @@ LOADER_INFO = f"{ROOT}.loader.info"  # any -> loader: (empty) -> Accepted(node) 
 # fire and forget
 CONTROL_ALL = f"{ROOT}.req.*.control"
 EVENTS_ALL = f"{ROOT}.req.*.events"  # every request's chunk events (benchmark timelines)
+TELEMETRY_ALL = f"{ROOT}.telemetry.>"  # every node's telemetry (mergers, operators)
 
 QUEUE_MERGER = "merger"
 QUEUE_COMPUTE = "compute"
@@ -35,6 +36,11 @@ def fetch(node: str) -> str:
 def store(node: str) -> str:
     """compute -> the loader on its node: StoreJob (write staged chunks back to storage)."""
     return f"{ROOT}.loader.{checked_token(node, 'node')}.store"
+
+
+def telemetry(service: str, node: str) -> str:
+    """compute/loader -> anyone: that service's Telemetry on `node`, every CAKE_TELEMETRY_S."""
+    return f"{ROOT}.telemetry.{checked_token(service, 'service')}.{checked_token(node, 'node')}"
 
 
 def events(request_id: str) -> str:

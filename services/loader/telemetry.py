@@ -1,0 +1,41 @@
+"""The loader's telemetry window: what its reads did since the last LoaderTelemetry."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from services.loader.gate import ReadGate
+from shared.wire.messages import LoaderTelemetry
+
+
+@dataclass
+class ReadWindow:
+    """Reads, bytes, read time, stalls and failures since the window opened."""
+
+    opened: float = field(default_factory=time.monotonic)
+    reads: int = 0
+    nbytes: int = 0
+    read_s: float = 0.0
+    stalls: int = 0
+    failures: int = 0
+
+    def read(self, seconds: float, nbytes: int) -> None:
+        """A chunk read finished."""
+        self.reads += 1
+        self.nbytes += nbytes
+        self.read_s += seconds
+
+    def failed(self, stalled: bool) -> None:
+        """A chunk read failed (stalled: past the fetch timeout)."""
+        self.stalls += stalled
+        self.failures += not stalled
+
+    def message(self, node: str, gate: ReadGate) -> LoaderTelemetry:
+        """The window, closed now, as a message (with the gate's busy time since the last)."""
+        return LoaderTelemetry(
+            node=node, window_s=time.monotonic() - self.opened, reads=self.reads,
+            nbytes=self.nbytes, read_s=self.read_s / self.reads if self.reads else 0.0,
+            busy_s=gate.take_busy_s(), in_flight=gate.in_flight, read_limit=gate.limit.slots,
+            stalls=self.stalls, failures=self.failures,
+        )  # fmt: skip
