@@ -141,7 +141,7 @@ class Bench:
             salt = f"bench-{uuid.uuid4().hex[:8]}"
             hit = usable_hit_chunks(n, n, self.config.chunk_tokens)
             contexts.append(Context(n, prompt_text(n, seed=n), salt, hit, n * per_token))
-        warm = 1024  # long enough that Cake splits it, so it feeds the estimator the link's pace
+        warm = 1024  # warms both pipelines of the overhead comparison alike (pipeline_overhead)
         hit = usable_hit_chunks(warm, warm, self.config.chunk_tokens)
         self.warmup = Context(warm, prompt_text(warm, seed=warm), "warm-up", hit, warm * per_token)
         for setting in ("chunked", "one-shot"):
@@ -201,24 +201,28 @@ class Bench:
     async def cell(
         self, ctx: Context, ratio: float, bandwidth: float, fixed_s: float
     ) -> dict[str, Any]:
-        """One (context, io_ratio) cell."""
+        """One (context, io_ratio) cell. Cake goes first, on a merger and a loader started for
+        the cell, so nothing has told it this link but what they measure when they start (no
+        warm-up request); then compute-only, then load-only at each concurrency."""
         load_by_conc: dict[int, list[float]] = {}
         cake: list[Timing] = []
         compute: list[float] = []
+        await asyncio.to_thread(self.stack.restart, "merger")
+        await self.restart_loader(bandwidth, self.settings.fetch_concurrency)
+        for _ in range(self.config.reps):
+            cake.append(await self.request(ctx, KvMode.CAKE))
+            compute.append((await self.request(ctx, KvMode.COMPUTE, salt=uuid.uuid4().hex)).ttft_s)
+        if ratio == 1.0 and ctx.tokens == max(self.config.contexts):
+            self.timeline = await self.record_timeline(ctx)
+        running = self.settings.fetch_concurrency
         for conc in self.config.fetch_concurrencies:
-            await self.restart_loader(bandwidth, conc)
+            if conc != running:
+                await self.restart_loader(bandwidth, conc)
+                running = conc
             load_by_conc[conc] = [
                 (await self.request(ctx, KvMode.LOAD)).ttft_s for _ in range(self.config.reps)
             ]
         best_conc = min(load_by_conc, key=lambda c: statistics.median(load_by_conc[c]))
-        if best_conc != self.config.fetch_concurrencies[-1]:
-            await self.restart_loader(bandwidth, best_conc)
-        await self.request(self.warmup, KvMode.CAKE)  # also feeds the estimator this link's speed
-        for _ in range(self.config.reps):
-            compute.append((await self.request(ctx, KvMode.COMPUTE, salt=uuid.uuid4().hex)).ttft_s)
-            cake.append(await self.request(ctx, KvMode.CAKE))
-        if ratio == 1.0 and ctx.tokens == max(self.config.contexts):
-            self.timeline = await self.record_timeline(ctx)
         assert ctx.profile is not None
         load_median = statistics.median(load_by_conc[best_conc])
         latency = ctx.profile.load_latency(load_median, bandwidth, fixed_s)
@@ -248,12 +252,12 @@ class Bench:
         }
 
     async def restart_loader(self, bandwidth: float, concurrency: int) -> None:
-        """A loader on a link of `bandwidth` MB/s, warmed up with one short untimed load."""
+        """A loader on a link of `bandwidth` MB/s (it probes its store as it starts: no
+        warm-up load, which would tell the estimator the link before Cake is timed)."""
         await asyncio.to_thread(
             self.stack.restart, "loader", store_bandwidth_mbps=bandwidth,
             fetch_concurrency=concurrency,
         )  # fmt: skip
-        await self.request(self.warmup, KvMode.LOAD)
 
     async def record_timeline(self, ctx: Context) -> list[dict[str, Any]]:
         """The computed and loaded events of one Cake request, with their times."""
