@@ -185,3 +185,7 @@ def test_a_load_only_plan_is_behind_once_its_own_pace_would_not_have_earned_the_
     assert loads_too_slow([0.0, 0.06, 0.12], compute_s, ratio)
     assert not loads_too_slow([0.0, 0.01, 0.08], compute_s, ratio)  # 0.04 s a chunk
     assert not loads_too_slow([0.0, 0.5, 1.0], None, ratio)  # no compute estimate: no claim
+    # four reads issued together: a slow first batch (cold start) is latency, not the pace
+    first_batch = [0.3, 0.3, 0.31, 0.32]
+    assert not loads_too_slow([*first_batch, 0.33, 0.34], compute_s, ratio, batch=4)
+    assert loads_too_slow([*first_batch, 0.4, 0.5], compute_s, ratio, batch=4)

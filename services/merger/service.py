@@ -257,7 +257,7 @@ class Merger(Service):
         if tracker.compute_head or req.kv_mode != KvMode.CAKE:
             return False
         compute_s, ratio = self.estimator.compute_s.value, self.settings.skip_head_ratio
-        return loads_too_slow(arrivals, compute_s, ratio)
+        return loads_too_slow(arrivals, compute_s, ratio, self.settings.fetch_concurrency)
 
     def loads_overdue_in(
         self,

@@ -86,13 +86,17 @@ class MeetTracker:
         return None
 
 
-def loads_too_slow(arrivals: Sequence[float], compute_s: float | None, ratio: float) -> bool:
-    """Whether a load-only plan's own arrivals (three or more) come at a pace that would not
-    have earned it the skip: ratio x the seconds a head chunk takes to compute, or slower.
-    (Concurrent reads that arrive together make the pace look faster, never slower.)"""
-    if len(arrivals) < 3 or compute_s is None:
+def loads_too_slow(
+    arrivals: Sequence[float], compute_s: float | None, ratio: float, batch: int = 1
+) -> bool:
+    """Whether a load-only plan's own arrivals come at a pace that would not have earned it
+    the skip: ratio x the seconds a head chunk takes to compute, or slower. The pace is taken
+    after the first `batch` arrivals (the reads issued together, whose common latency is not
+    the link's pace), over two gaps at least."""
+    paced = len(arrivals) - max(1, batch)
+    if paced < 2 or compute_s is None:
         return False
-    return (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) >= ratio * compute_s
+    return (arrivals[-1] - arrivals[-paced - 1]) / paced >= ratio * compute_s
 
 
 OVERDUE_GAPS = 4.0  # a load-only plan is behind when no chunk came for this many gaps of its pace
