@@ -15,6 +15,7 @@ import torch
 
 from services.compute.job import Job
 from services.compute.service import Compute, Work
+from services.compute.telemetry import StepWindow
 from services.launcher.in_process import Result
 from services.loader.service import Loader, probe_store
 from services.merger.service import Merger
@@ -589,3 +590,17 @@ async def test_compute_and_loader_publish_telemetry_that_the_merger_learns_from(
     assert sum(m.reads for m in loaders) >= cake.done.chunks_loaded > 0
     assert sum(m.busy_s for m in loaders) > 0 and all(m.read_limit >= 1 for m in loaders)
     assert merger.estimator.load_s.value is not None
+
+
+def test_the_head_cost_in_telemetry_is_that_of_planned_steps() -> None:
+    """One-chunk pieces near a meeting point cost more per token; a window reports them only
+    when no multi-chunk piece ran (what the estimator's hint is about)."""
+    window = StepWindow()
+    window.head(1, 0.2)
+    alone = window.message("n", 0, 0, 0, 1)
+    assert (alone.head_chunks, alone.head_s) == (1, 0.2)
+    window.head(4, 0.4)
+    window.head(1, 0.3)
+    sent = window.message("n", 1, 2, 3, 4)
+    assert (sent.head_chunks, sent.head_s) == (4, 0.4)
+    assert (sent.running, sent.waiting, sent.kv_pool_bytes, sent.kv_budget_bytes) == (1, 2, 3, 4)

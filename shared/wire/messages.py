@@ -224,7 +224,7 @@ class ComputeTelemetry(Message):
     steps: int
     step_s: float  # their mean duration (0: none)
     tokens: dict[str, int]  # tokens computed, by kind: decode, prefill, head
-    head_chunks: int  # Cake head chunks computed
+    head_chunks: int  # Cake head chunks computed in multi-chunk pieces (if none: single ones)
     head_s: float  # their cost, queueing included: from runnable as a head to its step's end
     running: int  # requests admitted (holding KV memory)
     waiting: int  # requests queued for admission
