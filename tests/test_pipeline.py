@@ -604,3 +604,25 @@ def test_the_head_cost_in_telemetry_is_that_of_planned_steps() -> None:
     sent = window.message("n", 1, 2, 3, 4)
     assert (sent.head_chunks, sent.head_s) == (4, 0.4)
     assert (sent.running, sent.waiting, sent.kv_pool_bytes, sent.kv_budget_bytes) == (1, 2, 3, 4)
+
+
+async def test_a_target_itl_cuts_prompt_pieces_while_others_decode(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """CAKE_TARGET_ITL_MS: decode steps over the target shrink the step budget to one chunk,
+    so a long prompt that arrives while another request decodes goes in small pieces (and its
+    answer is still exact); the budget is back in full when nobody decodes."""
+    settings = stack_settings(nats_url, tmp_path, target_itl_ms=1.0, token_budget=512)
+    long, short = prompt(900, seed=47), prompt(100, seed=48)
+    async with LocalStore(settings.store) as store, backend(settings, store) as be:
+        compute = be.services["compute"]
+        assert isinstance(compute, Compute) and compute.step_budget is not None
+        reference = await be.generate(long, kv_mode="compute", max_tokens=2)
+        decoding = asyncio.create_task(be.generate(short, kv_mode="compute", max_tokens=150))
+        await asyncio.sleep(0.3)
+        got = await be.generate(long, kv_mode="compute", max_tokens=2)
+        assert not decoding.done()  # a chunk a step beside the decodes: the prompt did not wait
+        await decoding
+        assert compute.step_budget.tokens == 64  # every decode step took over 1 ms
+        assert compute.step_budget.for_step(decoding=False) == 512
+    assert got.tokens == reference.tokens

@@ -59,7 +59,8 @@ class ComputeMetrics:
         )
         self.budget = Gauge(
             "cake_compute_token_budget",
-            "Tokens one scheduler step may run (CAKE_TOKEN_BUDGET)",
+            "Tokens one scheduler step may run (CAKE_TOKEN_BUDGET; less while requests decode "
+            "under CAKE_TARGET_ITL_MS)",
             registry=r,
         )
         self.budget.set(token_budget)

@@ -35,6 +35,7 @@ from shared.core.errors import (
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
 from shared.core.request import FinishReason
 from shared.core.scheduler import Phase, Piece, plan_step
+from shared.core.step_budget import StepBudget
 from shared.kv.codec import decode_chunk
 from shared.kv.engine import encode_chunk_at
 from shared.kv.model import ModelRunner, default_kv_budget_bytes, pick_token
@@ -94,6 +95,10 @@ class Compute(Service):
         self.finishing: dict[str, Job] = {}  # out of the scheduler, write-back or Done pending
         self.pool_stale = False  # admissions changed the room the memory tier may use
         self.window = StepWindow()
+        self.step_budget = (
+            StepBudget(settings.target_itl_ms / 1000, settings.chunk_tokens, settings.token_budget)
+            if settings.target_itl_ms is not None and settings.controllers else None
+        )  # fmt: skip
         self.wake = asyncio.Event()
         self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-writeback")
@@ -285,7 +290,12 @@ class Compute(Service):
         for c in candidates:  # a head's cost counts from when it could run
             if c.phase != Phase.HEAD:
                 self.jobs[c.request_id].head_ready_at = now
-        step = plan_step(candidates, self.settings.token_budget, self.settings.decode_share)
+        budget = self.settings.token_budget
+        if self.step_budget is not None:  # prompt tokens, and a token for each decode on top
+            decodes = sum(1 for c in candidates if c.phase == Phase.DECODE)
+            budget = min(budget, self.step_budget.for_step(decodes > 0) + decodes)
+            self.metrics.budget.set(budget)
+        step = plan_step(candidates, budget, self.settings.decode_share)
         self.metrics.planned(candidates, step)
         chosen = {piece.request_id for piece in step}
         for c in candidates:  # steps waited while runnable (what aging counts)
@@ -301,6 +311,9 @@ class Compute(Service):
                 outbox = await asyncio.shield(self.stepping)
             self.metrics.step_seconds.observe(time.perf_counter() - started)
             self.note_step(step, time.perf_counter() - started)
+            if self.step_budget is not None:
+                decoded = any(p.phase == Phase.DECODE for p in step)
+                self.step_budget.observe(time.perf_counter() - started, decoded)
             await self.send(outbox)
         self.start_writebacks()
         await self.retire()

@@ -61,6 +61,7 @@ class Settings:
     fetch_timeout_s: float = 30.0  # one chunk read from storage
     fetch_concurrency: int = 4
     token_budget: int = 512  # tokens per compute scheduler step
+    target_itl_ms: float | None = None  # steer the step budget to this inter-token latency
     decode_share: float = 0.5  # most of a step's budget decode tokens take while prompts wait
     kv_memory_gb: float | None = None  # KV memory budget of a compute replica (None: derived)
     max_waiting: int = 64  # requests a compute replica queues beyond those it runs; then 429
@@ -114,6 +115,8 @@ class Settings:
             raise ConfigError(
                 f"CAKE_METRICS_PORT must be a TCP port or 0 (none), got {self.metrics_port}"
             )
+        if self.target_itl_ms is not None and not self.target_itl_ms > 0:
+            raise ConfigError(f"CAKE_TARGET_ITL_MS must be positive, got {self.target_itl_ms}")
         if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:
             raise ConfigError(f"CAKE_KV_MEMORY_GB must be positive, got {self.kv_memory_gb}")
         if not 0 < self.decode_share <= 1:

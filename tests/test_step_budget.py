@@ -1,0 +1,36 @@
+"""The step budget: cut when decode steps run over the target ITL, grown back while under."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.core.step_budget import StepBudget
+
+
+def test_slow_decode_steps_cut_the_budget_in_whole_chunks_down_to_one() -> None:
+    budget = StepBudget(target_s=0.1, granule=128, most=2048)
+    assert budget.for_step(decoding=True) == 2048
+    budget.observe(0.5, decoded=True)
+    assert budget.tokens == 1408  # 2048 x 0.7, down to whole chunks
+    for _ in range(20):
+        budget.observe(0.5, decoded=True)
+    assert budget.tokens == 128  # never below one chunk: prompts still progress
+    assert budget.for_step(decoding=False) == 2048  # nobody decodes: the full budget
+
+
+def test_fast_decode_steps_grow_it_back_a_chunk_at_a_time_up_to_the_most() -> None:
+    budget = StepBudget(target_s=0.1, granule=128, most=512, tokens=128)
+    budget.observe(0.05, decoded=True)
+    assert budget.tokens == 256
+    for _ in range(5):
+        budget.observe(0.05, decoded=True)
+    assert budget.tokens == 512
+    budget.observe(5.0, decoded=False)  # a prefill-only step says nothing of ITL
+    assert budget.tokens == 512
+
+
+@pytest.mark.parametrize("kw", [{"target_s": 0}, {"granule": 0}, {"granule": 1024}])
+def test_bad_settings(kw: dict[str, float]) -> None:
+    args = {"target_s": 0.1, "granule": 128, "most": 512, **kw}
+    with pytest.raises(ValueError):
+        StepBudget(**args)  # type: ignore[arg-type]
