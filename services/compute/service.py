@@ -284,8 +284,11 @@ class Compute(Service):
         """One scheduler step and its messages; False when nothing was runnable."""
         await self.expire()
         loop = asyncio.get_running_loop()
+        # Plan only the jobs prepare() saw: one that arrives while it runs has not taken its
+        # chunks from the memory tier yet, so it waits a step rather than compute them.
+        prepared = list(self.jobs.values())
         await self.send(await loop.run_in_executor(self.stepper, self.prepare))
-        candidates = [job.candidate() for job in self.jobs.values()]
+        candidates = [job.candidate() for job in prepared if job.msg.request_id in self.jobs]
         now = time.monotonic()
         for c in candidates:  # a head's cost counts from when it could run
             if c.phase != Phase.HEAD:
