@@ -289,6 +289,7 @@ class Bench:
         assert self.runner is not None
         bandwidth = ctx.kv_rate_mbps
         concurrency = self.config.fetch_concurrencies[-1]
+        await asyncio.to_thread(self.stack.restart, "merger")  # fresh, as the in-process one
         await self.restart_loader(bandwidth, concurrency)
         await self.request(self.warmup, KvMode.CAKE)
         settings = self.settings.replace(
