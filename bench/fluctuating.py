@@ -29,6 +29,7 @@ import aiohttp
 
 from bench.client import Timing, completion_body, first_token, prompt_text, stream_completion
 from bench.profile import Profile, measure_profile
+from bench.report import vs_best
 from bench.sweep import evict_page_cache
 from services.launcher.nats_server import free_port
 from services.launcher.stack import LocalStack
@@ -239,10 +240,10 @@ class Fluctuating:
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """The issue's headline numbers over all requests."""
     t = [r["ttft_s"] for r in rows]
-    vs_best = [min(x["compute"], x["load"]) / x["cake"] for x in t]
+    ratios = [vs_best(x) for x in t]
     return {
-        "cake_vs_best_mean": statistics.fmean(vs_best),
-        "cake_vs_best_worst": min(vs_best),
+        "cake_vs_best_mean": statistics.fmean(ratios),
+        "cake_vs_best_worst": min(ratios),
         "controllers_gain": statistics.fmean(x["cake_static"] for x in t)
         / statistics.fmean(x["cake"] for x in t),
         "cake_over_oracle_mean": statistics.fmean(x["cake"] / x["oracle"] for x in t),

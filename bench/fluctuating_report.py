@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from bench.fluctuating import MODES
+from bench.report import vs_best
 from shared.core.bandwidth import BandwidthTrace
 
 LINES = (*MODES, "oracle")
@@ -30,7 +31,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['request']:>3} {r['phase_s']['cake']:>6.1f} {r['link_MBps']:>7.1f} "
             f"{'yes' if r['disturbed'] else '':>4} "
             + " ".join(f"{t[m]:>11.3f}" for m in LINES)
-            + f" {min(t['compute'], t['load']) / t['cake']:>9.2f} {meet['cake']:>5}"
+            + f" {vs_best(t):>9.2f} {meet['cake']:>5}"
             f" {meet['cake_static']:>6} {r['oracle_meet_chunk']:>6}"
         )
     return "\n".join(lines)

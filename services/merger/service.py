@@ -250,11 +250,16 @@ class Merger(Service):
             split = tracker.meet()
         return split, staged, outcome
 
+    @staticmethod
+    def replannable(req: GenerateRequest, tracker: MeetTracker) -> bool:
+        """Whether this is a load-only Cake plan (kv_mode=load asked for loads only)."""
+        return not tracker.compute_head and req.kv_mode == KvMode.CAKE
+
     def loads_fell_behind(
         self, req: GenerateRequest, tracker: MeetTracker, arrivals: list[float]
     ) -> bool:
         """Whether a load-only Cake plan's loads arrive too slowly to have earned the skip."""
-        if tracker.compute_head or req.kv_mode != KvMode.CAKE:
+        if not self.replannable(req, tracker):
             return False
         compute_s, ratio = self.estimator.compute_s.value, self.settings.skip_head_ratio
         return loads_too_slow(arrivals, compute_s, ratio, self.settings.fetch_concurrency)
@@ -268,7 +273,7 @@ class Merger(Service):
         start: float,
     ) -> float:
         """Seconds until a load-only Cake plan counts as behind its pace (inf: not one)."""
-        if tracker.compute_head or req.kv_mode != KvMode.CAKE:
+        if not self.replannable(req, tracker):
             return math.inf
         cap, prior = self.settings.fetch_timeout_s, self.estimator.load_s.value
         due = loads_overdue_after(arrivals, reads_s, start, prior, cap)
