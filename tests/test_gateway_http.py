@@ -207,7 +207,7 @@ async def test_completion_returns_text_usage_and_cake(bus: Bus, backend: FakeBac
     }  # fmt: skip
     assert answer["cake"] == {
         "hit_tokens": 8, "chunks_total": 3, "chunks_computed": 1, "chunks_loaded": 2,
-        "reused_tokens": 0, "meet_chunk": 1, "ttft_ms": 12.5,
+        "reused_tokens": 0, "meet_chunk": 1, "ttft_ms": 12.5, "node": "",
     }  # fmt: skip
     [req] = backend.requests
     assert req.request_id == answer["id"]
@@ -373,6 +373,26 @@ async def test_silent_backend_times_out_at_the_deadline(
     assert (cancel.request_id, cancel.reason) == (backend.requests[0].request_id, "deadline")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_whose_compute_goes_silent_before_answering_is_sent_again(
+    bus: Bus, backend: FakeBackend, stream: bool
+) -> None:
+    """Its compute died before the client saw anything (nothing, not even Alive, for the
+    silence window): the gateway cancels that attempt and sends the request once more, under a
+    fresh backend id; the client gets the answer and never sees the first attempt."""
+    backend.script = lambda req: [] if len(backend.requests) == 1 else say(TEXT)(req)
+    settings = SETTINGS.replace(heartbeat_s=0.1, rpc_timeout_s=0.1)
+    async with gateway(bus, settings) as client:
+        resp = await client.post("/v1/completions", json={"prompt": "x", "stream": stream})
+        assert resp.status == 200
+        body = await resp.text()
+    assert TEXT[:3] in body if stream else json.loads(body)["choices"][0]["text"] == TEXT
+    first, second = (r.request_id for r in backend.requests)
+    assert second == f"{first}-retry1"
+    cancel = await backend.next_cancel()
+    assert (cancel.request_id, cancel.reason) == (first, "backend silent")
+
+
 async def test_client_disconnect_during_streaming_cancels(bus: Bus, backend: FakeBackend) -> None:
     backend.script = lambda req: text_tokens(req.request_id, "first")  # and then nothing
     async with gateway(bus) as client:
@@ -395,7 +415,8 @@ GATEWAY_FAMILIES = {
     "cake_prompt_tokens_cacheable_total",
     "cake_errors_total",
     "cake_generated_tokens_total",
-    "cake_request_duration_seconds",  # new
+    "cake_request_duration_seconds",
+    "cake_backend_retries_total",  # new
 }
 
 

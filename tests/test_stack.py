@@ -147,10 +147,10 @@ def test_the_stack_restarts_what_dies(tmp_path: Path) -> None:
         assert served_within(60)
         assert stack.procs["compute"].pid != compute.pid
         assert stack.nats is not None
-        nats_port = stack.nats.port
-        stack.nats.process.kill()
-        stack.nats.process.wait()
+        nats = stack.nats.servers[0]
+        nats.process.kill()
+        nats.process.wait()
         assert served_within(60)
-        assert stack.nats.port == nats_port
+        assert stack.nats.servers[0].port == nats.port
     finally:
         stack.close()

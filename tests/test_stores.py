@@ -153,6 +153,19 @@ def stored_files(root: Path) -> list[str]:
     return sorted(p.name for p in root.rglob("*") if p.is_file())
 
 
+async def test_loaders_sharing_a_directory_see_each_others_chunks(tmp_path: Path) -> None:
+    """Two nodes' loaders on one directory: what one writes the other finds and reads; what one
+    deletes the other no longer reports."""
+    key = hashlib.sha256(b"shared").hexdigest()
+    async with LocalStore(tmp_path) as a, LocalStore(tmp_path) as b:
+        assert await b.stored_prefix([key]) == 0
+        await a.put(key, b"kv of node a")
+        assert await b.exists(key) and await b.stored_prefix([key]) == 1
+        assert await b.get(key) == b"kv of node a"
+        await a.delete(key)
+        assert not await b.exists(key) and await b.get(key) is None
+
+
 async def test_local_layout_and_no_temp_files_left(tmp_path: Path) -> None:
     async with LocalStore(tmp_path) as store:
         await asyncio.gather(*(store.put(key("k"), bytes([i]) * 5000) for i in range(5)))

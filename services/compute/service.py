@@ -129,7 +129,8 @@ class Compute(Service):
         """Subscribe and start the scheduler loop."""
         queue = subjects.QUEUE_COMPUTE
         await self.bus.handle(subjects.COMPUTE_INFO, self.on_info, queue=queue)
-        await self.bus.handle(subjects.COMPUTE_PREFILL, self.on_prefill, queue=queue)
+        for subject in (subjects.COMPUTE_PREFILL, subjects.prefill(self.settings.node)):
+            await self.bus.handle(subject, self.on_prefill, queue=queue)  # any node's, or ours
         await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
         await self.bus.handle(subjects.EVENTS_ALL, self.on_event)
         self.loops.spawn(self.loop())
@@ -464,7 +465,7 @@ class Compute(Service):
         head = meet - sum(1 for i in job.reused if i < meet)  # head chunks really computed
         return Prefilled(
             job.msg.request_id, n, job.hit * chunk, total, total - loaded - reused, loaded, meet,
-            job.ttft_ms, loaded * chunk, head * chunk, reused * chunk,
+            job.ttft_ms, loaded * chunk, head * chunk, reused * chunk, self.settings.node,
         )  # fmt: skip
 
     # --- one step, in the worker thread -----------------------------------------------------

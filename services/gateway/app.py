@@ -22,7 +22,7 @@ from aiohttp import web
 from opentelemetry.trace import Span, Status, StatusCode
 
 from services.gateway.auth import TENANT, ApiKeys, auth_middleware
-from services.gateway.conversation import Call, Generation, TextAssembler
+from services.gateway.conversation import BackendLost, Call, Generation, TextAssembler
 from services.gateway.errors import ApiError
 from services.gateway.metrics import GatewayMetrics, Outcome
 from services.gateway.responses import Shapes, cake_of, send_event, usage_of
@@ -49,6 +49,7 @@ log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MESSAGE_OVERHEAD_BYTES = 4096  # room for the other fields of a GenerateRequest
+BACKEND_RETRIES = 1  # a request whose compute died before the client saw anything: sent again
 SILENT_HEARTBEATS = 3  # a stream silent for this many heartbeats has lost its compute replica
 HEALTH_PROBE_S = 1.0  # how long /health waits for each service's answer
 HEALTH_CACHE_S = 1.0  # how long a /health finding is reused
@@ -177,21 +178,29 @@ class Gateway:
         self._check_payload(len(ids), "prompt" if endpoint is Endpoint.COMPLETIONS else "messages")
         deadline = time.time() + self.settings.request_timeout_s
         silence = SILENT_HEARTBEATS * self.settings.heartbeat_s
-        call = Call(
-            self.bus, rid, deadline, self.settings.request_timeout_s, silence,
-            2 * self.settings.rpc_timeout_s,  # the merger's lookup and dispatch come first
-        )  # fmt: skip
-        try:
-            salt = tenant_salt(request.get(TENANT, ""), parsed.cache_salt)
-            message = self._message(rid, parsed, ids, salt, deadline)
-            await call.start(message, self.settings.rpc_timeout_s)
-            gen = Generation(call, TextAssembler(self.tokenizer, parsed.stop))
-            shapes = Shapes(rid, self.limits.model_name, endpoint, int(time.time()))
-            if parsed.stream:
-                return await self._stream(request, shapes, gen, outcome)
-            return await self._complete(shapes, gen, outcome)
-        finally:
-            await call.close("client disconnected or request abandoned")
+        salt = tenant_salt(request.get(TENANT, ""), parsed.cache_salt)
+        shapes = Shapes(rid, self.limits.model_name, endpoint, int(time.time()))
+        for attempt in range(1 + BACKEND_RETRIES):
+            backend_rid = f"{rid}-retry{attempt}" if attempt else rid  # a fresh stream each time
+            call = Call(
+                self.bus, backend_rid, deadline, self.settings.request_timeout_s, silence,
+                2 * self.settings.rpc_timeout_s,  # the merger's lookup and dispatch come first
+            )  # fmt: skip
+            try:
+                message = self._message(backend_rid, parsed, ids, salt, deadline)
+                await call.start(message, self.settings.rpc_timeout_s)
+                gen = Generation(call, TextAssembler(self.tokenizer, parsed.stop))
+                if parsed.stream:
+                    return await self._stream(request, shapes, gen, outcome)
+                return await self._complete(shapes, gen, outcome)
+            except BackendLost:  # the client has seen nothing yet (see _stream)
+                if attempt == BACKEND_RETRIES:
+                    raise
+                log.warning("compute went silent before answering; sending the request again")
+                self.metrics.retries.inc()
+            finally:
+                await call.close("client disconnected or request abandoned")
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def model_limits(self) -> Limits:
         """The limits, with the model's context length asked of compute the first time."""

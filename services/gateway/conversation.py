@@ -78,6 +78,11 @@ class TextAssembler:
         return delta
 
 
+class BackendLost(ApiError):
+    """The compute replica holding the request went silent (its node died): a request whose
+    client has seen nothing yet may be sent again, to another node."""
+
+
 class Call:
     """One request sent to the merger: its stream subscription and the Cancel it may owe."""
 
@@ -130,7 +135,7 @@ class Call:
                         ErrorCode.TIMEOUT,
                         f"no answer within the request deadline ({self.timeout_s:g}s)",
                     ) from None
-                raise ApiError(
+                raise BackendLost(
                     ErrorCode.UNAVAILABLE,
                     f"the compute service stopped answering (nothing for {silence:g}s); try again",
                 ) from None

@@ -56,6 +56,11 @@ class GatewayMetrics:
             ("kv_mode", "status"),
             registry=r,
         )
+        self.retries = Counter(
+            "cake_backend_retries",
+            "Requests sent again because their compute replica went silent before answering",
+            registry=r,
+        )
         self.ttft = Histogram(
             "cake_ttft_seconds",
             "Time to first token reported by the compute service",

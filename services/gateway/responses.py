@@ -43,6 +43,7 @@ def cake_of(done: Done | None) -> dict[str, Any] | None:
         "reused_tokens": done.reused_tokens,
         "meet_chunk": done.meet_chunk,
         "ttft_ms": done.ttft_ms,
+        "node": done.node,
     }
 
 

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", action="append", metavar="KEY[:TENANT]",
         help="require this API key (repeat for more; added to CAKE_API_KEYS)",
     )  # fmt: skip
+    up.add_argument(
+        "--nodes", type=int, default=1, metavar="N",
+        help="run N nodes (a compute and a loader each) over a cluster of 3 nats-servers",
+    )  # fmt: skip
     bench = sub.add_parser("bench", help="TTFT of compute-only, load-only, Cake and the oracle")
     bench.add_argument("--quick", action="store_true", help="about 3 minutes on 2 CPU cores")
     bench.add_argument("--serve", action="store_true", help="the serving benchmark (serve.json)")
@@ -139,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             asyncio.run(serve_until_signalled(args.service, settings))
         elif args.command == "up":
-            return run_stack(settings, start_nats=args.nats_url is None)
+            return run_stack(settings, start_nats=args.nats_url is None, nodes=args.nodes)
     except ConfigError as exc:
         print(f"cake: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,8 @@ from shared.wire import subjects
 
 STREAMS = "cake.req.*.stream"  # a request's Tokens, Done and Failed
 FETCHES = "cake.loader.*.fetch"
+LOOKUPS = "cake.loader.*.lookup"  # a lookup routed to one node's loader
+PREFILLS = "cake.compute.*.prefill"  # a job routed to one node's compute
 STORES = "cake.loader.*.store"
 INBOX = "_INBOX.>"  # replies to this role's requests
 TELEMETRY = "cake.telemetry.*.*"  # a service's telemetry on its node
@@ -30,7 +32,8 @@ ROLES: dict[str, dict[str, list[str]]] = {
     },
     "merger": {
         "publish": [
-            subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, subjects.LOOKUP, FETCHES,
+            subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, PREFILLS, subjects.LOOKUP, LOOKUPS,
+            FETCHES,
             subjects.CONTROL_ALL, STREAMS,  # Meet, StartHead, Cancel; Failed
         ],
         "subscribe": [
@@ -41,14 +44,15 @@ ROLES: dict[str, dict[str, list[str]]] = {
     "compute": {
         "publish": [STREAMS, subjects.EVENTS_ALL, STORES, TELEMETRY],
         "subscribe": [
-            subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, subjects.CONTROL_ALL,
+            subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, PREFILLS, subjects.CONTROL_ALL,
             subjects.EVENTS_ALL, INBOX,
         ],
     },
     "loader": {
         "publish": [subjects.EVENTS_ALL, TELEMETRY],
         "subscribe": [
-            subjects.LOOKUP, subjects.LOADER_INFO, FETCHES, STORES, subjects.CONTROL_ALL, INBOX,
+            subjects.LOOKUP, LOOKUPS, subjects.LOADER_INFO, FETCHES, STORES, subjects.CONTROL_ALL,
+            INBOX,
         ],
     },
     "observer": {  # benchmark timelines, dashboards
@@ -79,6 +83,10 @@ def authorization(passwords: dict[str, str]) -> dict[str, Any]:
 
 
 def with_credentials(url: str, role: str, password: str) -> str:
-    """The server URL with a role's credentials in it (what that service connects with)."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{role}:{password}@{rest}"
+    """The server URLs (comma-separated) with a role's credentials in each (what that service
+    connects with)."""
+    with_them = []
+    for one in url.split(","):
+        scheme, _, rest = one.partition("://")
+        with_them.append(f"{scheme}://{role}:{password}@{rest}")
+    return ",".join(with_them)

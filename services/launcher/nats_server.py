@@ -49,9 +49,26 @@ def _listening_url(root: Path, pid: int) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class Routes:
+    """One server's place in a cluster: its route port and every member's."""
+
+    port: int
+    members: tuple[int, ...]
+
+    def config(self) -> str:
+        """The nats-server `cluster` block (peers not advertised to clients: they connect with
+        credentials to the URLs they were given)."""
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.members if p != self.port)
+        return (
+            f"cluster {{ name: cake, listen: 127.0.0.1:{self.port}, no_advertise: true, "
+            f"routes: [{routes}] }}\n"
+        )
+
+
 @dataclass
 class NatsServer:
-    """A running nats-server child process with JetStream on."""
+    """A running nats-server child process (JetStream on when it runs alone)."""
 
     process: subprocess.Popen[bytes]
     url: str
@@ -63,9 +80,11 @@ class NatsServer:
         port: int | None = None,
         timeout_s: float = 10.0,
         authorization: dict[str, Any] | None = None,
+        routes: Routes | None = None,
     ) -> NatsServer:
         """Start on port (one the server picks by default) and wait until it accepts clients;
-        with an `authorization` block (services.launcher.nats_auth), only its users connect.
+        with an `authorization` block (services.launcher.nats_auth), only its users connect;
+        with `routes`, as a member of a cluster.
 
         The server's log goes to a file in its work directory (a pipe nobody reads would fill
         and stall it); the port it picked is read from the ports file it writes.
@@ -76,7 +95,7 @@ class NatsServer:
             f"listen: 127.0.0.1:{port or -1}\n"
             f'ports_file_dir: "{root}"\n'
             f"max_payload: {MAX_PAYLOAD}\n"
-            f'jetstream {{ store_dir: "{root}/js" }}\n'
+            + (routes.config() if routes else f'jetstream {{ store_dir: "{root}/js" }}\n')
             + (f"authorization: {json.dumps(authorization)}\n" if authorization else "")
         )
         (root / "nats.conf").chmod(0o600)  # it holds the passwords
@@ -114,3 +133,50 @@ class NatsServer:
                 self.process.kill()
                 self.process.wait()
         self.workdir.cleanup()
+
+
+class NatsCluster:
+    """nats-servers joined by routes: a client of any reaches every subscriber, and one that
+    loses its server reconnects to another."""
+
+    def __init__(
+        self, servers: list[NatsServer], routes: list[Routes | None], auth: dict[str, Any] | None
+    ) -> None:
+        self.servers, self.routes, self.authorization = servers, routes, auth
+
+    @classmethod
+    def start(cls, size: int, authorization: dict[str, Any] | None = None) -> NatsCluster:
+        """Start `size` servers on 127.0.0.1, each routed to all the others (one: no routes)."""
+        members = tuple(free_port() for _ in range(size))
+        routes = [Routes(p, members) if size > 1 else None for p in members]
+        servers: list[NatsServer] = []
+        try:
+            for r in routes:
+                servers.append(NatsServer.start(authorization=authorization, routes=r))
+        except ConfigError:
+            for server in servers:
+                server.stop()
+            raise
+        return cls(servers, routes, authorization)
+
+    @property
+    def url(self) -> str:
+        """Every member's client URL, comma-separated (what CAKE_NATS_URL takes)."""
+        return ",".join(s.url for s in self.servers)
+
+    def restart_dead(self) -> list[int]:
+        """Start again, on their ports, members that exited; the indexes of those restarted."""
+        restarted = []
+        for i, server in enumerate(self.servers):
+            if server.process.poll() is not None:
+                server.stop()
+                self.servers[i] = NatsServer.start(
+                    port=server.port, authorization=self.authorization, routes=self.routes[i]
+                )
+                restarted.append(i)
+        return restarted
+
+    def stop(self) -> None:
+        """Stop every member. Idempotent."""
+        for server in self.servers:
+            server.stop()

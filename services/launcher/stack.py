@@ -1,4 +1,6 @@
-"""`cake up`: nats-server (unless --nats-url) and the four services as separate processes."""
+"""`cake up`: nats-server (unless --nats-url) and the four services as separate processes;
+with --nodes N, N nodes (a compute and a loader each) behind one gateway and merger, over a
+cluster of nats-servers."""
 
 from __future__ import annotations
 
@@ -17,38 +19,55 @@ import structlog
 
 from services.gateway.app import HEALTH_CACHE_S
 from services.launcher.nats_auth import authorization, new_passwords, with_credentials
-from services.launcher.nats_server import NatsServer
+from services.launcher.nats_server import NatsCluster
 from shared.core.errors import ConfigError
 from shared.runtime.config import Settings, env_var
 from shared.runtime.observability import configure_logging
 
 log = structlog.get_logger(__name__)
 SERVICES = ("gateway", "merger", "compute", "loader")
+NODE_SERVICES = ("compute", "loader")  # one of each per node
+CLUSTER_SIZE = 3  # nats-servers under several nodes (one may die; the others carry on)
 READY_TIMEOUT_S = 120.0
 CRASH_LIMIT = 5  # deaths of one service within CRASH_WINDOW_S that stop the whole stack
 CRASH_WINDOW_S = 120.0
 MAX_BACKOFF_S = 30.0
-# `cake up` runs every service on one host: each gets CAKE_METRICS_PORT + its offset
+# `cake up` runs every service on one host: each gets CAKE_METRICS_PORT + its offset (node i's
+# compute and loader: + 1 + 2i and + 2 + 2i)
 METRICS_PORT_OFFSETS = {"merger": 0, "compute": 1, "loader": 2}
 
 
-def metrics_port(service: str, settings: Settings) -> int:
-    """The metrics port `cake up` gives a service (0: none; the gateway's is its own port)."""
+def metrics_port(process: str, settings: Settings) -> int:
+    """The metrics port `cake up` gives a process (0: none; the gateway's is its own port)."""
+    service, _, number = process.partition("-")
     if service not in METRICS_PORT_OFFSETS or not settings.metrics_port:
         return 0
-    return settings.metrics_port + METRICS_PORT_OFFSETS[service]
+    return settings.metrics_port + METRICS_PORT_OFFSETS[service] + 2 * max(0, int(number or 1) - 1)
+
+
+def process_names(nodes: int) -> list[str]:
+    """The processes of a stack: gateway, merger, and each node's compute and loader (named
+    `compute` and `loader` on one node, `compute-1`, `loader-1`, `compute-2`... on several)."""
+    if nodes == 1:
+        return list(SERVICES)
+    per_node = [f"{s}-{i}" for i in range(1, nodes + 1) for s in NODE_SERVICES]
+    return ["gateway", "merger", *per_node]
 
 
 class LocalStack:
     """Processes of one local Cake stack; services can be restarted with changed settings."""
 
-    def __init__(self, settings: Settings, start_nats: bool = True) -> None:
-        self.settings = settings
-        # its own nats-server: a user per service role, fresh passwords on every start
+    def __init__(self, settings: Settings, start_nats: bool = True, nodes: int = 1) -> None:
+        if nodes < 1:
+            raise ConfigError(f"--nodes must be at least 1, got {nodes}")
+        self.settings, self.nodes = settings, nodes
+        # its own nats-servers: a user per service role, fresh passwords on every start
         self.passwords = new_passwords() if start_nats else {}
         self.authorization = authorization(self.passwords) if start_nats else None
-        self.nats = NatsServer.start(authorization=self.authorization) if start_nats else None
+        size = 1 if nodes == 1 else CLUSTER_SIZE
+        self.nats = NatsCluster.start(size, self.authorization) if start_nats else None
         self.nats_url = self.nats.url if self.nats else settings.nats_url  # (no secrets in it)
+        self.names = process_names(nodes)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.settings_of: dict[str, Settings] = {}  # what each service was started with
         self.deaths: dict[str, list[float]] = {}  # when each service was found dead
@@ -70,21 +89,36 @@ class LocalStack:
             return self.nats_url
         return with_credentials(self.nats_url, role, self.passwords[role])
 
-    def start(self, services: Sequence[str] = SERVICES, **changes: Any) -> None:
+    def processes(self, services: Sequence[str] | None) -> list[str]:
+        """The process names meant by services (a service kind means every node's; None: all)."""
+        if services is None:
+            return list(self.names)
+        return [n for n in self.names if n in services or n.partition("-")[0] in services]
+
+    def node_settings(self, process: str, settings: Settings) -> Settings:
+        """A node's process gets the node's name and its own staging directory."""
+        number = process.partition("-")[2]
+        if not number:
+            return settings
+        node = f"{settings.node}-{number}"
+        return settings.replace(node=node, staging_dir=str(Path(settings.staging_dir) / node))
+
+    def start(self, services: Sequence[str] | None = None, **changes: Any) -> None:
         """Start services (the gateway last) and wait until the gateway answers /health."""
         settings = self.settings.replace(**changes) if changes else self.settings
         fresh_after = time.monotonic() + HEALTH_CACHE_S  # a finding from before is no news
-        for name in sorted(services, key=lambda s: s == "gateway"):
+        for name in sorted(self.processes(services), key=lambda s: s == "gateway"):
             self.spawn(name, settings)
         self.wait_ready(fresh_after=fresh_after)
 
     def spawn(self, name: str, settings: Settings) -> None:
         """Start one service process (not waiting for it)."""
-        env = self.env(settings)
+        service = name.partition("-")[0]
+        env = self.env(self.node_settings(name, settings))
         env[env_var("metrics_port")] = str(metrics_port(name, settings))
-        env[env_var("nats_url")] = self.nats_url_for(name)
+        env[env_var("nats_url")] = self.nats_url_for(service)
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "services.launcher.cli", "serve", name],
+            [sys.executable, "-m", "services.launcher.cli", "serve", service],
             env=env,
             start_new_session=True,  # Ctrl-C reaches only `cake up`; it stops them in order
         )  # fmt: skip
@@ -94,10 +128,9 @@ class LocalStack:
         """Restart what died: nats-server on its port (services reconnect), a service after a
         backoff that doubles while it keeps dying (1 s, 2 s ... 30 s); RuntimeError once one
         died CRASH_LIMIT times within CRASH_WINDOW_S."""
-        if self.nats is not None and self.nats.process.poll() is not None:
-            log.warning("nats-server exited; restarting it", port=self.nats.port)
-            self.nats.stop()
-            self.nats = NatsServer.start(port=self.nats.port, authorization=self.authorization)
+        if self.nats is not None:
+            for i in self.nats.restart_dead():
+                log.warning("nats-server exited; restarted it", port=self.nats.servers[i].port)
         now = time.monotonic()
         for name, proc in list(self.procs.items()):
             if proc.poll() is None:
@@ -122,14 +155,15 @@ class LocalStack:
     def metrics_urls(self) -> dict[str, str]:
         """Where each service serves its metrics (services without a metrics port left out)."""
         urls = {"gateway": f"{self.url}/metrics"}
-        for name in METRICS_PORT_OFFSETS:
+        for name in self.names:
             port = metrics_port(name, self.settings)
             if port:
                 urls[name] = f"http://{self.settings.host}:{port}/metrics"
         return urls
 
     def restart(self, service: str, **changes: Any) -> None:
-        """Stop one service and start it again with some settings changed."""
+        """Stop a service (every node's, for a kind) and start it again with some settings
+        changed."""
         self.stop([service])
         self.start([service], **changes)
 
@@ -159,7 +193,7 @@ class LocalStack:
 
     def stop(self, services: Sequence[str] | None = None, timeout_s: float = 15.0) -> None:
         """SIGTERM services (all by default, the gateway first), SIGKILL any that linger."""
-        names = [n for n in SERVICES if n in self.procs and (services is None or n in services)]
+        names = [n for n in self.processes(services) if n in self.procs]
         for name in names:
             if self.procs[name].poll() is None:
                 self.procs[name].send_signal(signal.SIGTERM)
@@ -180,7 +214,7 @@ class LocalStack:
             self.nats = None
 
 
-def run_stack(settings: Settings, start_nats: bool) -> int:
+def run_stack(settings: Settings, start_nats: bool, nodes: int = 1) -> int:
     """`cake up`: run everything until Ctrl-C or a service dies; leave nothing running."""
     stopping = False
 
@@ -191,10 +225,11 @@ def run_stack(settings: Settings, start_nats: bool) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     configure_logging("stack", settings.log_format, settings.log_level)
-    stack = LocalStack(settings, start_nats)
+    stack = LocalStack(settings, start_nats, nodes)
     try:
         stack.start()
-        print(f"Cake is serving {settings.model} at {stack.url}/v1 (NATS {stack.nats_url}).")
+        on = f" on {nodes} nodes" if nodes > 1 else ""
+        print(f"Cake is serving {settings.model}{on} at {stack.url}/v1 (NATS {stack.nats_url}).")
         for name, url in stack.metrics_urls().items():
             print(f"  {name} metrics: {url}")
         print("Ctrl-C stops everything; a service that dies is restarted.", flush=True)

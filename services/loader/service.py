@@ -50,6 +50,9 @@ from shared.wire.messages import (
 log = structlog.get_logger(__name__)
 FETCH_LIMIT_GROWTH = 4  # the node's read limit grows up to this times CAKE_FETCH_CONCURRENCY
 PROBE_BYTES = 4 << 20  # the start-up probe object (a chunk's size, give or take)
+LOOKUPS_AT_ONCE = 16  # lookups answered at once (each checks its chunks concurrently)
+FETCH_JOBS_AT_ONCE = 8  # fetch jobs taken at once (their reads share the node's gate)
+STORE_JOBS_AT_ONCE = 4  # write-backs at once: a slow one does not hold up the next
 STAGING_SWEEP_EVERY_S = 30.0  # how often staged files of dead or cut-off requests are removed
 
 
@@ -92,11 +95,12 @@ class Loader(Service):
 
     async def start(self) -> None:
         """Subscribe to lookups, this node's fetch and store jobs, and all control messages."""
-        node = self.settings.node
-        await self.bus.handle(subjects.LOOKUP, self.on_lookup, queue=subjects.QUEUE_LOADER)
-        await self.bus.handle(subjects.LOADER_INFO, self.on_info, queue=subjects.QUEUE_LOADER)
-        await self.bus.handle(subjects.fetch(node), self.on_fetch, queue=subjects.QUEUE_LOADER)
-        await self.bus.handle(subjects.store(node), self.on_store, queue=subjects.QUEUE_LOADER)
+        node, queue = self.settings.node, subjects.QUEUE_LOADER
+        for subject in (subjects.LOOKUP, subjects.lookup(node)):  # any node's, or this one's
+            await self.bus.handle(subject, self.on_lookup, queue, concurrency=LOOKUPS_AT_ONCE)
+        await self.bus.handle(subjects.LOADER_INFO, self.on_info, queue=queue)
+        await self.bus.handle(subjects.fetch(node), self.on_fetch, queue, FETCH_JOBS_AT_ONCE)
+        await self.bus.handle(subjects.store(node), self.on_store, queue, STORE_JOBS_AT_ONCE)
         await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
         self.loops.spawn(self.sweep_staging())
         self.loops.spawn(self.publish_telemetry(self.telemetry))

@@ -14,8 +14,17 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from services.merger.metrics import MergerMetrics
-from shared.core.errors import ErrorCode, RemoteError, RequestTimeout, TransportError, Unavailable
+from shared.core.errors import (
+    ErrorCode,
+    NoResponders,
+    RemoteError,
+    RequestTimeout,
+    TransportError,
+    Unavailable,
+)
 from shared.core.estimator import Advice, SplitEstimator
+from shared.core.keys import PromptChunks, unpack_tokens
+from shared.core.placement import Placement
 from shared.core.plan import (
     MeetTracker,
     Split,
@@ -28,7 +37,7 @@ from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
 from shared.runtime.service import Service
 from shared.wire import subjects
-from shared.wire.bus import Bus, Inbox
+from shared.wire.bus import Bus, Inbox, R
 from shared.wire.messages import (
     Accepted,
     Cancel,
@@ -51,6 +60,7 @@ from shared.wire.messages import (
 )  # fmt: skip
 
 log = structlog.get_logger(__name__)
+STALE_TELEMETRY = 3  # a node silent for this many telemetry periods is not routed to
 
 
 class Merger(Service):
@@ -62,6 +72,7 @@ class Merger(Service):
         super().__init__(bus, settings)
         self.info: ModelInfo | None = None
         self.estimator = SplitEstimator(skip_head_ratio=settings.skip_head_ratio)
+        self.placement = Placement(stale_after_s=STALE_TELEMETRY * settings.telemetry_s)
         self.metrics = MergerMetrics()
 
     async def start(self) -> None:
@@ -79,6 +90,7 @@ class Merger(Service):
         replica receives alike: head chunks' cost with queueing, the link's pace while reading."""
         if isinstance(msg, ComputeTelemetry):
             self.estimator.observe_compute(msg.head_chunks, msg.head_s)
+            self.placement.observe(msg.node, msg.running, msg.waiting, time.monotonic())
         elif isinstance(msg, LoaderTelemetry):
             self.estimator.observe_loads(msg.reads, msg.busy_s)
 
@@ -99,14 +111,44 @@ class Merger(Service):
                 self.estimator.compute_s.add(self.info.chunk_compute_s)
         return self.info
 
-    async def lookup(self, req: GenerateRequest, space: Space) -> int:
-        """Stored leading chunks; 0 when the loader cannot answer (the request computes)."""
+    async def routed(
+        self, node: str | None, subject: str, any_node: str, message: Message, reply: type[R]
+    ) -> R:
+        """A request to the chosen node's `subject` (if one was chosen), or to any node's when
+        that node has gone (it is then not chosen again until its telemetry returns)."""
+        timeout = self.settings.rpc_timeout_s
+        if node is not None:
+            try:
+                return await self.bus.request(subject, message, reply, timeout)
+            except NoResponders:
+                log.warning("the chosen node is gone; any node takes the request", node=node)
+                self.placement.forget(node)
+        return await self.bus.request(any_node, message, reply, timeout)
+
+    async def place(self, req: GenerateRequest, space: Space) -> tuple[str | None, list[str]]:
+        """The node for this request (None: any) and the chunk keys its memory tier will hold
+        (only Cake requests use the tier; only with several nodes is there a choice)."""
+        now = time.monotonic()
+        if len(self.placement.alive(now)) < 2:
+            return None, []
+        keys: list[str] = []
+        if req.kv_mode == KvMode.CAKE:
+            prompt = await asyncio.to_thread(
+                PromptChunks.of, space.key_space(), unpack_tokens(req.tokens)
+            )
+            keys = list(prompt.keys)
+        return self.placement.choose(keys, now), keys
+
+    async def lookup(self, req: GenerateRequest, space: Space, node: str | None) -> int:
+        """Stored leading chunks, as the loader of the chosen node sees them; 0 when no loader
+        can answer (the request computes)."""
         if req.kv_mode == KvMode.COMPUTE:
             return 0
+        subject = subjects.lookup(node) if node else subjects.LOOKUP
         try:
-            reply = await self.bus.request(
-                subjects.LOOKUP, LookupRequest(req.request_id, space, req.tokens), LookupReply,
-                self.settings.rpc_timeout_s,
+            reply = await self.routed(
+                node, subject, subjects.LOOKUP, LookupRequest(req.request_id, space, req.tokens),
+                LookupReply,
             )  # fmt: skip
         except (Unavailable, RemoteError) as exc:
             log.warning("lookup failed; computing everything", error=str(exc))
@@ -154,8 +196,10 @@ class Merger(Service):
         info = await self.model_info()
         space = info.space.salted(req.salt)
         n_tokens = len(req.tokens) // 4
+        node, keys = await self.place(req, space)
+        span.set_attribute("cake.routed_to", node or "any")
         with tracer(__name__).start_as_current_span("merger.lookup"):
-            stored = await self.lookup(req, space)
+            stored = await self.lookup(req, space, node)
         hit = usable_hit_chunks(stored, n_tokens, space.chunk_tokens)
         span.set_attribute("cake.hit_chunks", hit)
         async with await self.bus.subscribe(subjects.events(req.request_id)) as events:
@@ -169,8 +213,10 @@ class Merger(Service):
                 req.request_id, req.tokens, space, hit, compute_head, req.sampling,
                 req.deadline, advice.head_hint, memory=req.kv_mode == KvMode.CAKE,
             )  # fmt: skip
-            accepted = await self.bus.request(
-                subjects.COMPUTE_PREFILL, job, Accepted, self.settings.rpc_timeout_s
+            subject = subjects.prefill(node) if node else subjects.COMPUTE_PREFILL
+            accepted = await self.routed(node, subject, subjects.COMPUTE_PREFILL, job, Accepted)
+            self.placement.placed(
+                accepted.node, keys[: max(0, (n_tokens - 1) // space.chunk_tokens)]
             )
             staged: dict[int, str] = {}
             span.set_attribute("cake.memory_chunks", accepted.pooled)

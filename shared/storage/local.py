@@ -9,7 +9,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,8 +50,12 @@ class LocalStore(ChunkStore):
     A put writes a unique temporary file in the target directory, fsyncs it and renames it
     over the key's file, so a value is visible only once complete. Recency is kept in the
     files' modification times (``get`` refreshes it), so ``start()`` rebuilds both the usage
-    and the LRU order from the directory and removes stale temporary files. One LocalStore
-    instance owns its directory: its in-memory index is authoritative between restarts.
+    and the LRU order from the directory and removes stale temporary files.
+
+    Several loaders may share one directory (nodes on one host, or a shared file system):
+    what is stored is what the directory holds, so a lookup and a read see files another
+    instance wrote. The in-memory index orders eviction; each instance evicts only what it
+    knows, so the capacity holds per instance, not for the directory as a whole.
     """
 
     def __init__(self, root: str | Path, capacity_bytes: int | None = None) -> None:
@@ -90,9 +94,13 @@ class LocalStore(ChunkStore):
             self._usage = 0
 
     async def exists(self, key: str) -> bool:
-        """Whether key is stored (an index lookup, no I/O; does not refresh recency)."""
-        self._path(key)
-        return key in self._index
+        """Whether key's file is there (does not refresh recency)."""
+        return (await self.exists_many([key]))[0]
+
+    async def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        """exists() for many keys, with one trip to a worker thread."""
+        paths = [self._path(key) for key in keys]
+        return await self._io("stat", _all_exist, paths)
 
     async def get(self, key: str) -> bytes | None:
         """Read the value under key and mark it most recently used; None when missing."""
@@ -102,8 +110,6 @@ class LocalStore(ChunkStore):
         """Read the value under key straight into allocate's buffer (one copy, in a worker
         thread) and mark it most recently used; None when missing."""
         path = self._path(key)
-        if key not in self._index:
-            return None
         data = await self._io("read", _read_and_touch, path, self._next_stamp(), allocate)
         if data is not None:
             if key in self._index:
@@ -211,6 +217,10 @@ def _scan(root: Path) -> tuple[list[tuple[str, int, int]], int]:
                         entries.append((f.name, st.st_size, st.st_mtime_ns))
     entries.sort(key=lambda e: (e[2], e[0]))
     return entries, stale
+
+
+def _all_exist(paths: list[Path]) -> list[bool]:
+    return [path.is_file() for path in paths]
 
 
 def _write_tmp(directory: Path, data: bytes) -> Path:

@@ -9,9 +9,9 @@ read typed inboxes (async iterators of Envelope, each with the sender's trace co
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from opentelemetry import context as otel_context
@@ -137,6 +137,7 @@ class Bus:
     def __init__(self, connection: Connection) -> None:
         self._conn = connection
         self._handlers: list[RawInbox] = []
+        self._in_flight: set[asyncio.Task[None]] = set()  # messages handled concurrently
 
     @classmethod
     async def connect(cls, url: str, name: str, timeout_s: float = 10.0) -> Bus:
@@ -170,11 +171,14 @@ class Bus:
             raise RemoteError(code, description, float(headers.get(RETRY_AFTER_HEADER) or 0))
         return reply_type.decode(reply.data)
 
-    async def handle(self, subject: str, handler: Handler, queue: str = "") -> RawInbox:
+    async def handle(
+        self, subject: str, handler: Handler, queue: str = "", concurrency: int = 1
+    ) -> RawInbox:
         """Run handler for each message (in the sender's trace context) and answer requests.
 
-        Messages of one subscription are handled one at a time, in order. The subscription is
-        returned (to unsubscribe it alone); stop_handling() ends every one.
+        Messages of one subscription are handled one at a time, in order; with `concurrency`
+        above 1, up to that many at once, each in its own task (in no particular order). The
+        subscription is returned (to unsubscribe it alone); stop_handling() ends every one.
         """
 
         async def on_message(raw: RawMsg) -> None:
@@ -197,9 +201,29 @@ class Bus:
             finally:
                 otel_context.detach(token)
 
-        sub = await self._conn.subscribe(subject, queue, on_message)
+        callback = on_message if concurrency <= 1 else self._concurrently(on_message, concurrency)
+        sub = await self._conn.subscribe(subject, queue, callback)
         self._handlers.append(sub)
         return sub
+
+    def _concurrently(
+        self, on_message: Callable[[RawMsg], Coroutine[Any, Any, None]], limit: int
+    ) -> Callable[[RawMsg], Awaitable[None]]:
+        """A callback that hands each message to its own task, at most `limit` at once (the
+        subscription waits while all are busy, so its messages queue in the client)."""
+        slots = asyncio.Semaphore(limit)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            slots.release()
+            self._in_flight.discard(task)
+
+        async def callback(raw: RawMsg) -> None:
+            await slots.acquire()
+            task = asyncio.create_task(on_message(raw))
+            self._in_flight.add(task)
+            task.add_done_callback(finished)
+
+        return callback
 
     async def subscribe(self, subject: str) -> Inbox:
         """An inbox of the messages on subject (use `async with`, or close it)."""
@@ -214,6 +238,8 @@ class Bus:
                 await asyncio.wait_for(sub.drain(), timeout_s)
             except (TimeoutError, TransportError):
                 await sub.unsubscribe()
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=timeout_s)
 
     async def flush(self) -> None:
         """Until the server has seen everything sent so far."""

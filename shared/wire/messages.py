@@ -303,6 +303,7 @@ class Prefilled(Message):
     loaded_tokens: int  # prompt tokens whose KV was loaded from storage
     computed_tokens: int  # prompt tokens of the computed head (the rest is the suffix)
     reused_tokens: int = 0  # prompt tokens whose KV compute's memory tier held
+    node: str = ""  # the node that served it
 
     def done(self, finish_reason: FinishReason, completion_tokens: int) -> Done:
         """The Done message that ends this request."""
@@ -327,6 +328,7 @@ class Done(Message):
     loaded_tokens: int = 0
     computed_tokens: int = 0
     reused_tokens: int = 0
+    node: str = ""
 
 
 class Failed(Message):

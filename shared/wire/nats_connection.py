@@ -69,7 +69,7 @@ class NatsConnection:
         while True:
             try:
                 nc = await nats.connect(
-                    url, name=name, connect_timeout=2, allow_reconnect=True,
+                    url.split(","), name=name, connect_timeout=2, allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                     error_cb=on_error, disconnected_cb=on_disconnect,
                 )  # fmt: skip
@@ -141,6 +141,9 @@ class NatsConnection:
 
 
 def redacted(url: str) -> str:
-    """The URL without credentials (user:password@), for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    return scheme + sep + rest.rpartition("@")[2]
+    """The URLs (comma-separated) without credentials (user:password@), for messages and logs."""
+    bare = []
+    for one in url.split(","):
+        scheme, sep, rest = one.partition("://")
+        bare.append(scheme + sep + rest.rpartition("@")[2])
+    return ",".join(bare)

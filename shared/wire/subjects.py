@@ -28,6 +28,16 @@ QUEUE_COMPUTE = "compute"
 QUEUE_LOADER = "loader"
 
 
+def lookup(node: str) -> str:
+    """merger -> the loader of node `node`: LookupRequest -> LookupReply (what it can fetch)."""
+    return f"{ROOT}.loader.{checked_token(node, 'node')}.lookup"
+
+
+def prefill(node: str) -> str:
+    """merger -> the compute replica of node `node`: PrefillJob -> Accepted (routed there)."""
+    return f"{ROOT}.compute.{checked_token(node, 'node')}.prefill"
+
+
 def fetch(node: str) -> str:
     """merger -> the loader beside compute node `node`: FetchJob."""
     return f"{ROOT}.loader.{checked_token(node, 'node')}.fetch"
