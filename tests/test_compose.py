@@ -28,7 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 AWS_VARS = frozenset(
     {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION"}
 )
-NODE_LOCAL = ("compute", "loader")  # one node: they share CAKE_NODE and the staging volume
+NODES = (("compute", "loader"), ("compute-b", "loader-b"))  # each pair: one node, one staging
+REPLICAS = tuple(s for node in NODES[1:] for s in node)  # the second node (--profile scale)
+CAKE_SERVICES = (*SERVICES, *REPLICAS)
+
+
+def kind(name: str) -> str:
+    """The Cake service a compose service runs (compute-b runs compute)."""
+    return name.removesuffix("-b")
+
+
 MB = 1024 * 1024
 
 
@@ -122,12 +131,30 @@ def test_the_four_services_run_commands_the_cli_accepts() -> None:
             pytest.fail(f"{name}: `cake {' '.join(command)}` is rejected by services.launcher.cli")
         assert args.command == "serve", name
         assert args.service in SERVICES, name
-        assert args.service == name, f"compose service {name} runs {args.service}"
-        seen.append(args.service)
-    assert sorted(seen) == sorted(SERVICES)
+        assert args.service == kind(name), f"compose service {name} runs {args.service}"
+        seen.append(name)
+    assert sorted(seen) == sorted(CAKE_SERVICES)
 
 
-@pytest.mark.parametrize("service", SERVICES)
+def test_the_second_node_and_nats_cluster_members_are_behind_the_scale_profile() -> None:
+    profiled = {name for name, svc in services().items() if svc.get("profiles")}
+    assert profiled == {*REPLICAS, "nats-2", "nats-3"}
+    assert all(services()[name]["profiles"] == ["scale"] for name in profiled)
+
+
+def test_nats_cluster_members_route_to_the_first_server() -> None:
+    cluster = re.search(r"^cluster\s*\{(.*?)^\}", nats_conf(), re.MULTILINE | re.DOTALL)
+    assert cluster, "nats.conf has no cluster block"
+    port = re.search(r"listen:\s*[\d.]+:(\d+)", cluster[1])
+    assert port
+    for member in ("nats-2", "nats-3"):
+        command = words(services()[member]["command"])
+        routes = command[command.index("--routes") + 1]
+        assert routes == f"nats-route://nats:{port[1]}", member
+        assert mounts(member) == mounts("nats"), member  # the same users and limits
+
+
+@pytest.mark.parametrize("service", CAKE_SERVICES)
 def test_environment_has_only_variables_something_reads(service: str) -> None:
     unknown = {
         name
@@ -137,18 +164,18 @@ def test_environment_has_only_variables_something_reads(service: str) -> None:
     assert not unknown, f"{service}: variables nothing reads: {sorted(unknown)}"
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", CAKE_SERVICES)
 def test_environment_gives_valid_settings(service: str) -> None:
     got = settings(service)  # raises ConfigError on a bad value
     assert got.log_format == "json"
     # shared.runtime.observability names the trace resource cake-<service>; keep both names the same
-    assert environment(service).get("OTEL_SERVICE_NAME") == f"cake-{service}"
+    assert environment(service).get("OTEL_SERVICE_NAME") == f"cake-{kind(service)}"
 
 
 def test_services_agree_on_what_chunk_keys_depend_on() -> None:
     fields = ("model", "model_revision", "chunk_tokens")
     seen = {s: (redacted(settings(s).nats_url), *(getattr(settings(s), f) for f in fields))
-            for s in SERVICES}  # fmt: skip
+            for s in CAKE_SERVICES}  # fmt: skip
     assert len(set(seen.values())) == 1, seen
 
 
@@ -162,11 +189,11 @@ def test_nats_has_a_user_per_service_with_its_roles_permissions_and_no_published
     want = {u["user"]: u for u in authorization({r: r for r in ROLES})["users"]}
     assert users == {role: want[role] for role in SERVICES}
     server_env = environment("nats")
-    for service in SERVICES:
+    for service in CAKE_SERVICES:
         url = urlparse(settings(service).nats_url)
-        assert url.username == service, service
-        assert url.password == server_env[f"CAKE_NATS_{service.upper()}_PASSWORD"], service
-    assert not services()["nats"].get("ports")
+        assert url.username == kind(service), service
+        assert url.password == server_env[f"CAKE_NATS_{kind(service).upper()}_PASSWORD"], service
+    assert not any(services()[n].get("ports") for n in ("nats", "nats-2", "nats-3"))
 
 
 def test_gateway_listens_on_all_interfaces_on_a_published_port() -> None:
@@ -176,17 +203,24 @@ def test_gateway_listens_on_all_interfaces_on_a_published_port() -> None:
     assert str(gw.port) in published
 
 
-def test_compute_and_loader_share_a_node_and_its_staging_volume() -> None:
-    nodes = {settings(s).node for s in NODE_LOCAL}
+@pytest.mark.parametrize("node", NODES)
+def test_compute_and_loader_share_a_node_and_its_staging_volume(node: tuple[str, str]) -> None:
+    nodes = {settings(s).node for s in node}
     assert len(nodes) == 1, nodes
     sources = set()
-    for service in NODE_LOCAL:
+    for service in node:
         staging = settings(service).staging_dir
         source = mounts(service).get(staging)
         assert source, f"{service}: nothing mounted at its CAKE_STAGING_DIR {staging}"
         assert source in (compose().get("volumes") or {}), f"{source} is not a named volume"
         sources.add((staging, source))
     assert len(sources) == 1, f"different staging mounts: {sources}"
+
+
+def test_each_node_has_its_own_name_and_staging_and_they_share_the_store() -> None:
+    assert len({settings(compute).node for compute, _ in NODES}) == len(NODES)
+    assert len({mounts(compute)["/staging"] for compute, _ in NODES}) == len(NODES)
+    assert len({settings(loader).store for _, loader in NODES}) == 1
 
 
 def test_the_staging_volume_is_writable_by_the_image_user() -> None:
@@ -234,12 +268,10 @@ def test_nats_size_parser() -> None:
     assert nats_size("1048576") == MB
 
 
-def test_nats_conf_allows_large_payloads_and_enables_jetstream() -> None:
-    conf = nats_conf()
-    payload = re.search(r"^\s*max_payload\s*[:=]?\s*(\S+)", conf, re.MULTILINE)
+def test_nats_conf_allows_large_payloads() -> None:
+    payload = re.search(r"^\s*max_payload\s*[:=]?\s*(\S+)", nats_conf(), re.MULTILINE)
     assert payload, "nats.conf does not set max_payload (the 1MB default is too small)"
     assert nats_size(payload[1]) > MB
-    assert re.search(r"^\s*jetstream\s*(?:[:=]\s*)?(\{|enabled\b|true\b|on\b)", conf, re.M)
 
 
 def test_nats_url_points_at_the_nats_service() -> None:
@@ -263,8 +295,8 @@ def created_bucket() -> str:
 
 
 def test_the_loader_stores_in_the_bucket_minio_init_creates() -> None:
-    s3_users = {s for s in SERVICES if settings(s).store.startswith("s3://")}
-    assert "loader" in s3_users
+    s3_users = {s for s in CAKE_SERVICES if settings(s).store.startswith("s3://")}
+    assert {"loader", "loader-b"} <= s3_users
     minio_env = environment("minio")
     for service in s3_users:
         got = settings(service)
@@ -296,7 +328,7 @@ def collector_config() -> dict[str, Any]:
 def test_services_send_traces_to_the_collectors_http_receiver() -> None:
     http = collector_config()["receivers"]["otlp"]["protocols"]["http"]
     http_port = int(str(http["endpoint"]).rsplit(":", 1)[1])
-    for service in SERVICES:
+    for service in CAKE_SERVICES:
         endpoint = environment(service).get("OTEL_EXPORTER_OTLP_ENDPOINT")
         assert endpoint, f"{service} exports no traces"
         assert host_of(endpoint) == "otel-collector"
@@ -349,7 +381,9 @@ def metrics_address(service: str) -> str:
 def test_prometheus_scrapes_every_service_where_it_serves_metrics() -> None:
     targets = scrape_targets()
     for service in SERVICES:
-        assert targets.get(service) == {metrics_address(service)}, f"job {service}: {targets}"
+        replicas = [s for s in CAKE_SERVICES if kind(s) == service]
+        want = {metrics_address(s) for s in replicas}
+        assert targets.get(service) == want, f"job {service}: {targets}"
         # reachable from another container: the metrics server listens on every interface
         assert settings(service).host == "0.0.0.0", f"{service} listens on localhost only"
     for job, addresses in targets.items():

@@ -19,7 +19,7 @@ from services.compute.telemetry import StepWindow
 from services.launcher.in_process import Result
 from services.loader.service import Loader, probe_store
 from services.merger.service import Merger
-from shared.core.errors import ConfigError, RemoteError, StoreError
+from shared.core.errors import ConfigError, RemoteError, RequestTimeout, StoreError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
 from shared.core.request import Sampling
 from shared.kv.codec import encode_chunk
@@ -37,6 +37,7 @@ from shared.wire.messages import (
     ComputeTelemetry,
     Done,
     Failed,
+    GenerateRequest,
     LoaderTelemetry,
     LookupReply,
     LookupRequest,
@@ -255,17 +256,68 @@ async def test_a_failing_request_does_not_stop_the_compute_service(local: Backen
     assert ok.done.completion_tokens == 8
 
 
-async def test_a_cancel_that_overtakes_its_job_drops_the_job(local: Backend) -> None:
+async def test_compute_and_loader_listen_only_to_the_requests_they_hold(local: Backend) -> None:
+    """No fan-out: a replica subscribes to a request's control and events subjects while it
+    holds the request (never to every request's), and lets go of them when it is done."""
+    compute, loader = local.services["compute"], local.services["loader"]
+    assert isinstance(compute, Compute) and isinstance(loader, Loader)
+
+    def per_request(service: Compute | Loader) -> list[str]:
+        return [s for s in service.bus.handled() if s.startswith("cake.req.")]
+
+    assert per_request(compute) == per_request(loader) == []
+    tokens = prompt(400, seed=44)
+    await local.generate(tokens, kv_mode="compute")  # stored
+    seen: dict[str, set[str]] = {"compute": set(), "loader": set()}
+
+    async def watch() -> None:
+        while True:
+            seen["compute"].update(per_request(compute))
+            seen["loader"].update(per_request(loader))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        res = await local.generate(tokens, kv_mode="load")
+    finally:
+        watcher.cancel()
+    assert res.done.chunks_loaded > 0
+    rid = res.done.request_id
+    assert seen["compute"] == {subjects.control(rid), subjects.events(rid)}
+    assert seen["loader"] == {subjects.control(rid)}
+    deadline = time.monotonic() + 5  # the loader lets go once its fetch is settled
+    while per_request(compute) or per_request(loader):
+        assert time.monotonic() < deadline, (per_request(compute), per_request(loader))
+        await asyncio.sleep(0.05)
+
+
+async def test_a_cancel_sent_before_compute_took_the_job_still_drops_it(local: Backend) -> None:
+    """Compute listens to a request's control subject only once it holds the job; a Cancel the
+    client sent right after the merger accepted the request (during the lookup) reaches compute
+    anyway: the merger relays it once compute has taken the job."""
     compute = local.services["compute"]
     assert isinstance(compute, Compute)
     rid = "t-early-cancel"
-    await local.client.publish(subjects.control(rid), Cancel(rid, "client went away"))
-    await local.client.flush()
-    await asyncio.sleep(0.05)
-    space = Space.of(KeySpace(default_runner().fingerprint, default_runner().layout, 64))
-    job = PrefillJob(rid, pack_tokens(prompt(100, seed=42)), space, 0, True, Sampling(), 0.0)
-    reply = await local.client.request(subjects.COMPUTE_PREFILL, job, Accepted, 2.0)
-    assert reply.node == local.settings.node
+    sampling = Sampling(max_tokens=500)
+    req = GenerateRequest(
+        rid, pack_tokens(prompt(300, seed=42)), sampling, deadline=time.time() + 30
+    )
+
+    def cancelled() -> float:
+        registry = compute.metrics.registry
+        return value(registry, "cake_compute_requests_finished_total", finish_reason="cancelled")
+
+    before = cancelled()
+    async with await local.client.subscribe(subjects.stream(rid)) as stream:
+        await local.client.request(subjects.GENERATE, req, Accepted, 2.0)
+        await local.client.publish(subjects.control(rid), Cancel(rid, "client went away"))
+        deadline = time.monotonic() + 10
+        while cancelled() == before:
+            assert time.monotonic() < deadline, "the job was not dropped"
+            await asyncio.sleep(0.05)
+        with pytest.raises(RequestTimeout):
+            while True:  # no Done: it was cancelled, not finished
+                assert not isinstance((await stream.next(0.5)).message, Done)
     assert rid not in compute.jobs
 
 

@@ -15,6 +15,7 @@ from shared.core.plan import MeetTracker, head_step
 from shared.core.request import FinishReason
 from shared.core.scheduler import Candidate, Phase
 from shared.kv.slots import KVCache
+from shared.wire.bus import RawInbox
 from shared.wire.messages import Prefilled, PrefillJob
 
 
@@ -48,6 +49,7 @@ class Job:
     reused: set[int] = field(default_factory=set)  # prompt chunks taken from the memory tier
     placed: set[int] = field(default_factory=set)  # loaded chunks already copied into the slot
     blocked: bool = False  # its next chunk is one an earlier request is computing: wait for it
+    listening: list[RawInbox] = field(default_factory=list)  # its control and events
     news_at: float = field(default_factory=time.monotonic)  # last progress or word about it
     head_ready_at: float = field(default_factory=time.monotonic)  # runnable as a head since
 

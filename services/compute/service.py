@@ -24,7 +24,6 @@ from services.compute.job import Job
 from services.compute.metrics import KINDS, ComputeMetrics
 from services.compute.telemetry import StepWindow
 from shared.core.admission import Admission, Overloaded, TooLarge
-from shared.core.cancellations import RecentlyCancelled
 from shared.core.errors import (
     BadRequestError,
     CorruptChunkError,
@@ -100,7 +99,6 @@ class Compute(Service):
             if settings.target_itl_ms is not None and settings.controllers else None
         )  # fmt: skip
         self.wake = asyncio.Event()
-        self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-writeback")
         self.stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-step")
         self.stepping: asyncio.Future[Outbox] | None = None  # the step being computed
@@ -131,8 +129,6 @@ class Compute(Service):
         await self.bus.handle(subjects.COMPUTE_INFO, self.on_info, queue=queue)
         for subject in (subjects.COMPUTE_PREFILL, subjects.prefill(self.settings.node)):
             await self.bus.handle(subject, self.on_prefill, queue=queue)  # any node's, or ours
-        await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
-        await self.bus.handle(subjects.EVENTS_ALL, self.on_event)
         self.loops.spawn(self.loop())
         self.loops.spawn(self.heartbeat())
         self.loops.spawn(self.publish_telemetry(self.telemetry))
@@ -160,8 +156,6 @@ class Compute(Service):
         """Take a job; the scheduler runs it."""
         assert isinstance(msg, PrefillJob)
         rid = msg.request_id
-        if rid in self.cancelled:
-            return Accepted(node=self.settings.node)
         space = msg.space.key_space()
         if space.model_fingerprint != self.runner.fingerprint:
             raise RemoteError(ErrorCode.BAD_REQUEST, "job is for another model")
@@ -194,6 +188,10 @@ class Compute(Service):
             )
         self.jobs[rid] = job
         self.wake.set()
+        job.listening = [  # before Accepted: the merger's words come after it
+            await self.bus.handle(subjects.control(rid), self.on_control),
+            await self.bus.handle(subjects.events(rid), self.on_event),
+        ]
         return Accepted(node=self.settings.node, pooled=pooled)
 
     def check_job(self, msg: PrefillJob) -> None:
@@ -246,9 +244,7 @@ class Compute(Service):
     async def on_control(self, msg: Message, subject: str) -> None:
         """Meet: use these staged chunks. StartHead: compute the head too. Cancel: drop the
         job."""
-        job = self.cancelled.owned(
-            self.jobs, subjects.request_id_of(subject), isinstance(msg, Cancel)
-        )
+        job = self.jobs.get(subjects.request_id_of(subject))
         if job is None:
             return
         job.news_at = time.monotonic()
@@ -431,6 +427,8 @@ class Compute(Service):
             if not job.finish_reason:
                 continue
             del self.jobs[rid]
+            for sub in job.listening:
+                await self.bus.unhandle(sub)
             self.metrics.finished.labels(finish_reason=job.finish_reason).inc()
             self.staging.discard_request(rid)
             self.finishing[rid] = job

@@ -38,7 +38,7 @@ ROLES: dict[str, dict[str, list[str]]] = {
         ],
         "subscribe": [
             subjects.GENERATE, subjects.MERGER_INFO, subjects.EVENTS_ALL, subjects.TELEMETRY_ALL,
-            INBOX,
+            subjects.CONTROL_ALL, INBOX,  # a client's Cancel, to relay
         ],
     },
     "compute": {

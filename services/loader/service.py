@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry
 from services.loader.gate import ReadGate
 from services.loader.metrics import LoaderMetrics
 from services.loader.telemetry import ReadWindow
-from shared.core.cancellations import RecentlyCancelled
 from shared.core.errors import BadRequestError, ConfigError, CorruptChunkError, StoreError
 from shared.core.fetch_limit import FetchLimit
 from shared.core.keys import PromptChunks, unpack_tokens
@@ -31,7 +30,7 @@ from shared.storage import open_store
 from shared.storage.base import ChunkStore, new_buffer
 from shared.storage.staging import Incoming, Staging
 from shared.wire import subjects
-from shared.wire.bus import Bus
+from shared.wire.bus import Bus, RawInbox
 from shared.wire.messages import (
     Accepted,
     Cancel,
@@ -71,6 +70,7 @@ class Fetch:
     workers: list[asyncio.Task[None]] = field(default_factory=list)
     meet: int | None = None
     decided: asyncio.Event = field(default_factory=asyncio.Event)  # set with meet
+    control: RawInbox | None = None  # its Meet and Cancel, while it runs
 
 
 class Loader(Service):
@@ -83,7 +83,6 @@ class Loader(Service):
         self.store, self.staging = store, staging
         self.fetches: dict[str, Fetch] = {}
         self.metrics = LoaderMetrics(staging.usage_bytes, store.usage_bytes)
-        self.cancelled = RecentlyCancelled(keep_s=settings.request_timeout_s)
         self.secret = settings.kv_secret_bytes()  # chunks must carry its MAC (None: no MAC)
         self.read_MBps = 0.0  # the store's read rate, measured by build()
         start = settings.fetch_concurrency  # reads at once on this node, all requests together
@@ -94,14 +93,13 @@ class Loader(Service):
         self.window = ReadWindow()
 
     async def start(self) -> None:
-        """Subscribe to lookups, this node's fetch and store jobs, and all control messages."""
+        """Subscribe to lookups and this node's fetch and store jobs."""
         node, queue = self.settings.node, subjects.QUEUE_LOADER
         for subject in (subjects.LOOKUP, subjects.lookup(node)):  # any node's, or this one's
             await self.bus.handle(subject, self.on_lookup, queue, concurrency=LOOKUPS_AT_ONCE)
         await self.bus.handle(subjects.LOADER_INFO, self.on_info, queue=queue)
         await self.bus.handle(subjects.fetch(node), self.on_fetch, queue, FETCH_JOBS_AT_ONCE)
         await self.bus.handle(subjects.store(node), self.on_store, queue, STORE_JOBS_AT_ONCE)
-        await self.bus.handle(subjects.CONTROL_ALL, self.on_control)
         self.loops.spawn(self.sweep_staging())
         self.loops.spawn(self.publish_telemetry(self.telemetry))
 
@@ -133,12 +131,11 @@ class Loader(Service):
     async def on_fetch(self, msg: Message, _: str) -> Message:
         """Start fetching chunks [0, hit) tail first with bounded concurrency."""
         assert isinstance(msg, FetchJob)
-        if msg.request_id in self.cancelled:
-            return Accepted(node=self.settings.node)
         fetch = Fetch(msg, await self.checked_prompt(msg.space, msg.tokens))
         if not 0 <= msg.hit <= len(fetch.prompt.keys):
             raise BadRequestError(f"hit {msg.hit} is not a number of the prompt's chunks")
         self.fetches[msg.request_id] = fetch
+        fetch.control = await self.bus.handle(subjects.control(msg.request_id), self.on_control)
         queue: asyncio.Queue[int] = asyncio.Queue()
         for j in range(msg.hit - 1, -1, -1):
             queue.put_nowait(j)
@@ -146,7 +143,7 @@ class Loader(Service):
         with structlog.contextvars.bound_contextvars(request_id=msg.request_id):  # for the tasks
             fetch.workers = [self.tasks.spawn(self.fetch_worker(fetch, queue)) for _ in range(n)]
             self.tasks.spawn(self.finish_fetch(fetch))
-        return Accepted(node=self.settings.node)
+        return Accepted(node=self.settings.node)  # (Meet and Cancel come after it)
 
     async def fetch_worker(self, fetch: Fetch, queue: asyncio.Queue[int]) -> None:
         """Load chunks from the queue until it is empty, the fetch is stopped or its deadline
@@ -235,6 +232,8 @@ class Loader(Service):
         with contextlib.suppress(TimeoutError):  # the meeting point decides what is used
             await asyncio.wait_for(fetch.decided.wait(), max(0.0, fetch.job.deadline - time.time()))
         self.fetches.pop(fetch.job.request_id, None)
+        if fetch.control is not None:
+            await self.bus.unhandle(fetch.control)
         keep_from = fetch.meet if fetch.meet is not None else fetch.job.hit
         for index, path in fetch.staged.items():
             if index < keep_from:
@@ -242,9 +241,7 @@ class Loader(Service):
 
     async def on_control(self, msg: Message, subject: str) -> None:
         """Meet: stop fetching below the meeting point. Cancel: stop and drop everything."""
-        fetch = self.cancelled.owned(
-            self.fetches, subjects.request_id_of(subject), isinstance(msg, Cancel)
-        )
+        fetch = self.fetches.get(subjects.request_id_of(subject))
         if fetch is None:
             return
         if isinstance(msg, Meet):

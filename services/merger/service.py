@@ -95,9 +95,11 @@ class Merger(Service):
             self.estimator.observe_loads(msg.reads, msg.busy_s)
 
     async def on_generate(self, msg: Message, _: str) -> Message:
-        """Accept at once; coordinate in the background."""
+        """Accept at once (listening for the client's Cancel first); coordinate in the
+        background."""
         assert isinstance(msg, GenerateRequest)
-        self.tasks.spawn(self.coordinate(msg))
+        control = await self.bus.subscribe(subjects.control(msg.request_id))
+        self.tasks.spawn(self.coordinate(msg, control))
         return Accepted()
 
     async def model_info(self) -> ModelInfo:
@@ -170,14 +172,30 @@ class Merger(Service):
             await self.bus.publish(subjects.control(rid), Cancel(rid, message))
             await self.bus.publish(subjects.stream(rid), failed)
 
-    async def coordinate(self, req: GenerateRequest) -> None:
+    async def coordinate(self, req: GenerateRequest, control: Inbox) -> None:
         """The whole life of one request on the merger's side."""
+        async with control:
+            await self._coordinate_or_fail(req, control)
+
+    async def relay_cancel(self, req: GenerateRequest, control: Inbox) -> None:
+        """A Cancel the client sent while the request was being handed out may have reached
+        compute or the loader before they listened for it: send it again, now that they do."""
+        while True:
+            try:
+                message = (await control.next(0.0)).message
+            except RequestTimeout:
+                return
+            if isinstance(message, Cancel):
+                await self.bus.publish(subjects.control(req.request_id), message)
+                return
+
+    async def _coordinate_or_fail(self, req: GenerateRequest, control: Inbox) -> None:
         with (
             structlog.contextvars.bound_contextvars(request_id=req.request_id),
             tracer(__name__).start_as_current_span("merger.request") as span,
         ):
             try:
-                await self._coordinate(req, span)
+                await self._coordinate(req, span, control)
             except Unavailable as exc:
                 await self.fail(req, ErrorCode.UNAVAILABLE, f"compute service unavailable: {exc}")
             except RemoteError as exc:
@@ -192,7 +210,7 @@ class Merger(Service):
                 await self.fail(req, ErrorCode.UNAVAILABLE, "the merger shut down; try again")
                 raise
 
-    async def _coordinate(self, req: GenerateRequest, span: Any) -> None:
+    async def _coordinate(self, req: GenerateRequest, span: Any, control: Inbox) -> None:
         info = await self.model_info()
         space = info.space.salted(req.salt)
         n_tokens = len(req.tokens) // 4
@@ -218,6 +236,7 @@ class Merger(Service):
             self.placement.placed(
                 accepted.node, keys[: max(0, (n_tokens - 1) // space.chunk_tokens)]
             )
+            await self.relay_cancel(req, control)
             staged: dict[int, str] = {}
             span.set_attribute("cake.memory_chunks", accepted.pooled)
             if hit and accepted.pooled >= hit:
@@ -228,6 +247,7 @@ class Merger(Service):
             elif hit and not await self.dispatch_fetch(req, space, hit, accepted.node):
                 split, outcome = Split(hit, hit), "no_loader"  # compute takes it all
             elif hit:
+                await self.relay_cancel(req, control)
                 split, staged, outcome = await self.watch(req, hit, compute_head, events)
             else:
                 split, outcome = Split(0, 0), "no_hit"

@@ -42,6 +42,9 @@ class RawMsg(Protocol):
 class RawInbox(Protocol):
     """A subscription (read one message at a time, unless it has a callback)."""
 
+    @property
+    def subject(self) -> str: ...
+
     async def next_msg(self, timeout: float) -> RawMsg: ...  # RequestTimeout when none came
 
     async def unsubscribe(self) -> None: ...  # at once: a callback in progress is cancelled
@@ -205,6 +208,16 @@ class Bus:
         sub = await self._conn.subscribe(subject, queue, callback)
         self._handlers.append(sub)
         return sub
+
+    def handled(self) -> list[str]:
+        """The subjects the handlers listen on now."""
+        return [sub.subject for sub in self._handlers]
+
+    async def unhandle(self, sub: RawInbox) -> None:
+        """Stop one handler's subscription (a request's, once its work is done)."""
+        if sub in self._handlers:
+            self._handlers.remove(sub)
+        await sub.unsubscribe()
 
     def _concurrently(
         self, on_message: Callable[[RawMsg], Coroutine[Any, Any, None]], limit: int

@@ -53,6 +53,11 @@ class LocalSubscription:
     worker: asyncio.Task[None] | None = None
     owner: set[LocalSubscription] | None = None  # the connection's set, left on unsubscribe
 
+    @property
+    def subject(self) -> str:
+        """What it subscribes to."""
+        return self.pattern
+
     async def next_msg(self, timeout: float) -> RawMsg:
         """The next message; RequestTimeout when none came in time."""
         try:

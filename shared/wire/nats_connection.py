@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlparse
 
 import nats
 import nats.errors
@@ -24,6 +25,11 @@ class NatsInbox:
 
     def __init__(self, sub: Subscription) -> None:
         self._sub = sub
+
+    @property
+    def subject(self) -> str:
+        """What it subscribes to."""
+        return str(self._sub.subject)
 
     async def next_msg(self, timeout: float) -> RawMsg:
         """The next message; RequestTimeout when none came, ConnectionLost when closed."""
@@ -57,7 +63,10 @@ class NatsConnection:
 
     @classmethod
     async def open(cls, url: str, name: str, timeout_s: float) -> NatsConnection:
-        """Connect (retrying until timeout_s); reconnect forever once connected."""
+        """Connect to one of the servers in `url` (comma-separated; retrying until
+        timeout_s); reconnect forever once connected, to any member of the cluster: those
+        given and those the server names (the credentials in the first URL go to every one).
+        """
 
         async def on_error(exc: Exception) -> None:
             log.warning("nats connection error", client=name, error=repr(exc))
@@ -65,11 +74,13 @@ class NatsConnection:
         async def on_disconnect() -> None:
             log.debug("nats disconnected", client=name)
 
+        first = urlparse(url.split(",")[0])
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 nc = await nats.connect(
-                    url.split(","), name=name, connect_timeout=2, allow_reconnect=True,
+                    url.split(","), name=name, user=first.username, password=first.password,
+                    connect_timeout=2, allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                     error_cb=on_error, disconnected_cb=on_disconnect,
                 )  # fmt: skip

@@ -1,7 +1,8 @@
 """Every NATS subject Cake uses. No subject string is written anywhere else.
 
-Per-request subjects carry the request id; compute and loader listen to all requests'
-control subjects through CONTROL_ALL and keep the ones they own.
+Per-request subjects carry the request id; a compute or loader replica subscribes to a
+request's control and events subjects while it holds the request, so it receives only the
+messages of requests it serves.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ MERGER_INFO = f"{ROOT}.merger.info"  # any -> merger: (empty) -> Accepted (it is
 LOADER_INFO = f"{ROOT}.loader.info"  # any -> loader: (empty) -> Accepted(node) (it is up)
 
 # fire and forget
-CONTROL_ALL = f"{ROOT}.req.*.control"
+CONTROL_ALL = f"{ROOT}.req.*.control"  # (permissions: any request's)
 EVENTS_ALL = f"{ROOT}.req.*.events"  # every request's chunk events (benchmark timelines)
 TELEMETRY_ALL = f"{ROOT}.telemetry.>"  # every node's telemetry (mergers, operators)
 
