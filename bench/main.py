@@ -37,7 +37,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     config = ServeConfig.quick() if args.quick else ServeConfig()
     changes = {
         "rates": args.rates, "reps": args.reps, "model": args.model, "dtype": args.dtype,
-        "device": args.device,
+        "device": args.device, "nodes": args.nodes,
     }  # fmt: skip
     return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
 
@@ -54,8 +54,8 @@ def bench_main(args: argparse.Namespace) -> int:
         return ceiling_main(ceiling_config_from_args(args), Path(args.out))
     if args.fluctuating:
         return fluctuating_main(fluctuating_config_from_args(args), Path(args.out))
-    if args.rates is not None:
-        raise ConfigError("--rates: only with --serve")
+    if args.rates is not None or args.nodes is not None:
+        raise ConfigError("--rates and --nodes: only with --serve")
     config = config_from_args(args)
     results = asyncio.run(run_bench(config))
     results["config"] = dataclasses.asdict(config)
@@ -81,7 +81,7 @@ def refuse_flags(args: argparse.Namespace, names: tuple[str, ...], benchmark: st
 
 def ceiling_config_from_args(args: argparse.Namespace) -> CeilingConfig:
     """The ceiling benchmark's settings from the flags that apply to it."""
-    refuse_flags(args, ("contexts", "io_ratios", "rates"), "--ceiling")
+    refuse_flags(args, ("contexts", "io_ratios", "rates", "nodes"), "--ceiling")
     changes = {"reps": args.reps, "model": args.model, "dtype": args.dtype, "device": args.device}
     config = CeilingConfig()
     return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
@@ -125,7 +125,7 @@ def serve_main(config: ServeConfig, out: Path) -> int:
 def fluctuating_config_from_args(args: argparse.Namespace) -> FluctuatingConfig:
     """The fluctuating benchmark's --quick defaults (or the full ones), overridden by the
     flags that apply to it (one context: the first of --contexts)."""
-    refuse_flags(args, ("io_ratios", "rates", "reps"), "--fluctuating")
+    refuse_flags(args, ("io_ratios", "rates", "reps", "nodes"), "--fluctuating")
     config = FluctuatingConfig.quick() if args.quick else FluctuatingConfig()
     changes = {"model": args.model, "dtype": args.dtype, "device": args.device,
                "context": args.contexts[0] if args.contexts else None}  # fmt: skip

@@ -53,6 +53,7 @@ class ServeConfig:
     client_max_tokens: int = 64
     reps: int = 3  # scenario (a) repetitions; timings per kind for the service time
     seed: int = 0
+    nodes: int = 1  # compute+loader pairs (over 3 nats-servers when more than one)
     model: str = "default"
     dtype: str = "float32"
     device: str = "cpu"
@@ -74,14 +75,14 @@ class ServeBench:
             port=free_port(), model=config.model, dtype=config.dtype, device=config.device,
             log_format="json", log_level="warning",
         )  # fmt: skip
-        self.stack = LocalStack(self.settings)
+        self.stack = LocalStack(self.settings, nodes=config.nodes)
         self.run_id = uuid.uuid4().hex[:8]
         self.session: aiohttp.ClientSession | None = None
 
     @property
     def compute_pid(self) -> int:
-        """The compute service's process id."""
-        return self.stack.procs["compute"].pid
+        """The (first node's) compute service's process id."""
+        return next(p.pid for name, p in self.stack.procs.items() if name.startswith("compute"))
 
     async def send(self, body: dict[str, Any], first_text: asyncio.Event | None = None) -> Stream:
         """One streamed completion; refusals and failures are in the Stream."""
@@ -183,7 +184,7 @@ class ServeBench:
         return {"chunk_tokens": s.chunk_tokens, "token_budget": s.token_budget,
                 "decode_share": s.decode_share, "max_waiting": s.max_waiting,
                 "kv_memory_gb": s.kv_memory_gb, "model": s.model, "dtype": s.dtype,
-                "device": s.device}  # fmt: skip
+                "device": s.device, "nodes": self.config.nodes}  # fmt: skip
 
 
 async def run_serve(config: ServeConfig) -> dict[str, Any]:

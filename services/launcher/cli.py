@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="TTFT on a link that follows a trace, compute disturbed part of the time",
     )  # fmt: skip
     bench.add_argument("--rates", type=float, nargs="+", help="--serve: arrival rates, req/s")
+    bench.add_argument("--nodes", type=int, help="--serve: nodes of the stack (default 1)")
     bench.add_argument("--out", default="bench-results", help="where results go")
     bench.add_argument("--contexts", type=int, nargs="+", help="prompt lengths in tokens")
     bench.add_argument("--io-ratios", type=float, nargs="+", help="bandwidth / compute KV rate")
