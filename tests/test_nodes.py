@@ -125,6 +125,29 @@ def test_a_node_killed_under_load_loses_no_request(stack: LocalStack) -> None:
         assert seconds < 10
 
 
+def test_a_nodes_loader_killed_under_load_costs_loads_not_answers(stack: LocalStack) -> None:
+    """SIGKILL one node's loader while requests with stored prefixes run: lookups go to the
+    other loader, that node's requests compute what they cannot fetch, and every answer is the
+    one computing alone gives."""
+    texts = [prompt(1200) for _ in range(4)]
+    reference = {}
+    for text in texts:  # stored (written back), and the answer computing alone gives
+        status, answer, _ = complete(stack, text, kv_mode="compute")
+        assert status == 200, answer
+        reference[text] = answer["choices"][0]["text"]
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(complete, stack, text, max_tokens=8) for text in texts * 2]
+        time.sleep(0.3)
+        stack.procs["loader-1"].kill()
+        outcomes = [f.result() for f in running]
+    for text, (status, answer, seconds) in zip(texts * 2, outcomes, strict=True):
+        assert status == 200, answer
+        assert answer["choices"][0]["text"] == reference[text]
+        assert seconds < 20
+    status, answer, _ = complete(stack, texts[0], kv_mode="load")
+    assert status == 200 and answer["cake"]["chunks_loaded"] > 0, answer  # the other loader
+
+
 def test_a_nats_server_killed_is_survived(stack: LocalStack) -> None:
     """Requests keep being answered while one of the three nats-servers is killed: clients on it
     reconnect to another, and nothing waits past its deadline."""

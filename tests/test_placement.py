@@ -69,6 +69,19 @@ def test_a_silent_or_forgotten_node_is_not_chosen() -> None:
     assert placement.choose(KEYS, now=4.5) is None
 
 
+def test_nodes_whose_loader_is_alive_come_first() -> None:
+    placement = two_nodes(a_load=0, b_load=4)
+    placement.observe("a", running=0, waiting=0, now=2.0)
+    placement.observe("b", running=4, waiting=0, now=2.0)
+    placement.observe_loader("a", now=0.0)
+    placement.observe_loader("b", now=2.0)
+    assert placement.choose(KEYS, now=2.5) == "a"  # both loaders heard recently: least loaded
+    assert placement.choose(KEYS, now=3.5) == "b"  # a's loader silent: b, busier but whole
+    placement.observe("b", running=4, waiting=0, now=10.0)
+    placement.observe("a", running=0, waiting=0, now=10.0)
+    assert placement.choose(KEYS, now=10.0) == "a"  # no loader alive anywhere: compute decides
+
+
 def test_remembered_keys_are_bounded_least_recently_placed_first() -> None:
     placement = Placement(stale_after_s=3.0, remembered_keys=4)
     placement.placed("a", ["x1", "x2", "x3"])

@@ -93,6 +93,7 @@ class Merger(Service):
             self.placement.observe(msg.node, msg.running, msg.waiting, time.monotonic())
         elif isinstance(msg, LoaderTelemetry):
             self.estimator.observe_loads(msg.reads, msg.busy_s)
+            self.placement.observe_loader(msg.node, time.monotonic())
 
     async def on_generate(self, msg: Message, _: str) -> Message:
         """Accept at once (listening for the client's Cancel first); coordinate in the

@@ -10,6 +10,7 @@ only costs the reuse, never correctness.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,30 +35,40 @@ class NodeLoad:
 
 
 class Placement:
-    """Nodes alive (their telemetry is recent) with their load, and who holds which chunks."""
+    """Nodes alive (their compute's telemetry is recent) with their load, whose loaders are
+    alive, and who holds which chunks."""
 
     def __init__(self, stale_after_s: float, remembered_keys: int = REMEMBERED_KEYS) -> None:
         self.stale_after_s = stale_after_s
         self.remembered_keys = remembered_keys
         self.nodes: dict[str, NodeLoad] = {}
+        self.loaders: dict[str, float] = {}  # node -> when its loader's telemetry last came
         self.holder: OrderedDict[str, str] = OrderedDict()  # chunk key -> node that has it
 
     def observe(self, node: str, running: int, waiting: int, now: float) -> None:
         """A node's compute telemetry."""
         self.nodes[node] = NodeLoad(running, waiting, now)
 
+    def observe_loader(self, node: str, now: float) -> None:
+        """A node's loader telemetry."""
+        self.loaders[node] = now
+
     def forget(self, node: str) -> None:
         """A node that did not answer: not chosen again until its telemetry says it is back."""
         self.nodes.pop(node, None)
 
     def alive(self, now: float) -> dict[str, NodeLoad]:
-        """Nodes heard from within stale_after_s."""
+        """Nodes whose compute was heard from within stale_after_s."""
         return {n: s for n, s in self.nodes.items() if now - s.seen_at <= self.stale_after_s}
 
     def choose(self, keys: Sequence[str], now: float) -> str | None:
         """The node for a prompt with these chunk keys; None when no node is known (any will
-        do: the compute queue group picks)."""
+        do: the compute queue group picks). Nodes whose loader is alive too come first: on
+        one without, a request computes what it could have loaded."""
         alive = self.alive(now)
+        whole = {n: s for n, s in alive.items() if now - self.loaders.get(n, -math.inf)
+                 <= self.stale_after_s}  # fmt: skip
+        alive = whole or alive
         if not alive:
             return None
         least = min(alive, key=lambda n: (alive[n].load, n))
