@@ -125,7 +125,7 @@ class FakeBackend:
         for message in self.script(req):
             await self.bus.publish(subjects.stream(req.request_id), message)
 
-    async def on_control(self, message: Message, subject: str) -> None:
+    async def on_cancel(self, message: Message, subject: str) -> None:
         if isinstance(message, Cancel):
             assert subjects.request_id_of(subject) == message.request_id
             await self.cancels.put(message)
@@ -149,7 +149,7 @@ async def backend(bus: Bus) -> AsyncIterator[FakeBackend]:
         await bus.handle(subjects.COMPUTE_INFO, fake.on_info, queue="compute"),
         await bus.handle(subjects.MERGER_INFO, fake.on_up, queue="merger"),
         await bus.handle(subjects.LOADER_INFO, fake.on_up, queue="loader"),
-        await bus.handle(subjects.CONTROL_ALL, fake.on_control),
+        await bus.handle(subjects.CANCEL_ALL, fake.on_cancel),
     ]
     await bus.flush()
     yield fake

@@ -30,7 +30,12 @@ async def roles() -> AsyncIterator[tuple[str, dict[str, Client]]]:
     try:
         for role in ("gateway", "merger", "compute", "loader"):
             url = with_credentials(server.url, role, passwords[role])
-            clients[role] = await nats.connect(url, allow_reconnect=False, error_cb=ignore)
+            clients[role] = await nats.connect(
+                url,
+                allow_reconnect=False,
+                error_cb=ignore,
+                inbox_prefix=subjects.inbox_prefix(role),
+            )
         yield server.url, clients
     finally:
         for client in clients.values():
@@ -80,6 +85,38 @@ async def test_roles_reach_only_their_subjects(roles: tuple[str, dict[str, Clien
         await asyncio.sleep(0.05)
     assert len(compute_jobs) >= 4 and not gateway_jobs
     assert seen and {m.data for m in seen} == {b"tokens"}
+
+
+async def test_only_the_merger_says_meet_and_replies_stay_with_their_role(
+    roles: tuple[str, dict[str, Client]],
+) -> None:
+    """The gateway may Cancel a request but not send its Meet; no role reads another's replies."""
+    _, clients = roles
+    control, cancel = subjects.control("r2"), subjects.cancel("r2")
+    meets = await received(clients["compute"], control)
+    cancels = await received(clients["compute"], cancel)
+    for _ in range(100):  # the allowed ones, until they arrive
+        await clients["gateway"].publish(control, b"forged meet")
+        await clients["gateway"].publish(cancel, b"cancel")
+        await clients["merger"].publish(control, b"meet")
+        for role in ("gateway", "merger"):
+            await clients[role].flush()
+        await asyncio.sleep(0.05)
+        if meets and cancels:
+            break
+    assert meets and {m.data for m in meets} == {b"meet"}
+    assert cancels and {m.data for m in cancels} == {b"cancel"}
+    spied = await received(clients["gateway"], f"{subjects.inbox_prefix('merger')}.>")
+
+    async def answer(msg: Msg) -> None:
+        await msg.respond(b"model info")
+
+    await clients["compute"].subscribe(subjects.COMPUTE_INFO, cb=answer)
+    await clients["compute"].flush()
+    reply = await clients["merger"].request(subjects.COMPUTE_INFO, b"", timeout=5)
+    assert reply.data == b"model info" and reply.subject.startswith("_INBOX_merger.")
+    await asyncio.sleep(0.2)
+    assert not spied
 
 
 def test_urls_with_credentials_are_redacted_in_messages() -> None:

@@ -283,8 +283,8 @@ async def test_compute_and_loader_listen_only_to_the_requests_they_hold(local: B
         watcher.cancel()
     assert res.done.chunks_loaded > 0
     rid = res.done.request_id
-    assert seen["compute"] == {subjects.control(rid), subjects.events(rid)}
-    assert seen["loader"] == {subjects.control(rid)}
+    assert seen["compute"] == {subjects.control(rid), subjects.cancel(rid), subjects.events(rid)}
+    assert seen["loader"] == {subjects.control(rid), subjects.cancel(rid)}
     deadline = time.monotonic() + 5  # the loader lets go once its fetch is settled
     while per_request(compute) or per_request(loader):
         assert time.monotonic() < deadline, (per_request(compute), per_request(loader))
@@ -310,7 +310,7 @@ async def test_a_cancel_sent_before_compute_took_the_job_still_drops_it(local: B
     before = cancelled()
     async with await local.client.subscribe(subjects.stream(rid)) as stream:
         await local.client.request(subjects.GENERATE, req, Accepted, 2.0)
-        await local.client.publish(subjects.control(rid), Cancel(rid, "client went away"))
+        await local.client.publish(subjects.cancel(rid), Cancel(rid, "client went away"))
         deadline = time.monotonic() + 10
         while cancelled() == before:
             assert time.monotonic() < deadline, "the job was not dropped"

@@ -190,6 +190,7 @@ class Compute(Service):
         self.wake.set()
         job.listening = [  # before Accepted: the merger's words come after it
             await self.bus.handle(subjects.control(rid), self.on_control),
+            await self.bus.handle(subjects.cancel(rid), self.on_cancel),
             await self.bus.handle(subjects.events(rid), self.on_event),
         ]
         return Accepted(node=self.settings.node, pooled=pooled)
@@ -241,9 +242,15 @@ class Compute(Service):
                 job.news_at = time.monotonic()
                 self.wake.set()
 
+    async def on_cancel(self, msg: Message, subject: str) -> None:
+        """Cancel: drop the job."""
+        job = self.jobs.get(subjects.request_id_of(subject))
+        if job is not None and isinstance(msg, Cancel):
+            job.finish_reason = FinishReason.CANCELLED
+            self.wake.set()
+
     async def on_control(self, msg: Message, subject: str) -> None:
-        """Meet: use these staged chunks. StartHead: compute the head too. Cancel: drop the
-        job."""
+        """The merger's word: Meet: use these staged chunks. StartHead: compute the head too."""
         job = self.jobs.get(subjects.request_id_of(subject))
         if job is None:
             return
@@ -257,8 +264,6 @@ class Compute(Service):
                 return
             job.meet = msg.meet
             job.staged.update({j: p for j, p in msg.staged.items() if msg.meet <= j < job.hit})
-        elif isinstance(msg, Cancel):
-            job.finish_reason = FinishReason.CANCELLED
         self.wake.set()
 
     # --- the scheduler loop -----------------------------------------------------------------

@@ -155,7 +155,7 @@ class Call:
         self.settled = True
         try:
             await self.bus.publish(
-                subjects.control(self.request_id), Cancel(self.request_id, reason)
+                subjects.cancel(self.request_id), Cancel(self.request_id, reason)
             )
         except TransportError as exc:
             log.warning("could not publish Cancel", reason=reason, error=str(exc))

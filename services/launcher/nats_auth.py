@@ -2,9 +2,9 @@
 subjects that role needs, and a fresh password for each on every start. An anonymous client is
 refused: without a role's password nobody reads prompts off the bus or joins a queue group.
 
-What the subjects do not separate: Meet, StartHead and Cancel share a request's control
-subject (the gateway, which may Cancel, could also send a Meet), and every role that makes
-requests may subscribe to `_INBOX.>`, where all replies travel.
+Only the merger may publish a request's Meet and StartHead (its control subject); the gateway
+may only Cancel (its cancel subject). Each role receives replies on inboxes of its own
+(`_INBOX_<role>.>`), so no role reads the replies sent to another.
 """
 
 from __future__ import annotations
@@ -19,40 +19,40 @@ FETCHES = "cake.loader.*.fetch"
 LOOKUPS = "cake.loader.*.lookup"  # a lookup routed to one node's loader
 PREFILLS = "cake.compute.*.prefill"  # a job routed to one node's compute
 STORES = "cake.loader.*.store"
-INBOX = "_INBOX.>"  # replies to this role's requests
+CANCELS = "cake.req.*.cancel"  # a request's Cancel
 TELEMETRY = "cake.telemetry.*.*"  # a service's telemetry on its node
 
 ROLES: dict[str, dict[str, list[str]]] = {
     "gateway": {
         "publish": [
             subjects.GENERATE, subjects.COMPUTE_INFO, subjects.MERGER_INFO, subjects.LOADER_INFO,
-            subjects.CONTROL_ALL,  # Cancel
+            CANCELS,
         ],
-        "subscribe": [STREAMS, INBOX],
+        "subscribe": [STREAMS],
     },
     "merger": {
         "publish": [
             subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, PREFILLS, subjects.LOOKUP, LOOKUPS,
             FETCHES,
-            subjects.CONTROL_ALL, STREAMS,  # Meet, StartHead, Cancel; Failed
+            subjects.CONTROL_ALL, CANCELS, STREAMS,  # Meet, StartHead; Cancel; Failed
         ],
         "subscribe": [
             subjects.GENERATE, subjects.MERGER_INFO, subjects.EVENTS_ALL, subjects.TELEMETRY_ALL,
-            subjects.CONTROL_ALL, INBOX,  # a client's Cancel, to relay
+            CANCELS,  # a client's Cancel, to relay
         ],
     },
     "compute": {
         "publish": [STREAMS, subjects.EVENTS_ALL, STORES, TELEMETRY],
         "subscribe": [
             subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, PREFILLS, subjects.CONTROL_ALL,
-            subjects.EVENTS_ALL, INBOX,
+            CANCELS, subjects.EVENTS_ALL,
         ],
     },
     "loader": {
         "publish": [subjects.EVENTS_ALL, TELEMETRY],
         "subscribe": [
             subjects.LOOKUP, LOOKUPS, subjects.LOADER_INFO, FETCHES, STORES, subjects.CONTROL_ALL,
-            INBOX,
+            CANCELS,
         ],
     },
     "observer": {  # benchmark timelines, dashboards
@@ -75,7 +75,7 @@ def authorization(passwords: dict[str, str]) -> dict[str, Any]:
             # a role that publishes nothing gets a subject nobody uses: nats-server takes an
             # empty allow list as no restriction
             "publish": {"allow": allowed["publish"] or ["_cake.nothing"]},
-            "subscribe": {"allow": allowed["subscribe"]},
+            "subscribe": {"allow": [*allowed["subscribe"], f"{subjects.inbox_prefix(role)}.>"]},
             "allow_responses": True,
         }
         users.append({"user": role, "password": passwords[role], "permissions": permissions})

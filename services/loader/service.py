@@ -70,7 +70,7 @@ class Fetch:
     workers: list[asyncio.Task[None]] = field(default_factory=list)
     meet: int | None = None
     decided: asyncio.Event = field(default_factory=asyncio.Event)  # set with meet
-    control: RawInbox | None = None  # its Meet and Cancel, while it runs
+    listening: list[RawInbox] = field(default_factory=list)  # its control and cancel
 
 
 class Loader(Service):
@@ -135,7 +135,11 @@ class Loader(Service):
         if not 0 <= msg.hit <= len(fetch.prompt.keys):
             raise BadRequestError(f"hit {msg.hit} is not a number of the prompt's chunks")
         self.fetches[msg.request_id] = fetch
-        fetch.control = await self.bus.handle(subjects.control(msg.request_id), self.on_control)
+        rid = msg.request_id
+        fetch.listening = [
+            await self.bus.handle(subjects.control(rid), self.on_control),
+            await self.bus.handle(subjects.cancel(rid), self.on_cancel),
+        ]
         queue: asyncio.Queue[int] = asyncio.Queue()
         for j in range(msg.hit - 1, -1, -1):
             queue.put_nowait(j)
@@ -232,22 +236,24 @@ class Loader(Service):
         with contextlib.suppress(TimeoutError):  # the meeting point decides what is used
             await asyncio.wait_for(fetch.decided.wait(), max(0.0, fetch.job.deadline - time.time()))
         self.fetches.pop(fetch.job.request_id, None)
-        if fetch.control is not None:
-            await self.bus.unhandle(fetch.control)
+        for sub in fetch.listening:
+            await self.bus.unhandle(sub)
         keep_from = fetch.meet if fetch.meet is not None else fetch.job.hit
         for index, path in fetch.staged.items():
             if index < keep_from:
                 self.staging.discard(path)
 
     async def on_control(self, msg: Message, subject: str) -> None:
-        """Meet: stop fetching below the meeting point. Cancel: stop and drop everything."""
+        """Meet: stop fetching below the meeting point."""
         fetch = self.fetches.get(subjects.request_id_of(subject))
-        if fetch is None:
-            return
-        if isinstance(msg, Meet):
+        if fetch is not None and isinstance(msg, Meet):
             fetch.meet = msg.meet
             fetch.decided.set()
-        elif isinstance(msg, Cancel):
+
+    async def on_cancel(self, msg: Message, subject: str) -> None:
+        """Cancel: stop and drop everything."""
+        fetch = self.fetches.get(subjects.request_id_of(subject))
+        if fetch is not None and isinstance(msg, Cancel):
             fetch.meet = fetch.job.hit
             fetch.decided.set()
             for task in fetch.workers:

@@ -99,7 +99,7 @@ class Merger(Service):
         """Accept at once (listening for the client's Cancel first); coordinate in the
         background."""
         assert isinstance(msg, GenerateRequest)
-        control = await self.bus.subscribe(subjects.control(msg.request_id))
+        control = await self.bus.subscribe(subjects.cancel(msg.request_id))
         self.tasks.spawn(self.coordinate(msg, control))
         return Accepted()
 
@@ -170,7 +170,7 @@ class Merger(Service):
         rid = req.request_id
         failed = Failed(rid, code, message, retry_after_s)
         with contextlib.suppress(TransportError):
-            await self.bus.publish(subjects.control(rid), Cancel(rid, message))
+            await self.bus.publish(subjects.cancel(rid), Cancel(rid, message))
             await self.bus.publish(subjects.stream(rid), failed)
 
     async def coordinate(self, req: GenerateRequest, control: Inbox) -> None:
@@ -187,7 +187,7 @@ class Merger(Service):
             except RequestTimeout:
                 return
             if isinstance(message, Cancel):
-                await self.bus.publish(subjects.control(req.request_id), message)
+                await self.bus.publish(subjects.cancel(req.request_id), message)
                 return
 
     async def _coordinate_or_fail(self, req: GenerateRequest, control: Inbox) -> None:

@@ -15,6 +15,7 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
 from shared.core.errors import ConnectionLost, NoResponders, PayloadTooLarge, RequestTimeout
+from shared.wire import subjects
 from shared.wire.bus import RawMsg
 
 log = structlog.get_logger(__name__)
@@ -80,6 +81,7 @@ class NatsConnection:
             try:
                 nc = await nats.connect(
                     url.split(","), name=name, user=first.username, password=first.password,
+                    inbox_prefix=subjects.inbox_prefix(first.username),
                     connect_timeout=2, allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                     error_cb=on_error, disconnected_cb=on_disconnect,

@@ -21,6 +21,7 @@ LOADER_INFO = f"{ROOT}.loader.info"  # any -> loader: (empty) -> Accepted(node) 
 
 # fire and forget
 CONTROL_ALL = f"{ROOT}.req.*.control"  # (permissions: any request's)
+CANCEL_ALL = f"{ROOT}.req.*.cancel"
 EVENTS_ALL = f"{ROOT}.req.*.events"  # every request's chunk events (benchmark timelines)
 TELEMETRY_ALL = f"{ROOT}.telemetry.>"  # every node's telemetry (mergers, operators)
 
@@ -60,13 +61,23 @@ def events(request_id: str) -> str:
 
 
 def control(request_id: str) -> str:
-    """merger/gateway -> compute and loader: Meet, Cancel of one request."""
+    """merger -> compute and loader: Meet, StartHead of one request (the merger's word only)."""
     return f"{ROOT}.req.{checked_token(request_id, 'request id')}.control"
+
+
+def cancel(request_id: str) -> str:
+    """gateway/merger -> merger, compute and loader: Cancel of one request."""
+    return f"{ROOT}.req.{checked_token(request_id, 'request id')}.cancel"
 
 
 def stream(request_id: str) -> str:
     """compute/merger -> gateway: Tokens, Done or Failed of one request."""
     return f"{ROOT}.req.{checked_token(request_id, 'request id')}.stream"
+
+
+def inbox_prefix(user: str | None) -> str:
+    """Where replies to a NATS user's requests go (each role its own; no user: NATS's)."""
+    return f"_INBOX_{checked_token(user, 'user')}" if user else "_INBOX"
 
 
 def request_id_of(subject: str) -> str:
