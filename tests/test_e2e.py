@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from services.launcher.stack import SERVICES
+from shared.kv.tokenizer import ByteTokenizer
 from tests.harness import Backend, s3_backend
 
 
@@ -28,7 +29,11 @@ async def stack(nats_url: str, tmp_path: Path, s3_endpoint: str) -> AsyncIterato
 
 
 async def complete(
-    client: openai.AsyncOpenAI, prompt: str, kv_mode: str = "cake", salt: str = "", **kw: Any
+    client: openai.AsyncOpenAI,
+    prompt: str | list[int],
+    kv_mode: str = "cake",
+    salt: str = "",
+    **kw: Any,
 ) -> tuple[str, dict[str, Any], int]:
     """Text, the cake object and cached_tokens of one greedy completion."""
     extra = {"kv_mode": kv_mode, **({"cache_salt": salt} if salt else {})}
@@ -61,6 +66,19 @@ async def test_modes_give_identical_text_and_prefixes_hit(stack: Backend) -> Non
         assert cached == cake["chunks_loaded"] * 64  # what was loaded, not what was computed
         for mode in ("load", "compute"):
             assert (await complete(client, prompt, mode))[0] == ref[prompt], mode
+
+
+async def test_a_prompt_of_token_ids_is_the_prompt_those_ids_encode(stack: Backend) -> None:
+    """OpenAI's completions API (and vLLM) take a prompt as token ids too: the same answer, and
+    its stored prefix is found either way."""
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused")
+    prompt = text(500, seed=6)
+    ids = ByteTokenizer().encode(prompt)
+    by_text, _, _ = await complete(client, prompt, "compute")
+    by_ids, cake, cached = await complete(client, ids)
+    assert by_ids == by_text
+    assert cake["hit_tokens"] == 7 * 64 and cached == cake["chunks_loaded"] * 64
+    assert (await complete(client, [ids]))[0] == by_text  # a list of one prompt
 
 
 async def test_salts_isolate_and_streams_match(stack: Backend) -> None:

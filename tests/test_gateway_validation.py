@@ -16,6 +16,7 @@ from services.gateway.validation import (
     Endpoint,
     Limits,
     RequestError,
+    TokenIds,
     decode_body,
     parse_request,
     tokenize,
@@ -65,7 +66,11 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, tuple[str, ...], str | None]] = [
     ("array body", COMPLETIONS, b'["hi"]', 400, ("JSON object", "array"), None),
     ("missing prompt", COMPLETIONS, {"max_tokens": 4}, 400, ("prompt is required",), "prompt"),
     ("empty prompt", COMPLETIONS, {"prompt": ""}, 400, ("prompt is empty",), "prompt"),
-    ("prompt of ids", COMPLETIONS, {"prompt": [1, 2]}, 400, ("exactly one string",), "prompt"),
+    ("two prompts", COMPLETIONS, {"prompt": ["a", "b"]}, 400, ("exactly one",), "prompt"),
+    ("ids and text", COMPLETIONS, {"prompt": [1, "b"]}, 400, ("exactly one",), "prompt"),
+    ("negative id", COMPLETIONS, {"prompt": [1, -2]}, 400, ("negative",), "prompt"),
+    ("id too big", COMPLETIONS, {"prompt": [1, 10**9]}, 400, ("vocabulary size",), "prompt"),
+    ("boolean ids", COMPLETIONS, {"prompt": [True]}, 400, ("string or a list",), "prompt"),
     ("prompt number", COMPLETIONS, {"prompt": 5}, 400, ("prompt must be a string",), "prompt"),
     (
         "prompt too long", COMPLETIONS, {"prompt": "x" * 60, "max_tokens": 10}, 400,
@@ -267,6 +272,12 @@ def test_completion_with_every_field() -> None:
     assert (parsed.stop, parsed.stream, parsed.cache_salt, parsed.kv_mode) == (
         ("\n",), True, "tenant-a", "load",
     )  # fmt: skip
+
+
+def test_a_prompt_of_token_ids() -> None:
+    for prompt in ([5, 6, 7], [[5, 6, 7]]):
+        parsed = parse_request({"prompt": prompt}, Endpoint.COMPLETIONS, LIMITS)
+        assert parsed.prompt == TokenIds((5, 6, 7))
 
 
 def test_nulls_mean_defaults() -> None:

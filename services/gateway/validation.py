@@ -55,11 +55,18 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class TokenIds:
+    """A completion prompt given as token ids (as vLLM and OpenAI's completions API take it)."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ParsedRequest:
-    """A validated request; `prompt` is a string (completions) or chat messages (chat)."""
+    """A validated request; `prompt` is a string or token ids (completions) or chat messages."""
 
     endpoint: Endpoint
-    prompt: str | tuple[ChatMessage, ...]
+    prompt: str | TokenIds | tuple[ChatMessage, ...]
     sampling: Sampling
     stop: tuple[str, ...] = ()
     stream: bool = False
@@ -116,7 +123,7 @@ def parse_request(body: Mapping[str, Any], endpoint: Endpoint, limits: Limits) -
     """
     _check_model(body, limits.model_name)
     _check_unsupported(body)
-    prompt: str | tuple[ChatMessage, ...]
+    prompt: str | TokenIds | tuple[ChatMessage, ...]
     if endpoint is Endpoint.COMPLETIONS:
         prompt, max_tokens_field = _prompt(body), "max_tokens"
     else:
@@ -138,6 +145,14 @@ def tokenize(parsed: ParsedRequest, tokenizer: Tokenizer, limits: Limits) -> lis
     """The prompt's token ids; RequestError when they and max_tokens overflow the context."""
     if isinstance(parsed.prompt, str):
         ids, param = tokenizer.encode(parsed.prompt), "prompt"
+    elif isinstance(parsed.prompt, TokenIds):
+        ids, param = list(parsed.prompt.ids), "prompt"
+        if max(ids) >= tokenizer.vocab_size:
+            raise RequestError(
+                f"prompt token ids must be below the vocabulary size {tokenizer.vocab_size}, "
+                f"got {max(ids)}",
+                "prompt",
+            )
     else:
         ids, param = tokenizer.encode_chat(parsed.prompt), "messages"
     _check_length(len(ids), parsed.sampling.max_tokens, limits, param)
@@ -232,22 +247,33 @@ def _check_unsupported(body: Mapping[str, Any]) -> None:
         raise RequestError("logprobs are not supported; leave logprobs out", "logprobs")
 
 
-def _prompt(body: Mapping[str, Any]) -> str:
+def _is_token_id(item: Any) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool)
+
+
+def _prompt(body: Mapping[str, Any]) -> str | TokenIds:
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
+    if isinstance(prompt, list) and prompt and all(_is_token_id(i) for i in prompt):
+        prompt = TokenIds(tuple(prompt))
+    elif isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and all(_is_token_id(i) for i in prompt):
+            prompt = TokenIds(tuple(prompt))
     elif isinstance(prompt, list):
         raise RequestError(
-            f"prompt must be one string; a list is accepted only with exactly one string, "
-            f"got {len(prompt)} items",
+            f"prompt must be one prompt (a string or a list of token ids); a list of prompts "
+            f"is accepted only with exactly one, got {len(prompt)} items",
             "prompt",
         )
     if prompt is None:
         raise RequestError("prompt is required", "prompt")
+    if isinstance(prompt, TokenIds):
+        if min(prompt.ids) < 0:
+            raise RequestError("prompt token ids must not be negative", "prompt")
+        return prompt
     if not isinstance(prompt, str):
         raise RequestError(
-            f"prompt must be a string, got {_kind(prompt)} (token-id prompts are not supported)",
-            "prompt",
+            f"prompt must be a string or a list of token ids, got {_kind(prompt)}", "prompt"
         )
     if not prompt:
         raise RequestError("prompt is empty; send at least one character", "prompt")

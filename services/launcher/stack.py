@@ -117,6 +117,9 @@ class LocalStack:
         env = self.env(self.node_settings(name, settings))
         env[env_var("metrics_port")] = str(metrics_port(name, settings))
         env[env_var("nats_url")] = self.nats_url_for(service)
+        if service == "compute" and self.nodes > 1 and "OMP_NUM_THREADS" not in env:
+            # nodes sharing this host's cores: each compute its share, not all of them each
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.nodes))
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "services.launcher.cli", "serve", service],
             env=env,

@@ -21,6 +21,10 @@ def uses_byte_tokenizer(source: str) -> bool:
 class Tokenizer(Protocol):
     """What Cake needs from a tokenizer."""
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1."""
+
     def encode(self, text: str) -> list[int]:
         """Token ids of a completion prompt (with the model's begin-of-sequence token, if any)."""
 
@@ -62,6 +66,11 @@ class HFTokenizer:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+
+    @property
+    def vocab_size(self) -> int:
+        """Its vocabulary, added tokens included."""
+        return len(self.inner)
 
     def encode(self, text: str) -> list[int]:
         """The tokenizer's ids, with its special tokens (BOS where the model uses one)."""
