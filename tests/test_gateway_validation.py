@@ -280,6 +280,11 @@ def test_a_prompt_of_token_ids() -> None:
         assert parsed.prompt == TokenIds((5, 6, 7))
 
 
+def test_the_default_max_tokens_never_exceeds_the_limit() -> None:
+    low = Limits(MODEL, max_tokens_limit=8)
+    assert parse_request({"prompt": "a"}, Endpoint.COMPLETIONS, low).sampling.max_tokens == 8
+
+
 def test_nulls_mean_defaults() -> None:
     body = {"prompt": "a", "max_tokens": None, "temperature": None, "stop": None, "seed": None}
     parsed = parse_request(body, Endpoint.COMPLETIONS, LIMITS)

@@ -104,6 +104,8 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     assert {pick_token(logits, params, gen) for _ in range(50)} == {0}
     params = Sampling(temperature=1.0, top_p=0.85)
     assert {pick_token(logits, params, gen) for _ in range(200)} == {0, 1}
+    for tiny in (1e-300, 5e-324):  # below float32's range: still the likeliest token
+        assert pick_token(logits, Sampling(temperature=2.0, top_p=tiny), gen) == 0
 
 
 def test_byte_tokenizer_round_trip_and_chat() -> None:

@@ -25,6 +25,7 @@ from services.gateway.auth import TENANT, ApiKeys, auth_middleware
 from services.gateway.conversation import BackendLost, Call, Generation, TextAssembler
 from services.gateway.errors import ApiError
 from services.gateway.metrics import GatewayMetrics, Outcome
+from services.gateway.openapi import openapi_document
 from services.gateway.responses import Shapes, cake_of, send_event, usage_of
 from services.gateway.validation import (
     Endpoint,
@@ -137,6 +138,10 @@ class Gateway:
                 f"no {' or '.join(silent)} service answers (starting, loading the model, or down)"
             )
         return None
+
+    async def openapi(self, _: web.Request) -> web.Response:
+        """GET /openapi.json: the API's OpenAPI document (open, like /health)."""
+        return web.json_response(openapi_document(self.limits, self.tokenizer.vocab_size))
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         """GET /metrics: Prometheus text format (OpenMetrics when the scraper asks for it)."""
@@ -345,4 +350,5 @@ def make_app(
     app.router.add_get("/v1/models", gateway.models)
     app.router.add_get("/health", gateway.health)
     app.router.add_get("/metrics", gateway.metrics_text)
+    app.router.add_get("/openapi.json", gateway.openapi)
     return app

@@ -118,7 +118,8 @@ def _invalid_unicode(value: Any, where: str) -> str | None:
 def parse_request(body: Mapping[str, Any], endpoint: Endpoint, limits: Limits) -> ParsedRequest:
     """The validated request, or RequestError naming the first problem.
 
-    Omitted or null fields take Sampling's defaults (16 tokens, greedy: temperature 0);
+    Omitted or null fields take Sampling's defaults (16 tokens, or the limit when lower;
+    greedy: temperature 0);
     fields Cake does not know are ignored, features it cannot honour (n, logprobs...) refused.
     """
     _check_model(body, limits.model_name)
@@ -318,7 +319,7 @@ def _content(content: object, where: str) -> str:
 
 
 def _sampling(body: Mapping[str, Any], max_tokens_field: str, limit: int) -> Sampling:
-    max_tokens = _optional(body, max_tokens_field, int, Sampling.max_tokens)
+    max_tokens = _optional(body, max_tokens_field, int, min(Sampling.max_tokens, limit))
     if not 1 <= max_tokens <= limit:
         raise RequestError(
             f"{max_tokens_field} must be between 1 and {limit}, got {max_tokens}", max_tokens_field

@@ -133,6 +133,7 @@ def pick_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | 
     if sampling.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < sampling.top_p
+        keep[0] = True  # the likeliest token always (a top_p below float32's range keeps none)
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen).item())
 
