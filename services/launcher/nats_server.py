@@ -81,10 +81,12 @@ class NatsServer:
         timeout_s: float = 10.0,
         authorization: dict[str, Any] | None = None,
         routes: Routes | None = None,
+        tls: tuple[str, str] | None = None,
     ) -> NatsServer:
         """Start on port (one the server picks by default) and wait until it accepts clients;
         with an `authorization` block (services.launcher.nats_auth), only its users connect;
-        with `routes`, as a member of a cluster.
+        with `routes`, as a member of a cluster; with `tls` (certificate and key files), clients
+        must speak TLS.
 
         The server's log goes to a file in its work directory (a pipe nobody reads would fill
         and stall it); the port it picked is read from the ports file it writes.
@@ -96,6 +98,7 @@ class NatsServer:
             f'ports_file_dir: "{root}"\n'
             f"max_payload: {MAX_PAYLOAD}\n"
             + (routes.config() if routes else f'jetstream {{ store_dir: "{root}/js" }}\n')
+            + (f'tls {{ cert_file: "{tls[0]}", key_file: "{tls[1]}" }}\n' if tls else "")
             + (f"authorization: {json.dumps(authorization)}\n" if authorization else "")
         )
         (root / "nats.conf").chmod(0o600)  # it holds the passwords

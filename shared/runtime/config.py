@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import os
 import socket
+import ssl
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -71,6 +72,9 @@ class Settings:
     skip_head_ratio: float = 0.5  # run load-only when a chunk loads in < this x its compute time
     controllers: bool = True  # plans and the fetch limit follow telemetry (off: fixed settings)
     kv_secret: str | None = field(default=None, repr=False)  # cluster secret, or @path to it
+    nats_tls_ca: str | None = None  # CA file that NATS servers' certificates must chain to
+    nats_tls_cert: str | None = None  # this client's certificate (when servers verify clients)
+    nats_tls_key: str | None = None  # and its key
     api_keys: str | None = field(default=None, repr=False)  # key or key:tenant, comma-separated
     kv_codec: str = "raw"  # how new chunks are stored: raw (exact) or int8 (half of fp16, lossy)
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
@@ -184,6 +188,21 @@ class Settings:
                 raise ConfigError(f"CAKE_API_KEYS: {entry[:8]!r}... is not `key` or `key:tenant`")
             tenants[key] = tenant or "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
         return tenants
+
+    def nats_tls(self) -> ssl.SSLContext | None:
+        """The TLS context for NATS (None: plain TCP unless the URL says tls://, which then
+        verifies against the system's CAs)."""
+        if self.nats_tls_key and not self.nats_tls_cert:
+            raise ConfigError("CAKE_NATS_TLS_KEY is set without CAKE_NATS_TLS_CERT")
+        if not (self.nats_tls_ca or self.nats_tls_cert):
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.nats_tls_ca)
+            if self.nats_tls_cert:
+                context.load_cert_chain(self.nats_tls_cert, self.nats_tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"CAKE_NATS_TLS_*: cannot load the certificates: {exc}") from None
+        return context
 
     def kv_secret_bytes(self) -> bytes | None:
         """The cluster secret that stored chunks are MAC'd with (CAKE_KV_SECRET: the secret,

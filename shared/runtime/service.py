@@ -141,7 +141,7 @@ async def serve(name: str, build: Builder, settings: Settings, stop: asyncio.Eve
     try:
 
         def connect() -> Awaitable[Bus]:
-            return Bus.connect(settings.nats_url, f"cake-{name}")
+            return Bus.connect(settings.nats_url, f"cake-{name}", tls=settings.nats_tls())
 
         async with running(build, settings, connect) as service:
             registry = service.registry()

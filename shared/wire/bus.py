@@ -9,6 +9,7 @@ read typed inboxes (async iterators of Envelope, each with the sender's trace co
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -143,11 +144,14 @@ class Bus:
         self._in_flight: set[asyncio.Task[None]] = set()  # messages handled concurrently
 
     @classmethod
-    async def connect(cls, url: str, name: str, timeout_s: float = 10.0) -> Bus:
-        """A bus over NATS at url (retrying until timeout_s; reconnects forever once up)."""
+    async def connect(
+        cls, url: str, name: str, timeout_s: float = 10.0, tls: ssl.SSLContext | None = None
+    ) -> Bus:
+        """A bus over NATS at url (retrying until timeout_s; reconnects forever once up; over
+        TLS with a context)."""
         from shared.wire.nats_connection import NatsConnection
 
-        return cls(await NatsConnection.open(url, name, timeout_s))
+        return cls(await NatsConnection.open(url, name, timeout_s, tls))
 
     @property
     def connected(self) -> bool:

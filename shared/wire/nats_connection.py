@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlparse
@@ -19,6 +20,7 @@ from shared.wire import subjects
 from shared.wire.bus import RawMsg
 
 log = structlog.get_logger(__name__)
+CONNECT_ATTEMPT_S = 3.0  # the least one connection attempt gets (nats-py's connect_timeout: 2 s)
 
 
 class NatsInbox:
@@ -63,10 +65,13 @@ class NatsConnection:
         self._nc = nc
 
     @classmethod
-    async def open(cls, url: str, name: str, timeout_s: float) -> NatsConnection:
+    async def open(
+        cls, url: str, name: str, timeout_s: float, tls: ssl.SSLContext | None = None
+    ) -> NatsConnection:
         """Connect to one of the servers in `url` (comma-separated; retrying until
         timeout_s); reconnect forever once connected, to any member of the cluster: those
         given and those the server names (the credentials in the first URL go to every one).
+        With `tls`, over TLS, the servers' certificates checked against it.
         """
 
         async def on_error(exc: Exception) -> None:
@@ -78,16 +83,23 @@ class NatsConnection:
         first = urlparse(url.split(",")[0])
         deadline = time.monotonic() + timeout_s
         while True:
-            try:
-                nc = await nats.connect(
-                    url.split(","), name=name, user=first.username, password=first.password,
-                    inbox_prefix=subjects.inbox_prefix(first.username),
-                    connect_timeout=2, allow_reconnect=True,
-                    max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                    error_cb=on_error, disconnected_cb=on_disconnect,
+            nc = Client()
+            try:  # (a server that refuses the handshake can keep nats-py trying: bounded here)
+                await asyncio.wait_for(
+                    nc.connect(
+                        url.split(","), name=name, user=first.username,
+                        password=first.password, tls=tls,
+                        inbox_prefix=subjects.inbox_prefix(first.username),
+                        connect_timeout=2, allow_reconnect=True,
+                        max_reconnect_attempts=-1, reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                        error_cb=on_error, disconnected_cb=on_disconnect,
+                    ),
+                    max(CONNECT_ATTEMPT_S, deadline - time.monotonic()),
                 )  # fmt: skip
                 return cls(nc)
-            except (OSError, nats.errors.Error) as exc:
+            except (OSError, TimeoutError, nats.errors.Error) as exc:
+                with contextlib.suppress(Exception):
+                    await nc.close()
                 if time.monotonic() >= deadline:
                     where = redacted(url)
                     raise ConnectionLost(f"cannot reach NATS at {where}: {exc!r}") from exc
