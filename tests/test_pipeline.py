@@ -644,6 +644,31 @@ async def test_compute_and_loader_publish_telemetry_that_the_merger_learns_from(
     assert merger.estimator.load_s.value is not None
 
 
+async def test_each_node_has_its_own_estimate_from_its_own_telemetry(local: Backend) -> None:
+    """Two nodes, one with a link 8x slower: a request placed on each is advised from that node's
+    pace; before a node has told both sides' pace, or with no node chosen, the deployment's."""
+    merger = local.services["merger"]
+    assert isinstance(merger, Merger)
+
+    def loads(node: str, busy_s: float) -> LoaderTelemetry:
+        return LoaderTelemetry(node, 1.0, 4, 4 << 20, busy_s / 4, busy_s, 0, 4, 0, 0)
+
+    def computes(node: str) -> ComputeTelemetry:
+        return ComputeTelemetry(node, 1.0, 2, 0.1, {"head": 256}, 4, 0.2, 0, 0, 0, 1 << 30)
+
+    await merger.on_telemetry(loads("fast", 0.04), "")
+    assert merger.estimator_for("fast") is merger.estimator  # compute's pace not heard yet
+    for node, busy_s in (("fast", 0.04), ("slow", 0.32)):
+        await merger.on_telemetry(computes(node), "")
+        await merger.on_telemetry(loads(node, busy_s), "")
+    fast, slow = merger.estimator_for("fast"), merger.estimator_for("slow")
+    assert fast is merger.node_estimators["fast"] and slow is merger.node_estimators["slow"]
+    assert fast.load_s.value is not None and slow.load_s.value is not None
+    assert slow.load_s.value > 4 * fast.load_s.value
+    assert merger.estimator_for(None) is merger.estimator
+    assert merger.estimator_for("unheard-of") is merger.estimator
+
+
 def test_the_head_cost_in_telemetry_is_that_of_planned_steps() -> None:
     """One-chunk pieces near a meeting point cost more per token; a window reports them only
     when no multi-chunk piece ran (what the estimator's hint is about)."""

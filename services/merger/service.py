@@ -71,7 +71,8 @@ class Merger(Service):
     def __init__(self, bus: Bus, settings: Settings) -> None:
         super().__init__(bus, settings)
         self.info: ModelInfo | None = None
-        self.estimator = SplitEstimator(skip_head_ratio=settings.skip_head_ratio)
+        self.estimator = SplitEstimator(skip_head_ratio=settings.skip_head_ratio)  # every node
+        self.node_estimators: dict[str, SplitEstimator] = {}  # each node's own
         self.placement = Placement(stale_after_s=STALE_TELEMETRY * settings.telemetry_s)
         self.metrics = MergerMetrics()
 
@@ -89,11 +90,29 @@ class Merger(Service):
         """Feed the estimator what each side really delivered, from the telemetry every merger
         replica receives alike: head chunks' cost with queueing, the link's pace while reading."""
         if isinstance(msg, ComputeTelemetry):
-            self.estimator.observe_compute(msg.head_chunks, msg.head_s)
+            for estimator in (self.estimator, self.node_estimator(msg.node)):
+                estimator.observe_compute(msg.head_chunks, msg.head_s)
             self.placement.observe(msg.node, msg.running, msg.waiting, time.monotonic())
         elif isinstance(msg, LoaderTelemetry):
-            self.estimator.observe_loads(msg.reads, msg.busy_s)
+            for estimator in (self.estimator, self.node_estimator(msg.node)):
+                estimator.observe_loads(msg.reads, msg.busy_s)
             self.placement.observe_loader(msg.node, time.monotonic())
+
+    def node_estimator(self, node: str) -> SplitEstimator:
+        """The estimate of one node, from its own telemetry."""
+        if node not in self.node_estimators:
+            self.node_estimators[node] = SplitEstimator(
+                skip_head_ratio=self.settings.skip_head_ratio
+            )
+        return self.node_estimators[node]
+
+    def estimator_for(self, node: str | None) -> SplitEstimator:
+        """The estimate for a request placed on `node`: that node's own once its telemetry has
+        told both sides' pace, the deployment's before that or when no node was chosen."""
+        own = self.node_estimators.get(node) if node else None
+        if own is not None and own.compute_s.value is not None and own.load_s.value is not None:
+            return own
+        return self.estimator
 
     async def on_generate(self, msg: Message, _: str) -> Message:
         """Accept at once (listening for the client's Cancel first); coordinate in the
@@ -220,10 +239,11 @@ class Merger(Service):
         with tracer(__name__).start_as_current_span("merger.lookup"):
             stored = await self.lookup(req, space, node)
         hit = usable_hit_chunks(stored, n_tokens, space.chunk_tokens)
+        estimator = self.estimator_for(node)
         span.set_attribute("cake.hit_chunks", hit)
         async with await self.bus.subscribe(subjects.events(req.request_id)) as events:
             adapt = req.kv_mode == KvMode.CAKE and self.settings.controllers
-            advice = self.estimator.advise(hit) if adapt else Advice()
+            advice = estimator.advise(hit) if adapt else Advice()
             if hit and req.kv_mode == KvMode.CAKE:
                 self.metrics.advised(advice)
             compute_head = req.kv_mode != KvMode.LOAD and advice.compute_head
@@ -244,12 +264,12 @@ class Merger(Service):
                 split, outcome = Split(hit, hit), "memory"  # compute holds every hit chunk
             elif hit and not advice.fetch:
                 split, outcome = Split(hit, hit), "no_fetch"  # too short to split: compute all
-                self.estimator.loads_unobserved()
-            elif hit and not await self.dispatch_fetch(req, space, hit, accepted.node):
+                estimator.loads_unobserved()
+            elif hit and not await self.dispatch_fetch(req, space, hit, accepted.node, estimator):
                 split, outcome = Split(hit, hit), "no_loader"  # compute takes it all
             elif hit:
                 await self.relay_cancel(req, control)
-                split, staged, outcome = await self.watch(req, hit, compute_head, events)
+                split, staged, outcome = await self.watch(req, hit, compute_head, events, estimator)
             else:
                 split, outcome = Split(0, 0), "no_hit"
         span.set_attribute("cake.meet_chunk", split.meet)
@@ -257,7 +277,9 @@ class Merger(Service):
         await self.bus.publish(subjects.control(req.request_id), meet)
         self.metrics.finished(req.kv_mode, outcome, split.meet, hit)
 
-    async def dispatch_fetch(self, req: GenerateRequest, space: Space, hit: int, node: str) -> bool:
+    async def dispatch_fetch(
+        self, req: GenerateRequest, space: Space, hit: int, node: str, estimator: SplitEstimator
+    ) -> bool:
         """Hand the fetch to the loader beside the compute replica; False if none answers."""
         fetch = FetchJob(req.request_id, req.tokens, space, hit, req.deadline)
         try:
@@ -266,12 +288,17 @@ class Merger(Service):
             )
         except (Unavailable, RemoteError) as exc:
             log.warning("no loader on the compute node; computing everything", error=str(exc))
-            self.estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a lost link is slow
+            estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a lost link is slow
             return False
         return True
 
     async def watch(
-        self, req: GenerateRequest, hit: int, compute_head: bool, events: Inbox
+        self,
+        req: GenerateRequest,
+        hit: int,
+        compute_head: bool,
+        events: Inbox,
+        estimator: SplitEstimator,
     ) -> tuple[Split, dict[int, str], str]:
         """Follow computed/loaded events until the frontiers meet (or loads can no longer help);
         the split, the staged chunks and how it ended (met, or stalled).
@@ -287,7 +314,7 @@ class Merger(Service):
         split, outcome = tracker.meet(), "met"
         while split is None:
             timeout = min(self.settings.fetch_timeout_s, req.deadline - time.time())
-            overdue_in = self.loads_overdue_in(req, tracker, arrivals, reads_s, start)
+            overdue_in = self.loads_overdue_in(req, tracker, arrivals, reads_s, start, estimator)
             try:
                 event = (await events.next(min(timeout, overdue_in))).message
             except RequestTimeout:
@@ -296,7 +323,7 @@ class Merger(Service):
                     outcome = "resumed_head"
                     continue
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
-                self.estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a stalled link
+                estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a stalled link
                 split, outcome = Split(tracker.load_frontier, hit), "stalled"
                 break
             if isinstance(event, ChunkComputed):
@@ -306,14 +333,14 @@ class Merger(Service):
                 reads_s.append(event.duration_s)
                 staged[event.index] = event.staged
                 tracker.on_loaded(event.index)
-                if self.loads_fell_behind(req, tracker, arrivals):
+                if self.loads_fell_behind(req, tracker, arrivals, estimator):
                     await self.start_head(req, tracker, len(arrivals))
                     outcome = "resumed_head"
             elif isinstance(event, LoadFailed):
                 log.warning("chunk load failed", chunk=event.index, reason=event.reason)
                 tracker.on_failed(event.index)
                 if event.reason == "timeout":  # a stalled read says the link is slow
-                    self.estimator.observe_loads(1, self.settings.fetch_timeout_s)
+                    estimator.observe_loads(1, self.settings.fetch_timeout_s)
             split = tracker.meet()
         return split, staged, outcome
 
@@ -323,12 +350,16 @@ class Merger(Service):
         return not tracker.compute_head and req.kv_mode == KvMode.CAKE
 
     def loads_fell_behind(
-        self, req: GenerateRequest, tracker: MeetTracker, arrivals: list[float]
+        self,
+        req: GenerateRequest,
+        tracker: MeetTracker,
+        arrivals: list[float],
+        estimator: SplitEstimator,
     ) -> bool:
         """Whether a load-only Cake plan's loads arrive too slowly to have earned the skip."""
         if not self.replannable(req, tracker):
             return False
-        compute_s, ratio = self.estimator.compute_s.value, self.settings.skip_head_ratio
+        compute_s, ratio = estimator.compute_s.value, self.settings.skip_head_ratio
         return loads_too_slow(arrivals, compute_s, ratio, self.settings.fetch_concurrency)
 
     def loads_overdue_in(
@@ -338,11 +369,12 @@ class Merger(Service):
         arrivals: list[float],
         reads_s: list[float],
         start: float,
+        estimator: SplitEstimator,
     ) -> float:
         """Seconds until a load-only Cake plan counts as behind its pace (inf: not one)."""
         if not self.replannable(req, tracker):
             return math.inf
-        cap, prior = self.settings.fetch_timeout_s, self.estimator.load_s.value
+        cap, prior = self.settings.fetch_timeout_s, estimator.load_s.value
         due = loads_overdue_after(arrivals, reads_s, start, prior, cap)
         return max(0.0, due - time.monotonic())
 
