@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ import aiohttp
 
 from services.compute.service import Compute
 from services.launcher.stack import SERVICES
+from shared.core.errors import StoreError
 from shared.storage.local import LocalStore
 from tests.harness import backend, stack_settings
 
@@ -59,3 +61,31 @@ async def test_a_stream_whose_compute_dies_ends_with_an_error_event(
     error = json.loads(events[-2][len(b"data: ") :])["error"]
     assert error["code"] == "unavailable" and "stopped answering" in error["message"]
     assert ended_after < 3.0
+
+
+class ReadOnlyStore(LocalStore):
+    """A store that stopped taking writes (a full disk, a revoked PutObject)."""
+
+    async def put(self, key: str, data: bytes) -> None:
+        raise StoreError("PutObject: AccessDenied")
+
+
+async def test_health_reports_a_store_that_refuses_writes(nats_url: str, tmp_path: Path) -> None:
+    """Requests are still served (they compute what they cannot load), so /health stays 200, and
+    says that nothing new is being cached."""
+    settings = stack_settings(nats_url, tmp_path)
+    async with (
+        ReadOnlyStore(settings.store) as store,
+        backend(settings, store, SERVICES) as be,
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.get(f"{be.url}/health") as resp:
+            assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+        body = {"prompt": "y" * 300, "max_tokens": 2}
+        async with session.post(f"{be.url}/v1/completions", json=body) as resp:
+            assert resp.status == 200  # answered; its write-back failed
+        await asyncio.sleep(1.1)  # /health reuses a finding for a second
+        async with session.get(f"{be.url}/health") as resp:
+            health = await resp.json()
+    assert resp.status == 200 and health["status"] == "ok", health
+    assert "refuses writes" in health["degraded"] and "AccessDenied" in health["degraded"]

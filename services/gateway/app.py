@@ -77,6 +77,7 @@ class Gateway:
         self.model_known = limits.max_context is not None  # else asked of compute once
         self.checked_at = -math.inf  # when /health last probed the services
         self.problem: str | None = None  # and what it found
+        self.degraded = ""  # what is wrong short of refusing requests
         self.started = int(time.time())
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -102,19 +103,23 @@ class Gateway:
 
     async def health(self, _: web.Request) -> web.Response:
         """GET /health: 200 when a request would be served (NATS connected; compute, with its
-        model loaded, a merger and a loader answering), else 503 with the reason."""
+        model loaded, a merger and a loader answering), else 503 with the reason; 200 with
+        `degraded` when requests are served but something is wrong (a store refusing writes:
+        nothing new is cached)."""
         now = time.monotonic()
         if now - self.checked_at > HEALTH_CACHE_S:  # probes, at most once a second
-            self.checked_at, self.problem = now, await self.backend_problem()
+            self.checked_at, (self.problem, self.degraded) = now, await self.backend_problem()
         problem = "NATS is not connected" if not self.bus.connected else self.problem
         if problem is None:
-            return web.json_response({"status": "ok"})
+            body = {"status": "ok", **({"degraded": self.degraded} if self.degraded else {})}
+            return web.json_response(body)
         return web.json_response({"status": "unavailable", "reason": problem}, status=503)
 
-    async def backend_problem(self) -> str | None:
-        """Why a request would not be served now (by the services), or None."""
+    async def backend_problem(self) -> tuple[str | None, str]:
+        """Why a request would not be served now (by the services), or None; and what is
+        wrong short of that ("" when nothing)."""
         if not self.bus.connected:
-            return "NATS is not connected"
+            return "NATS is not connected", ""
         timeout = min(HEALTH_PROBE_S, self.settings.rpc_timeout_s)
         probes = (
             ("compute", subjects.COMPUTE_INFO, ModelInfo),
@@ -134,10 +139,13 @@ class Gateway:
             if isinstance(a, BaseException)
         ]
         if silent:
-            return (
+            down = (
                 f"no {' or '.join(silent)} service answers (starting, loading the model, or down)"
             )
-        return None
+            return down, ""
+        loader = answers[-1]
+        assert isinstance(loader, Accepted)
+        return None, f"loader on {loader.node}: {loader.problem}" if loader.problem else ""
 
     async def openapi(self, _: web.Request) -> web.Response:
         """GET /openapi.json: the API's OpenAPI document (open, like /health)."""

@@ -85,6 +85,7 @@ class Loader(Service):
         self.metrics = LoaderMetrics(staging.usage_bytes, store.usage_bytes)
         self.secret = settings.kv_secret_bytes()  # chunks must carry its MAC (None: no MAC)
         self.read_MBps = 0.0  # the store's read rate, measured by build()
+        self.store_problem = ""  # why the last write-back failed, until one succeeds
         start = settings.fetch_concurrency  # reads at once on this node, all requests together
         most, least = (FETCH_LIMIT_GROWTH * start, 1) if settings.controllers else (start, start)
         self.fetch_limit = FetchLimit(float(start), max_limit=most, min_limit=least)
@@ -109,8 +110,9 @@ class Loader(Service):
         return window.message(self.settings.node, self.gate)
 
     async def on_info(self, _: Message, __: str) -> Message:
-        """Answer that a loader is up, and on which node (the gateway's /health asks)."""
-        return Accepted(node=self.settings.node)
+        """Answer that a loader is up, on which node, and whether its store takes writes (the
+        gateway's /health asks)."""
+        return Accepted(node=self.settings.node, problem=self.store_problem)
 
     async def checked_prompt(self, space: Space, tokens: bytes) -> PromptChunks:
         """The keyed prompt a message describes, checked, not trusted for coming over NATS:
@@ -282,9 +284,12 @@ class Loader(Service):
                 )
                 self.metrics.chunks_stored.inc(chunks)
                 self.metrics.bytes_stored.inc(nbytes)
+                self.store_problem = ""
             except (StoreError, CorruptChunkError, OSError) as exc:
                 self.metrics.store_failures.inc()
                 log.warning("write-back failed", request_id=msg.request_id, error=str(exc))
+                if not isinstance(exc, CorruptChunkError):  # (the chunk's fault, not the store's)
+                    self.store_problem = f"the store refuses writes: {exc}"[:300]
             finally:
                 for path in msg.staged.values():
                     self.staging.discard(path)

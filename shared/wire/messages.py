@@ -132,10 +132,12 @@ class GenerateRequest(Message):
 
 class Accepted(Message):
     """Reply: the work was taken (by a compute replica on `node`, for prefill jobs, which holds
-    the prompt's first `pooled` chunks in its memory tier now)."""
+    the prompt's first `pooled` chunks in its memory tier now); from a loader asked if it is up,
+    `problem` says what is wrong short of being down (its store refuses writes)."""
 
     node: str = ""
     pooled: int = 0
+    problem: str = ""
 
 
 class ModelInfo(Message):
