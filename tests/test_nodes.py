@@ -82,10 +82,16 @@ def test_both_nodes_serve_and_name_themselves(stack: LocalStack) -> None:
 
 
 def test_a_chunk_stored_by_one_node_is_loaded_by_the_other(stack: LocalStack) -> None:
+    """The same prompt again goes to the node whose memory holds it (prefix-aware routing); with
+    that node's compute gone, the other node loads what the first stored."""
+    time.sleep(1.5)  # both nodes' telemetry has arrived: the merger chooses (and remembers)
     text = prompt()
     status, first, _ = complete(stack, text)
     assert status == 200, first
     writer = first["cake"]["node"]
+    status, again, _ = complete(stack, text)
+    assert (status, again["cake"]["node"]) == (200, writer), again
+    assert again["cake"]["reused_tokens"] > 0  # from the writer's memory tier
     stack.stop([process for process in stack.names if process.startswith("compute-")
                 and stack.node_settings(process, stack.settings).node == writer])  # fmt: skip
     for _ in range(20):  # the write-back finishes after the answer
