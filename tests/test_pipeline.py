@@ -21,7 +21,7 @@ from services.loader.service import Loader, probe_store
 from services.merger.service import Merger
 from shared.core.errors import ConfigError, RemoteError, RequestTimeout, StoreError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
-from shared.core.request import Sampling
+from shared.core.request import KvMode, Sampling
 from shared.kv.codec import encode_chunk
 from shared.kv.engine import fetch_chunk
 from shared.runtime.config import Settings
@@ -319,6 +319,39 @@ async def test_a_cancel_sent_before_compute_took_the_job_still_drops_it(local: B
             while True:  # no Done: it was cancelled, not finished
                 assert not isinstance((await stream.next(0.5)).message, Done)
     assert rid not in compute.jobs
+
+
+async def test_a_cancel_during_a_stalled_load_is_not_taken_for_a_slow_link(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """The client cancels while a load-only request's reads hang: the merger ends the request
+    as cancelled, and its estimate of the link learns nothing from the stall it caused."""
+    tokens = prompt(500, seed=46)
+    settings = stack_settings(nats_url, tmp_path, fetch_timeout_s=2.0)
+    async with LocalStore(settings.store) as store, backend(settings, store) as be:
+        await be.generate(tokens, kv_mode="compute")  # stored
+    rid = "t-cancel-stalled"
+    req = GenerateRequest(
+        rid, pack_tokens(tokens), Sampling(max_tokens=8), KvMode.LOAD, deadline=time.time() + 30
+    )
+    async with BrokenReads(settings.store, "stall") as stalling, backend(settings, stalling) as be:
+        merger = be.services["merger"]
+        assert isinstance(merger, Merger)
+        link_before = merger.estimator.load_s.value
+
+        def ended(outcome: str) -> float:
+            registry = merger.metrics.registry
+            return value(registry, "cake_merger_requests_total", kv_mode="load", outcome=outcome)
+
+        await be.client.request(subjects.GENERATE, req, Accepted, 2.0)
+        await asyncio.sleep(0.5)  # the fetch is out, its reads hang
+        await be.client.publish(subjects.cancel(rid), Cancel(rid, "client went away"))
+        deadline = time.monotonic() + 10
+        while not ended("cancelled"):
+            assert time.monotonic() < deadline, "the merger did not end the request"
+            await asyncio.sleep(0.05)
+        assert ended("stalled") == 0
+        assert merger.estimator.load_s.value == link_before
 
 
 async def test_no_loader_beside_compute_means_compute_everything(

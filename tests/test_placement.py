@@ -26,16 +26,14 @@ def test_the_least_loaded_node_takes_a_new_prompt() -> None:
     assert placement.choose(KEYS, now=1.0) == "b"
 
 
-def test_placements_between_telemetry_spread_requests() -> None:
-    """Requests sent before the next telemetry count as load, so a burst is spread."""
+def test_requests_placed_between_telemetry_spread() -> None:
+    """A request counts as load from the moment it is placed (before it is even dispatched),
+    so a burst placed together is spread; the next telemetry says what really runs."""
     placement = two_nodes()
-    chosen = []
-    for i in range(4):
-        node = placement.choose([f"p{i}"], now=1.0)
-        assert node is not None
-        placement.placed(node, [f"p{i}"])
-        chosen.append(node)
-    assert sorted(chosen) == ["a", "a", "b", "b"]
+    chosen = [placement.choose([f"p{i}"], now=1.0) for i in range(4)]
+    assert sorted(c or "" for c in chosen) == ["a", "a", "b", "b"]
+    placement.observe("a", running=0, waiting=0, now=1.5)
+    assert placement.nodes["a"].load == 0 and placement.nodes["b"].load == 2
 
 
 def test_the_prefix_holder_takes_the_prompt_while_it_has_room() -> None:

@@ -172,21 +172,18 @@ class LocalStack:
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, fresh_after: float = 0.0) -> None:
         """Until the gateway answers /health (every service answers, the model is loaded) with
-        a finding made after `fresh_after` (monotonic: /health reuses one for a second)."""
+        a finding made after `fresh_after` (monotonic: /health reuses one for a second); on
+        several nodes, until every process answers on its metrics port too (it serves them once
+        started: /health hears from any one compute)."""
         deadline = time.monotonic() + timeout_s
+        each = list(self.metrics_urls().values())[1:] if self.nodes > 1 else []
         while time.monotonic() < deadline:
             self.check_alive()
-            if time.monotonic() > fresh_after and self._gateway_up():
+            fresh = time.monotonic() > fresh_after
+            if fresh and answers(f"{self.url}/health") and all(answers(url) for url in each):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"the stack was not ready within {timeout_s:.0f}s")
-
-    def _gateway_up(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
-                return bool(resp.status == 200)
-        except (OSError, http.client.HTTPException):  # not up yet, or not our gateway
-            return False
 
     def check_alive(self) -> None:
         """RuntimeError naming any service that exited."""
@@ -215,6 +212,15 @@ class LocalStack:
         if self.nats:
             self.nats.stop()
             self.nats = None
+
+
+def answers(url: str) -> bool:
+    """Whether a GET of url answers 200 now."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except (OSError, http.client.HTTPException):  # not up yet, or not ours
+        return False
 
 
 def run_stack(settings: Settings, start_nats: bool, nodes: int = 1) -> int:

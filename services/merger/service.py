@@ -197,17 +197,18 @@ class Merger(Service):
         async with control:
             await self._coordinate_or_fail(req, control)
 
-    async def relay_cancel(self, req: GenerateRequest, control: Inbox) -> None:
-        """A Cancel the client sent while the request was being handed out may have reached
-        compute or the loader before they listened for it: send it again, now that they do."""
+    async def cancelled_meanwhile(self, req: GenerateRequest, control: Inbox) -> bool:
+        """Whether the client cancelled while the request was being handed out. Its Cancel may
+        have reached compute or the loader before they listened for it, so it is sent again,
+        now that they do; the merger then stops coordinating (and learns nothing from it)."""
         while True:
             try:
                 message = (await control.next(0.0)).message
             except RequestTimeout:
-                return
+                return False
             if isinstance(message, Cancel):
                 await self.bus.publish(subjects.cancel(req.request_id), message)
-                return
+                return True
 
     async def _coordinate_or_fail(self, req: GenerateRequest, control: Inbox) -> None:
         with (
@@ -257,7 +258,9 @@ class Merger(Service):
             self.placement.placed(
                 accepted.node, keys[: max(0, (n_tokens - 1) // space.chunk_tokens)]
             )
-            await self.relay_cancel(req, control)
+            if await self.cancelled_meanwhile(req, control):
+                self.metrics.finished(req.kv_mode, "cancelled")
+                return
             staged: dict[int, str] = {}
             span.set_attribute("cake.memory_chunks", accepted.pooled)
             if hit and accepted.pooled >= hit:
@@ -268,8 +271,12 @@ class Merger(Service):
             elif hit and not await self.dispatch_fetch(req, space, hit, accepted.node, estimator):
                 split, outcome = Split(hit, hit), "no_loader"  # compute takes it all
             elif hit:
-                await self.relay_cancel(req, control)
-                split, staged, outcome = await self.watch(req, hit, compute_head, events, estimator)
+                split, staged, outcome = await self.watch(
+                    req, hit, compute_head, events, estimator, control
+                )
+                if outcome == "cancelled":
+                    self.metrics.finished(req.kv_mode, outcome)
+                    return
             else:
                 split, outcome = Split(0, 0), "no_hit"
         span.set_attribute("cake.meet_chunk", split.meet)
@@ -299,9 +306,11 @@ class Merger(Service):
         compute_head: bool,
         events: Inbox,
         estimator: SplitEstimator,
+        control: Inbox,
     ) -> tuple[Split, dict[int, str], str]:
         """Follow computed/loaded events until the frontiers meet (or loads can no longer help);
-        the split, the staged chunks and how it ended (met, or stalled).
+        the split, the staged chunks and how it ended (met, resumed_head, stalled, or cancelled:
+        the client's Cancel came, and a stall it caused says nothing of the link).
 
         Stalls and timeouts tell the estimator the link is slow (the pace itself comes from
         telemetry, see on_telemetry).
@@ -312,12 +321,16 @@ class Merger(Service):
         arrivals: list[float] = []
         reads_s: list[float] = []  # each loaded chunk's read time
         split, outcome = tracker.meet(), "met"
+        if await self.cancelled_meanwhile(req, control):  # before the loader listened
+            return Split(hit, hit), staged, "cancelled"
         while split is None:
             timeout = min(self.settings.fetch_timeout_s, req.deadline - time.time())
             overdue_in = self.loads_overdue_in(req, tracker, arrivals, reads_s, start, estimator)
             try:
                 event = (await events.next(min(timeout, overdue_in))).message
             except RequestTimeout:
+                if await self.cancelled_meanwhile(req, control):  # both sides stopped for it
+                    return Split(hit, hit), staged, "cancelled"
                 if overdue_in < timeout:  # a load-only plan fell behind: compute the head too
                     await self.start_head(req, tracker, len(arrivals))
                     outcome = "resumed_head"

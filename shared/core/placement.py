@@ -62,9 +62,10 @@ class Placement:
         return {n: s for n, s in self.nodes.items() if now - s.seen_at <= self.stale_after_s}
 
     def choose(self, keys: Sequence[str], now: float) -> str | None:
-        """The node for a prompt with these chunk keys; None when no node is known (any will
-        do: the compute queue group picks). Nodes whose loader is alive too come first: on
-        one without, a request computes what it could have loaded."""
+        """The node for a prompt with these chunk keys, counted as sent there at once (requests
+        placed together spread); None when no node is known (any will do: the compute queue
+        group picks). Nodes whose loader is alive too come first: on one without, a request
+        computes what it could have loaded."""
         alive = self.alive(now)
         whole = {n: s for n, s in alive.items() if now - self.loaders.get(n, -math.inf)
                  <= self.stale_after_s}  # fmt: skip
@@ -73,9 +74,10 @@ class Placement:
             return None
         least = min(alive, key=lambda n: (alive[n].load, n))
         holder = self.prefix_holder(keys)
-        if holder in alive and alive[holder].load <= alive[least].load + PREFIX_SLACK:
-            return holder
-        return least
+        fits = holder in alive and alive[holder].load <= alive[least].load + PREFIX_SLACK
+        chosen = holder if fits and holder is not None else least
+        alive[chosen].sent_since += 1
+        return chosen
 
     def prefix_holder(self, keys: Sequence[str]) -> str | None:
         """The node that was sent the deepest known chunk of this prompt's leading chunks."""
@@ -88,8 +90,6 @@ class Placement:
 
     def placed(self, node: str, keys: Sequence[str]) -> None:
         """A prompt went to node: its chunks will be in that node's memory tier."""
-        if node in self.nodes:
-            self.nodes[node].sent_since += 1
         for key in keys:
             self.holder[key] = node
             self.holder.move_to_end(key)
