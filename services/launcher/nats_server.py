@@ -34,34 +34,38 @@ def nats_server_binary() -> str:
     return found
 
 
-def _listening_url(root: Path, pid: int) -> str | None:
-    """The client URL from the server's ports file, once it accepts connections."""
+def _listening(root: Path, pid: int) -> tuple[str, int | None] | None:
+    """The client URL (and route port, in a cluster) from the server's ports file, once it
+    accepts connections."""
     ports = root / f"nats-server_{pid}.ports"
     try:
-        url = str(json.loads(ports.read_text())["nats"][0])
+        found = json.loads(ports.read_text())
+        url = str(found["nats"][0])
+        route = str(found["cluster"][0]).rsplit(":", 1)[1] if found.get("cluster") else None
     except (OSError, ValueError, KeyError, IndexError):
         return None
     host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
     try:
         with socket.create_connection((host, int(port)), timeout=0.2):
-            return url
+            return url, int(route) if route else None
     except OSError:
         return None
 
 
 @dataclass(frozen=True)
 class Routes:
-    """One server's place in a cluster: its route port and every member's."""
+    """One server's place in a cluster: its route port (None: one the server picks) and the
+    route ports of members already up (it joins them; they tell it of the rest)."""
 
-    port: int
-    members: tuple[int, ...]
+    port: int | None
+    peers: tuple[int, ...]
 
     def config(self) -> str:
         """The nats-server `cluster` block (peers not advertised to clients: they connect with
         credentials to the URLs they were given)."""
-        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.members if p != self.port)
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.peers)
         return (
-            f"cluster {{ name: cake, listen: 127.0.0.1:{self.port}, no_advertise: true, "
+            f"cluster {{ name: cake, listen: 127.0.0.1:{self.port or -1}, no_advertise: true, "
             f"routes: [{routes}] }}\n"
         )
 
@@ -73,6 +77,7 @@ class NatsServer:
     process: subprocess.Popen[bytes]
     url: str
     workdir: tempfile.TemporaryDirectory[str]
+    route_port: int | None = None  # in a cluster: where peers reach it
 
     @classmethod
     def start(
@@ -114,9 +119,9 @@ class NatsServer:
                 log = (root / "nats.log").read_text(errors="replace")
                 workdir.cleanup()
                 raise ConfigError(f"nats-server exited at start: {log.strip()[-500:]}")
-            url = _listening_url(root, proc.pid)
-            if url is not None:
-                return cls(proc, url, workdir)
+            found = _listening(root, proc.pid)
+            if found is not None:
+                return cls(proc, found[0], workdir, found[1])
             time.sleep(0.05)
         cls(proc, "", workdir).stop()
         raise ConfigError(f"nats-server did not start listening within {timeout_s}s")
@@ -142,25 +147,24 @@ class NatsCluster:
     """nats-servers joined by routes: a client of any reaches every subscriber, and one that
     loses its server reconnects to another."""
 
-    def __init__(
-        self, servers: list[NatsServer], routes: list[Routes | None], auth: dict[str, Any] | None
-    ) -> None:
-        self.servers, self.routes, self.authorization = servers, routes, auth
+    def __init__(self, servers: list[NatsServer], auth: dict[str, Any] | None) -> None:
+        self.servers, self.authorization = servers, auth
 
     @classmethod
     def start(cls, size: int, authorization: dict[str, Any] | None = None) -> NatsCluster:
-        """Start `size` servers on 127.0.0.1, each routed to all the others (one: no routes)."""
-        members = tuple(free_port() for _ in range(size))
-        routes = [Routes(p, members) if size > 1 else None for p in members]
+        """Start `size` servers on 127.0.0.1 (on ports they pick), each routed to those started
+        before it (one server: no routes)."""
         servers: list[NatsServer] = []
         try:
-            for r in routes:
-                servers.append(NatsServer.start(authorization=authorization, routes=r))
+            for _ in range(size):
+                peers = tuple(s.route_port for s in servers if s.route_port)
+                routes = Routes(None, peers) if size > 1 else None
+                servers.append(NatsServer.start(authorization=authorization, routes=routes))
         except ConfigError:
             for server in servers:
                 server.stop()
             raise
-        return cls(servers, routes, authorization)
+        return cls(servers, authorization)
 
     @property
     def url(self) -> str:
@@ -173,8 +177,12 @@ class NatsCluster:
         for i, server in enumerate(self.servers):
             if server.process.poll() is not None:
                 server.stop()
+                peers = tuple(
+                    s.route_port for j, s in enumerate(self.servers) if j != i and s.route_port
+                )
+                routes = Routes(server.route_port, peers) if len(self.servers) > 1 else None
                 self.servers[i] = NatsServer.start(
-                    port=server.port, authorization=self.authorization, routes=self.routes[i]
+                    port=server.port, authorization=self.authorization, routes=routes
                 )
                 restarted.append(i)
         return restarted
