@@ -432,8 +432,7 @@ class Compute(Service):
             if not job.finish_reason:
                 continue
             del self.jobs[rid]
-            for sub in job.listening:
-                await self.bus.unhandle(sub)
+            await self.bus.unhandle(*job.listening)
             self.metrics.finished.labels(finish_reason=job.finish_reason).inc()
             self.staging.discard_request(rid)
             self.finishing[rid] = job

@@ -133,17 +133,14 @@ class Gateway:
             ),
             return_exceptions=True,
         )
-        silent = [
-            name
-            for (name, _, _), a in zip(probes, answers, strict=True)
-            if isinstance(a, BaseException)
-        ]
+        by_name = {name: a for (name, _, _), a in zip(probes, answers, strict=True)}
+        silent = [name for name, a in by_name.items() if isinstance(a, BaseException)]
         if silent:
             down = (
                 f"no {' or '.join(silent)} service answers (starting, loading the model, or down)"
             )
             return down, ""
-        loader = answers[-1]
+        loader = by_name["loader"]
         assert isinstance(loader, Accepted)
         return None, f"loader on {loader.node}: {loader.problem}" if loader.problem else ""
 

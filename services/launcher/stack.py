@@ -37,12 +37,19 @@ MAX_BACKOFF_S = 30.0
 METRICS_PORT_OFFSETS = {"merger": 0, "compute": 1, "loader": 2}
 
 
+def service_of(process: str) -> tuple[str, int | None]:
+    """The service a process runs and its node's number (None: not one of several nodes):
+    `compute-2` -> ("compute", 2), `merger` -> ("merger", None)."""
+    service, _, number = process.partition("-")
+    return service, int(number) if number else None
+
+
 def metrics_port(process: str, settings: Settings) -> int:
     """The metrics port `cake up` gives a process (0: none; the gateway's is its own port)."""
-    service, _, number = process.partition("-")
+    service, number = service_of(process)
     if service not in METRICS_PORT_OFFSETS or not settings.metrics_port:
         return 0
-    return settings.metrics_port + METRICS_PORT_OFFSETS[service] + 2 * max(0, int(number or 1) - 1)
+    return settings.metrics_port + METRICS_PORT_OFFSETS[service] + 2 * ((number or 1) - 1)
 
 
 def process_names(nodes: int) -> list[str]:
@@ -93,12 +100,12 @@ class LocalStack:
         """The process names meant by services (a service kind means every node's; None: all)."""
         if services is None:
             return list(self.names)
-        return [n for n in self.names if n in services or n.partition("-")[0] in services]
+        return [n for n in self.names if n in services or service_of(n)[0] in services]
 
     def node_settings(self, process: str, settings: Settings) -> Settings:
         """A node's process gets the node's name and its own staging directory."""
-        number = process.partition("-")[2]
-        if not number:
+        number = service_of(process)[1]
+        if number is None:
             return settings
         node = f"{settings.node}-{number}"
         return settings.replace(node=node, staging_dir=str(Path(settings.staging_dir) / node))
@@ -113,7 +120,7 @@ class LocalStack:
 
     def spawn(self, name: str, settings: Settings) -> None:
         """Start one service process (not waiting for it)."""
-        service = name.partition("-")[0]
+        service = service_of(name)[0]
         env = self.env(self.node_settings(name, settings))
         env[env_var("metrics_port")] = str(metrics_port(name, settings))
         env[env_var("nats_url")] = self.nats_url_for(service)

@@ -238,8 +238,7 @@ class Loader(Service):
         with contextlib.suppress(TimeoutError):  # the meeting point decides what is used
             await asyncio.wait_for(fetch.decided.wait(), max(0.0, fetch.job.deadline - time.time()))
         self.fetches.pop(fetch.job.request_id, None)
-        for sub in fetch.listening:
-            await self.bus.unhandle(sub)
+        await self.bus.unhandle(*fetch.listening)
         keep_from = fetch.meet if fetch.meet is not None else fetch.job.hit
         for index, path in fetch.staged.items():
             if index < keep_from:

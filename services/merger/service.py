@@ -255,9 +255,8 @@ class Merger(Service):
             )  # fmt: skip
             subject = subjects.prefill(node) if node else subjects.COMPUTE_PREFILL
             accepted = await self.routed(node, subject, subjects.COMPUTE_PREFILL, job, Accepted)
-            self.placement.placed(
-                accepted.node, keys[: max(0, (n_tokens - 1) // space.chunk_tokens)]
-            )
+            usable = usable_hit_chunks(len(keys), n_tokens, space.chunk_tokens)
+            self.placement.placed(accepted.node, keys[:usable])
             if await self.cancelled_meanwhile(req, control):
                 self.metrics.finished(req.kv_mode, "cancelled")
                 return

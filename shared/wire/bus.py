@@ -217,11 +217,12 @@ class Bus:
         """The subjects the handlers listen on now."""
         return [sub.subject for sub in self._handlers]
 
-    async def unhandle(self, sub: RawInbox) -> None:
-        """Stop one handler's subscription (a request's, once its work is done)."""
-        if sub in self._handlers:
-            self._handlers.remove(sub)
-        await sub.unsubscribe()
+    async def unhandle(self, *subs: RawInbox) -> None:
+        """Stop handlers' subscriptions (a request's, once its work is done)."""
+        for sub in subs:
+            if sub in self._handlers:
+                self._handlers.remove(sub)
+            await sub.unsubscribe()
 
     def _concurrently(
         self, on_message: Callable[[RawMsg], Coroutine[Any, Any, None]], limit: int
