@@ -13,8 +13,9 @@ import openai
 import pytest
 
 from services.launcher.stack import SERVICES
+from shared.core.request import Sampling
 from shared.kv.tokenizer import ByteTokenizer
-from tests.harness import Backend, s3_backend
+from tests.harness import Backend, default_runner, s3_backend
 
 
 def text(n: int, seed: int) -> str:
@@ -33,12 +34,12 @@ async def complete(
     prompt: str | list[int],
     kv_mode: str = "cake",
     salt: str = "",
-    **kw: Any,
+    extra_body: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any], int]:
     """Text, the cake object and cached_tokens of one greedy completion."""
-    extra = {"kv_mode": kv_mode, **({"cache_salt": salt} if salt else {})}
+    extra = {"kv_mode": kv_mode, **({"cache_salt": salt} if salt else {}), **(extra_body or {})}
     out = await client.completions.create(
-        model="default", prompt=prompt, max_tokens=12, temperature=0, extra_body=extra, **kw
+        model="default", prompt=prompt, max_tokens=12, temperature=0, extra_body=extra
     )
     assert out.usage is not None and out.usage.prompt_tokens_details is not None
     assert out.model_extra is not None
@@ -79,6 +80,45 @@ async def test_a_prompt_of_token_ids_is_the_prompt_those_ids_encode(stack: Backe
     assert by_ids == by_text
     assert cake["hit_tokens"] == 7 * 64 and cached == cake["chunks_loaded"] * 64
     assert (await complete(client, [ids]))[0] == by_text  # a list of one prompt
+
+
+async def test_penalties_and_logit_bias_act_and_every_mode_agrees(stack: Backend) -> None:
+    """Penalties see the prompt's and the output's tokens, wherever the prompt's KV came from:
+    Cake and load-only answer what compute-only does, and the model run in this process."""
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused")
+    prompt = text(500, seed=7)
+    penalties = {"repetition_penalty": 1.6, "frequency_penalty": 0.7, "presence_penalty": 0.4}
+    plain, _, _ = await complete(client, prompt, "compute")  # stores the prefix
+    ref, _, _ = await complete(client, prompt, "compute", salt="ref", extra_body=penalties)
+    assert ref != plain
+    runner, tokenizer = default_runner(), ByteTokenizer()
+    ids = tokenizer.encode(prompt)
+    cache = runner.new_cache()
+    sampling = Sampling(max_tokens=12, **penalties)
+    expected = runner.generate(cache, runner.extend(cache, ids), sampling, prompt_ids=ids)
+    assert ref == tokenizer.decode(list(expected))
+    for mode in ("cake", "load"):
+        got, cake, _ = await complete(client, prompt, mode, extra_body=penalties)
+        assert got == ref and cake["hit_tokens"] == 7 * 64, mode
+    forced = tokenizer.encode("z")[-1]
+    biased, _, _ = await complete(client, prompt, extra_body={"logit_bias": {str(forced): 100}})
+    assert biased == "z" * 12
+
+
+async def test_a_list_of_prompts_answers_each_as_if_sent_alone(stack: Backend) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused")
+    prompts: list[Any] = [text(300, seed=20), text(500, seed=21)]
+    alone = [(await complete(client, p, "compute", salt="ref"))[0] for p in prompts]
+    await complete(client, prompts[1], "compute")  # stores its prefix
+    prompts.append(ByteTokenizer().encode(prompts[0]))  # the first again, as token ids
+    out = await client.completions.create(
+        model="default", prompt=prompts, max_tokens=12, temperature=0
+    )
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.text for c in out.choices] == [*alone, alone[0]]
+    assert out.model_extra is not None
+    assert [c["hit_tokens"] for c in out.model_extra["cake"]] == [0, 7 * 64, 0]
+    assert out.usage is not None and out.usage.prompt_tokens == 301 + 501 + 301
 
 
 async def test_salts_isolate_and_streams_match(stack: Backend) -> None:

@@ -12,7 +12,6 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from typing import Any
 
 import aiohttp
@@ -31,7 +30,7 @@ from services.gateway.conversation import TextAssembler
 from services.gateway.metrics import GatewayMetrics
 from shared.core.errors import ErrorCode
 from shared.core.keys import pack_tokens, unpack_tokens
-from shared.core.request import FinishReason
+from shared.core.request import FinishReason, Sampling
 from shared.kv.tokenizer import ByteTokenizer
 from shared.runtime import observability
 from shared.runtime.config import Settings
@@ -212,7 +211,7 @@ async def test_completion_returns_text_usage_and_cake(bus: Bus, backend: FakeBac
     [req] = backend.requests
     assert req.request_id == answer["id"]
     assert unpack_tokens(req.tokens) == [ByteTokenizer.BOS, *b"tell me"]
-    assert asdict(req.sampling) == {"max_tokens": 20, "temperature": 0.5, "top_p": 1.0, "seed": 3}
+    assert req.sampling == Sampling(max_tokens=20, temperature=0.5, seed=3)
     assert (req.kv_mode, req.salt) == ("load", "tenant")
     assert before + SETTINGS.request_timeout_s <= req.deadline <= time.time() + 5.0
 
@@ -297,6 +296,87 @@ def test_text_assembler_waits_for_complete_characters_and_stops() -> None:
     assert plain.add([*"é".encode()[:1]]) == ""
     assert plain.add([*"é".encode()[1:], ByteTokenizer.EOS]) == "é"
     assert plain.finish() == ""
+
+
+# --- several prompts ------------------------------------------------------------------------
+
+
+def answer_for(req: GenerateRequest) -> str:
+    """A different answer for each prompt: its last byte, repeated by how long it is."""
+    ids = unpack_tokens(req.tokens)
+    return chr(ids[-1]) * (len(ids) + 3)
+
+
+PROMPTS = ["a", "bbbb", "cc"]
+
+
+async def test_a_list_of_prompts_gets_a_choice_for_each_in_order(
+    bus: Bus, backend: FakeBackend
+) -> None:
+    """As with OpenAI and vLLM: one backend request per prompt, all at once; choice i answers
+    prompt i; usage adds them up; cake has each prompt's split in order."""
+    backend.script = lambda req: say(answer_for(req))(req)
+    backend.delay_s = 0.2  # all three are in flight together
+    async with gateway(bus) as client:
+        started = time.monotonic()
+        resp = await client.post("/v1/completions", json={"prompt": PROMPTS, "max_tokens": 9})
+        assert resp.status == 200, await resp.text()
+        answer = await resp.json()
+        assert time.monotonic() - started < 3 * backend.delay_s
+    texts = [p[-1] * (len(p) + 4) for p in PROMPTS]  # BOS + bytes, plus 3
+    assert answer["choices"] == [
+        {"index": i, "text": t, "logprobs": None, "finish_reason": "length"}
+        for i, t in enumerate(texts)
+    ]
+    prompt_tokens = sum(len(p) + 1 for p in PROMPTS)
+    completion_tokens = sum(len(t) for t in texts)
+    assert answer["usage"] == {
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 3 * 8},
+    }  # fmt: skip
+    assert [c["chunks_loaded"] for c in answer["cake"]] == [2, 2, 2]
+    ids = sorted(r.request_id for r in backend.requests)
+    assert ids == [f"{answer['id']}-{i}" for i in range(3)]
+
+
+async def test_a_list_of_prompts_streams_its_choices_interleaved(
+    bus: Bus, backend: FakeBackend
+) -> None:
+    backend.script = lambda req: say(answer_for(req))(req)
+    async with gateway(bus) as client, openai_client(client) as oai:
+        stream = await oai.completions.create(
+            model=MODEL, prompt=PROMPTS, max_tokens=9, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    texts: dict[int, str] = {}
+    finishes: dict[int, str | None] = {}
+    for chunk in chunks[:-1]:
+        [choice] = chunk.choices
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        finishes[choice.index] = choice.finish_reason
+    assert texts == {i: p[-1] * (len(p) + 4) for i, p in enumerate(PROMPTS)}
+    assert finishes == {0: "length", 1: "length", 2: "length"}
+    final = chunks[-1]
+    assert final.choices == [] and final.usage is not None
+    assert final.usage.completion_tokens == sum(len(t) for t in texts.values())
+
+
+async def test_one_refused_prompt_fails_the_request_and_cancels_the_others(
+    bus: Bus, backend: FakeBackend
+) -> None:
+    busy = Failed("", ErrorCode.OVERLOADED, "compute is full", retry_after_s=2.0)
+    backend.script = lambda req: (
+        [msgspec.structs.replace(busy, request_id=req.request_id)]
+        if unpack_tokens(req.tokens)[-1] == ord("b") else text_tokens(req.request_id, "slow")
+    )  # fmt: skip
+    async with gateway(bus) as client:
+        resp = await client.post("/v1/completions", json={"prompt": PROMPTS})
+        assert resp.status == 429
+        assert (await resp.json())["error"]["message"] == "compute is full"
+    cancelled = {(await backend.next_cancel()).request_id for _ in range(2)}
+    by_prompt = {unpack_tokens(r.tokens)[-1]: r.request_id for r in backend.requests}
+    assert cancelled == {by_prompt[ord("a")], by_prompt[ord("c")]}
 
 
 # --- failures -------------------------------------------------------------------------------

@@ -66,8 +66,13 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, tuple[str, ...], str | None]] = [
     ("array body", COMPLETIONS, b'["hi"]', 400, ("JSON object", "array"), None),
     ("missing prompt", COMPLETIONS, {"max_tokens": 4}, 400, ("prompt is required",), "prompt"),
     ("empty prompt", COMPLETIONS, {"prompt": ""}, 400, ("prompt is empty",), "prompt"),
-    ("two prompts", COMPLETIONS, {"prompt": ["a", "b"]}, 400, ("exactly one",), "prompt"),
-    ("ids and text", COMPLETIONS, {"prompt": [1, "b"]}, 400, ("exactly one",), "prompt"),
+    ("65 prompts", COMPLETIONS, {"prompt": ["a"] * 65}, 400,
+     ("a list of 1 to 64 of them, got a list of 65",), "prompt"),
+    ("no prompts", COMPLETIONS, {"prompt": []}, 400, ("got a list of 0",), "prompt"),
+    ("ids and text", COMPLETIONS, {"prompt": [1, "b"]}, 400,
+     ("prompt[0] must be a string or a list of token ids, got an integer",), "prompt"),
+    ("an empty prompt among several", COMPLETIONS, {"prompt": ["a", ""]}, 400,
+     ("prompt[1] is empty",), "prompt"),
     ("negative id", COMPLETIONS, {"prompt": [1, -2]}, 400, ("negative",), "prompt"),
     ("id too big", COMPLETIONS, {"prompt": [1, 10**9]}, 400, ("vocabulary size",), "prompt"),
     ("boolean ids", COMPLETIONS, {"prompt": [True]}, 400, ("string or a list",), "prompt"),
@@ -184,11 +189,24 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, tuple[str, ...], str | None]] = [
     ("nested 100k deep", COMPLETIONS,
      b'{"prompt": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
      ("nested too deeply",), None),
+    ("presence_penalty out of range", COMPLETIONS, {"prompt": "a", "presence_penalty": 2.5},
+     400, ("presence_penalty must be between -2 and 2, got 2.5",), "presence_penalty"),
+    ("repetition_penalty of 0", CHAT,
+     {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}, 400,
+     ("repetition_penalty must be above 0",), "repetition_penalty"),
+    ("logit_bias key not a token id", COMPLETIONS, {"prompt": "a", "logit_bias": {"a": 1}},
+     400, ("logit_bias must map token ids to numbers",), "logit_bias"),
+    ("logit_bias value not a number", COMPLETIONS, {"prompt": "a", "logit_bias": {"1": "x"}},
+     400, ("logit_bias must map token ids to numbers",), "logit_bias"),
+    ("logit_bias too strong", COMPLETIONS, {"prompt": "a", "logit_bias": {"65": 200}},
+     400, ("between -100 and 100, got 200.0 for token 65",), "logit_bias"),
+    ("logit_bias outside the vocabulary", COMPLETIONS,
+     {"prompt": "a", "logit_bias": {"100000": 1}}, 400,
+     ("token ids below the vocabulary size",), "logit_bias"),
     *[
         (f"unsupported {name}", COMPLETIONS, {"prompt": "a", name: value}, 400,
          (f"{name} is not supported",), name)
         for name, value in [
-            ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"65": 10}),
             ("suffix", "tail"), ("tools", [{"type": "function"}]),
             ("response_format", {"type": "json_object"}),
         ]
@@ -274,6 +292,18 @@ def test_completion_with_every_field() -> None:
     )  # fmt: skip
 
 
+def test_a_list_of_prompts_is_several_prompts_each_checked() -> None:
+    body = {"prompt": ["one", [5, 6, 7], "x" * 56], "max_tokens": 4}
+    parsed = parse_request(body, Endpoint.COMPLETIONS, LIMITS)
+    assert parsed.prompts == ("one", TokenIds((5, 6, 7)), "x" * 56)
+    tokenizer = ByteTokenizer()
+    assert tokenize(parsed, tokenizer, LIMITS) == [tokenizer.encode("one"), [5, 6, 7],
+                                                   tokenizer.encode("x" * 56)]  # fmt: skip
+    long = parse_request({**body, "max_tokens": 10}, Endpoint.COMPLETIONS, LIMITS)
+    with pytest.raises(RequestError, match=r"^prompt 2: this model's maximum context length"):
+        tokenize(long, tokenizer, LIMITS)
+
+
 def test_a_prompt_of_token_ids() -> None:
     for prompt in ([5, 6, 7], [[5, 6, 7]]):
         parsed = parse_request({"prompt": prompt}, Endpoint.COMPLETIONS, LIMITS)
@@ -320,13 +350,13 @@ def test_chat_rejects_non_text_parts() -> None:
 def test_tokenize_accepts_the_context_exactly_and_rejects_one_more() -> None:
     tokenizer = ByteTokenizer()
     fits = parse_request({"prompt": "x" * 53, "max_tokens": 10}, Endpoint.COMPLETIONS, LIMITS)
-    assert len(tokenize(fits, tokenizer, LIMITS)) == 54  # BOS + 53 bytes; 54 + 10 = 64
+    assert [len(ids) for ids in tokenize(fits, tokenizer, LIMITS)] == [54]  # BOS + 53 bytes
     over = parse_request({"prompt": "x" * 54, "max_tokens": 10}, Endpoint.COMPLETIONS, LIMITS)
     with pytest.raises(RequestError, match="55 prompt tokens plus max_tokens=10") as info:
         tokenize(over, tokenizer, LIMITS)
     assert info.value.param == "prompt"
     unlimited = Limits(MODEL, MAX_TOKENS_LIMIT, None)
-    assert len(tokenize(over, tokenizer, unlimited)) == 55
+    assert [len(ids) for ids in tokenize(over, tokenizer, unlimited)] == [55]
 
 
 def test_request_errors_are_bad_request_errors_with_status() -> None:
@@ -351,9 +381,19 @@ def test_non_finite_temperatures_are_rejected(value: float) -> None:
         parse_request({"prompt": "a", "temperature": value}, Endpoint.COMPLETIONS, LIMITS)
 
 
+def test_penalties_and_logit_bias_are_taken() -> None:
+    body = {
+        "prompt": "a", "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+        "logit_bias": {"65": 10, "7": -100},
+    }  # fmt: skip
+    sampling = parse_request(body, Endpoint.COMPLETIONS, LIMITS).sampling
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -1.0)
+    assert sampling.repetition_penalty == 1.2
+    assert sampling.logit_bias == ((65, 10.0), (7, -100.0))
+
+
 def test_unsupported_parameters_at_their_neutral_values_are_accepted() -> None:
     body = {
-        "prompt": "a", "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
-        "suffix": "", "tools": [], "response_format": {"type": "text"},
+        "prompt": "a", "suffix": "", "tools": [], "response_format": {"type": "text"},
     }  # fmt: skip
     assert parse_request(body, Endpoint.COMPLETIONS, LIMITS).prompt == "a"

@@ -108,6 +108,51 @@ def test_top_p_keeps_only_the_nucleus() -> None:
         assert pick_token(logits, Sampling(temperature=2.0, top_p=tiny), gen) == 0
 
 
+def test_logit_bias_and_penalties_change_logits_as_vllm_does() -> None:
+    from shared.kv.model import penalised
+
+    logits = torch.tensor([2.0, 1.0, -1.0, 0.5])
+    plain = Sampling()
+    assert penalised(logits, plain, [0, 1], [1]) is logits  # nothing asked: untouched
+    biased = penalised(logits, Sampling(logit_bias=((3, 100.0), (0, -5.0))), [], [])
+    assert biased.tolist() == [-3.0, 1.0, -1.0, 100.5]
+    assert pick_token(logits, Sampling(logit_bias=((3, 100.0),)), None) == 3
+    # repetition over prompt and output: positive logits divided, negative ones multiplied
+    repeated = penalised(logits, Sampling(repetition_penalty=4.0), [0], [2])
+    assert repeated.tolist() == [0.5, 1.0, -4.0, 0.5]
+    assert pick_token(logits, Sampling(repetition_penalty=4.0), None, [0], [2]) == 1
+    # frequency per occurrence in the output, presence once; the prompt does not count
+    counted = penalised(
+        logits, Sampling(frequency_penalty=0.5, presence_penalty=0.25), [3, 3], [1, 1, 0]
+    )
+    assert counted.tolist() == [2.0 - 0.75, 1.0 - 1.25, -1.0, 0.5]
+
+
+def test_sampling_ranges_are_checked_in_one_place() -> None:
+    assert (
+        Sampling(presence_penalty=2, frequency_penalty=-2, logit_bias=((5, -100),)).problem(
+            vocab_size=6
+        )
+        is None
+    )
+    bad = {
+        "presence_penalty": Sampling(presence_penalty=2.5),
+        "frequency_penalty": Sampling(frequency_penalty=-3),
+        "repetition_penalty": Sampling(repetition_penalty=0),
+        "temperature": Sampling(temperature=3),
+        "top_p": Sampling(top_p=0),
+    }
+    for name, sampling in bad.items():
+        assert sampling.problem() is not None and sampling.problem()[0] == name  # type: ignore[index]
+    too_big = Sampling(logit_bias=((1, 101.0),)).problem()
+    assert too_big == (
+        "logit_bias",
+        "logit_bias values must be between -100 and 100, got 101.0 for token 1",
+    )
+    outside = Sampling(logit_bias=((6, 1.0),)).problem(vocab_size=6)
+    assert outside is not None and "below the vocabulary size 6, got 6" in outside[1]
+
+
 def test_byte_tokenizer_round_trip_and_chat() -> None:
     tok = ByteTokenizer()
     ids = tok.encode("héllo ✓")

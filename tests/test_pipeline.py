@@ -532,6 +532,12 @@ async def test_services_check_what_comes_over_nats(local: Backend) -> None:
             Sampling(), deadline,
         ),
         "hit 99 is not": PrefillJob("r-hit", tokens, space, 99, True, Sampling(), deadline),
+        "logit_bias keys must be token ids below the vocabulary size": PrefillJob(
+            "r-bias", tokens, space, 0, True, Sampling(logit_bias=((10**6, 1.0),)), deadline
+        ),
+        "presence_penalty must be between -2 and 2": PrefillJob(
+            "r-penalty", tokens, space, 0, True, Sampling(presence_penalty=1e9), deadline
+        ),
     }  # fmt: skip
     for why, job in bad_jobs.items():
         with pytest.raises(RemoteError, match=why):

@@ -38,8 +38,7 @@ class Job:
     merged: bool = False
     generator: torch.Generator | None = None  # sampling's random source (None: greedy)
     decoding: bool = False  # the first token is out
-    last_token: int = -1  # the newest generated token: the next decode step's input
-    generated: int = 0
+    output: list[int] = field(default_factory=list)  # the generated tokens
     ttft_ms: float = 0.0
     finish_reason: FinishReason | None = None
     prefilled: Prefilled | None = None
@@ -52,6 +51,16 @@ class Job:
     listening: list[RawInbox] = field(default_factory=list)  # its control and events
     news_at: float = field(default_factory=time.monotonic)  # last progress or word about it
     head_ready_at: float = field(default_factory=time.monotonic)  # runnable as a head since
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far."""
+        return len(self.output)
+
+    @property
+    def last_token(self) -> int:
+        """The newest generated token: the next decode step's input."""
+        return self.output[-1]
 
     @property
     def hit(self) -> int:

@@ -204,6 +204,8 @@ class Compute(Service):
             )
         if not 0 < msg.sampling.max_tokens <= self.settings.max_tokens_limit:
             raise BadRequestError(f"max_tokens must be in [1, {self.settings.max_tokens_limit}]")
+        if problem := msg.sampling.problem(self.runner.vocab_size):
+            raise BadRequestError(problem[1])
         n = len(msg.tokens) // 4
         if self.runner.max_context and n + msg.sampling.max_tokens > self.runner.max_context:
             raise BadRequestError(
@@ -672,12 +674,13 @@ class Compute(Service):
 
     def sample(self, job: Job, logits: torch.Tensor) -> int:
         """The next token from these logits, as the request's sampling says."""
-        return pick_token(logits.cpu(), job.msg.sampling, job.generator)
+        return pick_token(
+            logits.cpu(), job.msg.sampling, job.generator, job.prompt.token_ids, job.output
+        )
 
     def emit(self, job: Job, token: int, outbox: Outbox) -> None:
         """Stream one new token; the end of the request when it is a stop id or the last."""
-        job.generated += 1
-        job.last_token = token
+        job.output.append(token)
         rid = job.msg.request_id
         outbox.append((subjects.stream(rid), Tokens(rid, pack_tokens([token])), job.ctx))
         if token in job.stop_ids:

@@ -14,15 +14,15 @@ import dataclasses
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
 from opentelemetry.trace import Span, Status, StatusCode
 
 from services.gateway.auth import TENANT, ApiKeys, auth_middleware
-from services.gateway.conversation import BackendLost, Call, Generation, TextAssembler
+from services.gateway.conversation import Call, Dispatch, Generation, TextAssembler
 from services.gateway.errors import ApiError
 from services.gateway.metrics import GatewayMetrics, Outcome
 from services.gateway.openapi import openapi_document
@@ -47,10 +47,10 @@ from shared.wire.bus import Bus
 from shared.wire.messages import Accepted, GenerateRequest, ModelInfo
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MESSAGE_OVERHEAD_BYTES = 4096  # room for the other fields of a GenerateRequest
-BACKEND_RETRIES = 1  # a request whose compute died before the client saw anything: sent again
 SILENT_HEARTBEATS = 3  # a stream silent for this many heartbeats has lost its compute replica
 HEALTH_PROBE_S = 1.0  # how long /health waits for each service's answer
 HEALTH_CACHE_S = 1.0  # how long a /health finding is reused
@@ -183,34 +183,56 @@ class Gateway:
             raise ApiError(ErrorCode.UNAVAILABLE, "the gateway has lost its NATS connection")
         parsed = parse_request(decode_body(await read_body(request)), endpoint, self.limits)
         outcome.kv_mode = parsed.kv_mode
-        ids = tokenize(parsed, self.tokenizer, await self.model_limits())
-        outcome.prompt_tokens = len(ids)
-        self._check_payload(len(ids), "prompt" if endpoint is Endpoint.COMPLETIONS else "messages")
+        prompts = tokenize(parsed, self.tokenizer, await self.model_limits())
+        outcome.prompt_tokens = sum(len(ids) for ids in prompts)
+        for ids in prompts:
+            self._check_payload(
+                len(ids), "prompt" if endpoint is Endpoint.COMPLETIONS else "messages"
+            )
         deadline = time.time() + self.settings.request_timeout_s
-        silence = SILENT_HEARTBEATS * self.settings.heartbeat_s
         salt = tenant_salt(request.get(TENANT, ""), parsed.cache_salt)
         shapes = Shapes(rid, self.limits.model_name, endpoint, int(time.time()))
-        for attempt in range(1 + BACKEND_RETRIES):
-            backend_rid = f"{rid}-retry{attempt}" if attempt else rid  # a fresh stream each time
-            call = Call(
-                self.bus, backend_rid, deadline, self.settings.request_timeout_s, silence,
-                2 * self.settings.rpc_timeout_s,  # the merger's lookup and dispatch come first
-            )  # fmt: skip
-            try:
-                message = self._message(backend_rid, parsed, ids, salt, deadline)
-                await call.start(message, self.settings.rpc_timeout_s)
-                gen = Generation(call, TextAssembler(self.tokenizer, parsed.stop))
-                if parsed.stream:
-                    return await self._stream(request, shapes, gen, outcome)
-                return await self._complete(shapes, gen, outcome)
-            except BackendLost:  # the client has seen nothing yet (see _stream)
-                if attempt == BACKEND_RETRIES:
-                    raise
-                log.warning("compute went silent before answering; sending the request again")
-                self.metrics.retries.inc()
-            finally:
-                await call.close("client disconnected or request abandoned")
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        several = len(prompts) > 1
+        dispatches = [
+            self._dispatch(f"{rid}-{i}" if several else rid, parsed, ids, salt, deadline)
+            for i, ids in enumerate(prompts)
+        ]
+        try:
+            if parsed.stream:
+                return await self._stream(request, shapes, dispatches, outcome)
+            return await self._complete(shapes, dispatches, outcome)
+        finally:
+            reason = "client disconnected or request abandoned"
+            await asyncio.gather(*(d.close(reason) for d in dispatches))
+
+    def _dispatch(
+        self, rid: str, parsed: ParsedRequest, ids: list[int], salt: str, deadline: float
+    ) -> Dispatch:
+        """One prompt's backend request (rid: its backend id; a retry takes a fresh one)."""
+        silence = SILENT_HEARTBEATS * self.settings.heartbeat_s
+        first_word = 2 * self.settings.rpc_timeout_s  # the merger's lookup and dispatch come first
+        timeout = self.settings.request_timeout_s
+
+        def message_of(backend_rid: str) -> GenerateRequest:
+            return GenerateRequest(
+                request_id=backend_rid,
+                tokens=pack_tokens(ids),
+                sampling=parsed.sampling,
+                kv_mode=parsed.kv_mode,
+                salt=salt,
+                deadline=deadline,
+            )
+
+        return Dispatch(
+            rid,
+            call_of=lambda backend_rid: Call(
+                self.bus, backend_rid, deadline, timeout, silence, first_word
+            ),
+            message_of=message_of,
+            text_of=lambda: TextAssembler(self.tokenizer, parsed.stop),
+            rpc_timeout_s=self.settings.rpc_timeout_s,
+            retried=self.metrics.retries.inc,
+        )
 
     async def model_limits(self) -> Limits:
         """The limits, with the model's context length asked of compute the first time."""
@@ -236,45 +258,56 @@ class Gateway:
                 param,
             )
 
-    def _message(
-        self, rid: str, parsed: ParsedRequest, ids: list[int], salt: str, deadline: float
-    ) -> GenerateRequest:
-        return GenerateRequest(
-            request_id=rid,
-            tokens=pack_tokens(ids),
-            sampling=parsed.sampling,
-            kv_mode=parsed.kv_mode,
-            salt=salt,
-            deadline=deadline,
-        )
+    def _finish(self, gens: Sequence[Generation], outcome: Outcome) -> dict[str, Any]:
+        """Note the results; usage and cake for the answer."""
+        outcome.dones = [gen.done for gen in gens if gen.done is not None]
+        outcome.finish_reason = ",".join(gen.finish_reason for gen in gens)
+        outcome.completion_tokens = sum(gen.completion_tokens for gen in gens)
+        return {"usage": usage_of(outcome.prompt_tokens, gens), "cake": cake_of(gens)}
 
-    def _finish(self, gen: Generation, outcome: Outcome) -> dict[str, Any]:
-        """Note the result; usage and cake for the answer."""
-        outcome.done, outcome.finish_reason = gen.done, gen.finish_reason
-        outcome.completion_tokens = gen.completion_tokens
-        return {"usage": usage_of(outcome.prompt_tokens, gen), "cake": cake_of(gen.done)}
+    async def _complete(
+        self, shapes: Shapes, dispatches: Sequence[Dispatch], outcome: Outcome
+    ) -> web.Response:
+        async def whole(gen: Generation) -> tuple[str, Generation]:
+            return "".join([delta async for delta in gen.deltas()]), gen
 
-    async def _complete(self, shapes: Shapes, gen: Generation, outcome: Outcome) -> web.Response:
-        text = "".join([delta async for delta in gen.deltas()])
-        extra = self._finish(gen, outcome)
-        return web.json_response(shapes.completion(text, gen.finish_reason, extra))
+        answers = await all_of([d.run(whole) for d in dispatches])
+        extra = self._finish([gen for _, gen in answers], outcome)
+        choices = [(text, gen.finish_reason) for text, gen in answers]
+        return web.json_response(shapes.completion(choices, extra))
 
     async def _stream(
-        self, request: web.Request, shapes: Shapes, gen: Generation, outcome: Outcome
+        self,
+        request: web.Request,
+        shapes: Shapes,
+        dispatches: Sequence[Dispatch],
+        outcome: Outcome,
     ) -> web.StreamResponse:
-        await gen.started()  # a request refused before its first token gets a real status
+        async def started(gen: Generation) -> Generation:
+            await gen.started()  # a request refused before its first token gets a real status
+            return gen
+
+        gens = await all_of([d.run(started) for d in dispatches])
         response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
         response.content_type = "text/event-stream"
+        writing = asyncio.Lock()  # one event at a time, whichever choice it belongs to
+
+        async def send(data: dict[str, Any]) -> None:
+            async with writing:
+                await send_event(response, data)
+
+        async def relay(index: int, gen: Generation) -> None:
+            async for delta in gen.deltas():
+                await send(shapes.chunk(delta, index=index))
+            await send(shapes.chunk("", gen.finish_reason, index=index))
+
         try:
             await response.prepare(request)
             try:
                 if shapes.endpoint is Endpoint.CHAT:
                     await send_event(response, shapes.role_chunk())
-                async for delta in gen.deltas():
-                    await send_event(response, shapes.chunk(delta))
-                extra = self._finish(gen, outcome)
-                await send_event(response, shapes.chunk("", gen.finish_reason))
-                await send_event(response, shapes.final_chunk(extra))
+                await all_of([relay(i, gen) for i, gen in enumerate(gens)])
+                await send_event(response, shapes.final_chunk(self._finish(gens, outcome)))
             except ApiError as exc:
                 outcome.fail(exc)
                 await send_event(response, exc.body())
@@ -299,6 +332,17 @@ class Gateway:
             completion_tokens=outcome.completion_tokens,
             finish_reason=outcome.finish_reason,
         )
+
+
+async def all_of(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """Their results, in order, run together; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def read_body(request: web.Request) -> bytes:

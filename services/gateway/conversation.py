@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import structlog
 
@@ -32,6 +33,9 @@ from shared.wire.messages import (
 )
 
 log = structlog.get_logger(__name__)
+
+BACKEND_RETRIES = 1  # a request whose compute died before the client saw anything: sent again
+T = TypeVar("T")
 
 
 class TextAssembler:
@@ -220,4 +224,41 @@ class Generation:
         return len(self.text.ids)
 
 
-# --- response shapes ------------------------------------------------------------------------
+class Dispatch:
+    """One prompt's request to the backend: a Call, made once more under a fresh id when its
+    compute goes silent before the client has seen anything of it (BackendLost)."""
+
+    def __init__(
+        self,
+        request_id: str,
+        call_of: Callable[[str], Call],
+        message_of: Callable[[str], GenerateRequest],
+        text_of: Callable[[], TextAssembler],
+        rpc_timeout_s: float,
+        retried: Callable[[], None],
+    ) -> None:
+        self.request_id, self.rpc_timeout_s = request_id, rpc_timeout_s
+        self.call_of, self.message_of, self.text_of = call_of, message_of, text_of
+        self.retried = retried  # counts a retry
+        self.call: Call | None = None
+
+    async def run(self, until: Callable[[Generation], Awaitable[T]]) -> T:
+        """until(generation) of a fresh dispatch, once more under a fresh id if it is lost."""
+        for attempt in range(1 + BACKEND_RETRIES):
+            rid = f"{self.request_id}-retry{attempt}" if attempt else self.request_id
+            await self.close("compute went silent")  # the lost attempt's, if any
+            self.call = self.call_of(rid)
+            try:
+                await self.call.start(self.message_of(rid), self.rpc_timeout_s)
+                return await until(Generation(self.call, self.text_of()))
+            except BackendLost:
+                if attempt == BACKEND_RETRIES:
+                    raise
+                log.warning("compute went silent before answering; sending the request again")
+                self.retried()
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def close(self, reason: str) -> None:
+        """Cancel the current call unless the backend is done, and stop listening."""
+        if self.call is not None:
+            await self.call.close(reason)

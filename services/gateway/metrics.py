@@ -27,7 +27,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
-    done: Done | None = None
+    dones: list[Done] = field(default_factory=list)  # each prompt's, when it got that far
     started: float = field(default_factory=time.monotonic)
 
     def fail(self, error: ApiError) -> None:
@@ -105,8 +105,8 @@ class GatewayMetrics:
             elapsed = time.monotonic() - outcome.started
             self.duration.labels(kv_mode=outcome.kv_mode).observe(elapsed)
         self.generated.inc(outcome.completion_tokens)
-        if outcome.done is not None:
-            self._record_done(outcome.done, outcome.kv_mode, chunk_tokens)
+        for done in outcome.dones:
+            self._record_done(done, outcome.kv_mode, chunk_tokens)
 
     def _record_done(self, done: Done, kv_mode: str, chunk_tokens: int) -> None:
         self.ttft.observe(done.ttft_ms / 1000)

@@ -8,12 +8,19 @@ from typing import Any
 
 from services.gateway.validation import (
     CHAT_ROLES,
+    MAX_PROMPTS,
     MAX_SALT_CHARS,
     MAX_STOP_STRINGS,
     SEED_RANGE,
     Limits,
 )
-from shared.core.request import KvMode
+from shared.core.request import (
+    BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    MAX_REPETITION_PENALTY,
+    PENALTY_RANGE,
+    KvMode,
+)
 
 JSON = "application/json"
 ERROR_STATUSES = {
@@ -36,11 +43,29 @@ def _sampling(limits: Limits, max_tokens_field: str) -> dict[str, Any]:
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1},
         "seed": {"type": "integer", "minimum": SEED_RANGE[0], "maximum": SEED_RANGE[1]},
+        "presence_penalty": _between(PENALTY_RANGE),
+        "frequency_penalty": _between(PENALTY_RANGE),
+        "repetition_penalty": {
+            "type": "number",
+            "minimum": 0,
+            "exclusiveMinimum": True,
+            "maximum": MAX_REPETITION_PENALTY,
+        },
+        "logit_bias": {
+            "type": "object",
+            "maxProperties": MAX_LOGIT_BIAS,
+            "propertyNames": {"pattern": "^[0-9]+$"},
+            "additionalProperties": _between(BIAS_RANGE),
+        },
         "stop": {"oneOf": [{"type": "string", "minLength": 1}, _stops()]},
         "stream": {"type": "boolean"},
         "cache_salt": {"type": "string", "maxLength": MAX_SALT_CHARS},
         "kv_mode": {"type": "string", "enum": list(KvMode)},
     }
+
+
+def _between(bounds: tuple[float, float]) -> dict[str, Any]:
+    return {"type": "number", "minimum": bounds[0], "maximum": bounds[1]}
 
 
 def _stops() -> dict[str, Any]:
@@ -72,7 +97,7 @@ def openapi_document(limits: Limits, vocab_size: int) -> dict[str, Any]:
         "oneOf": [
             {"type": "string", "minLength": 1},
             _token_ids(vocab_size),
-            {"type": "array", "minItems": 1, "maxItems": 1,
+            {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS,
              "items": {"oneOf": [{"type": "string", "minLength": 1}, _token_ids(vocab_size)]}},
         ]
     }  # fmt: skip

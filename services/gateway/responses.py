@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,16 +14,15 @@ from services.gateway.validation import Endpoint
 from shared.wire.messages import Done
 
 
-def usage_of(prompt_tokens: int, gen: Generation) -> dict[str, Any]:
-    """OpenAI's usage object; cached tokens are the prompt tokens whose KV was reused (loaded
-    from storage or taken from compute's memory), not those computed."""
-    done = gen.done
-    completion = gen.completion_tokens
+def usage_of(prompt_tokens: int, gens: Sequence[Generation]) -> dict[str, Any]:
+    """OpenAI's usage object over every choice; cached tokens are the prompt tokens whose KV
+    was reused (loaded from storage or taken from compute's memory), not those computed."""
+    completion = sum(gen.completion_tokens for gen in gens)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens(done)},
+        "prompt_tokens_details": {"cached_tokens": sum(cached_tokens(g.done) for g in gens)},
     }
 
 
@@ -31,8 +31,15 @@ def cached_tokens(done: Done | None) -> int:
     return done.loaded_tokens + done.reused_tokens if done else 0
 
 
-def cake_of(done: Done | None) -> dict[str, Any] | None:
-    """Cake's split of the prompt (None when the request ended before Done arrived)."""
+def cake_of(gens: Sequence[Generation]) -> dict[str, Any] | list[dict[str, Any] | None] | None:
+    """Cake's split of the prompt; a list in choice order when there were several prompts."""
+    if len(gens) > 1:
+        return [_split(gen.done) for gen in gens]
+    return _split(gens[0].done)
+
+
+def _split(done: Done | None) -> dict[str, Any] | None:
+    """Cake's split of one prompt (None when its request ended before Done arrived)."""
     if done is None:
         return None
     return {
@@ -64,20 +71,29 @@ class Shapes:
             "model": self.model,
         }
 
-    def completion(self, text: str, reason: str, extra: dict[str, Any]) -> dict[str, Any]:
-        """The whole answer (non-streamed) with its finish reason; extra: usage and cake."""
+    def completion(
+        self, answers: Sequence[tuple[str, str]], extra: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The whole answer (non-streamed): a choice per (text, finish reason), in prompt order;
+        extra: usage and cake."""
         if self.endpoint is Endpoint.CHAT:
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
-            return {**self._head("chat.completion"), "choices": [choice], **extra}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        return {**self._head("text_completion"), "choices": [choice], **extra}
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": text},
+                 "logprobs": None, "finish_reason": reason}
+                for i, (text, reason) in enumerate(answers)
+            ]  # fmt: skip
+            return {**self._head("chat.completion"), "choices": choices, **extra}
+        choices = [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(answers)
+        ]
+        return {**self._head("text_completion"), "choices": choices, **extra}
 
-    def chunk(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
-        """A streamed piece of text, or (with finish_reason) the end of the choice."""
+    def chunk(self, text: str, finish_reason: str | None = None, index: int = 0) -> dict[str, Any]:
+        """A streamed piece of choice `index`'s text, or (with finish_reason) its end."""
         if self.endpoint is Endpoint.CHAT:
             return self._chat_chunk({"content": text} if text else {}, finish_reason)
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice]}
 
     def role_chunk(self) -> dict[str, Any]:

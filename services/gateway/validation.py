@@ -22,6 +22,7 @@ from shared.kv.tokenizer import Tokenizer
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 4
 MAX_SALT_CHARS = 256
+MAX_PROMPTS = 64  # prompts one completions request may list (each is its own choice)
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
@@ -61,17 +62,26 @@ class TokenIds:
     ids: tuple[int, ...]
 
 
+Prompt = str | TokenIds | tuple[ChatMessage, ...]  # completions: text or ids; chat: messages
+
+
 @dataclass(frozen=True)
 class ParsedRequest:
-    """A validated request; `prompt` is a string or token ids (completions) or chat messages."""
+    """A validated request: one or more prompts (completions take a list; chat has one), each
+    answered as its own choice."""
 
     endpoint: Endpoint
-    prompt: str | TokenIds | tuple[ChatMessage, ...]
+    prompts: tuple[Prompt, ...]
     sampling: Sampling
     stop: tuple[str, ...] = ()
     stream: bool = False
     cache_salt: str = ""
     kv_mode: KvMode = KvMode.CAKE
+
+    @property
+    def prompt(self) -> Prompt:
+        """The first (usually the only) prompt."""
+        return self.prompts[0]
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -124,16 +134,16 @@ def parse_request(body: Mapping[str, Any], endpoint: Endpoint, limits: Limits) -
     """
     _check_model(body, limits.model_name)
     _check_unsupported(body)
-    prompt: str | TokenIds | tuple[ChatMessage, ...]
+    prompts: tuple[Prompt, ...]
     if endpoint is Endpoint.COMPLETIONS:
-        prompt, max_tokens_field = _prompt(body), "max_tokens"
+        prompts, max_tokens_field = _prompts(body), "max_tokens"
     else:
-        prompt = _messages(body)
+        prompts = (_messages(body),)
         legacy = body.get("max_tokens") is not None or body.get("max_completion_tokens") is None
         max_tokens_field = "max_tokens" if legacy else "max_completion_tokens"
     return ParsedRequest(
         endpoint=endpoint,
-        prompt=prompt,
+        prompts=prompts,
         sampling=_sampling(body, max_tokens_field, limits.max_tokens_limit),
         stop=_stop(body),
         stream=_optional(body, "stream", bool, False),
@@ -142,30 +152,44 @@ def parse_request(body: Mapping[str, Any], endpoint: Endpoint, limits: Limits) -
     )
 
 
-def tokenize(parsed: ParsedRequest, tokenizer: Tokenizer, limits: Limits) -> list[int]:
-    """The prompt's token ids; RequestError when they and max_tokens overflow the context."""
-    if isinstance(parsed.prompt, str):
-        ids, param = tokenizer.encode(parsed.prompt), "prompt"
-    elif isinstance(parsed.prompt, TokenIds):
-        ids, param = list(parsed.prompt.ids), "prompt"
+def tokenize(parsed: ParsedRequest, tokenizer: Tokenizer, limits: Limits) -> list[list[int]]:
+    """Each prompt's token ids; RequestError when one of them and max_tokens overflow the
+    context, or when logit_bias names a token outside the vocabulary."""
+    _check_sampling(parsed.sampling, tokenizer.vocab_size)
+    several = len(parsed.prompts) > 1
+    return [
+        _prompt_ids(prompt, f"prompt {i}: " if several else "", tokenizer, limits, parsed.sampling)
+        for i, prompt in enumerate(parsed.prompts)
+    ]
+
+
+def _prompt_ids(
+    prompt: Prompt, which: str, tokenizer: Tokenizer, limits: Limits, sampling: Sampling
+) -> list[int]:
+    if isinstance(prompt, str):
+        ids, param = tokenizer.encode(prompt), "prompt"
+    elif isinstance(prompt, TokenIds):
+        ids, param = list(prompt.ids), "prompt"
         if max(ids) >= tokenizer.vocab_size:
             raise RequestError(
-                f"prompt token ids must be below the vocabulary size {tokenizer.vocab_size}, "
-                f"got {max(ids)}",
+                f"{which}prompt token ids must be below the vocabulary size "
+                f"{tokenizer.vocab_size}, got {max(ids)}",
                 "prompt",
             )
     else:
-        ids, param = tokenizer.encode_chat(parsed.prompt), "messages"
-    _check_length(len(ids), parsed.sampling.max_tokens, limits, param)
+        ids, param = tokenizer.encode_chat(prompt), "messages"
+    _check_length(len(ids), sampling.max_tokens, limits, param, which)
     return ids
 
 
-def _check_length(prompt_tokens: int, max_tokens: int, limits: Limits, param: str) -> None:
+def _check_length(
+    prompt_tokens: int, max_tokens: int, limits: Limits, param: str, which: str
+) -> None:
     if limits.max_context is None or prompt_tokens + max_tokens <= limits.max_context:
         return
     raise RequestError(
-        f"this model's maximum context length is {limits.max_context} tokens, but the request "
-        f"has {prompt_tokens} prompt tokens plus max_tokens={max_tokens} "
+        f"{which}this model's maximum context length is {limits.max_context} tokens, but the "
+        f"request has {prompt_tokens} prompt tokens plus max_tokens={max_tokens} "
         f"({prompt_tokens + max_tokens} in all); shorten the prompt or lower max_tokens",
         param,
     )
@@ -217,10 +241,6 @@ def _check_model(body: Mapping[str, Any], served: str) -> None:
 
 # OpenAI parameters Cake does not implement, with the value that means "not used"
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "repetition_penalty": (1, 1.0),
-    "logit_bias": ({},),
     "suffix": ("",),
     "tools": ([],),
     "tool_choice": ("none",),
@@ -252,32 +272,37 @@ def _is_token_id(item: Any) -> bool:
     return isinstance(item, int) and not isinstance(item, bool)
 
 
-def _prompt(body: Mapping[str, Any]) -> str | TokenIds:
+def _prompts(body: Mapping[str, Any]) -> tuple[str | TokenIds, ...]:
+    """The prompt: a string or token ids, or a list of up to MAX_PROMPTS of them."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and all(_is_token_id(i) for i in prompt):
-        prompt = TokenIds(tuple(prompt))
-    elif isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and all(_is_token_id(i) for i in prompt):
-            prompt = TokenIds(tuple(prompt))
-    elif isinstance(prompt, list):
-        raise RequestError(
-            f"prompt must be one prompt (a string or a list of token ids); a list of prompts "
-            f"is accepted only with exactly one, got {len(prompt)} items",
-            "prompt",
-        )
     if prompt is None:
         raise RequestError("prompt is required", "prompt")
-    if isinstance(prompt, TokenIds):
-        if min(prompt.ids) < 0:
-            raise RequestError("prompt token ids must not be negative", "prompt")
-        return prompt
+    if isinstance(prompt, list) and prompt and all(_is_token_id(i) for i in prompt):
+        return (_one_prompt(prompt, ""),)
+    if not isinstance(prompt, list):
+        return (_one_prompt(prompt, ""),)
+    if not 1 <= len(prompt) <= MAX_PROMPTS:
+        raise RequestError(
+            f"prompt must be a string, token ids or a list of 1 to {MAX_PROMPTS} of them, "
+            f"got a list of {len(prompt)}",
+            "prompt",
+        )
+    several = len(prompt) > 1
+    return tuple(_one_prompt(p, f"prompt[{i}] " if several else "") for i, p in enumerate(prompt))
+
+
+def _one_prompt(prompt: Any, which: str) -> str | TokenIds:
+    if isinstance(prompt, list) and prompt and all(_is_token_id(i) for i in prompt):
+        if min(prompt) < 0:
+            raise RequestError(f"{which or 'prompt '}token ids must not be negative", "prompt")
+        return TokenIds(tuple(prompt))
     if not isinstance(prompt, str):
         raise RequestError(
-            f"prompt must be a string or a list of token ids, got {_kind(prompt)}", "prompt"
+            f"{which or 'prompt '}must be a string or a list of token ids, got {_kind(prompt)}",
+            "prompt",
         )
     if not prompt:
-        raise RequestError("prompt is empty; send at least one character", "prompt")
+        raise RequestError(f"{which or 'prompt '}is empty; send at least one character", "prompt")
     return prompt
 
 
@@ -324,16 +349,38 @@ def _sampling(body: Mapping[str, Any], max_tokens_field: str, limit: int) -> Sam
         raise RequestError(
             f"{max_tokens_field} must be between 1 and {limit}, got {max_tokens}", max_tokens_field
         )
-    temperature = _number(body, "temperature", Sampling.temperature)
-    if not 0 <= temperature <= 2:
-        raise RequestError(f"temperature must be between 0 and 2, got {temperature}", "temperature")
-    top_p = _number(body, "top_p", Sampling.top_p)
-    if not 0 < top_p <= 1:
-        raise RequestError(f"top_p must be in (0, 1], got {top_p}", "top_p")
     seed = _optional(body, "seed", int, None)
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise RequestError("seed must fit in a signed 64-bit integer", "seed")
-    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    numbers = {
+        name: _number(body, name, getattr(Sampling, name))
+        for name in (
+            "temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"
+        )
+    }  # fmt: skip
+    sampling = Sampling(max_tokens=max_tokens, seed=seed, logit_bias=_logit_bias(body), **numbers)
+    _check_sampling(sampling)
+    return sampling
+
+
+def _check_sampling(sampling: Sampling, vocab_size: int | None = None) -> None:
+    if problem := sampling.problem(vocab_size):
+        name, message = problem
+        raise RequestError(message, name)
+
+
+def _logit_bias(body: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
+    """logit_bias: an object from token ids (as strings, JSON's keys) to biases."""
+    bias: dict[str, Any] = _optional(body, "logit_bias", dict, {})
+    pairs = []
+    for key, value in bias.items():
+        number = _is_int(value) or isinstance(value, float)
+        if not key.isdecimal() or not number or not math.isfinite(value):
+            raise RequestError(
+                f"logit_bias must map token ids to numbers, got {key!r}: {value!r}", "logit_bias"
+            )
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
 
 
 def _number(body: Mapping[str, Any], name: str, default: float) -> float:

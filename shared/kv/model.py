@@ -124,9 +124,17 @@ def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) 
     return h.hexdigest()
 
 
-def pick_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:
+def pick_token(
+    logits: torch.Tensor,
+    sampling: Sampling,
+    gen: torch.Generator | None,
+    prompt_ids: Sequence[int] = (),
+    output_ids: Sequence[int] = (),
+) -> int:
     """Greedy argmax, or temperature / top-p sampling with the given generator (a temperature
-    below GREEDY_BELOW is greedy: dividing by it would overflow)."""
+    below GREEDY_BELOW is greedy: dividing by it would overflow), after the request's logit
+    bias and penalties (which need the prompt's and the output's ids so far)."""
+    logits = penalised(logits, sampling, prompt_ids, output_ids)
     if sampling.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
@@ -136,6 +144,30 @@ def pick_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | 
         keep[0] = True  # the likeliest token always (a top_p below float32's range keeps none)
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def penalised(
+    logits: torch.Tensor, sampling: Sampling, prompt_ids: Sequence[int], output_ids: Sequence[int]
+) -> torch.Tensor:
+    """The logits with logit_bias added, then penalties applied as vLLM does: repetition over
+    the tokens of prompt and output (a positive logit divided by it, a negative one
+    multiplied), frequency and presence over the output (subtracted per occurrence, and once)."""
+    if not sampling.penalises:
+        return logits
+    logits = logits.float().clone()
+    vocab = logits.shape[-1]
+    if sampling.logit_bias:
+        ids, bias = zip(*sampling.logit_bias, strict=True)
+        logits.index_add_(0, torch.tensor(ids), torch.tensor(bias, dtype=logits.dtype))
+    counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab)[:vocab]
+    if sampling.repetition_penalty != 1.0:
+        seen = counts > 0
+        seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        scaled = torch.where(
+            logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty
+        )
+        logits = torch.where(seen, scaled, logits)
+    return logits - sampling.frequency_penalty * counts - sampling.presence_penalty * (counts > 0)
 
 
 class ModelRunner:
@@ -290,11 +322,14 @@ class ModelRunner:
         logits: torch.Tensor,
         sampling: Sampling,
         stop_token_ids: frozenset[int] = frozenset(),
+        prompt_ids: Sequence[int] = (),
     ) -> Iterator[int]:
-        """Yield up to max_tokens new ids from the prompt's last logits; stops after a stop id."""
-        gen = self.sampler(sampling)
+        """Yield up to max_tokens new ids from the prompt's last logits; stops after a stop id.
+        (prompt_ids: the prompt, for a repetition penalty.)"""
+        gen, output = self.sampler(sampling), list[int]()
         for n in range(sampling.max_tokens):
-            token = pick_token(logits.cpu(), sampling, gen)
+            token = pick_token(logits.cpu(), sampling, gen, prompt_ids, output)
+            output.append(token)
             yield token
             if token in stop_token_ids or n + 1 == sampling.max_tokens:
                 return
