@@ -16,6 +16,8 @@ One long prompt is stored; then, in one run, for the local store and for S3 (mot
   subtracts the TTFT of a prompt of the suffix's tokens alone instead (the literal reading of
   issue 10, which counts that attention as loading).
 - ratio = delivered / raw_MBps_warm.
+- s3.large_object_MBps: one 32 MiB object (a 256-token fp16 chunk of an 8B model) read by the
+  loader's S3 store in one GET and in ranged parts of CAKE_S3_PART_MB (default 8) in parallel.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from services.launcher.nats_server import free_port
 from services.launcher.stack import LocalStack
 from shared.core.request import KvMode
 from shared.runtime.config import Settings
+from shared.storage import S3Store
 
 MB = 1e6
 S3_BUCKET = "cake-ceiling"
+LARGE_OBJECT_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,21 @@ async def read_objects(endpoint: str, keys: list[str], concurrency: int) -> tupl
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return total, time.perf_counter() - start
+
+
+async def large_object_rates(endpoint: str, reps: int) -> dict[str, float]:
+    """Best of reps reads of one LARGE_OBJECT_BYTES object: one GET, and ranged parts."""
+    data, rates = os.urandom(LARGE_OBJECT_BYTES), {}
+    for name, part_bytes in (("one_get", 0), ("ranged", Settings().s3_part_mb * 2**20)):
+        async with S3Store(S3_BUCKET, "large/", endpoint, part_bytes=round(part_bytes)) as store:
+            await store.put("object", data)
+            seconds = []
+            for _ in range(reps):
+                started = time.perf_counter()
+                await store.get("object")
+                seconds.append(time.perf_counter() - started)
+        rates[name] = round(len(data) / min(seconds) / MB, 1)
+    return rates
 
 
 async def s3_keys(endpoint: str) -> list[str]:
@@ -172,8 +191,12 @@ class Ceiling:
             ]
             warm = min(seconds for _, seconds in runs)
             timings = await self.delivered(salt)
+            large = await large_object_rates(endpoint, self.config.reps)
         # moto keeps objects in memory: there is no cold read to measure
-        return self.result(nbytes, len(keys), nbytes / warm / MB, None, timings)
+        return {
+            **self.result(nbytes, len(keys), nbytes / warm / MB, None, timings),
+            "large_object_MBps": large,
+        }
 
     def result(
         self, nbytes: int, chunks: int, warm: float, cold: float | None, t: dict[str, float]

@@ -80,3 +80,16 @@ def test_a_small_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     }  # fmt: skip
     assert "cake_vs_best_baseline_at_balance" in run.stdout and "context" in run.stdout
     assert (out / "ttft.png").exists() and (out / "timeline.png").exists()
+
+
+async def test_the_ceiling_reads_a_large_s3_object_whole_and_in_ranged_parts(
+    s3_endpoint: str,
+) -> None:
+    from bench.ceiling import S3_BUCKET, large_object_rates
+    from shared.storage import S3Store
+
+    async with S3Store(S3_BUCKET, endpoint_url=s3_endpoint) as store:
+        await store.ensure_bucket()
+    rates = await large_object_rates(s3_endpoint, reps=1)
+    assert set(rates) == {"one_get", "ranged"}
+    assert all(rate > 0 for rate in rates.values())

@@ -26,6 +26,7 @@ from shared.storage import (
     open_store,
 )
 from shared.storage.local import TMP_PREFIX
+from shared.storage.s3 import RANGE_PART_BYTES
 
 BUCKET = "cake-test"
 
@@ -479,6 +480,75 @@ async def test_s3_object_key_is_prefix_plus_key(s3_endpoint: str) -> None:
     finally:
         for s in (a, b, root):
             await s.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 1001, 4500])
+async def test_s3_reads_a_large_object_as_ranged_parts_of_one_version(
+    s3_endpoint: str, size: int
+) -> None:
+    settings = Settings.from_env(
+        {"CAKE_STORE": f"s3://{BUCKET}/t-{uuid.uuid4().hex}", "CAKE_S3_PART_MB": str(1000 / 2**20),
+         "CAKE_S3_ENDPOINT": s3_endpoint}
+    )  # fmt: skip
+    store = store_from_settings(settings)
+    assert isinstance(store, S3Store) and store.part_bytes == 1000
+    async with store:
+        await store.ensure_bucket()
+        data = os.urandom(size)
+        await store.put(key("big"), data)
+        asked: list[tuple[str, bool]] = []
+        get = store._get
+
+        async def spy(k: str, byte_range: str | None, version: str | None = None) -> object:
+            asked.append((str(byte_range), version is not None))
+            return await get(k, byte_range, version)
+
+        store._get = spy  # type: ignore[method-assign]
+        assert await store.get(key("big")) == data
+        more = [(f"bytes={a}-{min(a + 1000, size) - 1}", True) for a in range(1000, size, 1000)]
+        assert asked == [("bytes=0-999", False), *more]
+
+
+async def test_s3_part_size_zero_reads_each_object_in_one_get(s3_endpoint: str) -> None:
+    async with S3Store(BUCKET, endpoint_url=s3_endpoint, part_bytes=0) as store:
+        await store.ensure_bucket()
+        data = os.urandom(RANGE_PART_BYTES + 1)
+        await store.put(key("whole"), data)
+        asked: list[str | None] = []
+        get = store._get
+
+        async def spy(k: str, byte_range: str | None, version: str | None = None) -> object:
+            asked.append(byte_range)
+            return await get(k, byte_range, version)
+
+        store._get = spy  # type: ignore[method-assign]
+        assert await store.get(key("whole")) == data
+        assert asked == [None]
+    other = store_from_settings(Settings(store="memory://"))  # the part size is S3's alone
+    assert isinstance(other, MemoryStore)
+
+
+async def test_s3_an_object_replaced_while_read_in_parts_is_an_error(s3_endpoint: str) -> None:
+    """Parts are read If-Match the first part's ETag: a value replaced in between is never
+    stitched from two versions."""
+    store = S3Store(BUCKET, prefix=f"t-{uuid.uuid4().hex}/", endpoint_url=s3_endpoint,
+                    part_bytes=1000)  # fmt: skip
+    async with store:
+        await store.ensure_bucket()
+        await store.put(key("v"), b"1" * 3000)
+        get = store._get
+
+        async def replaced_after_the_first_part(
+            k: str, byte_range: str | None, version: str | None = None
+        ) -> object:
+            reply = await get(k, byte_range, version)
+            if version is None:
+                await store.put(key("v"), b"2" * 3000)
+            return reply
+
+        store._get = replaced_after_the_first_part  # type: ignore[method-assign]
+        with pytest.raises(StoreError, match="get_object"):
+            await store.get(key("v"))
 
 
 async def test_s3_missing_bucket_is_store_error(s3_endpoint: str) -> None:

@@ -15,7 +15,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -37,6 +37,7 @@ from services.gateway.validation import (
     tokenize,
 )
 from shared.core.errors import ErrorCode, TransportError
+from shared.core.gather import all_of
 from shared.core.keys import pack_tokens, tenant_salt
 from shared.kv.tokenizer import Tokenizer
 from shared.runtime.config import Settings
@@ -47,7 +48,6 @@ from shared.wire.bus import Bus
 from shared.wire.messages import Accepted, GenerateRequest, ModelInfo
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MESSAGE_OVERHEAD_BYTES = 4096  # room for the other fields of a GenerateRequest
@@ -332,17 +332,6 @@ class Gateway:
             completion_tokens=outcome.completion_tokens,
             finish_reason=outcome.finish_reason,
         )
-
-
-async def all_of(awaitables: Sequence[Awaitable[T]]) -> list[T]:
-    """Their results, in order, run together; the first failure cancels the rest and is raised."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def read_body(request: web.Request) -> bytes:

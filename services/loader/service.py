@@ -26,7 +26,7 @@ from shared.kv.stored import read_verified, store_missing
 from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
 from shared.runtime.service import Service
-from shared.storage import open_store
+from shared.storage import is_s3, open_store
 from shared.storage.base import ChunkStore, new_buffer
 from shared.storage.staging import Incoming, Staging
 from shared.wire import subjects
@@ -322,6 +322,7 @@ def store_from_settings(settings: Settings) -> ChunkStore:
         bandwidth=settings.bandwidth_trace(),
         endpoint_url=settings.s3_endpoint,
         region=settings.s3_region,
+        part_bytes=round(settings.s3_part_mb * 2**20) if is_s3(settings.store) else None,
     )
 
 

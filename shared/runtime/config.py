@@ -49,6 +49,7 @@ class Settings:
     store_bandwidth_epoch: float | None = None  # Unix time of the trace's 0 (default: start)
     s3_endpoint: str | None = None
     s3_region: str | None = None
+    s3_part_mb: float = 8.0  # larger objects are read as ranged GETs in parallel; 0: one GET
     staging_dir: str = field(default_factory=_default_staging)
     chunk_tokens: int = 256
     node: str = field(default_factory=_default_node)
@@ -123,6 +124,8 @@ class Settings:
             raise ConfigError(f"CAKE_TARGET_ITL_MS must be positive, got {self.target_itl_ms}")
         if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:
             raise ConfigError(f"CAKE_KV_MEMORY_GB must be positive, got {self.kv_memory_gb}")
+        if self.s3_part_mb < 0:
+            raise ConfigError(f"CAKE_S3_PART_MB must be >= 0 (0: one GET), got {self.s3_part_mb}")
         if not 0 < self.decode_share <= 1:
             raise ConfigError(f"CAKE_DECODE_SHARE must be in (0, 1], got {self.decode_share}")
         if not 0 <= self.skip_head_ratio < 1:

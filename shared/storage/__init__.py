@@ -20,12 +20,18 @@ __all__ = [
     "MemoryStore",
     "S3Store",
     "ThrottledStore",
+    "is_s3",
     "open_store",
     "validate_key",
 ]
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _S3_OPTIONS = frozenset(inspect.signature(S3Store).parameters) - {"bucket", "prefix"}
+
+
+def is_s3(spec: str) -> bool:
+    """Whether a store spec names S3 (s3://bucket/prefix)."""
+    return spec.strip().lower().startswith("s3://")
 
 
 def open_store(

@@ -13,9 +13,12 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.core.errors import StoreError
+from shared.core.gather import all_of
 from shared.storage.base import Allocate, ChunkStore
 
 READ_PART_BYTES = 1 << 20  # a GetObject body is copied into its buffer this much at a time
+RANGE_PART_BYTES = 8 << 20  # objects larger than this are read as ranged GETs in parallel
+PARALLEL_PARTS = 4  # connections one large read may hold at once (its parts beyond wait)
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 
 
@@ -40,6 +43,7 @@ class S3Store(ChunkStore):
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 30.0,
         max_attempts: int = 3,
+        part_bytes: int = RANGE_PART_BYTES,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -48,6 +52,9 @@ class S3Store(ChunkStore):
         self.endpoint_url = endpoint_url
         self.region = region
         self.batch_concurrency = max_concurrency
+        if part_bytes < 0:
+            raise ValueError(f"part_bytes must be >= 0 (0: one GET per object), got {part_bytes}")
+        self.part_bytes = part_bytes
         self._session = aioboto3.Session(
             aws_access_key_id=access_key_id,
             aws_secret_access_key=secret_access_key,
@@ -57,7 +64,7 @@ class S3Store(ChunkStore):
             connect_timeout=connect_timeout_s,
             read_timeout=read_timeout_s,
             retries={"max_attempts": max_attempts, "mode": "standard"},
-            max_pool_connections=max_concurrency,
+            max_pool_connections=max_concurrency * PARALLEL_PARTS,  # a large object's parts
             # custom endpoints (MinIO, moto, an IP address) rarely resolve bucket subdomains
             s3={"addressing_style": "path" if endpoint_url else "auto"},
         )
@@ -120,25 +127,45 @@ class S3Store(ChunkStore):
         return await self.get_copy(key)  # (the loader reads with get_into)
 
     async def get_into(self, key: str, allocate: Allocate) -> memoryview | None:
-        """GetObject streamed straight into allocate's buffer; None when it does not exist."""
+        """Read the object straight into allocate's buffer; None when it does not exist.
+
+        The first GET asks for the first `part_bytes`; the reply says the object's size, and a
+        larger object's other parts are ranged GETs in parallel (as S3's own clients read large
+        objects: one connection rarely carries a link's full rate), each of the same version
+        (If-Match its ETag). With part_bytes 0, every object is one GET."""
+        first_range = f"bytes=0-{self.part_bytes - 1}" if self.part_bytes else None
         async with self._call("get_object", key):
             try:
-                resp = await self._client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+                first = await self._get(key, first_range)
             except ClientError as e:
                 if _code(e) in _MISSING_CODES:
                     return None
+                if _code(e) == "InvalidRange":  # an empty object has no first byte
+                    return allocate(0)
                 raise
-            buffer, filled = allocate(int(resp["ContentLength"])), 0
-            body = resp["Body"]
-            async with body:
-                while part := await body.read(READ_PART_BYTES):
-                    if filled + len(part) > len(buffer):
-                        raise StoreError(f"s3 object {key[:16]} is longer than announced")
-                    buffer[filled : filled + len(part)] = part
-                    filled += len(part)
-            if filled != len(buffer):
-                raise StoreError(f"s3 object {key[:16]} ended after {filled} bytes")
+            size = _object_size(first)
+            buffer, version, step = allocate(size), first.get("ETag"), self.part_bytes or size
+            more = asyncio.Semaphore(PARALLEL_PARTS - 1)  # the first part holds one connection
+            parts = [
+                self._get_range(key, buffer, start, version, more)
+                for start in range(step, size, step)
+            ]
+            await all_of([_fill(first, buffer[: min(size, step)], key), *parts])
             return buffer
+
+    async def _get(self, key: str, byte_range: str | None, version: str | None = None) -> Any:
+        extra = {"IfMatch": version} if version else {}
+        if byte_range:
+            extra["Range"] = byte_range
+        return await self._client.get_object(Bucket=self.bucket, Key=self.prefix + key, **extra)
+
+    async def _get_range(
+        self, key: str, buffer: memoryview, start: int, version: str, limit: asyncio.Semaphore
+    ) -> None:
+        end = min(start + self.part_bytes, len(buffer))
+        async with limit:
+            reply = await self._get(key, f"bytes={start}-{end - 1}", version)
+            await _fill(reply, buffer[start:end], key)
 
     async def put(self, key: str, data: bytes) -> None:
         """PutObject: one atomic write."""
@@ -165,6 +192,28 @@ class S3Store(ChunkStore):
     def _where(self, key: str = "") -> str:
         endpoint = f" at {self.endpoint_url}" if self.endpoint_url else ""
         return f"s3://{self.bucket}/{self.prefix}{key}{endpoint}"
+
+
+def _object_size(reply: Any) -> int:
+    """The whole object's size from a (ranged) GetObject reply: Content-Range "bytes a-b/size",
+    or the body's length when the server sent the whole object."""
+    content_range = reply.get("ContentRange") or ""
+    if "/" in content_range:
+        return int(content_range.rsplit("/", 1)[1])
+    return int(reply["ContentLength"])
+
+
+async def _fill(reply: Any, buffer: memoryview, key: str) -> None:
+    """Copy a GetObject body into buffer, which it must fill exactly."""
+    filled, body = 0, reply["Body"]
+    async with body:  # (what it enters is the raw response; reads go through body itself)
+        while part := await body.read(READ_PART_BYTES):
+            if filled + len(part) > len(buffer):
+                raise StoreError(f"s3 object {key[:16]} is longer than announced")
+            buffer[filled : filled + len(part)] = part
+            filled += len(part)
+    if filled != len(buffer):
+        raise StoreError(f"s3 object {key[:16]} ended after {filled} of {len(buffer)} bytes")
 
 
 def _code(e: ClientError) -> str:
