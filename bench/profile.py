@@ -1,11 +1,15 @@
-"""In-process profiles for the oracle: head compute cost, per-chunk load cost, finish cost."""
+"""In-process profiles for the oracle (head compute cost, per-chunk load cost, finish cost),
+and the measured best split: each meeting point run with both sides at once."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from shared.core.keys import PromptChunks
 from shared.core.plan import Split, oracle_split
@@ -80,3 +84,51 @@ async def measure_profile(
     cache, logits = merged_prefill(runner, prompt, Split(0, hit), loaded)
     next(runner.generate(cache, logits, Sampling(max_tokens=1)))
     return Profile(head_s, read_s, sizes, time.perf_counter() - start)
+
+
+async def time_split(
+    runner: ModelRunner, link: ChunkStore, prompt: PromptChunks, split: Split, concurrency: int
+) -> float:
+    """Seconds to the first token with the head [0, meet) computed (one pass, in a thread)
+    while the tail [meet, hit) is read over link (`concurrency` reads at once), both at once in
+    this process, then merged with the suffix prefilled."""
+    reads = asyncio.Semaphore(concurrency)
+
+    async def load(j: int) -> tuple[int, torch.Tensor]:
+        async with reads:
+            kv = await fetch_chunk(link, prompt, j)
+        if kv is None:
+            raise RuntimeError(f"chunk {j} of the benchmark prompt is not stored")
+        return j, kv
+
+    start = time.perf_counter()
+    cache = runner.new_cache()
+    head = asyncio.to_thread(runner.extend, cache, prompt.tokens_of(0, split.meet))
+    loads = asyncio.gather(*(load(j) for j in split.loaded))
+    if split.meet:
+        await head
+    else:
+        head.close()  # nothing to compute
+    loaded = dict(await loads)
+    cache, logits = merged_prefill(runner, prompt, split, loaded, cache)
+    next(runner.generate(cache, logits, Sampling(max_tokens=1)))
+    return time.perf_counter() - start
+
+
+async def best_split(
+    runner: ModelRunner,
+    link: ChunkStore,
+    prompt: PromptChunks,
+    hit: int,
+    meets: Iterable[int],
+    concurrency: int,
+    before_each: Callable[[], None],
+) -> tuple[int, float, dict[int, float]]:
+    """The fastest of these meeting points as time_split measures them (before_each: e.g.
+    drop the page cache): its meet, its seconds, and every meet's seconds."""
+    measured = {}
+    for meet in sorted(set(meets)):
+        before_each()
+        measured[meet] = await time_split(runner, link, prompt, Split(meet, hit), concurrency)
+    meet = min(measured, key=measured.__getitem__)
+    return meet, measured[meet], measured

@@ -17,7 +17,7 @@ import aiohttp
 from tqdm import tqdm
 
 from bench.client import Timing, first_token, prompt_text
-from bench.profile import Profile, measure_profile
+from bench.profile import Profile, best_split, measure_profile
 from services.launcher.in_process import generate, in_process
 from services.launcher.nats_server import free_port
 from services.launcher.stack import LocalStack
@@ -34,6 +34,7 @@ from shared.wire.bus import Bus
 from shared.wire.messages import ChunkComputed, ChunkLoaded, Message
 
 MODES = (KvMode.COMPUTE, KvMode.LOAD, KvMode.CAKE)
+SPLIT_WINDOW = 4  # the measured best split tries meeting points this close to the oracle's
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class Bench:
         )  # fmt: skip
         self.stack = LocalStack(self.settings)
         self.runner: ModelRunner | None = None
+        self.store: LocalStore | None = None  # the stack's store, read directly by the profiles
         self.timeline: list[dict[str, Any]] = []
 
     async def request(self, ctx: Context, mode: KvMode, salt: str | None = None) -> Timing:
@@ -161,7 +163,7 @@ class Bench:
         """Every cell: load-only at its best concurrency, Cake, and the oracle."""
         rows = []
         cells = [(c, r) for c in contexts for r in self.config.io_ratios]
-        store = LocalStore(self.settings.store)
+        store = self.store = LocalStore(self.settings.store)
         await store.start()
         fixed_s = await self.fixed_overhead()
         for ctx in contexts:
@@ -227,6 +229,15 @@ class Bench:
         load_median = statistics.median(load_by_conc[best_conc])
         latency = ctx.profile.load_latency(load_median, bandwidth, fixed_s)
         oracle_meet, oracle_s = ctx.profile.oracle(bandwidth, best_conc, fixed_s, latency)
+        measured = {}
+        if ratio == 1.0:  # the balance: where the split matters most
+            split_meet, split_s, tried = await self.best_split(
+                ctx, bandwidth, best_conc, oracle_meet
+            )
+            measured = {
+                "best_split_s": split_s + fixed_s, "best_split_meet_chunk": split_meet,
+                "best_split_tried_s": {m: round(t + fixed_s, 4) for m, t in tried.items()},
+            }  # fmt: skip
         compute_stats = stats(compute)
         compute_best = min(compute_stats["median"], ctx.compute_best_s)
         return {
@@ -249,7 +260,25 @@ class Bench:
             "oracle_meet_chunk": oracle_meet,
             "load_latency_s": round(latency, 4),
             "chunks": ctx.hit,
+            **measured,
         }
+
+    async def best_split(
+        self, ctx: Context, bandwidth: float, concurrency: int, around: int
+    ) -> tuple[int, float, dict[int, float]]:
+        """The measured best split (bench.profile.best_split): every meeting point within
+        SPLIT_WINDOW chunks of `around` (the model oracle's), and both ends."""
+        assert self.runner is not None and self.store is not None
+        meets = [
+            0,
+            ctx.hit,
+            *range(max(0, around - SPLIT_WINDOW), min(ctx.hit, around + SPLIT_WINDOW) + 1),
+        ]
+        async with ThrottledStore(self.store, bandwidth_MBps=bandwidth) as link:
+            return await best_split(
+                self.runner, link, self.prompt(ctx), ctx.hit, meets, concurrency,
+                before_each=lambda: evict_page_cache(self.workdir / "store"),
+            )  # fmt: skip
 
     async def restart_loader(self, bandwidth: float, concurrency: int) -> None:
         """A loader on a link of `bandwidth` MB/s (it probes its store as it starts: no

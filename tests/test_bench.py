@@ -25,7 +25,7 @@ ROWS = [
     row(2048, 0.5, 1.0, 2.0, 0.8, 0.7),
     row(2048, 1.0, 1.0, 1.0, 0.5, 0.5),
     row(2048, 2.0, 1.0, 0.5, 0.55, 0.44),
-    row(4096, 1.0, 2.0, 2.2, 1.25, 1.0),
+    {**row(4096, 1.0, 2.0, 2.2, 1.25, 1.0), "best_split_s": 1.1, "best_split_meet_chunk": 3},
 ]
 
 
@@ -35,12 +35,15 @@ def test_summary_ratios() -> None:
     assert s["cake_vs_best_baseline_min"] == pytest.approx(0.5 / 0.55)
     assert s["cake_vs_best_baseline_at_balance"] == pytest.approx(1.6)  # min(2.0, 1.6)
     assert s["pipeline_overhead"] == 1.02
+    assert s["cake_over_best_split_at_balance"] == pytest.approx(1.25 / 1.1)
+    assert summarize(ROWS[:3], 1.0)["cake_over_best_split_at_balance"] is None
 
 
 def test_table_and_files(tmp_path: Path) -> None:
     text = table(ROWS)
     assert text.splitlines()[0].split()[:4] == ["context", "io", "MB/s", "compute"]
     assert "2.00" in text.splitlines()[3]  # best/cake of the balanced 2048 row
+    assert text.splitlines()[5].endswith("1.100 at   3") and text.splitlines()[3].endswith(" -")
     events = [{"t": 0.1, "kind": "computed", "upto": 2}, {"t": 0.05, "kind": "loaded", "index": 6},
               {"t": 0.2, "kind": "first_token", "meet": 2}]  # fmt: skip
     results = {"rows": ROWS, "pipeline": {"ratio": 1.0}, "timeline": events}
@@ -93,3 +96,32 @@ async def test_the_ceiling_reads_a_large_s3_object_whole_and_in_ranged_parts(
     rates = await large_object_rates(s3_endpoint, reps=1)
     assert set(rates) == {"one_get", "ranged"}
     assert all(rate > 0 for rate in rates.values())
+
+
+async def test_the_measured_best_split_runs_each_meeting_point_and_follows_the_link() -> None:
+    """bench.profile.best_split times real splits (head computed while the tail loads): on a
+    link far slower than compute the best is computing everything; on an unthrottled one in
+    memory, some loading pays."""
+    from bench.profile import best_split
+    from shared.core.keys import KeySpace, PromptChunks
+    from shared.kv.engine import write_back
+    from shared.storage import MemoryStore, ThrottledStore
+    from tests.harness import default_runner
+
+    runner = default_runner()
+    prompt = PromptChunks.of(
+        KeySpace(runner.fingerprint, runner.layout, 64), [i % 250 for i in range(449)]
+    )
+    store = MemoryStore()
+    cache = runner.new_cache()
+    runner.extend(cache, list(prompt.token_ids))
+    assert await write_back(runner, store, prompt, cache) == 7
+    drops: list[int] = []
+    async with ThrottledStore(store, bandwidth_MBps=8) as slow:
+        meet, seconds, tried = await best_split(
+            runner, slow, prompt, 7, [0, 3, 7], 4, before_each=lambda: drops.append(1)
+        )
+    assert sorted(tried) == [0, 3, 7] and len(drops) == 3
+    assert meet == 7 and seconds == tried[7] < tried[3] < tried[0]
+    meet, _, tried = await best_split(runner, store, prompt, 7, [0, 7], 4, lambda: None)
+    assert meet == 0 and tried[0] < tried[7]
