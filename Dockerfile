@@ -15,10 +15,11 @@ COPY shared/ shared/
 COPY services/ services/
 RUN pip install . && rm -rf /src
 
-# Non-root; /staging is the node-local staging area shared by loader and compute (a volume).
+# Non-root; /staging is the node-local staging area shared by loader and compute, /kv-cache
+# the loader's near tier in front of S3 (volumes; a new named volume takes this ownership).
 RUN useradd --create-home --uid 10001 --user-group cake \
-    && mkdir -p /staging \
-    && chown cake:cake /staging
+    && mkdir -p /staging /kv-cache \
+    && chown cake:cake /staging /kv-cache
 USER cake
 WORKDIR /home/cake
 

@@ -122,3 +122,19 @@ def test_a_link_nobody_loads_from_is_tried_again() -> None:
         est.loads_unobserved()
         tries += 1
     assert 2 <= tries <= 5
+
+
+def test_chunks_in_the_near_tier_load_at_its_own_pace() -> None:
+    """With a near tier (a local directory in front of S3) the lookup says which chunks it
+    holds: those cost the near pace, the rest the link's, and the hint follows."""
+    est = SplitEstimator()
+    est.observe_compute(2, 0.2)  # 0.1 s a chunk
+    est.observe_loads(4, 0.8)  # the far link: 0.2 s a chunk
+    assert est.advise(30) == Advice(True, 20)  # as without a near tier
+    assert est.advise(30, near=range(20, 30)) == Advice(True, 20)  # near pace unknown: the link's
+    est.observe_near_loads(10, 0.1)  # 0.01 s a chunk
+    # the tail's 10 chunks cost 0.1 s, so the head meets the loads lower than at 20
+    hint = est.advise(30, near=range(20, 30)).head_hint
+    assert 0 < hint < 20
+    assert hint == 14  # max(14 * 0.1, 6 * 0.2 + 0.1) = 1.4 s, the best split
+    assert est.advise(30, near=range(30)) == Advice(compute_head=False, head_hint=0)

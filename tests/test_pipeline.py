@@ -27,8 +27,10 @@ from shared.kv.engine import fetch_chunk
 from shared.runtime.config import Settings
 from shared.storage.base import Allocate
 from shared.storage.local import LocalStore
+from shared.storage.memory import MemoryStore
 from shared.storage.staging import Staging
 from shared.storage.throttled import ThrottledStore
+from shared.storage.tiered import TieredStore
 from shared.wire import subjects
 from shared.wire.messages import (
     Accepted,
@@ -592,6 +594,25 @@ async def test_the_loader_refuses_a_store_it_cannot_write(tmp_path: Path) -> Non
         assert store.usage_bytes() == 0  # the probe is gone
 
 
+async def test_a_loader_with_a_near_tier_probes_each_tier(nats_url: str, tmp_path: Path) -> None:
+    from contextlib import AsyncExitStack
+
+    from services.loader.service import build
+    from shared.wire.bus import Bus
+
+    settings = stack_settings(nats_url, tmp_path, store="memory://",
+                              store_cache=str(tmp_path / "near"), store_cache_gb=1.0)  # fmt: skip
+    bus = await Bus.connect(nats_url, "test-near-tier")
+    async with AsyncExitStack() as resources:
+        loader = await build(bus, settings, resources)
+        assert isinstance(loader.store, TieredStore)
+        assert isinstance(loader.store.near, LocalStore) and loader.store.far is not None
+        assert loader.store.near.capacity_bytes == 10**9
+        assert loader.read_MBps > 0 and loader.near_read_MBps > 0
+        assert loader.store.usage_bytes() == 0  # both probes are gone
+    await bus.close()
+
+
 async def test_a_job_the_merger_never_answers_goes_on_alone(nats_url: str, tmp_path: Path) -> None:
     """NATS delivers at most once: if the merger's word is lost (or the merger dies), a
     load-only job does not wait for its deadline but computes the head itself once it has
@@ -681,6 +702,61 @@ async def test_compute_and_loader_publish_telemetry_that_the_merger_learns_from(
     assert sum(m.reads for m in loaders) >= cake.done.chunks_loaded > 0
     assert sum(m.busy_s for m in loaders) > 0 and all(m.read_limit >= 1 for m in loaders)
     assert merger.estimator.load_s.value is not None
+
+
+async def test_a_near_tier_is_filled_by_verified_reads_and_its_pace_learned(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """CAKE_STORE_CACHE: a local directory in front of the store. Chunks another node stored
+    are loaded from the store (the far tier), copied near once verified, and found near by the
+    next lookup; the loader's telemetry reports each tier and the merger learns both paces.
+    Every answer equals compute-only."""
+    settings = stack_settings(nats_url, tmp_path, telemetry_s=0.2)
+    tokens = prompt(700, seed=47)  # 10 usable chunks
+    near, far = LocalStore(tmp_path / "near"), MemoryStore()
+    got: list[LoaderTelemetry] = []
+
+    async def collect(message: Message, _: str) -> None:
+        if isinstance(message, LoaderTelemetry):
+            got.append(message)
+
+    async with TieredStore(near, far) as store, backend(settings, store) as be:
+        merger, compute = be.services["merger"], be.services["compute"]
+        assert isinstance(merger, Merger) and isinstance(compute, Compute)
+        await be.client.handle(subjects.TELEMETRY_ALL, collect)
+        space = Space.of(KeySpace(compute.runner.fingerprint, compute.runner.layout, 64))
+        keys = PromptChunks.of(space.key_space(), tokens).keys
+
+        async def lookup() -> LookupReply:
+            ask = LookupRequest("r-tiers", space, pack_tokens(tokens))
+            return await be.client.request(subjects.LOOKUP, ask, LookupReply, 2.0)
+
+        reference = await be.generate(tokens, kv_mode="compute", salt="reference")
+        await be.generate(tokens, kv_mode="compute")  # written back to both tiers
+        assert (await lookup()).near_chunks == tuple(range(10))
+        for key in keys:  # as if another node had stored them
+            await near.delete(key)
+        reply = await lookup()
+        assert (reply.stored_chunks, reply.near_chunks) == (10, ())
+        loaded = await be.generate(tokens, kv_mode="load")
+        assert loaded.tokens == reference.tokens and loaded.done.chunks_loaded == 10
+        await asyncio.sleep(0.5)  # the copies land; windows go out
+        assert (await lookup()).near_chunks == tuple(range(10))
+        again = await be.generate(tokens, kv_mode="load")
+        assert again.tokens == reference.tokens
+        await asyncio.sleep(0.5)
+    assert sum(m.reads - m.near_reads for m in got) == 10  # the far reads, then
+    assert sum(m.near_reads for m in got) == 10  # the near ones
+    assert all(m.far_busy_s is not None for m in got)
+    assert sum(m.near_busy_s for m in got) > 0
+    assert merger.estimator.load_s.value is not None
+    assert merger.estimator.near_load_s.value is not None
+    loader = be.services["loader"]
+    assert isinstance(loader, Loader)
+    tier_reads = {
+        t: value(loader.metrics.registry, "cake_tier_reads_total", tier=t) for t in ("near", "far")
+    }
+    assert tier_reads == {"near": 10, "far": 10}
 
 
 async def test_each_node_has_its_own_estimate_from_its_own_telemetry(local: Backend) -> None:

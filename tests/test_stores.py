@@ -25,8 +25,10 @@ from shared.storage import (
     ThrottledStore,
     open_store,
 )
+from shared.storage.base import new_buffer
 from shared.storage.local import TMP_PREFIX
 from shared.storage.s3 import RANGE_PART_BYTES
+from shared.storage.tiered import FAR, NEAR, TieredStore, TierReads
 
 BUCKET = "cake-test"
 
@@ -49,7 +51,7 @@ async def open_s3(endpoint: str, prefix: str | None = None) -> S3Store:
     return store
 
 
-@pytest.fixture(params=["memory", "local", "s3", "throttled"])
+@pytest.fixture(params=["memory", "local", "s3", "throttled", "tiered"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ChunkStore]:
     """Every store kind, started and empty."""
     kind = request.param
@@ -60,8 +62,10 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         s = LocalStore(tmp_path / "store")
     elif kind == "s3":
         s = await open_s3(request.getfixturevalue("s3_endpoint"))
-    else:
+    elif kind == "throttled":
         s = ThrottledStore(LocalStore(tmp_path / "store"), bandwidth_MBps=500)
+    else:
+        s = TieredStore(LocalStore(tmp_path / "near"), MemoryStore())
     async with s:
         yield s
 
@@ -152,6 +156,55 @@ async def test_concurrent_puts_same_key_leave_one_valid_value(store: ChunkStore)
 
 def stored_files(root: Path) -> list[str]:
     return sorted(p.name for p in root.rglob("*") if p.is_file())
+
+
+class RefusingStore(MemoryStore):
+    """A far tier that takes no writes (a bucket that is gone)."""
+
+    async def put(self, key: str, data: bytes) -> None:
+        raise StoreError("NoSuchBucket")
+
+
+async def test_a_tiered_store_reads_near_first_and_keeps_near_what_it_fetched_far(
+    tmp_path: Path,
+) -> None:
+    near, far = LocalStore(tmp_path / "near"), MemoryStore()
+    async with TieredStore(near, far) as store:
+        await far.put(key("far"), b"f" * 1000)  # stored by another node
+        await store.put(key("both"), b"b" * 500)
+        assert await store.tiers([key("both"), key("far"), key("none")]) == [NEAR, FAR, None]
+        assert await store.stored_prefix([key("both"), key("far"), key("none")]) == 2
+        view = await store.get_into(key("far"), new_buffer)
+        assert view is not None and bytes(view) == b"f" * 1000
+        await store.promote(key("far"), view)  # the reader verified it
+        await store.promote(key("both"), view)  # read near: nothing to do
+        reads = store.take_reads()
+        assert (reads[FAR].reads, reads[FAR].nbytes, reads[NEAR].reads) == (1, 1000, 0)
+        assert reads[FAR].busy_s > 0
+    async with LocalStore(tmp_path / "near") as reopened:  # closing waited for the copy
+        assert await reopened.get(key("far")) == b"f" * 1000
+    async with TieredStore(near, far) as store:
+        assert await store.tiers([key("far")]) == [NEAR]
+        assert await store.get(key("far")) == b"f" * 1000
+        assert store.take_reads()[NEAR].reads == 0  # get() is not the loader's read
+        await store.delete(key("far"))
+        assert not await near.exists(key("far")) and not await far.exists(key("far"))
+
+
+async def test_a_tiered_store_keeps_a_write_near_when_far_refuses_it(tmp_path: Path) -> None:
+    async with TieredStore(LocalStore(tmp_path / "near"), RefusingStore()) as store:
+        with pytest.raises(StoreError, match="NoSuchBucket"):
+            await store.put(key(1), b"kv")
+        assert await store.tiers([key(1)]) == [NEAR]
+
+
+def test_tier_busy_time_is_the_union_of_read_spans() -> None:
+    reads = TierReads()
+    for start, end in ((0.0, 1.0), (0.5, 1.5), (3.0, 4.0), (3.2, 3.8)):
+        reads.read(start, end, 10)
+    assert (reads.reads, reads.nbytes) == (4, 40)
+    assert reads.busy_s == pytest.approx(2.5)
+    assert TierReads().busy_s == 0.0
 
 
 async def test_loaders_sharing_a_directory_see_each_others_chunks(tmp_path: Path) -> None:

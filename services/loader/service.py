@@ -26,9 +26,10 @@ from shared.kv.stored import read_verified, store_missing
 from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
 from shared.runtime.service import Service
-from shared.storage import is_s3, open_store
+from shared.storage import LocalStore, is_s3, open_store
 from shared.storage.base import ChunkStore, new_buffer
 from shared.storage.staging import Incoming, Staging
+from shared.storage.tiered import NEAR, TieredStore
 from shared.wire import subjects
 from shared.wire.bus import Bus, RawInbox
 from shared.wire.messages import (
@@ -85,6 +86,7 @@ class Loader(Service):
         self.metrics = LoaderMetrics(staging.usage_bytes, store.usage_bytes)
         self.secret = settings.kv_secret_bytes()  # chunks must carry its MAC (None: no MAC)
         self.read_MBps = 0.0  # the store's read rate, measured by build()
+        self.near_read_MBps = 0.0  # the near tier's (CAKE_STORE_CACHE), when there is one
         self.store_problem = ""  # why the last write-back failed, until one succeeds
         start = settings.fetch_concurrency  # reads at once on this node, all requests together
         most, least = (FETCH_LIMIT_GROWTH * start, 1) if settings.controllers else (start, start)
@@ -107,7 +109,10 @@ class Loader(Service):
     def telemetry(self) -> LoaderTelemetry:
         """The window of reads since the last call; a new one opens."""
         window, self.window = self.window, ReadWindow()
-        return window.message(self.settings.node, self.gate)
+        tiers = self.store.take_reads() if isinstance(self.store, TieredStore) else None
+        for tier, reads in (tiers or {}).items():
+            self.metrics.tier_reads.labels(tier=tier).inc(reads.reads)
+        return window.message(self.settings.node, self.gate, tiers)
 
     async def on_info(self, _: Message, __: str) -> Message:
         """Answer that a loader is up, on which node, and whether its store takes writes (the
@@ -125,10 +130,16 @@ class Loader(Service):
         """How many leading chunks of the prompt are stored."""
         assert isinstance(msg, LookupRequest)
         prompt = await self.checked_prompt(msg.space, msg.tokens)
+        near: tuple[int, ...] = ()
         with tracer(__name__).start_as_current_span("loader.lookup"):
-            stored = await self.store.stored_prefix(prompt.keys)
+            if isinstance(self.store, TieredStore):
+                tiers = await self.store.tiers(prompt.keys)
+                stored = tiers.index(None) if None in tiers else len(tiers)
+                near = tuple(i for i, tier in enumerate(tiers[:stored]) if tier == NEAR)
+            else:
+                stored = await self.store.stored_prefix(prompt.keys)
         self.metrics.lookups.inc()
-        return LookupReply(stored_chunks=stored, read_MBps=self.read_MBps)
+        return LookupReply(stored, self.read_MBps, near, self.near_read_MBps)
 
     async def on_fetch(self, msg: Message, _: str) -> Message:
         """Start fetching chunks [0, hit) tail first with bounded concurrency."""
@@ -315,8 +326,8 @@ class Loader(Service):
 
 
 def store_from_settings(settings: Settings) -> ChunkStore:
-    """The chunk store the settings name."""
-    return open_store(
+    """The chunk store the settings name, behind its near tier when CAKE_STORE_CACHE is set."""
+    store = open_store(
         settings.store,
         capacity_bytes=settings.store_capacity_bytes,
         bandwidth=settings.bandwidth_trace(),
@@ -324,6 +335,9 @@ def store_from_settings(settings: Settings) -> ChunkStore:
         region=settings.s3_region,
         part_bytes=round(settings.s3_part_mb * 2**20) if is_s3(settings.store) else None,
     )
+    if not settings.store_cache:
+        return store
+    return TieredStore(LocalStore(settings.store_cache, settings.store_cache_bytes()), store)
 
 
 async def build(bus: Bus, settings: Settings, resources: AsyncExitStack) -> Loader:
@@ -332,12 +346,17 @@ async def build(bus: Bus, settings: Settings, resources: AsyncExitStack) -> Load
     staging.sweep(older_than_s=settings.request_timeout_s * 2)
     store = await resources.enter_async_context(store_from_settings(settings))
     loader = Loader(bus, store, staging, settings)
-    loader.read_MBps = await probe_store(store, settings)
-    log.info("probed the store", read_MBps=round(loader.read_MBps, 1))
+    if isinstance(store, TieredStore):  # the link is the far tier's; the near one has its own
+        loader.read_MBps = await probe_store(store.far, settings)
+        loader.near_read_MBps = await probe_store(store.near, settings, settings.store_cache)
+    else:
+        loader.read_MBps = await probe_store(store, settings)
+    log.info("probed the store", read_MBps=round(loader.read_MBps, 1),
+             near_read_MBps=round(loader.near_read_MBps, 1))  # fmt: skip
     return loader
 
 
-async def probe_store(store: ChunkStore, settings: Settings) -> float:
+async def probe_store(store: ChunkStore, settings: Settings, where: str | None = None) -> float:
     """Write, read back and delete a probe object: the store's read rate in MB/s, the merger's
     first load estimate. A store that cannot take a write stops the loader here, with what to
     fix, rather than at every write-back later."""
@@ -351,10 +370,13 @@ async def probe_store(store: ChunkStore, settings: Settings) -> float:
         await store.delete(key)
     except StoreError as exc:
         raise ConfigError(
-            f"the loader cannot write to and read from its store {settings.store} ({exc}); "
+            f"the loader cannot write to and read from its store {where or settings.store} "
+            f"({exc}); "
             "check that the directory is writable or the bucket exists and the credentials "
             "allow PutObject, GetObject and DeleteObject"
         ) from exc
     if read is None or bytes(read) != data:
-        raise ConfigError(f"the store {settings.store} did not return what was written to it")
+        raise ConfigError(
+            f"the store {where or settings.store} did not return what was written to it"
+        )
     return PROBE_BYTES / seconds / 1e6

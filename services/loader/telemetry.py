@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.loader.gate import ReadGate
+from shared.storage.tiered import FAR, NEAR, TierReads
 from shared.wire.messages import LoaderTelemetry
 
 
@@ -31,11 +32,17 @@ class ReadWindow:
         self.stalls += stalled
         self.failures += not stalled
 
-    def message(self, node: str, gate: ReadGate) -> LoaderTelemetry:
-        """The window, closed now, as a message (with the gate's busy time since the last)."""
+    def message(
+        self, node: str, gate: ReadGate, tiers: dict[str, TierReads] | None = None
+    ) -> LoaderTelemetry:
+        """The window, closed now, as a message (with the gate's busy time since the last, and
+        what each tier served when the store has two)."""
+        near = tiers[NEAR] if tiers else TierReads()
         return LoaderTelemetry(
             node=node, window_s=time.monotonic() - self.opened, reads=self.reads,
             nbytes=self.nbytes, read_s=self.read_s / self.reads if self.reads else 0.0,
             busy_s=gate.take_busy_s(), in_flight=gate.in_flight, read_limit=gate.limit.slots,
-            stalls=self.stalls, failures=self.failures,
+            stalls=self.stalls, failures=self.failures, near_reads=near.reads,
+            near_nbytes=near.nbytes, near_busy_s=near.busy_s,
+            far_busy_s=tiers[FAR].busy_s if tiers else None,
         )  # fmt: skip

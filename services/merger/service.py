@@ -95,7 +95,8 @@ class Merger(Service):
             self.placement.observe(msg.node, msg.running, msg.waiting, time.monotonic())
         elif isinstance(msg, LoaderTelemetry):
             for estimator in (self.estimator, self.node_estimator(msg.node)):
-                estimator.observe_loads(msg.reads, msg.busy_s)
+                estimator.observe_loads(*msg.far_pace())
+                estimator.observe_near_loads(msg.near_reads, msg.near_busy_s)
             self.placement.observe_loader(msg.node, time.monotonic())
 
     def node_estimator(self, node: str) -> SplitEstimator:
@@ -161,11 +162,13 @@ class Merger(Service):
             keys = list(prompt.keys)
         return self.placement.choose(keys, now), keys
 
-    async def lookup(self, req: GenerateRequest, space: Space, node: str | None) -> int:
-        """Stored leading chunks, as the loader of the chosen node sees them; 0 when no loader
-        can answer (the request computes)."""
+    async def lookup(
+        self, req: GenerateRequest, space: Space, node: str | None
+    ) -> tuple[int, tuple[int, ...]]:
+        """Stored leading chunks, as the loader of the chosen node sees them, and which of
+        them its near tier holds; 0 when no loader can answer (the request computes)."""
         if req.kv_mode == KvMode.COMPUTE:
-            return 0
+            return 0, ()
         subject = subjects.lookup(node) if node else subjects.LOOKUP
         try:
             reply = await self.routed(
@@ -174,11 +177,13 @@ class Merger(Service):
             )  # fmt: skip
         except (Unavailable, RemoteError) as exc:
             log.warning("lookup failed; computing everything", error=str(exc))
-            return 0
-        if self.estimator.load_s.value is None and reply.read_MBps > 0:  # the first estimate
-            chunk_bytes = space.chunk_tokens * space.key_space().layout.bytes_per_token
-            self.estimator.load_s.add(chunk_bytes / (reply.read_MBps * 1e6))
-        return reply.stored_chunks
+            return 0, ()
+        chunk_bytes = space.chunk_tokens * space.key_space().layout.bytes_per_token
+        for pace, probed in ((self.estimator.load_s, reply.read_MBps),
+                             (self.estimator.near_load_s, reply.near_read_MBps)):  # fmt: skip
+            if pace.value is None and probed > 0:  # the first estimate
+                pace.add(chunk_bytes / (probed * 1e6))
+        return reply.stored_chunks, reply.near_chunks
 
     async def fail(
         self, req: GenerateRequest, code: ErrorCode, message: str, retry_after_s: float = 0.0
@@ -238,13 +243,13 @@ class Merger(Service):
         node, keys = await self.place(req, space)
         span.set_attribute("cake.routed_to", node or "any")
         with tracer(__name__).start_as_current_span("merger.lookup"):
-            stored = await self.lookup(req, space, node)
+            stored, near = await self.lookup(req, space, node)
         hit = usable_hit_chunks(stored, n_tokens, space.chunk_tokens)
         estimator = self.estimator_for(node)
         span.set_attribute("cake.hit_chunks", hit)
         async with await self.bus.subscribe(subjects.events(req.request_id)) as events:
             adapt = req.kv_mode == KvMode.CAKE and self.settings.controllers
-            advice = estimator.advise(hit) if adapt else Advice()
+            advice = estimator.advise(hit, frozenset(near)) if adapt else Advice()
             if hit and req.kv_mode == KvMode.CAKE:
                 self.metrics.advised(advice)
             compute_head = req.kv_mode != KvMode.LOAD and advice.compute_head

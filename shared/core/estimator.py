@@ -13,7 +13,10 @@ chunk by chunk only near the meeting. The meeting point itself is still found at
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
+
+from shared.core.plan import oracle_split
 
 STALE_HOPE = 0.7  # the link estimate's factor per request computed whole without loads
 
@@ -53,6 +56,7 @@ class SplitEstimator:
 
     compute_s: Ewma = field(default_factory=Ewma)  # seconds to compute one head chunk
     load_s: Ewma = field(default_factory=Ewma)  # seconds per chunk the link delivers
+    near_load_s: Ewma = field(default_factory=Ewma)  # the same for the near tier, if any
     skip_head_ratio: float = 0.5
     seen_multi_chunk_step: bool = False
 
@@ -72,6 +76,11 @@ class SplitEstimator:
         if chunks > 0 and seconds > 0:
             self.load_s.add(seconds / chunks)
 
+    def observe_near_loads(self, chunks: int, seconds: float) -> None:
+        """The near tier delivered `chunks` chunks in `seconds`."""
+        if chunks > 0 and seconds > 0:
+            self.near_load_s.add(seconds / chunks)
+
     def loads_unobserved(self) -> None:
         """A request was computed whole without loads, so it said nothing of the link: the
         link estimate grows more hopeful (STALE_HOPE), so that a link that got faster while
@@ -79,13 +88,19 @@ class SplitEstimator:
         if self.load_s.value is not None:
             self.load_s.value *= STALE_HOPE
 
-    def advise(self, hit: int) -> Advice:
-        """Advice for a request with `hit` loadable chunks."""
-        compute, load = self.compute_s.value, self.load_s.value
-        if hit == 0 or compute is None or load is None:
+    def advise(self, hit: int, near: Collection[int] = ()) -> Advice:
+        """Advice for a request with `hit` loadable chunks, of which those in `near` are in
+        the near tier (each tier's chunks at its own pace)."""
+        compute, far = self.compute_s.value, self.load_s.value
+        if hit == 0 or compute is None or far is None:
             return Advice()
+        near_s = self.near_load_s.value if self.near_load_s.value is not None else far
+        loads = [near_s if j in near else far for j in range(hit)]
+        load = sum(loads) / hit if near else far  # a chunk's mean cost
         if load < self.skip_head_ratio * compute:
             return Advice(compute_head=False, head_hint=0)
         if hit * compute / (compute + load) <= 1:  # the split saves less than one head step
             return Advice(head_hint=hit, fetch=False)
-        return Advice(head_hint=min(hit, math.ceil(hit * load / (compute + load))))
+        if not near:
+            return Advice(head_hint=min(hit, math.ceil(hit * load / (compute + load))))
+        return Advice(head_hint=oracle_split([compute] * hit, loads)[0])

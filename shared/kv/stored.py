@@ -26,7 +26,7 @@ async def read_verified(
     """Chunk index read into a buffer from allocate (the loader's staged file), after checking
     header, identity and checksum (off the event loop): the filled buffer, or None when it is
     not stored. A corrupt object (or, given the cluster secret, one without its MAC) is
-    deleted, then CorruptChunkError."""
+    deleted, then CorruptChunkError; a verified one may be promoted to a nearer tier."""
     data = await store.get_into(prompt.keys[index], allocate)
     if data is None:
         return None
@@ -36,6 +36,7 @@ async def read_verified(
         log.warning("corrupt chunk deleted", chunk=index, error=str(exc))
         await store.delete(prompt.keys[index])
         raise
+    await store.promote(prompt.keys[index], data)
     return data
 
 

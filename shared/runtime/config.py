@@ -43,6 +43,8 @@ class Settings:
     device: str = "cpu"
     store: str = ".cake/store"  # a path, file:///path, s3://bucket/prefix or memory://
     store_capacity_gb: float | None = None
+    store_cache: str | None = None  # a local directory in front of the store (read-through)
+    store_cache_gb: float | None = None  # its capacity (least recently used chunks go)
     store_bandwidth_mbps: float | None = None  # emulate a slower tier (benchmarks)
     store_bandwidth_trace: str | None = None  # or one that changes: "t0:MBps,t1:MBps,..." or a file
     store_bandwidth_period_s: float | None = None  # the trace repeats (default: last t + its gap)
@@ -124,6 +126,8 @@ class Settings:
             raise ConfigError(f"CAKE_TARGET_ITL_MS must be positive, got {self.target_itl_ms}")
         if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:
             raise ConfigError(f"CAKE_KV_MEMORY_GB must be positive, got {self.kv_memory_gb}")
+        if self.store_cache_gb is not None and self.store_cache_gb <= 0:
+            raise ConfigError(f"CAKE_STORE_CACHE_GB must be positive, got {self.store_cache_gb}")
         if self.s3_part_mb < 0:
             raise ConfigError(f"CAKE_S3_PART_MB must be >= 0 (0: one GET), got {self.s3_part_mb}")
         if not 0 < self.decode_share <= 1:
@@ -226,6 +230,10 @@ class Settings:
     def store_capacity_bytes(self) -> int | None:
         """The local store's byte capacity, if any."""
         return None if self.store_capacity_gb is None else int(self.store_capacity_gb * 1e9)
+
+    def store_cache_bytes(self) -> int | None:
+        """The near tier's byte capacity, if any."""
+        return None if self.store_cache_gb is None else int(self.store_cache_gb * 1e9)
 
 
 def env_var(name: str) -> str:

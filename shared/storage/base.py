@@ -63,6 +63,10 @@ class ChunkStore(abc.ABC):
         view = await self.get_into(key, new_buffer)
         return None if view is None else bytes(view)
 
+    async def promote(self, key: str, data: memoryview) -> None:  # noqa: B027 (a no-op hook)
+        """The value under key, just read with get_into, was verified: a store with tiers may
+        keep it nearer (the caller may release data once this returns)."""
+
     @abc.abstractmethod
     async def put(self, key: str, data: bytes) -> None:
         """Store data under key atomically; an existing value is replaced."""

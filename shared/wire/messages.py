@@ -160,10 +160,13 @@ class LookupRequest(Message):
 
 class LookupReply(Message):
     """loader -> merger: the stored prefix, and the store's read rate its probe measured at
-    start (0: none)."""
+    start (0: none). With a near tier (CAKE_STORE_CACHE): which of those chunks it holds, and
+    its own probed rate."""
 
     stored_chunks: int
     read_MBps: float = 0.0
+    near_chunks: tuple[int, ...] = ()
+    near_read_MBps: float = 0.0
 
 
 class PrefillJob(Message):
@@ -247,11 +250,22 @@ class LoaderTelemetry(Message):
     read_limit: int
     stalls: int  # reads past CAKE_FETCH_TIMEOUT_S
     failures: int  # reads that failed or found a corrupt chunk
+    near_reads: int = 0  # of the reads, those the near tier served (CAKE_STORE_CACHE)
+    near_nbytes: int = 0
+    near_busy_s: float = 0.0  # time with a near read in flight
+    far_busy_s: float | None = None  # time with a far read in flight (None: no near tier)
 
     @property
     def link_MBps(self) -> float:
         """What the store delivered while reading (0: no reads)."""
         return self.nbytes / 1e6 / self.busy_s if self.busy_s > 0 else 0.0
+
+    def far_pace(self) -> tuple[int, float]:
+        """Reads of the store proper (behind the near tier, if any) and the time it was busy
+        with them: the link's pace is the second over the first."""
+        if self.far_busy_s is None:
+            return self.reads, self.busy_s
+        return self.reads - self.near_reads, self.far_busy_s
 
 
 class Meet(Message):
