@@ -95,7 +95,7 @@ async def read_objects(endpoint: str, keys: list[str], concurrency: int) -> tupl
 async def large_object_rates(endpoint: str, reps: int) -> dict[str, float]:
     """Best of reps reads of one LARGE_OBJECT_BYTES object: one GET, and ranged parts."""
     data, rates = os.urandom(LARGE_OBJECT_BYTES), {}
-    for name, part_bytes in (("one_get", 0), ("ranged", Settings().s3_part_mb * 2**20)):
+    for name, part_bytes in (("one_get", 0), ("ranged", Settings.from_env().s3_part_mb * 2**20)):
         async with S3Store(S3_BUCKET, "large/", endpoint, part_bytes=round(part_bytes)) as store:
             await store.put("object", data)
             seconds = []

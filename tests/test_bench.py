@@ -78,9 +78,12 @@ def test_a_small_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert cell["bandwidth_MBps"] == pytest.approx(calibration["kv_rate_MBps"], rel=0.01)
     assert all(v > 0 for v in cell["ttft_s"].values())
     assert set(results["summary"]) == {
-        "cake_over_oracle_max", "cake_vs_best_baseline_min",
+        "cake_over_oracle_max", "cake_over_best_split_at_balance", "cake_vs_best_baseline_min",
         "cake_vs_best_baseline_at_balance", "pipeline_overhead",
     }  # fmt: skip
+    assert 0 <= cell["best_split_meet_chunk"] <= 3  # the balanced cell's measured best split
+    assert set(cell["best_split_tried_s"]) == {"0", "1", "2", "3"}
+    assert cell["best_split_s"] == pytest.approx(min(cell["best_split_tried_s"].values()), abs=1e-4)
     assert "cake_vs_best_baseline_at_balance" in run.stdout and "context" in run.stdout
     assert (out / "ttft.png").exists() and (out / "timeline.png").exists()
 

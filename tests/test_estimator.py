@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.core.estimator import Advice, Ewma, SplitEstimator
+from shared.core.estimator import Advice, Ewma, SplitEstimator, best_meet
 
 
 def test_ewma_tracks_recent_samples() -> None:
@@ -124,17 +124,18 @@ def test_a_link_nobody_loads_from_is_tried_again() -> None:
     assert 2 <= tries <= 5
 
 
-def test_chunks_in_the_near_tier_load_at_its_own_pace() -> None:
+def test_chunks_in_the_near_tier_load_at_their_own_pace() -> None:
     """With a near tier (a local directory in front of S3) the lookup says which chunks it
-    holds: those cost the near pace, the rest the link's, and the hint follows."""
+    holds: those cost the near pace, the rest the link's, the two tiers read side by side, and
+    the hint follows. (Powers of two: exact arithmetic.)"""
     est = SplitEstimator()
-    est.observe_compute(2, 0.2)  # 0.1 s a chunk
-    est.observe_loads(4, 0.8)  # the far link: 0.2 s a chunk
-    assert est.advise(30) == Advice(True, 20)  # as without a near tier
-    assert est.advise(30, near=range(20, 30)) == Advice(True, 20)  # near pace unknown: the link's
-    est.observe_near_loads(10, 0.1)  # 0.01 s a chunk
-    # the tail's 10 chunks cost 0.1 s, so the head meets the loads lower than at 20
-    hint = est.advise(30, near=range(20, 30)).head_hint
-    assert 0 < hint < 20
-    assert hint == 14  # max(14 * 0.1, 6 * 0.2 + 0.1) = 1.4 s, the best split
+    est.observe_compute(2, 0.25)  # 1/8 s a chunk
+    est.observe_loads(4, 1.0)  # the far link: 1/4 s a chunk
+    assert est.advise(30) == Advice(True, 20)  # ceil(30 * 0.25 / 0.375)
+    assert est.advise(30, near=range(20, 30)) == Advice(True, 20)  # near pace unknown: as far
+    est.observe_near_loads(8, 0.125)  # 1/64 s a chunk
+    # meeting at 14: the head takes 14/8 = 1.75 s, the far chunks [14, 20) 1.5 s beside the near
+    # ones' 0.16 s; at 13 the far side takes 1.75 s too: the tie goes to fewer loads
+    assert est.advise(30, near=range(20, 30)) == Advice(True, 14)
+    assert best_meet(30, 0.125, [0.25] * 20 + [1 / 64] * 10, range(20, 30)) == (14, 1.75)
     assert est.advise(30, near=range(30)) == Advice(compute_head=False, head_hint=0)

@@ -100,6 +100,7 @@ class FakeBackend:
         self.bus = bus
         self.script: Script = say(TEXT)
         self.delay_s = 0.0  # before playing the script
+        self.gap_s = 0.0  # between its messages
         self.requests: list[GenerateRequest] = []
         self.parents: list[SpanContext] = []  # the trace context each request arrived in
         self.cancels: asyncio.Queue[Cancel] = asyncio.Queue()
@@ -123,6 +124,7 @@ class FakeBackend:
         await asyncio.sleep(self.delay_s)
         for message in self.script(req):
             await self.bus.publish(subjects.stream(req.request_id), message)
+            await asyncio.sleep(self.gap_s)
 
     async def on_cancel(self, message: Message, subject: str) -> None:
         if isinstance(message, Cancel):
@@ -344,11 +346,14 @@ async def test_a_list_of_prompts_streams_its_choices_interleaved(
     bus: Bus, backend: FakeBackend
 ) -> None:
     backend.script = lambda req: say(answer_for(req))(req)
+    backend.gap_s = 0.02  # all three stream at once
     async with gateway(bus) as client, openai_client(client) as oai:
         stream = await oai.completions.create(
             model=MODEL, prompt=PROMPTS, max_tokens=9, stream=True
         )
         chunks = [chunk async for chunk in stream]
+    order = [chunk.choices[0].index for chunk in chunks[:-1]]
+    assert order != sorted(order)  # interleaved, not one choice after another
     texts: dict[int, str] = {}
     finishes: dict[int, str | None] = {}
     for chunk in chunks[:-1]:

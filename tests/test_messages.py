@@ -147,7 +147,10 @@ def test_salted_space_keeps_the_rest() -> None:
 def test_enums_encode_as_their_plain_strings() -> None:
     body = body_of(GenerateRequest("r", b"", Sampling(), KvMode.COMPUTE))
     assert body["kv_mode"] == "compute" and type(body["kv_mode"]) is str
-    assert body["sampling"] == {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "seed": None}
+    assert body["sampling"] == {
+        "max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "seed": None, "presence_penalty": 0.0,
+        "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": [],
+    }  # fmt: skip
     body = body_of(PREFILLED.done(FinishReason.LENGTH, 8))
     assert body["finish_reason"] == "length" and type(body["finish_reason"]) is str
     body = body_of(Failed("r", ErrorCode.BAD_REQUEST, "no"))

@@ -606,7 +606,8 @@ async def test_a_loader_with_a_near_tier_probes_each_tier(nats_url: str, tmp_pat
     async with AsyncExitStack() as resources:
         loader = await build(bus, settings, resources)
         assert isinstance(loader.store, TieredStore)
-        assert isinstance(loader.store.near, LocalStore) and loader.store.far is not None
+        assert isinstance(loader.store.near, LocalStore)
+        assert isinstance(loader.store.far, MemoryStore)
         assert loader.store.near.capacity_bytes == 10**9
         assert loader.read_MBps > 0 and loader.near_read_MBps > 0
         assert loader.store.usage_bytes() == 0  # both probes are gone

@@ -177,9 +177,11 @@ async def test_a_tiered_store_reads_near_first_and_keeps_near_what_it_fetched_fa
         view = await store.get_into(key("far"), new_buffer)
         assert view is not None and bytes(view) == b"f" * 1000
         await store.promote(key("far"), view)  # the reader verified it
-        await store.promote(key("both"), view)  # read near: nothing to do
+        near_view = await store.get_into(key("both"), new_buffer)
+        assert near_view is not None
+        await store.promote(key("both"), near_view)  # read near: nothing to copy
         reads = store.take_reads()
-        assert (reads[FAR].reads, reads[FAR].nbytes, reads[NEAR].reads) == (1, 1000, 0)
+        assert (reads[FAR].reads, reads[FAR].nbytes, reads[NEAR].reads) == (1, 1000, 1)
         assert reads[FAR].busy_s > 0
     async with LocalStore(tmp_path / "near") as reopened:  # closing waited for the copy
         assert await reopened.get(key("far")) == b"f" * 1000
@@ -192,10 +194,37 @@ async def test_a_tiered_store_reads_near_first_and_keeps_near_what_it_fetched_fa
 
 
 async def test_a_tiered_store_keeps_a_write_near_when_far_refuses_it(tmp_path: Path) -> None:
+    """The near copy serves this node; the chunk still counts as missing where every node
+    reads, so the next write-back tries the far tier again."""
     async with TieredStore(LocalStore(tmp_path / "near"), RefusingStore()) as store:
         with pytest.raises(StoreError, match="NoSuchBucket"):
             await store.put(key(1), b"kv")
         assert await store.tiers([key(1)]) == [NEAR]
+        assert await store.exists_many([key(1)]) == [True]
+        assert await store.shared_many([key(1)]) == [False]
+
+
+async def test_a_tiered_store_writes_far_when_its_near_tier_refuses(tmp_path: Path) -> None:
+    far = MemoryStore()
+    async with TieredStore(RefusingStore(), far) as store:
+        await store.put(key(1), b"kv")  # the near failure is logged, not raised
+        assert await far.get(key(1)) == b"kv"
+        assert await store.tiers([key(1)]) == [FAR]
+
+
+async def test_a_corrupt_copy_is_dropped_only_from_the_tier_that_served_it(tmp_path: Path) -> None:
+    """One node's bad disk must not delete the copy every node shares (and a bad far copy is
+    dropped far: it was never copied near)."""
+    near, far = LocalStore(tmp_path / "near"), MemoryStore()
+    async with TieredStore(near, far) as store:
+        await store.put(key("n"), b"good")
+        await store.get_into(key("n"), new_buffer)  # served near
+        await store.drop_corrupt(key("n"))
+        assert not await near.exists(key("n")) and await far.get(key("n")) == b"good"
+        await store.get_into(key("n"), new_buffer)  # now served far
+        await store.drop_corrupt(key("n"))
+        assert not await far.exists(key("n"))
+        assert not await near.exists(key("n"))  # never promoted
 
 
 def test_tier_busy_time_is_the_union_of_read_spans() -> None:
@@ -577,8 +606,31 @@ async def test_s3_part_size_zero_reads_each_object_in_one_get(s3_endpoint: str) 
         store._get = spy  # type: ignore[method-assign]
         assert await store.get(key("whole")) == data
         assert asked == [None]
+        await store.put(key("empty"), b"")
+        assert await store.get(key("empty")) == b""
     other = store_from_settings(Settings(store="memory://"))  # the part size is S3's alone
     assert isinstance(other, MemoryStore)
+
+
+async def test_s3_a_server_that_ignores_range_still_serves_the_whole_object(
+    s3_endpoint: str,
+) -> None:
+    async with S3Store(BUCKET, endpoint_url=s3_endpoint, part_bytes=1000) as store:
+        await store.ensure_bucket()
+        data = os.urandom(4500)
+        await store.put(key("norange"), data)
+        asked: list[str | None] = []
+        get = store._get
+
+        async def ignores_range(
+            k: str, byte_range: str | None, version: str | None = None
+        ) -> object:
+            asked.append(byte_range)
+            return await get(k, None, version)  # a 200 with the whole object, no Content-Range
+
+        store._get = ignores_range  # type: ignore[method-assign]
+        assert await store.get(key("norange")) == data
+        assert asked == ["bytes=0-999"]  # no parts asked for
 
 
 async def test_s3_an_object_replaced_while_read_in_parts_is_an_error(s3_endpoint: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -56,6 +57,11 @@ class Job:
     def generated(self) -> int:
         """Tokens generated so far."""
         return len(self.output)
+
+    @functools.cached_property
+    def prompt_ids(self) -> torch.Tensor:
+        """The prompt's ids as a tensor, made once (a repetition penalty reads them each step)."""
+        return torch.tensor(self.prompt.token_ids, dtype=torch.long)
 
     @property
     def last_token(self) -> int:

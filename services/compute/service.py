@@ -674,9 +674,7 @@ class Compute(Service):
 
     def sample(self, job: Job, logits: torch.Tensor) -> int:
         """The next token from these logits, as the request's sampling says."""
-        return pick_token(
-            logits.cpu(), job.msg.sampling, job.generator, job.prompt.token_ids, job.output
-        )
+        return pick_token(logits.cpu(), job.msg.sampling, job.generator, job.prompt_ids, job.output)
 
     def emit(self, job: Job, token: int, outbox: Outbox) -> None:
         """Stream one new token; the end of the request when it is a stop id or the last."""

@@ -375,11 +375,13 @@ def _logit_bias(body: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
     pairs = []
     for key, value in bias.items():
         number = _is_int(value) or isinstance(value, float)
-        if not key.isdecimal() or not number or not math.isfinite(value):
+        if not key.isdecimal() or not number or not abs(value) < 1e300:
             raise RequestError(
                 f"logit_bias must map token ids to numbers, got {key!r}: {value!r}", "logit_bias"
             )
         pairs.append((int(key), float(value)))
+    if len({token for token, _ in pairs}) < len(pairs):
+        raise RequestError('logit_bias names a token twice (as "1" and "01")', "logit_bias")
     return tuple(pairs)
 
 

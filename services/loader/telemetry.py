@@ -44,5 +44,6 @@ class ReadWindow:
             busy_s=gate.take_busy_s(), in_flight=gate.in_flight, read_limit=gate.limit.slots,
             stalls=self.stalls, failures=self.failures, near_reads=near.reads,
             near_nbytes=near.nbytes, near_busy_s=near.busy_s,
+            far_reads=tiers[FAR].reads if tiers else 0,
             far_busy_s=tiers[FAR].busy_s if tiers else None,
         )  # fmt: skip

@@ -13,10 +13,8 @@ chunk by chunk only near the meeting. The meeting point itself is still found at
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-
-from shared.core.plan import oracle_split
 
 STALE_HOPE = 0.7  # the link estimate's factor per request computed whole without loads
 
@@ -94,13 +92,38 @@ class SplitEstimator:
         compute, far = self.compute_s.value, self.load_s.value
         if hit == 0 or compute is None or far is None:
             return Advice()
-        near_s = self.near_load_s.value if self.near_load_s.value is not None else far
+        near_s = self.near_load_s.value
+        if not near or near_s is None:  # one link (a near tier not yet measured counts as far)
+            return self._advise(hit, compute, far, math.ceil(hit * far / (compute + far)))
         loads = [near_s if j in near else far for j in range(hit)]
-        load = sum(loads) / hit if near else far  # a chunk's mean cost
+        meet, _ = best_meet(hit, compute, loads, near)
+        near_sum = sum(loads[j] for j in range(hit) if j in near)
+        every_load = max(near_sum, sum(loads) - near_sum)  # all of them, side by side
+        return self._advise(hit, compute, every_load / hit, meet)
+
+    def _advise(self, hit: int, compute: float, load: float, hint: int) -> Advice:
+        """Advice from a chunk's compute cost, its load cost and the split they suggest."""
         if load < self.skip_head_ratio * compute:
             return Advice(compute_head=False, head_hint=0)
         if hit * compute / (compute + load) <= 1:  # the split saves less than one head step
             return Advice(head_hint=hit, fetch=False)
-        if not near:
-            return Advice(head_hint=min(hit, math.ceil(hit * load / (compute + load))))
-        return Advice(head_hint=oracle_split([compute] * hit, loads)[0])
+        return Advice(head_hint=min(hit, hint))
+
+
+def best_meet(
+    hit: int, compute: float, loads: Sequence[float], near: Collection[int]
+) -> tuple[int, float]:
+    """The meeting chunk m that minimises max(m * compute, the loads of [m, hit)), the near
+    tier's and the far one's read side by side (the slower of their two sums); its time (ties go
+    to the larger m: fewer loads)."""
+    best = (hit, hit * compute)
+    near_tail = far_tail = 0.0
+    for m in range(hit - 1, -1, -1):  # the tail grows as the meeting point comes down
+        if m in near:
+            near_tail += loads[m]
+        else:
+            far_tail += loads[m]
+        seconds = max(m * compute, near_tail, far_tail)
+        if seconds < best[1]:
+            best = (m, seconds)
+    return best

@@ -128,7 +128,7 @@ def pick_token(
     logits: torch.Tensor,
     sampling: Sampling,
     gen: torch.Generator | None,
-    prompt_ids: Sequence[int] = (),
+    prompt_ids: Sequence[int] | torch.Tensor = (),
     output_ids: Sequence[int] = (),
 ) -> int:
     """Greedy argmax, or temperature / top-p sampling with the given generator (a temperature
@@ -147,7 +147,10 @@ def pick_token(
 
 
 def penalised(
-    logits: torch.Tensor, sampling: Sampling, prompt_ids: Sequence[int], output_ids: Sequence[int]
+    logits: torch.Tensor,
+    sampling: Sampling,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    output_ids: Sequence[int],
 ) -> torch.Tensor:
     """The logits with logit_bias added, then penalties applied as vLLM does: repetition over
     the tokens of prompt and output (a positive logit divided by it, a negative one
@@ -162,7 +165,7 @@ def penalised(
     counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab)[:vocab]
     if sampling.repetition_penalty != 1.0:
         seen = counts > 0
-        seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        seen[torch.as_tensor(prompt_ids, dtype=torch.long)] = True
         scaled = torch.where(
             logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty
         )

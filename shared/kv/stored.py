@@ -34,7 +34,7 @@ async def read_verified(
         await asyncio.to_thread(verify_chunk, data, prompt.identity(index), secret)
     except CorruptChunkError as exc:
         log.warning("corrupt chunk deleted", chunk=index, error=str(exc))
-        await store.delete(prompt.keys[index])
+        await store.drop_corrupt(prompt.keys[index])
         raise
     await store.promote(prompt.keys[index], data)
     return data
@@ -49,7 +49,7 @@ async def store_missing(
     """Store the chunks among indices that the store lacks (read(i) gives chunk i's bytes and
     is called only for those); how many chunks and bytes were written. Stops at the first
     error, since a chunk is only ever found through every chunk before it."""
-    present = await store.exists_many([prompt.keys[i] for i in indices])
+    present = await store.shared_many([prompt.keys[i] for i in indices])
     chunks = nbytes = 0
     for i, stored in zip(indices, present, strict=True):
         if not stored:

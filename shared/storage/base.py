@@ -67,6 +67,16 @@ class ChunkStore(abc.ABC):
         """The value under key, just read with get_into, was verified: a store with tiers may
         keep it nearer (the caller may release data once this returns)."""
 
+    async def drop_corrupt(self, key: str) -> None:
+        """The value under key, just read, failed verification: remove it (a store with tiers
+        removes only the copy that was read)."""
+        await self.delete(key)
+
+    async def shared_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys are stored where every node reads them (what a write-back must fill);
+        exists_many for a store of one tier."""
+        return await self.exists_many(keys)
+
     @abc.abstractmethod
     async def put(self, key: str, data: bytes) -> None:
         """Store data under key atomically; an existing value is replaced."""

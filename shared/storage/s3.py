@@ -144,7 +144,9 @@ class S3Store(ChunkStore):
                     return allocate(0)
                 raise
             size = _object_size(first)
-            buffer, version, step = allocate(size), first.get("ETag"), self.part_bytes or size
+            whole = self.part_bytes == 0 or not first.get("ContentRange")  # (Range ignored)
+            buffer, version = allocate(size), first.get("ETag")
+            step = max(size, 1) if whole else self.part_bytes
             more = asyncio.Semaphore(PARALLEL_PARTS - 1)  # the first part holds one connection
             parts = [
                 self._get_range(key, buffer, start, version, more)

@@ -15,6 +15,7 @@ from shared.storage.base import Allocate, ChunkStore
 log = structlog.get_logger(__name__)
 
 NEAR, FAR = "near", "far"
+REMEMBERED_READS = 4096  # reads whose tier is kept until verified (promote, drop_corrupt)
 
 
 @dataclass
@@ -44,18 +45,21 @@ class TieredStore(ChunkStore):
     """A near store in front of a far one, as LMCache's and SGLang HiCache's local tiers are.
 
     Reads try near, then far; a chunk read far is copied near once the reader has verified it
-    (`promote`), so the node's next read of it is local (read-through). Writes go to both, near
-    first, so a write that far refuses (a full or unreachable bucket) still serves this node;
-    the far failure is raised. Deletes (a corrupt chunk) remove both copies. `tiers` says where
-    each key is, and `take_reads` what each tier served: the loader reports both, so the
-    estimator learns each tier's pace.
+    (`promote`), so the node's next read of it is local (read-through). A write goes near (a
+    failure there is logged: the near tier is a cache) and then far (a failure there is raised,
+    and `shared_many` keeps reporting the chunk missing, so the next write-back tries again). A
+    corrupt copy is dropped from the tier that served it only (`drop_corrupt`), so one node's bad
+    disk never deletes the copy every node shares. `tiers` says where each key is, and
+    `take_reads` what each tier served: the loader reports both, so the estimator learns each
+    tier's pace. (A near read that fails outright fails that chunk, which is then computed: its
+    buffer is already allocated, so it cannot be read far instead.)
     """
 
     def __init__(self, near: ChunkStore, far: ChunkStore) -> None:
         self.near, self.far = near, far
         self.batch_concurrency = far.batch_concurrency
         self.window = {NEAR: TierReads(), FAR: TierReads()}
-        self._read_far: set[str] = set()  # keys read far and not yet promoted
+        self._served: dict[str, str] = {}  # the tier each recent read came from (oldest first)
         self._filling: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -96,16 +100,16 @@ class TieredStore(ChunkStore):
             view = await store.get_into(key, allocate)
             if view is not None:
                 self.window[tier].read(started, time.monotonic(), len(view))
-                if tier == FAR:
-                    self._read_far.add(key)
+                self._served[key] = tier
+                while len(self._served) > REMEMBERED_READS:  # reads never verified or dropped
+                    del self._served[next(iter(self._served))]
                 return view
         return None
 
     async def promote(self, key: str, data: memoryview) -> None:
         """A chunk just read far was verified: copy it near, in the background."""
-        if key not in self._read_far:
+        if self._served.pop(key, None) != FAR:
             return
-        self._read_far.discard(key)
         task = asyncio.create_task(self._fill(key, bytes(data)))
         self._filling.add(task)
         task.add_done_callback(self._filling.discard)
@@ -117,15 +121,27 @@ class TieredStore(ChunkStore):
             log.warning("could not copy a chunk to the near tier", key=key[:16], error=str(exc))
 
     async def put(self, key: str, data: bytes) -> None:
-        """Write near, then far (a far failure is raised; the near copy stays)."""
-        await self.near.put(key, data)
+        """Write near (a failure is logged), then far (a failure is raised)."""
+        await self._fill(key, data)
         await self.far.put(key, data)
+
+    async def shared_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys the far tier holds: what every node can read."""
+        return await self.far.exists_many(keys)
 
     async def delete(self, key: str) -> None:
         """Remove key from both tiers."""
-        self._read_far.discard(key)
+        self._served.pop(key, None)
         await self.near.delete(key)
         await self.far.delete(key)
+
+    async def drop_corrupt(self, key: str) -> None:
+        """Remove the corrupt copy just read: from the tier that served it (both when unknown)."""
+        tier = self._served.pop(key, None)
+        if tier != FAR:
+            await self.near.delete(key)
+        if tier != NEAR:
+            await self.far.delete(key)
 
     def take_reads(self) -> dict[str, TierReads]:
         """What each tier served since the last call."""

@@ -253,6 +253,7 @@ class LoaderTelemetry(Message):
     near_reads: int = 0  # of the reads, those the near tier served (CAKE_STORE_CACHE)
     near_nbytes: int = 0
     near_busy_s: float = 0.0  # time with a near read in flight
+    far_reads: int = 0  # with a near tier: the reads the store behind it served
     far_busy_s: float | None = None  # time with a far read in flight (None: no near tier)
 
     @property
@@ -265,7 +266,7 @@ class LoaderTelemetry(Message):
         with them: the link's pace is the second over the first."""
         if self.far_busy_s is None:
             return self.reads, self.busy_s
-        return self.reads - self.near_reads, self.far_busy_s
+        return self.far_reads, self.far_busy_s
 
 
 class Meet(Message):
