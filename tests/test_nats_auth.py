@@ -123,3 +123,33 @@ def test_urls_with_credentials_are_redacted_in_messages() -> None:
     url = with_credentials("nats://127.0.0.1:4222", "compute", "s3cret")
     assert url == "nats://compute:s3cret@127.0.0.1:4222"
     assert redacted(url) == "nats://127.0.0.1:4222"
+
+
+async def test_services_answer_discovery_and_observers_may_ask() -> None:
+    """nats.micro discovery (what `nats micro ls` does): a service role answers $SRV.PING and
+    $SRV.INFO as cake-<service> with its node; the observer role may ask."""
+    import json
+
+    from shared.wire.bus import Bus
+
+    passwords = new_passwords()
+    server = NatsServer.start(authorization=authorization(passwords))
+    try:
+        loader = await Bus.connect(with_credentials(server.url, "loader", passwords["loader"]), "t")
+        stop = await loader.announce("cake-loader", {"node": "node-7"})
+        observer = await nats.connect(
+            with_credentials(server.url, "observer", passwords["observer"]),
+            allow_reconnect=False, error_cb=ignore,
+            inbox_prefix=subjects.inbox_prefix("observer"),
+        )  # fmt: skip
+        ping = json.loads((await observer.request("$SRV.PING.cake-loader", b"", 2.0)).data)
+        info = json.loads((await observer.request("$SRV.INFO", b"", 2.0)).data)
+        assert ping["name"] == info["name"] == "cake-loader"
+        assert info["metadata"] == {"node": "node-7"} and ping["id"] == info["id"]
+        await stop()
+        with pytest.raises(nats.errors.NoRespondersError):
+            await observer.request("$SRV.PING.cake-loader", b"", 1.0)
+        await observer.close()
+        await loader.close()
+    finally:
+        server.stop()

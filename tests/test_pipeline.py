@@ -819,3 +819,24 @@ async def test_a_target_itl_cuts_prompt_pieces_while_others_decode(
         assert compute.step_budget.tokens == 64  # every decode step took over 1 ms
         assert compute.step_budget.for_step(decoding=False) == 512
     assert got.tokens == reference.tokens
+
+
+async def test_every_service_answers_discovery_with_its_node(local: Backend) -> None:
+    """`nats micro ls` finds the merger, compute and loader (nats.micro's $SRV.PING)."""
+    import json
+
+    import nats
+
+    client = await nats.connect(local.settings.nats_url)
+    answers: list[dict[str, object]] = []
+
+    async def on_answer(msg: object) -> None:
+        answers.append(json.loads(msg.data))  # type: ignore[attr-defined]
+
+    inbox = client.new_inbox()
+    await client.subscribe(inbox, cb=on_answer)
+    await client.publish("$SRV.INFO", b"", reply=inbox)
+    await asyncio.sleep(0.5)
+    await client.close()
+    mine = {a["name"] for a in answers if a["metadata"] == {"node": local.settings.node}}
+    assert mine == {"cake-merger", "cake-compute", "cake-loader"}

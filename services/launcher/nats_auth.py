@@ -21,6 +21,7 @@ PREFILLS = "cake.compute.*.prefill"  # a job routed to one node's compute
 STORES = "cake.loader.*.store"
 CANCELS = "cake.req.*.cancel"  # a request's Cancel
 TELEMETRY = "cake.telemetry.*.*"  # a service's telemetry on its node
+DISCOVERY = "$SRV.>"  # nats.micro's PING, INFO and STATS: every service answers, observers ask
 
 ROLES: dict[str, dict[str, list[str]]] = {
     "gateway": {
@@ -28,7 +29,7 @@ ROLES: dict[str, dict[str, list[str]]] = {
             subjects.GENERATE, subjects.COMPUTE_INFO, subjects.MERGER_INFO, subjects.LOADER_INFO,
             CANCELS,
         ],
-        "subscribe": [STREAMS],
+        "subscribe": [STREAMS, DISCOVERY],
     },
     "merger": {
         "publish": [
@@ -39,24 +40,25 @@ ROLES: dict[str, dict[str, list[str]]] = {
         "subscribe": [
             subjects.GENERATE, subjects.MERGER_INFO, subjects.EVENTS_ALL, subjects.TELEMETRY_ALL,
             CANCELS,  # a client's Cancel, to relay
+            DISCOVERY,
         ],
     },
     "compute": {
         "publish": [STREAMS, subjects.EVENTS_ALL, STORES, TELEMETRY],
         "subscribe": [
             subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, PREFILLS, subjects.CONTROL_ALL,
-            CANCELS, subjects.EVENTS_ALL,
+            CANCELS, subjects.EVENTS_ALL, DISCOVERY,
         ],
     },
     "loader": {
         "publish": [subjects.EVENTS_ALL, TELEMETRY],
         "subscribe": [
             subjects.LOOKUP, LOOKUPS, subjects.LOADER_INFO, FETCHES, STORES, subjects.CONTROL_ALL,
-            CANCELS,
+            CANCELS, DISCOVERY,
         ],
     },
-    "observer": {  # benchmark timelines, dashboards
-        "publish": [], "subscribe": [subjects.EVENTS_ALL, subjects.TELEMETRY_ALL],
+    "observer": {  # benchmark timelines, dashboards, `nats micro ls`
+        "publish": [DISCOVERY], "subscribe": [subjects.EVENTS_ALL, subjects.TELEMETRY_ALL],
     },
 }  # fmt: skip
 

@@ -130,6 +130,8 @@ async def running(
         service = await build(bus, settings, stack)
         stack.push_async_callback(service.close)
         await service.start()
+        stop_announcing = await bus.announce(f"cake-{service.name}", {"node": settings.node})
+        stack.push_async_callback(stop_announcing)
         await bus.flush()  # its subscriptions are live at the server before it counts as up
         yield service
 

@@ -78,6 +78,10 @@ class Connection(Protocol):
 
     async def flush(self) -> None: ...
 
+    async def announce(
+        self, name: str, metadata: dict[str, str]
+    ) -> Callable[[], Awaitable[None]]: ...  # answer discovery as `name`; returns its stop
+
     async def close(self, timeout_s: float) -> None: ...  # drain, then close; idempotent
 
 
@@ -262,6 +266,11 @@ class Bus:
     async def flush(self) -> None:
         """Until the server has seen everything sent so far."""
         await self._conn.flush()
+
+    async def announce(self, name: str, metadata: dict[str, str]) -> Callable[[], Awaitable[None]]:
+        """Answer NATS service discovery (nats.micro: $SRV.PING, $SRV.INFO, $SRV.STATS, what
+        `nats micro ls` asks) as `name` with `metadata`; returns the call that stops it."""
+        return await self._conn.announce(name, metadata)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop taking messages, let handlers in flight finish, then close. Idempotent."""

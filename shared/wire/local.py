@@ -196,6 +196,14 @@ class LocalConnection:
         """Delivery is immediate: let callbacks run."""
         await asyncio.sleep(0)
 
+    async def announce(self, name: str, metadata: dict[str, str]) -> Callable[[], Awaitable[None]]:
+        """Nobody discovers services in one process: nothing to answer."""
+
+        async def stop() -> None:
+            pass
+
+        return stop
+
     async def close(self, timeout_s: float) -> None:
         """Stop taking messages, let callbacks finish what is queued, then close. Idempotent."""
         if self._closed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -11,6 +12,7 @@ from urllib.parse import urlparse
 
 import nats
 import nats.errors
+import nats.micro as micro
 import structlog
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
@@ -18,6 +20,15 @@ from nats.aio.subscription import Subscription
 from shared.core.errors import ConnectionLost, NoResponders, PayloadTooLarge, RequestTimeout
 from shared.wire import subjects
 from shared.wire.bus import RawMsg
+
+
+def cake_version() -> str:
+    """The installed package's version (0.0.0 when run from a source tree without it)."""
+    try:
+        return importlib.metadata.version("cake")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
 
 log = structlog.get_logger(__name__)
 CONNECT_ATTEMPT_S = 3.0  # the least one connection attempt gets (nats-py's connect_timeout: 2 s)
@@ -154,6 +165,15 @@ class NatsConnection:
     async def flush(self) -> None:
         """Until the server has processed everything sent so far."""
         await self._nc.flush()
+
+    async def announce(self, name: str, metadata: dict[str, str]) -> Callable[[], Awaitable[None]]:
+        """A nats.micro service of this name (no endpoints: Cake's subjects are its own), for
+        discovery."""
+        service = await micro.add_service(
+            self._nc, name=name, version=cake_version(), metadata=metadata,
+            description="Cake: compute the head of a prompt's KV while loading its tail",
+        )  # fmt: skip
+        return service.stop
 
     async def close(self, timeout_s: float) -> None:
         """Drain (handlers in flight finish), then close. Idempotent."""
