@@ -175,6 +175,9 @@ class Bench:
             progress.update()
         progress.close()
         overhead = await self.pipeline_overhead(contexts[-1], store)
+        for (ctx, ratio), row in zip(cells, rows, strict=True):  # after the overhead: these
+            if ratio == 1.0:  # runs warm this process, which the in-process baseline runs in
+                row.update(await self.best_split(ctx, row, fixed_s))
         await store.close()
         return {"rows": rows, "pipeline": overhead, "fixed_overhead_s": fixed_s,
                 "calibration": [self.calibration_row(c) for c in contexts]}  # fmt: skip
@@ -229,15 +232,6 @@ class Bench:
         load_median = statistics.median(load_by_conc[best_conc])
         latency = ctx.profile.load_latency(load_median, bandwidth, fixed_s)
         oracle_meet, oracle_s = ctx.profile.oracle(bandwidth, best_conc, fixed_s, latency)
-        measured = {}
-        if ratio == 1.0:  # the balance: where the split matters most
-            split_meet, split_s, tried = await self.best_split(
-                ctx, bandwidth, best_conc, oracle_meet
-            )
-            measured = {
-                "best_split_s": split_s + fixed_s, "best_split_meet_chunk": split_meet,
-                "best_split_tried_s": {m: round(t + fixed_s, 4) for m, t in tried.items()},
-            }  # fmt: skip
         compute_stats = stats(compute)
         compute_best = min(compute_stats["median"], ctx.compute_best_s)
         return {
@@ -260,25 +254,24 @@ class Bench:
             "oracle_meet_chunk": oracle_meet,
             "load_latency_s": round(latency, 4),
             "chunks": ctx.hit,
-            **measured,
         }
 
-    async def best_split(
-        self, ctx: Context, bandwidth: float, concurrency: int, around: int
-    ) -> tuple[int, float, dict[int, float]]:
-        """The measured best split (bench.profile.best_split): every meeting point within
-        SPLIT_WINDOW chunks of `around` (the model oracle's), and both ends."""
+    async def best_split(self, ctx: Context, row: dict[str, Any], fixed_s: float) -> dict[str, Any]:
+        """The measured best split of a cell (bench.profile.best_split) on its link and load
+        concurrency: every meeting point within SPLIT_WINDOW chunks of the model oracle's, and
+        both ends, each plus the fixed cost; the row's fields for it."""
         assert self.runner is not None and self.store is not None
-        meets = [
-            0,
-            ctx.hit,
-            *range(max(0, around - SPLIT_WINDOW), min(ctx.hit, around + SPLIT_WINDOW) + 1),
-        ]
-        async with ThrottledStore(self.store, bandwidth_MBps=bandwidth) as link:
-            return await best_split(
-                self.runner, link, self.prompt(ctx), ctx.hit, meets, concurrency,
-                before_each=lambda: evict_page_cache(self.workdir / "store"),
+        around = row["oracle_meet_chunk"]
+        window = range(max(0, around - SPLIT_WINDOW), min(ctx.hit, around + SPLIT_WINDOW) + 1)
+        async with ThrottledStore(self.store, bandwidth_MBps=row["bandwidth_MBps"]) as link:
+            meet, seconds, tried = await best_split(
+                self.runner, link, self.prompt(ctx), ctx.hit, [0, ctx.hit, *window],
+                row["load_concurrency"], lambda: evict_page_cache(self.workdir / "store"),
             )  # fmt: skip
+        return {
+            "best_split_s": seconds + fixed_s, "best_split_meet_chunk": meet,
+            "best_split_tried_s": {m: round(t + fixed_s, 4) for m, t in tried.items()},
+        }  # fmt: skip
 
     async def restart_loader(self, bandwidth: float, concurrency: int) -> None:
         """A loader on a link of `bandwidth` MB/s (it probes its store as it starts: no
