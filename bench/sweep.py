@@ -52,7 +52,7 @@ class BenchConfig:
 
     @classmethod
     def quick(cls) -> BenchConfig:
-        """Small enough for about 3 minutes on 2 CPU cores."""
+        """Small enough for about 5 minutes on 2 CPU cores."""
         return cls(contexts=(2048, 4096), reps=1, fetch_concurrencies=(4,))
 
 

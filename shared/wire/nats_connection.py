@@ -173,7 +173,14 @@ class NatsConnection:
             self._nc, name=name, version=cake_version(), metadata=metadata,
             description="Cake: compute the head of a prompt's KV while loading its tail",
         )  # fmt: skip
-        return service.stop
+
+        async def stop() -> None:
+            if self._nc.is_closed:  # its subscriptions went with the connection
+                return
+            with contextlib.suppress(nats.errors.Error):
+                await service.stop()
+
+        return stop
 
     async def close(self, timeout_s: float) -> None:
         """Drain (handlers in flight finish), then close. Idempotent."""
