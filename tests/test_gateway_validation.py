@@ -193,7 +193,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, tuple[str, ...], str | None]] = [
      400, ("presence_penalty must be between -2 and 2, got 2.5",), "presence_penalty"),
     ("repetition_penalty of 0", CHAT,
      {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}, 400,
-     ("repetition_penalty must be above 0",), "repetition_penalty"),
+     ("repetition_penalty must be between 0.01 and 10, got 0",), "repetition_penalty"),
     ("logit_bias key not a token id", COMPLETIONS, {"prompt": "a", "logit_bias": {"a": 1}},
      400, ("logit_bias must map token ids to numbers",), "logit_bias"),
     ("logit_bias value not a number", COMPLETIONS, {"prompt": "a", "logit_bias": {"1": "x"}},

@@ -128,6 +128,17 @@ def test_logit_bias_and_penalties_change_logits_as_vllm_does() -> None:
     assert counted.tolist() == [2.0 - 0.75, 1.0 - 1.25, -1.0, 0.5]
 
 
+def test_the_strongest_penalties_allowed_still_sample_finite_probabilities() -> None:
+    """The fuzzer sent repetition_penalty 5e-324: positive logits divided by it are inf, and
+    softmax gives NaN. The smallest allowed (0.01) with the smallest temperature that samples
+    stays finite."""
+    gen = torch.Generator().manual_seed(0)
+    strongest = Sampling(temperature=1e-5, repetition_penalty=0.01, frequency_penalty=2.0,
+                         presence_penalty=2.0, logit_bias=((1, 100.0),))  # fmt: skip
+    # token 1: 1 + 100 of bias, over 0.01: 10,100, less 2 * 2 + 2; token 0: 80 / 0.01 = 8,000
+    assert pick_token(torch.tensor([80.0, 1.0, -3.0]), strongest, gen, [0, 1], [1, 1]) == 1
+
+
 def test_sampling_ranges_are_checked_in_one_place() -> None:
     assert (
         Sampling(presence_penalty=2, frequency_penalty=-2, logit_bias=((5, -100),)).problem(
@@ -138,7 +149,7 @@ def test_sampling_ranges_are_checked_in_one_place() -> None:
     bad = {
         "presence_penalty": Sampling(presence_penalty=2.5),
         "frequency_penalty": Sampling(frequency_penalty=-3),
-        "repetition_penalty": Sampling(repetition_penalty=0),
+        "repetition_penalty": Sampling(repetition_penalty=5e-324),  # found by the fuzzer: NaN
         "temperature": Sampling(temperature=3),
         "top_p": Sampling(top_p=0),
     }

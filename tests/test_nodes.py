@@ -18,12 +18,11 @@ from typing import Any
 
 import pytest
 
-from services.launcher.nats_server import free_port
+from services.launcher.nats_server import free_port, free_ports
 from services.launcher.stack import LocalStack
 from shared.runtime.config import Settings
 from shared.storage.s3 import S3Store
 from tests.prom import samples
-from tests.test_stack import free_ports
 
 REQUEST_TIMEOUT_S = 60.0
 

@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from services.launcher.nats_server import free_port
+from services.launcher.nats_server import free_port, free_ports
 from services.launcher.stack import LocalStack
 from shared.runtime.config import Settings
 from tests.prom import samples
@@ -39,14 +39,6 @@ def port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def free_ports(n: int) -> int:
-    """The first of n consecutive ports free right now."""
-    while True:
-        base = free_port()
-        if base + n < 65536 and not any(port_open(base + i) for i in range(n)):
-            return base
 
 
 def test_cake_up_serves_and_stops_cleanly(tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ from services.gateway.validation import (
 from shared.core.request import (
     BIAS_RANGE,
     MAX_LOGIT_BIAS,
-    MAX_REPETITION_PENALTY,
     PENALTY_RANGE,
+    REPETITION_PENALTY_RANGE,
     KvMode,
 )
 
@@ -45,12 +45,7 @@ def _sampling(limits: Limits, max_tokens_field: str) -> dict[str, Any]:
         "seed": {"type": "integer", "minimum": SEED_RANGE[0], "maximum": SEED_RANGE[1]},
         "presence_penalty": _between(PENALTY_RANGE),
         "frequency_penalty": _between(PENALTY_RANGE),
-        "repetition_penalty": {
-            "type": "number",
-            "minimum": 0,
-            "exclusiveMinimum": True,
-            "maximum": MAX_REPETITION_PENALTY,
-        },
+        "repetition_penalty": _between(REPETITION_PENALTY_RANGE),
         "logit_bias": {
             "type": "object",
             "maxProperties": MAX_LOGIT_BIAS,

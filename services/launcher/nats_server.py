@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -18,11 +19,50 @@ from shared.core.errors import ConfigError
 MAX_PAYLOAD = "8MB"  # a 1M-token prompt's packed ids fit; KV never travels on NATS
 
 
+LOWEST_PICKED_PORT = 10000
+_picked: set[int] = set()  # ports this process handed out (not handed out twice)
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
+    """A TCP port free on 127.0.0.1 right now, below the kernel's ephemeral range: outgoing
+    connections take their local ports from that range, and one could take a port picked there
+    before its server binds it (a CI run lost a metrics port that way)."""
+    low = _ephemeral_low()
+    for _ in range(200 if low > LOWEST_PICKED_PORT + 1000 else 0):
+        port = random.randrange(LOWEST_PICKED_PORT, low)
+        if port not in _picked and _bindable(port):
+            _picked.add(port)
+            return port
+    with socket.socket() as s:  # no room below the range: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(n: int) -> int:
+    """The first of n consecutive ports free right now (as free_port picks them)."""
+    while True:
+        base = free_port()
+        rest = range(base + 1, base + n)
+        if base + n < 65536 and all(p not in _picked and _bindable(p) for p in rest):
+            _picked.update(rest)
+            return base
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux; 32768 when unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def nats_server_binary() -> str:

@@ -66,8 +66,12 @@ class Sampling:
                 return name, f"{name} must be between {low:g} and {high:g}, got {value}"
         if not 0 < self.top_p <= 1:
             return "top_p", f"top_p must be in (0, 1], got {self.top_p}"
-        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            limit = f"above 0 and at most {MAX_REPETITION_PENALTY:g}"
+        if (
+            not REPETITION_PENALTY_RANGE[0]
+            <= self.repetition_penalty
+            <= REPETITION_PENALTY_RANGE[1]
+        ):
+            limit = "between {:g} and {:g}".format(*REPETITION_PENALTY_RANGE)
             return (
                 "repetition_penalty",
                 f"repetition_penalty must be {limit}, got {self.repetition_penalty}",
@@ -91,6 +95,6 @@ class Sampling:
 
 TEMPERATURE_RANGE = (0.0, 2.0)
 PENALTY_RANGE = (-2.0, 2.0)  # presence and frequency penalties, as OpenAI takes them
-MAX_REPETITION_PENALTY = 10.0
+REPETITION_PENALTY_RANGE = (0.01, 10.0)  # a smaller one blows positive logits up to inf
 BIAS_RANGE = (-100.0, 100.0)  # logit_bias values, as OpenAI takes them
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
