@@ -16,7 +16,7 @@ import pytest
 from services.compute.service import Compute
 from services.gateway.metrics import GatewayMetrics
 from services.launcher.cli import build_parser, settings_from_args
-from services.launcher.nats_server import free_port
+from services.launcher.nats_server import free_port, port_free
 from services.launcher.stack import SERVICES, LocalStack, metrics_port
 from services.loader.metrics import LoaderMetrics
 from services.loader.service import Loader
@@ -54,16 +54,6 @@ OLD_LOADER_NAMES = {  # once mirrored by the gateway, now on the loader's own po
     "cake_store_failures_total": "counter",
     "cake_store_usage_bytes": "gauge",
 }
-
-
-def port_free(port: int) -> bool:
-    """Nothing listens on 127.0.0.1:port (it can be bound again)."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def text(n: int, seed: int) -> str:

@@ -30,7 +30,7 @@ def free_port() -> int:
     low = _ephemeral_low()
     for _ in range(200 if low > LOWEST_PICKED_PORT + 1000 else 0):
         port = random.randrange(LOWEST_PICKED_PORT, low)
-        if port not in _picked and _bindable(port):
+        if port not in _picked and port_free(port):
             _picked.add(port)
             return port
     with socket.socket() as s:  # no room below the range: the kernel's pick
@@ -43,7 +43,7 @@ def free_ports(n: int) -> int:
     while True:
         base = free_port()
         rest = range(base + 1, base + n)
-        if base + n < 65536 and all(p not in _picked and _bindable(p) for p in rest):
+        if base + n < 65536 and all(p not in _picked and port_free(p) for p in rest):
             _picked.update(rest)
             return base
 
@@ -56,7 +56,8 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def _bindable(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Nothing holds 127.0.0.1:port (it can be bound now)."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
