@@ -27,9 +27,9 @@ from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
 from shared.runtime.service import Service
 from shared.storage import LocalStore, is_s3, open_store
-from shared.storage.base import ChunkStore, new_buffer
+from shared.storage.base import NEAR, ChunkStore, new_buffer
 from shared.storage.staging import Incoming, Staging
-from shared.storage.tiered import NEAR, TieredStore
+from shared.storage.tiered import TieredStore
 from shared.wire import subjects
 from shared.wire.bus import Bus, RawInbox
 from shared.wire.messages import (
@@ -130,14 +130,10 @@ class Loader(Service):
         """How many leading chunks of the prompt are stored."""
         assert isinstance(msg, LookupRequest)
         prompt = await self.checked_prompt(msg.space, msg.tokens)
-        near: tuple[int, ...] = ()
         with tracer(__name__).start_as_current_span("loader.lookup"):
-            if isinstance(self.store, TieredStore):
-                tiers = await self.store.tiers(prompt.keys)
-                stored = tiers.index(None) if None in tiers else len(tiers)
-                near = tuple(i for i, tier in enumerate(tiers[:stored]) if tier == NEAR)
-            else:
-                stored = await self.store.stored_prefix(prompt.keys)
+            tiers = await self.store.tiers(prompt.keys)
+        stored = tiers.index(None) if None in tiers else len(tiers)
+        near = tuple(i for i, tier in enumerate(tiers[:stored]) if tier == NEAR)
         self.metrics.lookups.inc()
         return LookupReply(stored, self.read_MBps, near, self.near_read_MBps)
 

@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from services.loader.gate import ReadGate
-from shared.storage.tiered import FAR, NEAR, TierReads
+from shared.storage.base import FAR, NEAR
+from shared.storage.tiered import TierReads
 from shared.wire.messages import LoaderTelemetry
 
 

@@ -61,21 +61,12 @@ class Sampling:
             ("temperature", self.temperature, TEMPERATURE_RANGE),
             ("presence_penalty", self.presence_penalty, PENALTY_RANGE),
             ("frequency_penalty", self.frequency_penalty, PENALTY_RANGE),
+            ("repetition_penalty", self.repetition_penalty, REPETITION_PENALTY_RANGE),
         ):
             if not low <= value <= high:
                 return name, f"{name} must be between {low:g} and {high:g}, got {value}"
         if not 0 < self.top_p <= 1:
             return "top_p", f"top_p must be in (0, 1], got {self.top_p}"
-        if (
-            not REPETITION_PENALTY_RANGE[0]
-            <= self.repetition_penalty
-            <= REPETITION_PENALTY_RANGE[1]
-        ):
-            limit = "between {:g} and {:g}".format(*REPETITION_PENALTY_RANGE)
-            return (
-                "repetition_penalty",
-                f"repetition_penalty must be {limit}, got {self.repetition_penalty}",
-            )
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             return (
                 "logit_bias",

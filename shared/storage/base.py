@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 #: possibly in a worker thread)
 Allocate = Callable[[int], memoryview]
 
+NEAR, FAR = "near", "far"  # a chunk's tier: a local directory in front, or the store itself
+
 
 def new_buffer(size: int) -> memoryview:
     """A fresh writable buffer of size bytes (the plain Allocate)."""
@@ -94,6 +96,11 @@ class ChunkStore(abc.ABC):
                 return await self.exists(key)
 
         return list(await asyncio.gather(*(one(k) for k in keys)))
+
+    async def tiers(self, keys: Sequence[str]) -> list[str | None]:
+        """Which tier holds each key: NEAR (a local tier in front, shared.storage.tiered) or
+        FAR (the store itself), None when none does."""
+        return [FAR if here else None for here in await self.exists_many(keys)]
 
     async def stored_prefix(self, keys: Sequence[str]) -> int:
         """How many leading keys are stored (the longest stored prefix of a chained key list)."""

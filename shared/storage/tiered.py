@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from shared.core.errors import StoreError
-from shared.storage.base import Allocate, ChunkStore
+from shared.storage.base import FAR, NEAR, Allocate, ChunkStore
 
 log = structlog.get_logger(__name__)
 
-NEAR, FAR = "near", "far"
 REMEMBERED_READS = 4096  # reads whose tier is kept until verified (promote, drop_corrupt)
 
 
