@@ -277,9 +277,7 @@ def _prompts(body: Mapping[str, Any]) -> tuple[str | TokenIds, ...]:
     prompt = body.get("prompt")
     if prompt is None:
         raise RequestError("prompt is required", "prompt")
-    if isinstance(prompt, list) and prompt and all(_is_token_id(i) for i in prompt):
-        return (_one_prompt(prompt, ""),)
-    if not isinstance(prompt, list):
+    if not isinstance(prompt, list) or _is_token_list(prompt):
         return (_one_prompt(prompt, ""),)
     if not 1 <= len(prompt) <= MAX_PROMPTS:
         raise RequestError(
@@ -291,8 +289,12 @@ def _prompts(body: Mapping[str, Any]) -> tuple[str | TokenIds, ...]:
     return tuple(_one_prompt(p, f"prompt[{i}] " if several else "") for i, p in enumerate(prompt))
 
 
+def _is_token_list(prompt: Any) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(_is_token_id(i) for i in prompt)
+
+
 def _one_prompt(prompt: Any, which: str) -> str | TokenIds:
-    if isinstance(prompt, list) and prompt and all(_is_token_id(i) for i in prompt):
+    if _is_token_list(prompt):
         if min(prompt) < 0:
             raise RequestError(f"{which or 'prompt '}token ids must not be negative", "prompt")
         return TokenIds(tuple(prompt))

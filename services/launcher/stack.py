@@ -183,7 +183,8 @@ class LocalStack:
         several nodes, until every process answers on its metrics port too (it serves them once
         started: /health hears from any one compute)."""
         deadline = time.monotonic() + timeout_s
-        each = list(self.metrics_urls().values())[1:] if self.nodes > 1 else []
+        urls = self.metrics_urls().items()
+        each = [url for name, url in urls if name != "gateway"] if self.nodes > 1 else []
         while time.monotonic() < deadline:
             self.check_alive()
             fresh = time.monotonic() > fresh_after
