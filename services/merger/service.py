@@ -61,6 +61,7 @@ from shared.wire.messages import (
 
 log = structlog.get_logger(__name__)
 STALE_TELEMETRY = 3  # a node silent for this many telemetry periods is not routed to
+CANCEL_CHECK_S = 0.5  # while it watches a request, the merger looks for its Cancel this often
 
 
 class Merger(Service):
@@ -327,22 +328,28 @@ class Merger(Service):
         split, outcome = tracker.meet(), "met"
         if await self.cancelled_meanwhile(req, control):  # before the loader listened
             return Split(hit, hit), staged, "cancelled"
+        news_at = start  # the last event
         while split is None:
-            timeout = min(self.settings.fetch_timeout_s, req.deadline - time.time())
+            since = time.monotonic() - news_at
+            timeout = min(self.settings.fetch_timeout_s - since, req.deadline - time.time())
             overdue_in = self.loads_overdue_in(req, tracker, arrivals, reads_s, start, estimator)
+            due = min(timeout, overdue_in)
             try:
-                event = (await events.next(min(timeout, overdue_in))).message
+                event = (await events.next(min(due, CANCEL_CHECK_S))).message
             except RequestTimeout:
                 if await self.cancelled_meanwhile(req, control):  # both sides stopped for it
                     return Split(hit, hit), staged, "cancelled"
+                if due > CANCEL_CHECK_S:  # only a look for the client's Cancel
+                    continue
                 if overdue_in < timeout:  # a load-only plan fell behind: compute the head too
                     await self.start_head(req, tracker, len(arrivals))
-                    outcome = "resumed_head"
+                    outcome, news_at = "resumed_head", time.monotonic()
                     continue
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
                 estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a stalled link
                 split, outcome = Split(tracker.load_frontier, hit), "stalled"
                 break
+            news_at = time.monotonic()
             if isinstance(event, ChunkComputed):
                 tracker.on_computed(event.upto)
             elif isinstance(event, ChunkLoaded):
