@@ -327,9 +327,11 @@ async def test_a_cancel_during_a_stalled_load_is_not_taken_for_a_slow_link(
     nats_url: str, tmp_path: Path
 ) -> None:
     """The client cancels while a load-only request's reads hang: the merger ends the request
-    as cancelled, and its estimate of the link learns nothing from the stall it caused."""
+    as cancelled, and its estimate of the link learns nothing from the stall it caused. No
+    more events come once compute and the loader stop: the merger notices the Cancel within
+    CANCEL_CHECK_S, not when its 20 s event wait runs out."""
     tokens = prompt(500, seed=46)
-    settings = stack_settings(nats_url, tmp_path, fetch_timeout_s=2.0)
+    settings = stack_settings(nats_url, tmp_path, fetch_timeout_s=20.0)
     async with LocalStore(settings.store) as store, backend(settings, store) as be:
         await be.generate(tokens, kv_mode="compute")  # stored
     rid = "t-cancel-stalled"
@@ -348,41 +350,14 @@ async def test_a_cancel_during_a_stalled_load_is_not_taken_for_a_slow_link(
         await be.client.request(subjects.GENERATE, req, Accepted, 2.0)
         await asyncio.sleep(0.5)  # the fetch is out, its reads hang
         await be.client.publish(subjects.cancel(rid), Cancel(rid, "client went away"))
-        deadline = time.monotonic() + 10
+        cancelled_at = time.monotonic()
+        deadline = cancelled_at + 10
         while not ended("cancelled"):
             assert time.monotonic() < deadline, "the merger did not end the request"
             await asyncio.sleep(0.05)
+        assert time.monotonic() - cancelled_at < 2.0
         assert ended("stalled") == 0
         assert merger.estimator.load_s.value == link_before
-
-
-async def test_a_cancel_ends_the_merger_s_watch_at_once_not_at_the_fetch_timeout(
-    nats_url: str, tmp_path: Path
-) -> None:
-    """Once the client cancels, compute and the loader stop and no more events come: the
-    merger notices the Cancel within CANCEL_CHECK_S, not when its 20 s event wait runs out."""
-    tokens = prompt(500, seed=48)
-    settings = stack_settings(nats_url, tmp_path, fetch_timeout_s=20.0)
-    async with LocalStore(settings.store) as store, backend(settings, store) as be:
-        await be.generate(tokens, kv_mode="compute")  # stored
-    rid = "t-cancel-watch"
-    req = GenerateRequest(
-        rid, pack_tokens(tokens), Sampling(max_tokens=8), KvMode.LOAD, deadline=time.time() + 60
-    )
-    async with BrokenReads(settings.store, "stall") as stalling, backend(settings, stalling) as be:
-        merger = be.services["merger"]
-        assert isinstance(merger, Merger)
-        registry = merger.metrics.registry
-        await be.client.request(subjects.GENERATE, req, Accepted, 2.0)
-        await asyncio.sleep(0.5)  # the fetch is out, its reads hang
-        await be.client.publish(subjects.cancel(rid), Cancel(rid, "client went away"))
-        cancelled_at = time.monotonic()
-        while not value(
-            registry, "cake_merger_requests_total", kv_mode="load", outcome="cancelled"
-        ):
-            assert time.monotonic() - cancelled_at < 5.0, "the merger did not end the request"
-            await asyncio.sleep(0.05)
-        assert time.monotonic() - cancelled_at < 2.0
 
 
 async def test_no_loader_beside_compute_means_compute_everything(
