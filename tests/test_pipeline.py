@@ -363,6 +363,8 @@ async def test_a_cancel_during_a_stalled_load_is_not_taken_for_a_slow_link(
 async def test_no_loader_beside_compute_means_compute_everything(
     nats_url: str, tmp_path: Path
 ) -> None:
+    """Compute takes the whole hit, and the lost link counts as slow in every estimate of the
+    node (the deployment's and its own), whichever the request was advised from."""
     settings = stack_settings(nats_url, tmp_path, rpc_timeout_s=1.0)
     tokens = prompt(400, seed=43)
     async with LocalStore(settings.store) as store:
@@ -374,9 +376,13 @@ async def test_no_loader_beside_compute_means_compute_everything(
             backend(elsewhere, store, services=("loader",)),
         ):
             res = await be.generate(tokens)
+            merger = be.services["merger"]
     assert res.tokens == ref.tokens
     assert res.done.hit_tokens == 6 * 64 and res.done.chunks_loaded == 0
     assert res.elapsed_s < 5
+    assert isinstance(merger, Merger)  # the deployment's estimate and the node's learn it alike
+    own = merger.node_estimators[settings.node]
+    assert merger.estimator.load_s.value == own.load_s.value == settings.fetch_timeout_s
 
 
 def test_staging_refuses_paths_outside_its_root(tmp_path: Path) -> None:

@@ -91,11 +91,11 @@ class Merger(Service):
         """Feed the estimator what each side really delivered, from the telemetry every merger
         replica receives alike: head chunks' cost with queueing, the link's pace while reading."""
         if isinstance(msg, ComputeTelemetry):
-            for estimator in (self.estimator, self.node_estimator(msg.node)):
+            for estimator in self.estimates(msg.node):
                 estimator.observe_compute(msg.head_chunks, msg.head_s)
             self.placement.observe(msg.node, msg.running, msg.waiting, time.monotonic())
         elif isinstance(msg, LoaderTelemetry):
-            for estimator in (self.estimator, self.node_estimator(msg.node)):
+            for estimator in self.estimates(msg.node):
                 estimator.observe_loads(*msg.far_pace())
                 estimator.observe_near_loads(msg.near_reads, msg.near_busy_s)
             self.placement.observe_loader(msg.node, time.monotonic())
@@ -107,6 +107,16 @@ class Merger(Service):
                 skip_head_ratio=self.settings.skip_head_ratio
             )
         return self.node_estimators[node]
+
+    def estimates(self, node: str) -> tuple[SplitEstimator, SplitEstimator]:
+        """Every estimate that what happens on `node` informs: the deployment's and the
+        node's own (telemetry and a request's outcome alike feed both)."""
+        return self.estimator, self.node_estimator(node)
+
+    def link_lost(self, node: str) -> None:
+        """A fetch on `node` found no loader or stalled: its link counts as slow."""
+        for estimator in self.estimates(node):
+            estimator.observe_loads(1, self.settings.fetch_timeout_s)
 
     def estimator_for(self, node: str | None) -> SplitEstimator:
         """The estimate for a request placed on `node`: that node's own once its telemetry has
@@ -272,12 +282,14 @@ class Merger(Service):
                 split, outcome = Split(hit, hit), "memory"  # compute holds every hit chunk
             elif hit and not advice.fetch:
                 split, outcome = Split(hit, hit), "no_fetch"  # too short to split: compute all
-                estimator.loads_unobserved()
-            elif hit and not await self.dispatch_fetch(req, space, hit, accepted.node, estimator):
+                for each in self.estimates(accepted.node):
+                    each.loads_unobserved()
+            elif hit and not await self.dispatch_fetch(req, space, hit, accepted.node):
                 split, outcome = Split(hit, hit), "no_loader"  # compute takes it all
+                self.link_lost(accepted.node)
             elif hit:
                 split, staged, outcome = await self.watch(
-                    req, hit, compute_head, events, estimator, control
+                    req, hit, compute_head, events, control, estimator, accepted.node
                 )
                 if outcome == "cancelled":
                     self.metrics.finished(req.kv_mode, outcome)
@@ -289,9 +301,7 @@ class Merger(Service):
         await self.bus.publish(subjects.control(req.request_id), meet)
         self.metrics.finished(req.kv_mode, outcome, split.meet, hit)
 
-    async def dispatch_fetch(
-        self, req: GenerateRequest, space: Space, hit: int, node: str, estimator: SplitEstimator
-    ) -> bool:
+    async def dispatch_fetch(self, req: GenerateRequest, space: Space, hit: int, node: str) -> bool:
         """Hand the fetch to the loader beside the compute replica; False if none answers."""
         fetch = FetchJob(req.request_id, req.tokens, space, hit, req.deadline)
         try:
@@ -300,7 +310,6 @@ class Merger(Service):
             )
         except (Unavailable, RemoteError) as exc:
             log.warning("no loader on the compute node; computing everything", error=str(exc))
-            estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a lost link is slow
             return False
         return True
 
@@ -310,15 +319,17 @@ class Merger(Service):
         hit: int,
         compute_head: bool,
         events: Inbox,
-        estimator: SplitEstimator,
         control: Inbox,
+        estimator: SplitEstimator,
+        node: str,
     ) -> tuple[Split, dict[int, str], str]:
         """Follow computed/loaded events until the frontiers meet (or loads can no longer help);
         the split, the staged chunks and how it ended (met, resumed_head, stalled, or cancelled:
         the client's Cancel came, and a stall it caused says nothing of the link).
 
-        Stalls and timeouts tell the estimator the link is slow (the pace itself comes from
-        telemetry, see on_telemetry).
+        The paces of `estimator` (the one the request was advised from) tell when loads fall
+        behind. Stalls and timed-out reads tell every estimate of `node` (where it runs) that
+        the link is slow; the pace itself comes from telemetry (see on_telemetry).
         """
         tracker = MeetTracker(hit, compute_head=compute_head)
         staged: dict[int, str] = {}
@@ -346,7 +357,7 @@ class Merger(Service):
                     outcome, news_at = "resumed_head", time.monotonic()
                     continue
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
-                estimator.observe_loads(1, self.settings.fetch_timeout_s)  # a stalled link
+                self.link_lost(node)
                 split, outcome = Split(tracker.load_frontier, hit), "stalled"
                 break
             news_at = time.monotonic()
@@ -364,7 +375,7 @@ class Merger(Service):
                 log.warning("chunk load failed", chunk=event.index, reason=event.reason)
                 tracker.on_failed(event.index)
                 if event.reason == "timeout":  # a stalled read says the link is slow
-                    estimator.observe_loads(1, self.settings.fetch_timeout_s)
+                    self.link_lost(node)
             split = tracker.meet()
         return split, staged, outcome
 
