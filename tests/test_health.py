@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from services.compute.service import Compute
+from services.gateway import app as gateway_app
 from services.launcher.stack import SERVICES
 from shared.core.errors import StoreError
 from shared.storage.local import LocalStore
@@ -89,3 +91,32 @@ async def test_health_reports_a_store_that_refuses_writes(nats_url: str, tmp_pat
             health = await resp.json()
     assert resp.status == 200 and health["status"] == "ok", health
     assert "refuses writes" in health["degraded"] and "AccessDenied" in health["degraded"]
+
+
+async def test_health_reports_each_nodes_store_problem_whichever_loader_answers(
+    nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two nodes' loaders take turns answering /health's probe; the one whose store refuses
+    writes shows in every answer (from its telemetry), not only in those it gave itself."""
+    monkeypatch.setattr(gateway_app, "HEALTH_CACHE_S", 0.0)  # every GET probes afresh
+    settings = stack_settings(nats_url, tmp_path, telemetry_s=0.2)
+    healthy = settings.replace(node="healthy-node")
+    async with (
+        ReadOnlyStore(settings.store) as store,
+        LocalStore(settings.store) as healthy_store,
+        backend(settings, store, SERVICES) as be,
+        backend(healthy, healthy_store, ("loader",)),
+        aiohttp.ClientSession() as session,
+    ):
+        body = {"prompt": "z" * 300, "max_tokens": 2}
+        async with session.post(f"{be.url}/v1/completions", json=body) as resp:
+            assert resp.status == 200  # its write-back, on this node, failed
+        await asyncio.sleep(0.6)  # three telemetry periods
+        answers = []
+        for _ in range(10):
+            async with session.get(f"{be.url}/health") as resp:
+                answers.append((resp.status, await resp.json()))
+    for status, health in answers:
+        assert status == 200 and health["status"] == "ok", health
+        assert f"loader on {settings.node}: the store refuses writes" in health["degraded"]
+        assert "healthy-node" not in health["degraded"], health

@@ -45,7 +45,7 @@ from shared.runtime.metrics import render
 from shared.runtime.observability import tracer
 from shared.wire import subjects
 from shared.wire.bus import Bus
-from shared.wire.messages import Accepted, GenerateRequest, ModelInfo
+from shared.wire.messages import Accepted, GenerateRequest, LoaderTelemetry, Message, ModelInfo
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +78,7 @@ class Gateway:
         self.checked_at = -math.inf  # when /health last probed the services
         self.problem: str | None = None  # and what it found
         self.degraded = ""  # what is wrong short of refusing requests
+        self.store_problems: dict[str, tuple[str, float]] = {}  # node: (problem, when heard)
         self.started = int(time.time())
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -115,6 +116,24 @@ class Gateway:
             return web.json_response(body)
         return web.json_response({"status": "unavailable", "reason": problem}, status=503)
 
+    async def listen(self, _: web.Application) -> None:
+        """Hear every node's telemetry (when the app starts)."""
+        await self.bus.handle(subjects.TELEMETRY_ALL, self.on_telemetry)
+
+    async def on_telemetry(self, msg: Message, _: str) -> None:
+        """Remember what each loader says of its store's writes: /health's probe reaches only
+        one loader, and every node's problem should show, whichever answers."""
+        if isinstance(msg, LoaderTelemetry):
+            self.store_problems[msg.node] = (msg.store_problem, time.monotonic())
+
+    def stores_degraded(self, probed: Accepted) -> str:
+        """Every loader's store problem heard lately, the probed loader's as it answered."""
+        heard_since = time.monotonic() - self.settings.telemetry_stale_s
+        problems = {node: problem for node, (problem, at) in self.store_problems.items()
+                    if at >= heard_since}  # fmt: skip
+        problems[probed.node] = probed.problem
+        return "; ".join(f"loader on {n}: {p}" for n, p in sorted(problems.items()) if p)
+
     async def backend_problem(self) -> tuple[str | None, str]:
         """Why a request would not be served now (by the services), or None; and what is
         wrong short of that ("" when nothing)."""
@@ -142,7 +161,7 @@ class Gateway:
             return down, ""
         loader = by_name["loader"]
         assert isinstance(loader, Accepted)
-        return None, f"loader on {loader.node}: {loader.problem}" if loader.problem else ""
+        return None, self.stores_degraded(loader)
 
     async def openapi(self, _: web.Request) -> web.Response:
         """GET /openapi.json: the API's OpenAPI document (open, like /health)."""
@@ -389,4 +408,5 @@ def make_app(
     app.router.add_get("/health", gateway.health)
     app.router.add_get("/metrics", gateway.metrics_text)
     app.router.add_get("/openapi.json", gateway.openapi)
+    app.on_startup.append(gateway.listen)
     return app

@@ -29,7 +29,7 @@ ROLES: dict[str, dict[str, list[str]]] = {
             subjects.GENERATE, subjects.COMPUTE_INFO, subjects.MERGER_INFO, subjects.LOADER_INFO,
             CANCELS,
         ],
-        "subscribe": [STREAMS, DISCOVERY],
+        "subscribe": [STREAMS, DISCOVERY, subjects.TELEMETRY_ALL],  # stores' problems
     },
     "merger": {
         "publish": [

@@ -112,7 +112,7 @@ class Loader(Service):
         tiers = self.store.take_reads() if isinstance(self.store, TieredStore) else None
         for tier, reads in (tiers or {}).items():
             self.metrics.tier_reads.labels(tier=tier).inc(reads.reads)
-        return window.message(self.settings.node, self.gate, tiers)
+        return window.message(self.settings.node, self.gate, tiers, self.store_problem)
 
     async def on_info(self, _: Message, __: str) -> Message:
         """Answer that a loader is up, on which node, and whether its store takes writes (the

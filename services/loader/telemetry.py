@@ -34,10 +34,14 @@ class ReadWindow:
         self.failures += not stalled
 
     def message(
-        self, node: str, gate: ReadGate, tiers: dict[str, TierReads] | None = None
+        self,
+        node: str,
+        gate: ReadGate,
+        tiers: dict[str, TierReads] | None = None,
+        store_problem: str = "",
     ) -> LoaderTelemetry:
-        """The window, closed now, as a message (with the gate's busy time since the last, and
-        what each tier served when the store has two)."""
+        """The window, closed now, as a message (with the gate's busy time since the last,
+        what each tier served when the store has two, and the store's write problem)."""
         near = tiers[NEAR] if tiers else TierReads()
         return LoaderTelemetry(
             node=node, window_s=time.monotonic() - self.opened, reads=self.reads,
@@ -46,5 +50,5 @@ class ReadWindow:
             stalls=self.stalls, failures=self.failures, near_reads=near.reads,
             near_nbytes=near.nbytes, near_busy_s=near.busy_s,
             far_reads=tiers[FAR].reads if tiers else 0,
-            far_busy_s=tiers[FAR].busy_s if tiers else None,
+            far_busy_s=tiers[FAR].busy_s if tiers else None, store_problem=store_problem,
         )  # fmt: skip

@@ -60,7 +60,6 @@ from shared.wire.messages import (
 )  # fmt: skip
 
 log = structlog.get_logger(__name__)
-STALE_TELEMETRY = 3  # a node silent for this many telemetry periods is not routed to
 CANCEL_CHECK_S = 0.5  # while it watches a request, the merger looks for its Cancel this often
 
 
@@ -74,7 +73,7 @@ class Merger(Service):
         self.info: ModelInfo | None = None
         self.estimator = SplitEstimator(skip_head_ratio=settings.skip_head_ratio)  # every node
         self.node_estimators: dict[str, SplitEstimator] = {}  # each node's own
-        self.placement = Placement(stale_after_s=STALE_TELEMETRY * settings.telemetry_s)
+        self.placement = Placement(stale_after_s=settings.telemetry_stale_s)  # then not routed to
         self.metrics = MergerMetrics()
 
     async def start(self) -> None:

@@ -168,6 +168,11 @@ class Settings:
         return dataclasses.replace(self, **changes).validated()
 
     @property
+    def telemetry_stale_s(self) -> float:
+        """How long a node's last telemetry counts: three periods (then it is taken as gone)."""
+        return 3 * self.telemetry_s
+
+    @property
     def kv_memory_bytes(self) -> int | None:
         """The compute replica's KV memory budget, if set."""
         return None if self.kv_memory_gb is None else int(self.kv_memory_gb * 2**30)

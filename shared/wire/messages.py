@@ -255,6 +255,7 @@ class LoaderTelemetry(Message):
     near_busy_s: float = 0.0  # time with a near read in flight
     far_reads: int = 0  # with a near tier: the reads the store behind it served
     far_busy_s: float | None = None  # time with a far read in flight (None: no near tier)
+    store_problem: str = ""  # why its last write-back failed, until one succeeds ("": none)
 
     @property
     def link_MBps(self) -> float:
