@@ -147,14 +147,19 @@ def test_failed_load_sets_a_floor_for_load_only() -> None:
     assert cake.meet() == Split(4, 6)
 
 
-def test_head_steps_follow_the_hint_then_go_chunk_by_chunk() -> None:
+def test_head_steps_probe_then_follow_the_hint_then_close_in_on_the_loads() -> None:
     from shared.core.plan import head_step
 
     assert head_step(0, 20, 20, hint=-1, step=4, max_step=16) == 4  # no estimate: fixed steps
-    assert head_step(0, 20, 20, hint=9, step=4, max_step=16) == 9  # straight to the hint
-    assert head_step(0, 20, 20, hint=30, step=4, max_step=16) == 16  # within the budget
-    assert head_step(9, 20, 20, hint=9, step=4, max_step=16) == 1  # past it: one at a time
-    assert head_step(0, 20, 6, hint=9, step=4, max_step=16) == 6  # loads already reach 6
+    assert head_step(0, 20, 20, hint=9, step=4, max_step=16) == 4  # a first step of 4 at most
+    assert head_step(0, 20, 20, hint=2, step=4, max_step=16) == 2  # (or to a nearer hint)
+    assert head_step(4, 20, 20, hint=9, step=4, max_step=16) == 5  # then to the hint
+    assert head_step(4, 20, 20, hint=30, step=4, max_step=16) == 16  # within the budget
+    assert head_step(4, 20, 7, hint=9, step=4, max_step=16) == 3  # loads already reach 7
+    assert head_step(9, 20, 11, hint=9, step=4, max_step=16) == 1  # past it, loads near: 1
+    assert head_step(9, 20, 10, hint=9, step=4, max_step=16) == 1
+    assert head_step(9, 20, 15, hint=9, step=4, max_step=16) == 3  # loads behind: half the gap
+    assert head_step(9, 20, 20, hint=9, step=4, max_step=16) == 4  # at most a full step
     assert head_step(18, 20, 20, hint=-1, step=4, max_step=16) == 2  # the hit's end
 
 

@@ -130,11 +130,20 @@ def loads_overdue_after(
 def head_step(done: int, hit: int, frontier: int, hint: int, step: int, max_step: int) -> int:
     """Head chunks the next compute step takes, stopping where staged chunks begin.
 
-    With a hint of the meeting point (>= 0): up to the hint in one step (at most max_step
-    chunks), then one chunk at a time. Without one (-1): `step` chunks.
+    Without a hint of the meeting point (-1): `step` chunks. A hint (>= 0) comes from an
+    estimate that may be stale, so the first step takes `step` chunks at most; by its end the
+    loads' own progress shows (the frontier), and the next step goes the rest of the way to
+    the hint (at most max_step chunks). Past the hint, each step takes half the chunks left
+    between the head and the loads (at most `step`, at least one): the meeting point comes
+    chunk by chunk when the estimate was right, in larger steps when the loads fell behind it.
     """
     if hint >= 0:
-        step = min(hint - done if done < hint else 1, max_step)
+        if done >= hint:
+            step = min(step, (frontier - done) // 2)
+        elif done > 0:
+            step = min(hint - done, max_step)
+        else:
+            step = min(hint, step)
     return max(1, min(step, hit - done, frontier - done))
 
 
