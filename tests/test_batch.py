@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from services.compute.service import Compute
+from shared.kv import batch
 from shared.storage.local import LocalStore
 from tests.harness import backend, stack_settings
 from tests.models import tiny_runner
@@ -106,6 +107,40 @@ def test_a_plain_forward_after_a_cache_is_causal_from_where_the_cache_ends() -> 
     stepped = runner.new_cache()
     runner.extend(stepped, ids[:30])
     assert torch.allclose(out.logits[0, -1], runner.extend(stepped, ids[30:]), atol=1e-5)
+
+
+def test_a_long_later_piece_is_attended_in_query_blocks_as_stock_attention_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A later piece's queries go QUERY_BLOCK at a time, each over the keys up to its own end:
+    every position's logits are those of the model's stock SDPA over the whole masked matrix."""
+    runner = tiny_runner("llama")
+    ids = prompt(60, seed=5)
+    head, piece = torch.tensor([ids[:20]]), torch.tensor([ids[20:]])  # 40 queries after 20
+    stock_cache = DynamicCache(config=runner.config)
+    runner.model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            runner.model(input_ids=head, cache=stock_cache, use_cache=True)
+            stock = runner.model(input_ids=piece, cache=stock_cache, use_cache=True).logits[0]
+    finally:
+        runner.model.set_attn_implementation("cake_step")
+    blocks: list[int] = []
+
+    def counted(q: torch.Tensor, *args: object) -> torch.Tensor:
+        blocks.append(q.shape[2])
+        return after_held(q, *args)  # type: ignore[arg-type]
+
+    after_held = batch.after_held
+    monkeypatch.setattr(batch, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(batch, "after_held", counted)
+    cache = runner.new_cache()
+    with torch.inference_mode():
+        runner.model(input_ids=head, cache=cache, use_cache=True)
+        mine = runner.model(input_ids=piece, cache=cache, use_cache=True).logits[0]
+    assert blocks[:3] == [16, 16, 8]  # each layer: two whole blocks and the rest
+    assert torch.allclose(mine, stock, atol=1e-5)
+    assert torch.equal(mine.argmax(-1), stock.argmax(-1))
 
 
 def test_slot_places_chunks_ahead_and_extends_over_them() -> None:
