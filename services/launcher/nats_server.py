@@ -198,14 +198,21 @@ class NatsCluster:
         servers: list[NatsServer] = []
         try:
             for _ in range(size):
-                peers = tuple(s.route_port for s in servers if s.route_port)
-                routes = Routes(None, peers) if size > 1 else None
+                routes = cls.routes(size, None, servers)
                 servers.append(NatsServer.start(authorization=authorization, routes=routes))
         except ConfigError:
             for server in servers:
                 server.stop()
             raise
         return cls(servers, authorization)
+
+    @staticmethod
+    def routes(size: int, port: int | None, peers: list[NatsServer]) -> Routes | None:
+        """A member's routes in a cluster of `size`: its route port (None: one it picks) and its
+        peers' (a single server has none)."""
+        if size < 2:
+            return None
+        return Routes(port, tuple(s.route_port for s in peers if s.route_port))
 
     @property
     def url(self) -> str:
@@ -218,10 +225,8 @@ class NatsCluster:
         for i, server in enumerate(self.servers):
             if server.process.poll() is not None:
                 server.stop()
-                peers = tuple(
-                    s.route_port for j, s in enumerate(self.servers) if j != i and s.route_port
-                )
-                routes = Routes(server.route_port, peers) if len(self.servers) > 1 else None
+                peers = [s for j, s in enumerate(self.servers) if j != i]
+                routes = self.routes(len(self.servers), server.route_port, peers)
                 self.servers[i] = NatsServer.start(
                     port=server.port, authorization=self.authorization, routes=routes
                 )
