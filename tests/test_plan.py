@@ -194,3 +194,11 @@ def test_a_load_only_plan_is_behind_once_its_own_pace_would_not_have_earned_the_
     first_batch = [0.3, 0.3, 0.31, 0.32]
     assert not loads_too_slow([*first_batch, 0.33, 0.34], compute_s, ratio, batch=4)
     assert loads_too_slow([*first_batch, 0.4, 0.5], compute_s, ratio, batch=4)
+    # four at a time from a store with 0.12 s of latency: 0.03 s a chunk, bursts or not
+    rounds = [r * 0.12 + i * 0.001 for r in range(1, 4) for i in range(4)]
+    for seen in range(1, len(rounds) + 1):
+        assert not loads_too_slow(rounds[:seen], compute_s, ratio, batch=4), seen
+    # a link that delivers one chunk each 0.08 s is seen at the fifth arrival
+    even = [0.11 + 0.08 * i for i in range(5)]
+    assert not loads_too_slow(even[:4], compute_s, ratio, batch=4)
+    assert loads_too_slow(even, compute_s, ratio, batch=4)

@@ -91,12 +91,13 @@ def loads_too_slow(
 ) -> bool:
     """Whether a load-only plan's own arrivals come at a pace that would not have earned it
     the skip: ratio x the seconds a head chunk takes to compute, or slower. The pace is taken
-    after the first `batch` arrivals (the reads issued together, whose common latency is not
-    the link's pace), over two gaps at least."""
-    paced = len(arrivals) - max(1, batch)
-    if paced < 2 or compute_s is None:
+    over the last `batch` gaps (two at least), `batch` being the reads in flight at once: reads
+    issued together arrive in bursts, and a window of that many gaps spans a whole round of
+    them, burst and wait alike."""
+    gaps = max(2, batch)
+    if len(arrivals) <= gaps or compute_s is None:
         return False
-    return (arrivals[-1] - arrivals[-paced - 1]) / paced >= ratio * compute_s
+    return (arrivals[-1] - arrivals[-1 - gaps]) / gaps >= ratio * compute_s
 
 
 OVERDUE_GAPS = 4.0  # a load-only plan is behind when no chunk came for this many gaps of its pace
