@@ -13,6 +13,7 @@ from shared.core.keys import ChunkIdentity, KeySpace, KVLayout, PromptChunks
 from shared.kv.codec import decode_chunk, encode_chunk
 from shared.kv.engine import fetch_chunk, write_back
 from shared.kv.format import MAGIC
+from shared.kv.upload import Uploader
 from shared.storage.memory import MemoryStore
 from tests.models import tiny_runner
 
@@ -54,6 +55,39 @@ def test_int8_codec_halves_bytes_with_bounded_error(dtype: str) -> None:
     # symmetric 8-bit per token: error ~ absmax/254/sqrt(3) per value; ~0.9 % of the norm here
     assert rel < 0.02, rel
     assert (back - kv.float()).abs().max() <= kv.float().abs().max() / 127 + 1e-2
+
+
+@pytest.mark.parametrize(
+    ("codec", "crossing"), [("raw", [torch.float16]), ("int8", [torch.int8, torch.float32])]
+)
+def test_a_chunk_crosses_to_the_device_as_stored_and_is_dequantised_there(
+    codec: str, crossing: list[torch.dtype]
+) -> None:
+    """What `move` carries to the compute device: a raw chunk's tensor, or an int8 chunk's int8
+    values and float32 scales (dequantised after they land: half of fp16's bytes on the bus);
+    the result is the host decode's."""
+    ident = identity("float16")
+    data = encode_chunk(ident, random_kv(ident), codec=codec)
+    moved: list[torch.dtype] = []
+
+    def move(host: torch.Tensor) -> torch.Tensor:
+        moved.append(host.dtype)
+        return host.clone()  # a copy, as a transfer makes
+
+    on_device = decode_chunk(data, ident, move=move)
+    assert moved == crossing
+    assert torch.equal(on_device, decode_chunk(data, ident))
+
+
+def test_on_the_cpu_the_uploader_copies_nothing() -> None:
+    """CPU compute: the staged file's tensor is placed as it is (no pinned copy, no stream)."""
+    uploader = Uploader(torch.device("cpu"))
+    host = torch.arange(6.0)
+    assert uploader.stream is None and uploader.to_device(host) is host
+    with uploader.copying(host):
+        host += 1
+    uploader.ready()
+    assert host[0] == 1.0
 
 
 def test_shape_and_dtype_mismatch_refused_on_write() -> None:

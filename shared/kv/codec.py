@@ -8,6 +8,7 @@ rebuilt from raw bytes with torch.frombuffer.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -58,13 +59,16 @@ def _quantize_int8(kv: torch.Tensor) -> bytes:
     return _to_bytes(q) + _to_bytes(scale)
 
 
-def _dequantize_int8(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+Move = Callable[[torch.Tensor], torch.Tensor]  # a host tensor onto the compute device
+
+
+def _int8_parts(view: memoryview, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """An int8 payload's values and scales, as host tensors over its bytes."""
     n = 1
     for s in shape:
         n *= s
     q = _from_bytes(view[:n], torch.int8, shape)
-    scale = _from_bytes(view[n:], torch.float32, (*shape[:-1], 1))
-    return (q.float() * scale).to(dtype)
+    return [q, _from_bytes(view[n:], torch.float32, (*shape[:-1], 1))]
 
 
 def encode_chunk(
@@ -87,14 +91,19 @@ def encode_chunk(
 
 
 def decode_chunk(
-    data: Buffer, ident: ChunkIdentity, verify_payload: bool = True, secret: bytes | None = None
+    data: Buffer,
+    ident: ChunkIdentity,
+    verify_payload: bool = True,
+    secret: bytes | None = None,
+    move: Move | None = None,
 ) -> torch.Tensor:
     """The chunk's KV tensor, after checking the header (with the MAC, given the cluster's
     secret) and (by default) the payload checksum.
 
     verify_payload=False is for bytes already verified by verify_chunk in this node (the
     loader's staged files); a writable buffer (a bytearray, a copy-on-write mapping) is decoded
-    without a copy.
+    without a copy. `move` takes the payload's tensors onto the compute device (an int8
+    payload is dequantised there); without it the tensor stays on the host.
     """
     if verify_payload:
         header, offset = verify_chunk(data, ident, secret)
@@ -104,11 +113,14 @@ def decode_chunk(
     dtype = torch_dtype(ident.layout.dtype)
     payload = memoryview(data)[offset:]
     codec = header.get("codec")
+    if codec not in CODECS:
+        raise corrupt(ident, f"unknown codec {codec!r}")
     try:
-        if codec == "raw":
-            return _from_bytes(payload, dtype, shape)
-        if codec == "int8":
-            return _dequantize_int8(payload, dtype, shape)
+        parts = (
+            [_from_bytes(payload, dtype, shape)] if codec == "raw" else _int8_parts(payload, shape)
+        )
     except (RuntimeError, ValueError) as exc:  # payload size does not fit the shape
         raise corrupt(ident, f"payload does not fit shape {shape} ({exc})") from exc
-    raise corrupt(ident, f"unknown codec {codec!r}")
+    if move is not None:  # int8 crosses as int8 and is dequantised where it lands
+        parts = [move(part) for part in parts]
+    return parts[0] if codec == "raw" else (parts[0].float() * parts[1]).to(dtype)
