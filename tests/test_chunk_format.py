@@ -13,7 +13,7 @@ from shared.core.keys import ChunkIdentity, KeySpace, KVLayout, PromptChunks
 from shared.kv.codec import decode_chunk, encode_chunk
 from shared.kv.engine import fetch_chunk, write_back
 from shared.kv.format import MAGIC
-from shared.kv.upload import Uploader
+from shared.kv.upload import mover
 from shared.storage.memory import MemoryStore
 from tests.models import tiny_runner
 
@@ -79,15 +79,10 @@ def test_a_chunk_crosses_to_the_device_as_stored_and_is_dequantised_there(
     assert torch.equal(on_device, decode_chunk(data, ident))
 
 
-def test_on_the_cpu_the_uploader_copies_nothing() -> None:
-    """CPU compute: the staged file's tensor is placed as it is (no pinned copy, no stream)."""
-    uploader = Uploader(torch.device("cpu"))
+def test_on_the_cpu_a_loaded_chunk_is_used_as_it_is() -> None:
+    """CPU compute: the tensor over the staged file goes into the slot; no pinned copy."""
     host = torch.arange(6.0)
-    assert uploader.stream is None and uploader.to_device(host) is host
-    with uploader.copying(host):
-        host += 1
-    uploader.ready()
-    assert host[0] == 1.0
+    assert mover(torch.device("cpu"))(host) is host
 
 
 def test_shape_and_dtype_mismatch_refused_on_write() -> None:

@@ -40,7 +40,7 @@ from shared.kv.engine import encode_chunk_at
 from shared.kv.model import ModelRunner, default_kv_budget_bytes, pick_token
 from shared.kv.pool import PrefixPool
 from shared.kv.slots import SlotCache
-from shared.kv.upload import Uploader
+from shared.kv.upload import mover
 from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
 from shared.runtime.service import Service
@@ -89,7 +89,7 @@ class Compute(Service):
     def __init__(self, bus: Bus, runner: ModelRunner, staging: Staging, settings: Settings) -> None:
         super().__init__(bus, settings)
         self.runner, self.staging = runner, staging
-        self.uploader = Uploader(runner.device)  # loaded KV onto the device (shared.kv.upload)
+        self.to_device = mover(runner.device)  # loaded KV onto the device (shared.kv.upload)
         self.chunk_compute_s = 0.0  # a head chunk's cost, measured by build()
         self.secret = settings.kv_secret_bytes()  # the MAC of chunks written and read
         self.jobs: dict[str, Job] = {}
@@ -498,12 +498,11 @@ class Compute(Service):
         for j in sorted(set(job.staged) - job.placed):
             if j < job.head_done:
                 continue
-            with self.uploader.copying(job.cache.kv):
-                try:
-                    kv = self.read_staged(job, j)
-                except (OSError, ValueError, CorruptChunkError):
-                    continue
-                job.cache.place(job.prompt.space.chunk_bounds(j)[0], kv)
+            try:
+                kv = self.read_staged(job, j)
+            except (OSError, ValueError, CorruptChunkError):
+                continue
+            job.cache.place(job.prompt.space.chunk_bounds(j)[0], kv)
             job.placed.add(j)
             self.metrics.placed.labels(placed="on_arrival").inc()
             self.staging.discard(job.staged[j])
@@ -513,7 +512,7 @@ class Compute(Service):
         it before staging it: only the header is checked here)."""
         data = self.staging.map(str(self.staging.owned(job.staged[j], job.msg.request_id)))
         ident = job.prompt.identity(j)
-        return decode_chunk(data, ident, False, self.secret, self.uploader.to_device)
+        return decode_chunk(data, ident, False, self.secret, self.to_device)
 
     def reuse_pooled(self) -> Outbox:
         """Fill jobs' next prompt chunks from the memory tier. A job whose next chunk is not
@@ -704,9 +703,7 @@ class Compute(Service):
                 if j in job.placed:
                     continue
                 try:
-                    with self.uploader.copying(job.cache.kv):
-                        kv = self.read_staged(job, j)
-                        job.cache.place(job.prompt.space.chunk_bounds(j)[0], kv)
+                    job.cache.place(job.prompt.space.chunk_bounds(j)[0], self.read_staged(job, j))
                 except (KeyError, OSError, ValueError, CorruptChunkError) as exc:
                     log.warning(
                         "staged chunk unusable; computing from it on", chunk=j, error=str(exc)
@@ -716,7 +713,6 @@ class Compute(Service):
                 job.placed.add(j)
                 self.metrics.placed.labels(placed="at_merge").inc()
                 self.staging.discard(job.staged[j])
-            self.uploader.ready()  # the copies land before any step reads the chunks
             job.cache.extend_to(job.hit * job.chunk)
             self.remember(job, range(from_chunk, job.hit))
             job.meet = from_chunk

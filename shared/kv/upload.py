@@ -1,48 +1,31 @@
-"""Loaded KV onto the compute device, overlapping the head's compute where the device allows.
+"""Loaded KV onto the compute device.
 
-On a CUDA device a chunk read from its staged file goes through pinned host memory and is
-copied with non_blocking=True on a side stream, so the copy runs while the default stream
-computes the head; an int8 chunk crosses as int8 and is dequantised on the device (half the
-bytes of fp16 over the bus). Compute waits for the copies (`ready`) before the merge makes the
-chunks part of a cache. On the CPU every step is a plain copy, in order.
+On a CUDA device a chunk read from its staged file is copied into pinned host memory and on to
+the device with non_blocking=True, so the host thread does not wait for the transfer; the copy
+is queued on the default stream, ahead of the step that reads the chunk, so nothing can read it
+early. An int8 chunk crosses as int8 values and scales and is dequantised on the device (half
+of fp16's bytes on the bus; `shared.kv.codec.decode_chunk`). On the CPU the tensor over the
+staged file is used as it is.
+
+Not done: copies on a side stream that overlap the head's compute. That needs events per
+placed chunk (a head step may compute over a chunk placed out of order), and it should first
+run on a GPU; this path has not (no device has been lent).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
+from shared.kv.codec import Move
 
-class Uploader:
-    """Host tensors to one device: pinned and on a side stream for CUDA, else as they are."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+def mover(device: torch.device) -> Move:
+    """How a host tensor goes onto `device`."""
+    if device.type != "cuda":
+        return lambda host: host.to(device)  # the CPU: the same tensor, no copy
 
-    @contextlib.contextmanager
-    def copying(self, target: torch.Tensor) -> Iterator[None]:
-        """Device work inside runs on the side stream, after the default stream's work so far
-        (the target's memory may have served a tensor it still uses); `target` is kept from
-        reuse until the side stream is done with it."""
-        if self.stream is None:
-            yield
-            return
-        self.stream.wait_stream(torch.cuda.default_stream(self.device))
-        target.record_stream(self.stream)
-        with torch.cuda.stream(self.stream):
-            yield
+    def pinned(host: torch.Tensor) -> torch.Tensor:
+        # the caching host allocator keeps the pinned block until its copy is done
+        return host.pin_memory().to(device, non_blocking=True)
 
-    def to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device: through pinned memory, not waiting for the copy, on
-        CUDA (the host allocator keeps the pinned block until the copy is done)."""
-        if host.device == self.device or self.stream is None:
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
-
-    def ready(self) -> None:
-        """Make the default stream wait for every copy handed out so far."""
-        if self.stream is not None:
-            torch.cuda.default_stream(self.device).wait_stream(self.stream)
+    return pinned
