@@ -27,7 +27,7 @@ from shared.runtime.config import Settings
 from shared.runtime.observability import tracer
 from shared.runtime.service import Service
 from shared.storage import LocalStore, is_s3, open_store
-from shared.storage.base import NEAR, ChunkStore, new_buffer
+from shared.storage.base import NEAR, ChunkStore, leading, new_buffer
 from shared.storage.staging import Incoming, Staging
 from shared.storage.tiered import TieredStore
 from shared.wire import subjects
@@ -132,7 +132,7 @@ class Loader(Service):
         prompt = await self.checked_prompt(msg.space, msg.tokens)
         with tracer(__name__).start_as_current_span("loader.lookup"):
             tiers = await self.store.tiers(prompt.keys)
-        stored = tiers.index(None) if None in tiers else len(tiers)
+        stored = leading(tiers)
         near = tuple(i for i, tier in enumerate(tiers[:stored]) if tier == NEAR)
         self.metrics.lookups.inc()
         return LookupReply(stored, self.read_MBps, near, self.near_read_MBps)

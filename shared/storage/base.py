@@ -13,6 +13,12 @@ Allocate = Callable[[int], memoryview]
 NEAR, FAR = "near", "far"  # a chunk's tier: a local directory in front, or the store itself
 
 
+def leading(found: Sequence[object]) -> int:
+    """How many leading entries are set (a chained key list's stored prefix, from what each key
+    was found as)."""
+    return next((i for i, one in enumerate(found) if not one), len(found))
+
+
 def new_buffer(size: int) -> memoryview:
     """A fresh writable buffer of size bytes (the plain Allocate)."""
     return memoryview(bytearray(size))
@@ -104,11 +110,7 @@ class ChunkStore(abc.ABC):
 
     async def stored_prefix(self, keys: Sequence[str]) -> int:
         """How many leading keys are stored (the longest stored prefix of a chained key list)."""
-        found = await self.exists_many(keys)
-        for i, ok in enumerate(found):
-            if not ok:
-                return i
-        return len(found)
+        return leading(await self.exists_many(keys))
 
     def usage_bytes(self) -> int | None:
         """Bytes currently stored, where the store tracks it (None otherwise)."""
