@@ -186,19 +186,34 @@ def test_loads_are_overdue_after_four_gaps_of_their_own_pace() -> None:
 
 def test_a_load_only_plan_is_behind_once_its_own_pace_would_not_have_earned_the_skip() -> None:
     compute_s, ratio = 0.1, 0.5  # the skip holds while a chunk loads in under 0.05 s
-    assert not loads_too_slow([0.0, 0.06], compute_s, ratio)  # two arrivals: too few to say
-    assert loads_too_slow([0.0, 0.06, 0.12], compute_s, ratio)
-    assert not loads_too_slow([0.0, 0.01, 0.08], compute_s, ratio)  # 0.04 s a chunk
-    assert not loads_too_slow([0.0, 0.5, 1.0], None, ratio)  # no compute estimate: no claim
+    assert not loads_too_slow([0.06], 0.0, compute_s, ratio)  # one arrival: no pace yet
+    assert loads_too_slow([0.06, 0.12], 0.0, compute_s, ratio)
+    assert not loads_too_slow([0.03, 0.04, 0.11], 0.0, compute_s, ratio)  # 0.04 s a chunk
+    assert not loads_too_slow([0.5, 1.0, 1.5], 0.0, None, ratio)  # no compute estimate: no claim
+    # latency before the first arrival is not the pace: 0.03 s gaps after 0.3 s
+    assert not loads_too_slow([0.3, 0.33, 0.36], 0.0, compute_s, ratio)
     # four reads issued together: a slow first batch (cold start) is latency, not the pace
     first_batch = [0.3, 0.3, 0.31, 0.32]
-    assert not loads_too_slow([*first_batch, 0.33, 0.34], compute_s, ratio, batch=4)
-    assert loads_too_slow([*first_batch, 0.4, 0.5], compute_s, ratio, batch=4)
+    assert not loads_too_slow([*first_batch, 0.33, 0.34], 0.0, compute_s, ratio, batch=4)
+    assert loads_too_slow([*first_batch, 0.4, 0.5], 0.0, compute_s, ratio, batch=4)
     # four at a time from a store with 0.12 s of latency: 0.03 s a chunk, bursts or not
     rounds = [r * 0.12 + i * 0.001 for r in range(1, 4) for i in range(4)]
     for seen in range(1, len(rounds) + 1):
-        assert not loads_too_slow(rounds[:seen], compute_s, ratio, batch=4), seen
-    # a link that delivers one chunk each 0.08 s is seen at the fifth arrival
-    even = [0.11 + 0.08 * i for i in range(5)]
-    assert not loads_too_slow(even[:4], compute_s, ratio, batch=4)
-    assert loads_too_slow(even, compute_s, ratio, batch=4)
+        assert not loads_too_slow(rounds[:seen], 0.0, compute_s, ratio, batch=4), seen
+    # four at a time sharing a link: each round lands together, 0.04 s a chunk
+    shared = [r * 0.16 + i * 0.001 for r in range(1, 4) for i in range(4)]
+    for seen in range(1, len(shared) + 1):
+        assert not loads_too_slow(shared[:seen], 0.0, compute_s, ratio, batch=4), seen
+    # a link that delivers one chunk each 0.08 s (the estimate promised faster) is seen at
+    # the third arrival with four reads in flight; one at 0.25 s a chunk at the second
+    even = [0.11 + 0.08 * i for i in range(3)]
+    assert not loads_too_slow(even[:2], 0.0, compute_s, ratio, batch=4)
+    assert loads_too_slow(even, 0.0, compute_s, ratio, batch=4)
+    assert loads_too_slow([0.3, 0.55], 0.0, compute_s, ratio, batch=4)
+    # four reads of 0.1-0.2 s each in flight (0.04 s a chunk): their spread is not the pace
+    assert not loads_too_slow([0.1, 0.18], 0.0, compute_s, ratio, batch=4)
+    assert not loads_too_slow([0.1, 0.18, 0.19], 0.0, compute_s, ratio, batch=4)
+    # a link that slows during the request: the last round's pace says so
+    slowed = [0.02 * i for i in range(1, 9)] + [0.16 + 0.08 * i for i in range(1, 5)]
+    assert not loads_too_slow(slowed[:9], 0.0, compute_s, ratio, batch=4)
+    assert loads_too_slow(slowed, 0.0, compute_s, ratio, batch=4)

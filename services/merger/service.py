@@ -367,7 +367,7 @@ class Merger(Service):
                 reads_s.append(event.duration_s)
                 staged[event.index] = event.staged
                 tracker.on_loaded(event.index)
-                if self.loads_fell_behind(req, tracker, arrivals, estimator):
+                if self.loads_fell_behind(req, tracker, arrivals, start, estimator):
                     await self.start_head(req, tracker, len(arrivals))
                     outcome = "resumed_head"
             elif isinstance(event, LoadFailed):
@@ -388,13 +388,14 @@ class Merger(Service):
         req: GenerateRequest,
         tracker: MeetTracker,
         arrivals: list[float],
+        started: float,
         estimator: SplitEstimator,
     ) -> bool:
         """Whether a load-only Cake plan's loads arrive too slowly to have earned the skip."""
         if not self.replannable(req, tracker):
             return False
         compute_s, ratio = estimator.compute_s.value, self.settings.skip_head_ratio
-        return loads_too_slow(arrivals, compute_s, ratio, self.settings.fetch_concurrency)
+        return loads_too_slow(arrivals, started, compute_s, ratio, self.settings.fetch_concurrency)
 
     def loads_overdue_in(
         self,

@@ -87,17 +87,31 @@ class MeetTracker:
 
 
 def loads_too_slow(
-    arrivals: Sequence[float], compute_s: float | None, ratio: float, batch: int = 1
+    arrivals: Sequence[float],
+    started: float,
+    compute_s: float | None,
+    ratio: float,
+    batch: int = 1,
 ) -> bool:
     """Whether a load-only plan's own arrivals come at a pace that would not have earned it
-    the skip: ratio x the seconds a head chunk takes to compute, or slower. The pace is taken
-    over the last `batch` gaps (two at least), `batch` being the reads in flight at once: reads
-    issued together arrive in bursts, and a window of that many gaps spans a whole round of
-    them, burst and wait alike."""
-    gaps = max(2, batch)
-    if len(arrivals) <= gaps or compute_s is None:
+    the skip: ratio x the seconds a head chunk takes to compute, or slower.
+
+    From the second arrival on, the faster of two readings of the request's pace counts, so
+    that neither a burst nor the first read's latency passes for a slow link: the seconds
+    since the start per arrival, where `batch` reads in flight could all land at once (so
+    never per fewer than `batch`), and the mean gap since the first arrival. A link far slower
+    than the skip assumed shows at once, a marginal one within a round. Once more than `batch`
+    chunks arrived (two at least), the pace over the last that many gaps (a whole round of
+    reads, burst and wait alike) counts as well: it catches a link that slows mid-request.
+    """
+    if len(arrivals) < 2 or compute_s is None:
         return False
-    return (arrivals[-1] - arrivals[-1 - gaps]) / gaps >= ratio * compute_s
+    slow, n, gaps = ratio * compute_s, len(arrivals), max(2, batch)
+    since_start = (arrivals[-1] - started) / max(n, batch)
+    since_first = (arrivals[-1] - arrivals[0]) / (n - 1)
+    if min(since_start, since_first) >= slow:
+        return True
+    return n > gaps and (arrivals[-1] - arrivals[-1 - gaps]) / gaps >= slow
 
 
 OVERDUE_GAPS = 4.0  # a load-only plan is behind when no chunk came for this many gaps of its pace
