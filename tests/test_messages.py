@@ -59,6 +59,7 @@ EXAMPLES: list[Message] = [
     Meet("r1", 2, 4, {2: "/staging/r1/2.kv", 3: "/staging/r1/3.kv"}),
     Cancel("r1", "client went away"),
     StartHead("r1"),
+    StartHead("r1", head_hint=6),
     Alive("r1"),
     ComputeTelemetry(
         node="node-a",

@@ -46,6 +46,7 @@ from shared.wire.messages import (
     Message,
     PrefillJob,
     Space,
+    StartHead,
     StoreJob,
     Tokens,
 )
@@ -504,6 +505,15 @@ async def test_a_forged_chunk_is_refused_under_a_cluster_secret(
         assert not await store.exists(victim)
 
 
+def merger_believing(be: Backend, compute_chunk_s: float, load_chunk_s: float) -> Merger:
+    """The backend's merger, believing a head chunk and a loaded chunk take these seconds."""
+    merger = be.services["merger"]
+    assert isinstance(merger, Merger)
+    merger.estimator.observe_compute(2, 2 * compute_chunk_s)
+    merger.estimator.observe_loads(1, load_chunk_s)
+    return merger
+
+
 async def test_a_load_only_plan_whose_loads_fall_behind_computes_the_head(
     nats_url: str, tmp_path: Path
 ) -> None:
@@ -512,10 +522,7 @@ async def test_a_load_only_plan_whose_loads_fall_behind_computes_the_head(
     the two sides meet, long before the loads alone would finish (about 10 s)."""
     tokens = prompt(700, seed=32)  # 10 usable chunks
     async with over_a_slow_link(nats_url, tmp_path, tokens, chunk_s=1.0) as (ref, be):
-        merger = be.services["merger"]
-        assert isinstance(merger, Merger)
-        merger.estimator.observe_compute(2, 2.0)  # what it believes: compute 1 s a chunk,
-        merger.estimator.observe_loads(1, 0.01)  # loads 10 ms: load-only is advised
+        merger = merger_believing(be, compute_chunk_s=1.0, load_chunk_s=0.01)  # load-only
         got = await be.generate(tokens)
         registry = merger.metrics.registry
     assert got.tokens == ref.tokens
@@ -525,6 +532,33 @@ async def test_a_load_only_plan_whose_loads_fall_behind_computes_the_head(
     assert (
         value(registry, "cake_merger_requests_total", kv_mode="cake", outcome="resumed_head") == 1
     )
+
+
+async def test_a_resumed_head_is_told_where_it_meets_the_loads_at_their_pace(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """Load-only advised on a link believed instant that delivers a chunk each 0.2 s: the
+    merger sees it at the second arrival and sends StartHead with the meeting point of a
+    0.05 s head chunk against loads at that pace (most of the head: the loads are 4x slower),
+    and the answer is compute-only's."""
+    tokens = prompt(700, seed=33)  # 10 usable chunks
+    async with over_a_slow_link(nats_url, tmp_path, tokens, chunk_s=0.2) as (ref, be):
+        merger_believing(be, compute_chunk_s=0.05, load_chunk_s=0.001)  # load-only advised
+        resumed: list[StartHead] = []
+
+        async def on_control(message: Message, _: str) -> None:
+            if isinstance(message, StartHead):
+                resumed.append(message)
+
+        await be.client.handle(subjects.CONTROL_ALL, on_control)
+        await be.client.flush()
+        got = await be.generate(tokens)
+    assert got.tokens == ref.tokens
+    assert len(resumed) == 1
+    # the frontier F was 8-10 by then (reads end in any order): ceil(F x 0.2 / 0.25) = 7-8,
+    # a chunk more if the pace was slower than 0.2 s, never past the frontier
+    assert 6 <= resumed[0].head_hint <= 10
+    assert got.done.meet_chunk >= 4  # compute took the head towards it
 
 
 async def test_services_check_what_comes_over_nats(local: Backend) -> None:

@@ -13,6 +13,7 @@ from shared.core.plan import (
     loads_overdue_after,
     loads_too_slow,
     oracle_split,
+    resume_hint,
     usable_hit_chunks,
 )
 
@@ -217,3 +218,13 @@ def test_a_load_only_plan_is_behind_once_its_own_pace_would_not_have_earned_the_
     slowed = [0.02 * i for i in range(1, 9)] + [0.16 + 0.08 * i for i in range(1, 5)]
     assert not loads_too_slow(slowed[:9], 0.0, compute_s, ratio, batch=4)
     assert loads_too_slow(slowed, 0.0, compute_s, ratio, batch=4)
+
+
+def test_a_resumed_head_aims_where_it_meets_the_loads_at_their_own_pace() -> None:
+    # loads go on down from chunk 12 at 0.08 s a chunk, a head chunk costs 0.06 s: they meet
+    # where 0.06 m = 0.08 (12 - m), m = 6.9, rounded up (the computed side takes the overlap)
+    assert resume_hint(12, 0.08, 0.06) == 7
+    assert resume_hint(12, 10.0, 0.06) == 12  # loads all but stopped: the head goes to them
+    assert resume_hint(12, 0.001, 0.06) == 1  # loads fast after all: one chunk, then see
+    assert resume_hint(12, None, 0.06) == -1  # no pace of its own yet (no gap seen)
+    assert resume_hint(12, 0.08, None) == -1

@@ -259,9 +259,9 @@ class Compute(Service):
         if job is None:
             return
         job.news_at = time.monotonic()
-        if isinstance(msg, StartHead):
-            job.msg.compute_head = True  # the loads fell behind: race them after all,
-            job.msg.head_hint = -1  # in full head steps (the skip advice's hint was 0)
+        if isinstance(msg, StartHead):  # the loads fell behind: race them after all, towards
+            job.msg.compute_head = True  # the merger's new hint (the skip advice's was 0)
+            job.msg.head_hint = msg.head_hint if 0 <= msg.head_hint <= job.hit else -1
         elif isinstance(msg, Meet) and job.meet is None and not job.decoding:
             if msg.hit != job.hit or not 0 <= msg.meet <= job.hit:
                 log.warning("Meet outside the job's hit ignored", meet=msg.meet, hit=msg.hit)

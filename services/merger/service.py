@@ -30,6 +30,7 @@ from shared.core.plan import (
     Split,
     loads_overdue_after,
     loads_too_slow,
+    resume_hint,
     usable_hit_chunks,
 )
 from shared.core.request import KvMode
@@ -352,7 +353,7 @@ class Merger(Service):
                 if due > CANCEL_CHECK_S:  # only a look for the client's Cancel
                     continue
                 if overdue_in < timeout:  # a load-only plan fell behind: compute the head too
-                    await self.start_head(req, tracker, len(arrivals))
+                    await self.start_head(req, tracker, arrivals, estimator.compute_s.value)
                     outcome, news_at = "resumed_head", time.monotonic()
                     continue
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
@@ -368,7 +369,7 @@ class Merger(Service):
                 staged[event.index] = event.staged
                 tracker.on_loaded(event.index)
                 if self.loads_fell_behind(req, tracker, arrivals, start, estimator):
-                    await self.start_head(req, tracker, len(arrivals))
+                    await self.start_head(req, tracker, arrivals, estimator.compute_s.value)
                     outcome = "resumed_head"
             elif isinstance(event, LoadFailed):
                 log.warning("chunk load failed", chunk=event.index, reason=event.reason)
@@ -413,12 +414,26 @@ class Merger(Service):
         due = loads_overdue_after(arrivals, reads_s, start, prior, cap)
         return max(0.0, due - time.monotonic())
 
-    async def start_head(self, req: GenerateRequest, tracker: MeetTracker, loaded: int) -> None:
-        """Tell compute to compute the head after all; the frontiers then meet as usual."""
-        log.info("loads fell behind their pace; computing the head", loaded=loaded)
+    async def start_head(
+        self,
+        req: GenerateRequest,
+        tracker: MeetTracker,
+        arrivals: list[float],
+        compute_s: float | None,
+    ) -> None:
+        """Tell compute to compute the head after all, with a hint of where it should meet the
+        loads at their own pace so far (the mean gap between arrivals); the frontiers then
+        meet as usual."""
+        pace = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) if len(arrivals) > 1 else None
+        hint = resume_hint(tracker.load_frontier, pace, compute_s)
+        log.info(
+            "loads fell behind their pace; computing the head", loaded=len(arrivals), hint=hint
+        )
         tracker.compute_head = True
-        trace.get_current_span().set_attribute("cake.resumed_head", True)
-        await self.bus.publish(subjects.control(req.request_id), StartHead(req.request_id))
+        trace.get_current_span().set_attributes(
+            {"cake.resumed_head": True, "cake.resume_hint": hint}
+        )
+        await self.bus.publish(subjects.control(req.request_id), StartHead(req.request_id, hint))
 
     def registry(self) -> CollectorRegistry:
         """This service's metric families."""

@@ -9,6 +9,7 @@ and the tokens from P * chunk_tokens on (the uncached suffix, never empty) are p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -112,6 +113,15 @@ def loads_too_slow(
     if min(since_start, since_first) >= slow:
         return True
     return n > gaps and (arrivals[-1] - arrivals[-1 - gaps]) / gaps >= slow
+
+
+def resume_hint(frontier: int, pace_s: float | None, compute_s: float | None) -> int:
+    """Where a head started now should meet loads that go on from `frontier` down at one chunk
+    every pace_s: the m with m x compute_s = (frontier - m) x pace_s, rounded up (more
+    computed, fewer loads, as the estimator's own hint); -1 without both paces."""
+    if pace_s is None or compute_s is None or compute_s <= 0:
+        return -1
+    return min(frontier, math.ceil(frontier * pace_s / (compute_s + pace_s)))
 
 
 OVERDUE_GAPS = 4.0  # a load-only plan is behind when no chunk came for this many gaps of its pace

@@ -284,6 +284,7 @@ class StartHead(Message):
     load-only plan becomes a Cake split, and the two sides meet as usual)."""
 
     request_id: str
+    head_hint: int = -1  # where the sides should meet at the loads' own pace; -1: not known
 
 
 class Cancel(Message):
