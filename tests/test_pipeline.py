@@ -35,6 +35,7 @@ from shared.wire import subjects
 from shared.wire.messages import (
     Accepted,
     Cancel,
+    ChunkComputed,
     ChunkLoaded,
     ComputeTelemetry,
     Done,
@@ -441,11 +442,11 @@ async def test_int8_codec_stores_half_the_bytes_and_still_hits(
 
 @asynccontextmanager
 async def over_a_slow_link(
-    nats_url: str, tmp_path: Path, tokens: list[int], chunk_s: float
+    nats_url: str, tmp_path: Path, tokens: list[int], chunk_s: float, **changes: object
 ) -> AsyncIterator[tuple[Result, Backend]]:
     """The compute-only answer for tokens (whose 10 usable chunks it stores), then services
-    whose store delivers a chunk every chunk_s seconds."""
-    settings = stack_settings(nats_url, tmp_path)
+    (with these settings changed) whose store delivers a chunk every chunk_s seconds."""
+    settings = stack_settings(nats_url, tmp_path, **changes)
     async with LocalStore(settings.store) as store:
         async with backend(settings, store) as be:
             ref = await be.generate(tokens, kv_mode="compute")  # and written back
@@ -534,31 +535,38 @@ async def test_a_load_only_plan_whose_loads_fall_behind_computes_the_head(
     )
 
 
-async def test_a_resumed_head_is_told_where_it_meets_the_loads_at_their_pace(
+async def test_a_resumed_head_steps_to_where_it_meets_the_loads_at_their_pace(
     nats_url: str, tmp_path: Path
 ) -> None:
-    """Load-only advised on a link believed instant that delivers a chunk each 0.2 s: the
-    merger sees it at the second arrival and sends StartHead with the meeting point of a
-    0.05 s head chunk against loads at that pace (most of the head: the loads are 4x slower),
-    and the answer is compute-only's."""
+    """Load-only advised on a link believed instant that delivers a chunk each 0.2 s: once the
+    merger sees the pace, its StartHead says where a head chunk of 0.2 s (what it believes)
+    meets loads at that pace: half-way from the loads' frontier, give or take a chunk. The
+    head's first step goes there (without the hint it would go to the loads, 8 chunks or
+    more), and the answer is compute-only's."""
     tokens = prompt(700, seed=33)  # 10 usable chunks
-    async with over_a_slow_link(nats_url, tmp_path, tokens, chunk_s=0.2) as (ref, be):
-        merger_believing(be, compute_chunk_s=0.05, load_chunk_s=0.001)  # load-only advised
+    budget = 1024  # a step may take a whole head step (8 chunks of 64 tokens)
+    async with over_a_slow_link(nats_url, tmp_path, tokens, 0.2, token_budget=budget) as (ref, be):
+        merger_believing(be, compute_chunk_s=0.2, load_chunk_s=0.001)  # load-only advised
         resumed: list[StartHead] = []
+        computed: list[int] = []
 
         async def on_control(message: Message, _: str) -> None:
             if isinstance(message, StartHead):
                 resumed.append(message)
 
+        async def on_event(message: Message, _: str) -> None:
+            if isinstance(message, ChunkComputed):
+                computed.append(message.upto)
+
         await be.client.handle(subjects.CONTROL_ALL, on_control)
+        await be.client.handle(subjects.EVENTS_ALL, on_event)
         await be.client.flush()
         got = await be.generate(tokens)
     assert got.tokens == ref.tokens
     assert len(resumed) == 1
-    # the frontier F was 8-10 by then (reads end in any order): ceil(F x 0.2 / 0.25) = 7-8,
-    # a chunk more if the pace was slower than 0.2 s, never past the frontier
-    assert 6 <= resumed[0].head_hint <= 10
-    assert got.done.meet_chunk >= 4  # compute took the head towards it
+    # frontier F of 6-10 by then, a pace of 0.2-0.3 s: ceil(F x pace / (0.2 + pace)) is 3-6
+    assert 3 <= resumed[0].head_hint <= 6
+    assert computed and computed[0] == resumed[0].head_hint
 
 
 async def test_services_check_what_comes_over_nats(local: Backend) -> None:

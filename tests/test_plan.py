@@ -11,6 +11,7 @@ from shared.core.plan import (
     MeetTracker,
     Split,
     loads_overdue_after,
+    loads_pace,
     loads_too_slow,
     oracle_split,
     resume_hint,
@@ -228,3 +229,12 @@ def test_a_resumed_head_aims_where_it_meets_the_loads_at_their_own_pace() -> Non
     assert resume_hint(12, 0.001, 0.06) == 1  # loads fast after all: one chunk, then see
     assert resume_hint(12, None, 0.06) == -1  # no pace of its own yet (no gap seen)
     assert resume_hint(12, 0.08, None) == -1
+
+
+def test_the_loads_pace_for_a_resumed_head_is_their_slowest_present_reading() -> None:
+    assert loads_pace([0.3, 0.5], 0.0, 0.5) == pytest.approx(0.2)  # the gap, not the latency
+    assert loads_pace([0.3, 0.5], 0.0, 1.5) == pytest.approx(1.0)  # stalled since: 1 s and more
+    assert loads_pace([], 0.0, 0.4) == pytest.approx(0.4)  # nothing yet: at least the wait
+    # fast at first, then a round of slow ones (four in flight): the last round's pace
+    slowed = [0.02 * i for i in range(1, 9)] + [0.16 + 0.08 * i for i in range(1, 5)]
+    assert loads_pace(slowed, 0.0, slowed[-1], batch=4) == pytest.approx(0.08)

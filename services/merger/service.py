@@ -29,6 +29,7 @@ from shared.core.plan import (
     MeetTracker,
     Split,
     loads_overdue_after,
+    loads_pace,
     loads_too_slow,
     resume_hint,
     usable_hit_chunks,
@@ -334,6 +335,7 @@ class Merger(Service):
         tracker = MeetTracker(hit, compute_head=compute_head)
         staged: dict[int, str] = {}
         start = time.monotonic()
+        batch = min(hit, self.settings.fetch_concurrency)  # reads in flight at once
         arrivals: list[float] = []
         reads_s: list[float] = []  # each loaded chunk's read time
         split, outcome = tracker.meet(), "met"
@@ -353,7 +355,8 @@ class Merger(Service):
                 if due > CANCEL_CHECK_S:  # only a look for the client's Cancel
                     continue
                 if overdue_in < timeout:  # a load-only plan fell behind: compute the head too
-                    await self.start_head(req, tracker, arrivals, estimator.compute_s.value)
+                    pace = loads_pace(arrivals, start, time.monotonic(), batch)
+                    await self.start_head(req, tracker, pace, estimator)
                     outcome, news_at = "resumed_head", time.monotonic()
                     continue
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
@@ -368,8 +371,9 @@ class Merger(Service):
                 reads_s.append(event.duration_s)
                 staged[event.index] = event.staged
                 tracker.on_loaded(event.index)
-                if self.loads_fell_behind(req, tracker, arrivals, start, estimator):
-                    await self.start_head(req, tracker, arrivals, estimator.compute_s.value)
+                if self.loads_fell_behind(req, tracker, arrivals, start, batch, estimator):
+                    pace = loads_pace(arrivals, start, arrivals[-1], batch)
+                    await self.start_head(req, tracker, pace, estimator)
                     outcome = "resumed_head"
             elif isinstance(event, LoadFailed):
                 log.warning("chunk load failed", chunk=event.index, reason=event.reason)
@@ -390,13 +394,14 @@ class Merger(Service):
         tracker: MeetTracker,
         arrivals: list[float],
         started: float,
+        batch: int,
         estimator: SplitEstimator,
     ) -> bool:
         """Whether a load-only Cake plan's loads arrive too slowly to have earned the skip."""
         if not self.replannable(req, tracker):
             return False
         compute_s, ratio = estimator.compute_s.value, self.settings.skip_head_ratio
-        return loads_too_slow(arrivals, started, compute_s, ratio, self.settings.fetch_concurrency)
+        return loads_too_slow(arrivals, started, compute_s, ratio, batch)
 
     def loads_overdue_in(
         self,
@@ -415,24 +420,17 @@ class Merger(Service):
         return max(0.0, due - time.monotonic())
 
     async def start_head(
-        self,
-        req: GenerateRequest,
-        tracker: MeetTracker,
-        arrivals: list[float],
-        compute_s: float | None,
+        self, req: GenerateRequest, tracker: MeetTracker, pace_s: float, estimator: SplitEstimator
     ) -> None:
-        """Tell compute to compute the head after all, with a hint of where it should meet the
-        loads at their own pace so far (the mean gap between arrivals); the frontiers then
-        meet as usual."""
-        pace = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) if len(arrivals) > 1 else None
-        hint = resume_hint(tracker.load_frontier, pace, compute_s)
-        log.info(
-            "loads fell behind their pace; computing the head", loaded=len(arrivals), hint=hint
-        )
+        """Tell compute to compute the head after all, with a hint of where it meets loads that
+        go on at pace_s a chunk (never below the chunks failed loads left to compute); the
+        frontiers then meet as usual."""
+        hint = resume_hint(tracker.load_frontier, pace_s, estimator.compute_s.value)
+        hint = max(hint, tracker.floor) if hint >= 0 else hint
+        log.info("loads fell behind their pace; computing the head", pace_s=pace_s, hint=hint)
         tracker.compute_head = True
-        trace.get_current_span().set_attributes(
-            {"cake.resumed_head": True, "cake.resume_hint": hint}
-        )
+        span = trace.get_current_span()
+        span.set_attributes({"cake.resumed_head": True, "cake.resume_hint": hint})
         await self.bus.publish(subjects.control(req.request_id), StartHead(req.request_id, hint))
 
     def registry(self) -> CollectorRegistry:

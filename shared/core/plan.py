@@ -115,6 +115,20 @@ def loads_too_slow(
     return n > gaps and (arrivals[-1] - arrivals[-1 - gaps]) / gaps >= slow
 
 
+def loads_pace(arrivals: Sequence[float], started: float, now: float, batch: int = 1) -> float:
+    """Seconds a chunk takes to arrive at the loads' present pace, for planning a head that
+    starts now: the slowest of their mean gap since the first arrival, the last round's (the
+    last `batch` gaps, two at least, once that many arrived) and the time since the last
+    arrival (or since the start), which grows while the loads stall."""
+    readings = [now - (arrivals[-1] if arrivals else started)]
+    n, gaps = len(arrivals), max(2, batch)
+    if n >= 2:
+        readings.append((arrivals[-1] - arrivals[0]) / (n - 1))
+    if n > gaps:
+        readings.append((arrivals[-1] - arrivals[-1 - gaps]) / gaps)
+    return max(readings)
+
+
 def resume_hint(frontier: int, pace_s: float | None, compute_s: float | None) -> int:
     """Where a head started now should meet loads that go on from `frontier` down at one chunk
     every pace_s: the m with m x compute_s = (frontier - m) x pace_s, rounded up (more
