@@ -1,0 +1,162 @@
+"""Replays behind the notes in docs/benchmarks.md: one local stack, one situation, the
+computed and loaded events of the requests that matter.
+
+    python scripts/replay.py link-step   # link 4x for 20 s, then 1x: controllers vs fixed
+    python scripts/replay.py link-drop   # a load-only request whose link drops 10x mid-request
+    python scripts/replay.py disturbed [--budget N]  # link 2x, compute kept busy by a client
+    python scripts/replay.py fast-first  # a fresh merger's first request at io_ratio 16
+
+Run from the repository root with nothing else running (timings). Link speeds are in units of
+the compute side's KV rate, calibrated first, as in `cake bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.client import completion_body, prompt_text, stream_completion
+from bench.sweep import Bench, BenchConfig, Context
+from shared.core.request import KvMode
+
+
+@contextlib.asynccontextmanager
+async def calibrated(tokens: int, budget: int) -> AsyncIterator[tuple[Bench, Context]]:
+    """A started stack whose compute runs `budget` tokens a step, with a stored prompt."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(BenchConfig(contexts=(tokens,), io_ratios=(1.0,), reps=1), Path(tmp))
+        await asyncio.to_thread(bench.stack.start, token_budget=budget)
+        try:
+            async with aiohttp.ClientSession() as session:
+                bench.session = session
+                ctx = (await bench.calibrate())[0]
+                await asyncio.to_thread(bench.stack.restart, "compute", token_budget=budget)
+                print(f"compute KV rate {ctx.kv_rate_mbps:.1f} MB/s", flush=True)
+                yield bench, ctx
+        finally:
+            await asyncio.to_thread(bench.stack.close)
+
+
+async def restart(bench: Bench, controllers: bool = True, **loader: Any) -> None:
+    """A fresh merger and loader (the loader's link and settings as given)."""
+    await asyncio.to_thread(bench.stack.restart, "merger", controllers=controllers)
+    await asyncio.to_thread(bench.stack.restart, "loader", controllers=controllers, **loader)
+
+
+async def on_trace(bench: Bench, steps: str, controllers: bool = True) -> float:
+    """A fresh merger and loader, the loader on a link trace ("t MBps" lines) whose second 0
+    is a few seconds from now; that moment on the perf_counter clock."""
+    trace = bench.workdir / "link.trace"
+    trace.write_text(steps)
+    epoch = time.time() + 5
+    await restart(
+        bench, controllers, store_bandwidth_trace=str(trace), store_bandwidth_period_s=1000.0,
+        store_bandwidth_epoch=epoch,
+    )  # fmt: skip
+    return time.perf_counter() + epoch - time.time()
+
+
+async def at(start: float, second: float) -> None:
+    """Sleep until `second` seconds after start."""
+    await asyncio.sleep(max(0.0, start + second - time.perf_counter()))
+
+
+async def traced(bench: Bench, ctx: Context, label: str) -> float:
+    """One Cake request with its events printed; its TTFT."""
+    events = await bench.record_timeline(ctx)
+    computed = [(round(e["t"], 3), e["upto"]) for e in events if e["kind"] == "computed"]
+    loaded = [(round(e["t"], 3), e["index"]) for e in events if e["kind"] == "loaded"]
+    end = events[-1]
+    print(f"{label}: ttft {end['t']:.3f} s, meet {end['meet']}\n  computed (s, upto) {computed}"
+          f"\n  loaded (s, chunk) {loaded}", flush=True)  # fmt: skip
+    return float(end["t"])
+
+
+async def link_step() -> None:
+    """Requests at 4x teach the estimate load-only; the link steps to 1x at second 20; three
+    Cake requests after it, with controllers and then on fixed settings, two rounds."""
+    async with calibrated(2048, 2048 + 128) as (bench, ctx):
+        rate = ctx.kv_rate_mbps
+        for _ in range(2):
+            for controllers in (True, False):
+                start = await on_trace(bench, f"0 {4 * rate:.3f}\n20 {rate:.3f}\n", controllers)
+                for second in (3.0, 6.0, 9.0):
+                    await at(start, second)
+                    await bench.request(ctx, KvMode.CAKE)
+                for second in (20.5, 23.5, 26.5):
+                    await at(start, second)
+                    await traced(bench, ctx, f"controllers={controllers} at {second} s")
+
+
+async def link_drop() -> None:
+    """Requests at 8x teach the estimate load-only; the next is sent 0.1 s before the link
+    drops to 0.8x; then compute-only for comparison. Three rounds."""
+    async with calibrated(2048, 2048 + 128) as (bench, ctx):
+        rate = ctx.kv_rate_mbps
+        for round_ in range(3):
+            start = await on_trace(bench, f"0 {8 * rate:.3f}\n20 {0.8 * rate:.3f}\n")
+            for second in (4, 8, 12, 16):
+                await at(start, second)
+                await bench.request(ctx, KvMode.CAKE)
+            await at(start, 19.9)
+            cake = await traced(bench, ctx, f"round {round_}, the link drops 10x")
+            salts = (f"compute-{round_}-{i}" for i in range(2))
+            compute = [(await bench.request(ctx, KvMode.COMPUTE, salt)).ttft_s for salt in salts]
+            print(f"  compute-only {min(compute):.3f} s: cake / compute {cake / min(compute):.2f}")
+
+
+async def disturbed(budget: int) -> None:
+    """Link at 2x; a client keeps compute busy with compute-only requests of another prompt as
+    long; four traced Cake requests per setting (controllers, fixed), two rounds."""
+    async with calibrated(2048, budget) as (bench, ctx):
+        body = completion_body(prompt_text(2048, seed=99), 8, "disturbance", kv_mode="compute")
+        for _ in range(2):
+            for controllers in (True, False):
+                await restart(bench, controllers, store_bandwidth_mbps=2 * ctx.kv_rate_mbps)
+                busy = asyncio.create_task(keep_busy(bench, body))
+                await asyncio.sleep(3)
+                for i in range(4):
+                    await traced(bench, ctx, f"controllers={controllers}, request {i}")
+                    await asyncio.sleep(1)
+                busy.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await busy
+
+
+async def keep_busy(bench: Bench, body: dict[str, Any]) -> None:
+    """Compute-only requests one after another until cancelled."""
+    while True:
+        await stream_completion(bench.session, bench.stack.url, body)
+
+
+async def fast_first() -> None:
+    """Five times: a fresh merger and loader at io_ratio 16, the first Cake request traced,
+    then two load-only requests."""
+    async with calibrated(4096, 4096 + 128) as (bench, ctx):
+        for round_ in range(5):
+            await restart(bench, store_bandwidth_mbps=16 * ctx.kv_rate_mbps)
+            await traced(bench, ctx, f"round {round_}, first request")
+            loads = [(await bench.request(ctx, KvMode.LOAD)).ttft_s for _ in range(2)]
+            print(f"  load-only after it {[round(t, 3) for t in loads]}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("replay", choices=("link-step", "link-drop", "disturbed", "fast-first"))
+    parser.add_argument("--budget", type=int, default=2048 + 128, help="disturbed: step tokens")
+    args = parser.parse_args()
+    replays = {"link-step": link_step, "link-drop": link_drop, "fast-first": fast_first,
+               "disturbed": lambda: disturbed(args.budget)}  # fmt: skip
+    asyncio.run(replays[args.replay]())
+
+
+if __name__ == "__main__":
+    main()
