@@ -203,6 +203,27 @@ async def test_corrupt_stored_chunk_is_recomputed_counted_and_deleted(local: Bac
     assert not await store.exists(victim) or (await store.get(victim)) != data[:-10] + b"\xff" * 10
 
 
+async def test_the_merge_and_the_suffix_run_in_one_step(local: Backend) -> None:
+    """Once the meeting point is known, the loaded chunks join the cache and the suffix is
+    computed in the same scheduler step (the merge is no forward pass of its own): a fully
+    loaded request with one output token takes one step, and so does a short prompt with
+    nothing stored."""
+    compute = local.services["compute"]
+    assert isinstance(compute, Compute)
+
+    def steps() -> float:
+        return value(compute.metrics.registry, "cake_compute_step_seconds_count")
+
+    tokens = prompt(700, seed=35)  # 10 chunks of 64 tokens stored, a 60-token suffix
+    await local.generate(tokens, kv_mode="compute")
+    before = steps()
+    got = await local.generate(tokens, kv_mode="load", max_tokens=1)
+    assert got.done.chunks_loaded == 10 and steps() - before == 1
+    before = steps()
+    await local.generate(prompt(100, seed=36), kv_mode="compute", max_tokens=1)
+    assert steps() - before == 1
+
+
 async def test_no_nats_message_carries_kv(local: Backend) -> None:
     tokens = prompt(1500, seed=24)
     sizes: list[tuple[int, str]] = []

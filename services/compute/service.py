@@ -635,14 +635,16 @@ class Compute(Service):
         return Work(job, "head", job.prompt.token_ids[first:last], chunks)
 
     def prefill_piece(self, job: Job, tokens: int) -> Work | None:
-        """After the meeting point: the rest of the head, then the merge (no forward pass),
-        then the suffix (`tokens`: what the scheduler granted this piece)."""
+        """After the meeting point: the rest of the head, then the merge (no forward pass) and
+        the suffix in the same piece (`tokens`: what the scheduler granted it), so the first
+        token does not wait a step more for the merge."""
         meet = job.meet if job.meet is not None else job.hit
         if job.head_done < meet:
             return self.head_work(job, min(meet - job.head_done, tokens // job.chunk))
         if not job.merged:
             self.merge_loaded(job, from_chunk=max(job.head_done, meet))
-            return None
+            if not job.merged:  # a staged chunk was unusable: the head goes on next step
+                return None
         held = self.runner.cache_length(job.kv_cache)
         return Work(job, "suffix", job.prompt.token_ids[held : held + tokens])
 
