@@ -185,9 +185,9 @@ class Job:
         meet = self.meet if self.meet is not None else self.hit
         if self.head_done < meet:  # the rest of the head, in whole chunks
             return min(meet - self.head_done, self.piece // self.chunk) * self.chunk
-        # the merge (the loaded chunks, no forward pass) and the suffix after it in one piece
-        held = self.kv_cache.get_seq_length() if self.merged else self.hit * self.chunk
-        return min(self.piece, len(self.prompt.token_ids) - held)
+        if not self.merged:
+            return 1  # appending the loaded chunks: no forward pass
+        return min(self.piece, len(self.prompt.token_ids) - self.kv_cache.get_seq_length())
 
     def candidate(self) -> Candidate:
         """The next piece as the scheduler sees it: prompt work is cut in whole chunks, so a

@@ -478,9 +478,11 @@ class Compute(Service):
 
     def prepare(self) -> Outbox:
         """Before planning a step: copy loaded chunks and chunks from the memory tier into the
-        slots (the step's thread, so no step runs meanwhile)."""
+        slots, and merge the loads of jobs past their meeting point, so the suffix is planned in
+        this step (the step's thread, so no step runs meanwhile)."""
         for job in list(self.jobs.values()):
             self.place_loaded(job)
+            self.merge_if_met(job)
         if self.pool is None:
             return []
         if self.pool_stale:  # give running jobs their room, keeping what they are about to take
@@ -506,6 +508,15 @@ class Compute(Service):
             job.placed.add(j)
             self.metrics.placed.labels(placed="on_arrival").inc()
             self.staging.discard(job.staged[j])
+
+    def merge_if_met(self, job: Job) -> None:
+        """Merge the loaded chunks of a job whose head reached the meeting point (no forward
+        pass: a step of its own for it would cost a whole step of everyone else's pieces)."""
+        if not job.admitted or job.merged or job.finish_reason or job.decoding:
+            return
+        meet = job.meet if job.meet is not None else job.hit
+        if job.head_done >= meet:
+            self.merge_loaded(job, from_chunk=max(job.head_done, meet))
 
     def read_staged(self, job: Job, j: int) -> torch.Tensor:
         """A staged chunk's KV on the compute device, from its mapped file (the loader verified
@@ -635,16 +646,14 @@ class Compute(Service):
         return Work(job, "head", job.prompt.token_ids[first:last], chunks)
 
     def prefill_piece(self, job: Job, tokens: int) -> Work | None:
-        """After the meeting point: the rest of the head, then the merge (no forward pass) and
-        the suffix in the same piece (`tokens`: what the scheduler granted it), so the first
-        token does not wait a step more for the merge."""
+        """After the meeting point: the rest of the head, then the merge (no forward pass),
+        then the suffix (`tokens`: what the scheduler granted this piece)."""
         meet = job.meet if job.meet is not None else job.hit
         if job.head_done < meet:
             return self.head_work(job, min(meet - job.head_done, tokens // job.chunk))
-        if not job.merged:
+        if not job.merged:  # met after this step's prepare(): merge now, the suffix next step
             self.merge_loaded(job, from_chunk=max(job.head_done, meet))
-            if not job.merged:  # a staged chunk was unusable: the head goes on next step
-                return None
+            return None
         held = self.runner.cache_length(job.kv_cache)
         return Work(job, "suffix", job.prompt.token_ids[held : held + tokens])
 
