@@ -516,7 +516,11 @@ class Compute(Service):
             return
         meet = job.meet if job.meet is not None else job.hit
         if job.head_done >= meet:
-            self.merge_loaded(job, from_chunk=max(job.head_done, meet))
+            token = otel_context.attach(job.ctx)  # its span belongs to the request's trace
+            try:
+                self.merge_loaded(job, from_chunk=max(job.head_done, meet))
+            finally:
+                otel_context.detach(token)
 
     def read_staged(self, job: Job, j: int) -> torch.Tensor:
         """A staged chunk's KV on the compute device, from its mapped file (the loader verified
