@@ -656,7 +656,7 @@ class Compute(Service):
         if job.head_done < meet:
             return self.head_work(job, min(meet - job.head_done, tokens // job.chunk))
         if not job.merged:  # met after this step's prepare(): merge now, the suffix next step
-            self.merge_loaded(job, from_chunk=max(job.head_done, meet))
+            self.merge_if_met(job)
             return None
         held = self.runner.cache_length(job.kv_cache)
         return Work(job, "suffix", job.prompt.token_ids[held : held + tokens])

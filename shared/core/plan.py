@@ -107,12 +107,21 @@ def loads_too_slow(
     """
     if len(arrivals) < 2 or compute_s is None:
         return False
-    slow, n, gaps = ratio * compute_s, len(arrivals), max(2, batch)
+    slow, n = ratio * compute_s, len(arrivals)
     since_start = (arrivals[-1] - started) / max(n, batch)
-    since_first = (arrivals[-1] - arrivals[0]) / (n - 1)
-    if min(since_start, since_first) >= slow:
+    if min(since_start, (arrivals[-1] - arrivals[0]) / (n - 1)) >= slow:
         return True
-    return n > gaps and (arrivals[-1] - arrivals[-1 - gaps]) / gaps >= slow
+    last_round = round_pace(arrivals, batch)
+    return last_round is not None and last_round >= slow
+
+
+def round_pace(arrivals: Sequence[float], batch: int) -> float | None:
+    """The mean gap over the last `batch` gaps (two at least): a whole round of reads in
+    flight, burst and wait alike; None until that many arrived."""
+    gaps = max(2, batch)
+    if len(arrivals) <= gaps:
+        return None
+    return (arrivals[-1] - arrivals[-1 - gaps]) / gaps
 
 
 def loads_pace(arrivals: Sequence[float], started: float, now: float, batch: int = 1) -> float:
@@ -121,12 +130,10 @@ def loads_pace(arrivals: Sequence[float], started: float, now: float, batch: int
     last `batch` gaps, two at least, once that many arrived) and the time since the last
     arrival (or since the start), which grows while the loads stall."""
     readings = [now - (arrivals[-1] if arrivals else started)]
-    n, gaps = len(arrivals), max(2, batch)
-    if n >= 2:
-        readings.append((arrivals[-1] - arrivals[0]) / (n - 1))
-    if n > gaps:
-        readings.append((arrivals[-1] - arrivals[-1 - gaps]) / gaps)
-    return max(readings)
+    if len(arrivals) >= 2:
+        readings.append((arrivals[-1] - arrivals[0]) / (len(arrivals) - 1))
+    last_round = round_pace(arrivals, batch)
+    return max(readings if last_round is None else [*readings, last_round])
 
 
 def resume_hint(frontier: int, pace_s: float | None, compute_s: float | None) -> int:
