@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -22,6 +23,7 @@ from services.merger.service import Merger
 from shared.core.errors import ConfigError, RemoteError, RequestTimeout, StoreError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
 from shared.core.request import KvMode, Sampling
+from shared.core.scheduler import Candidate, Phase, Piece, plan_step
 from shared.kv.codec import encode_chunk
 from shared.kv.engine import fetch_chunk
 from shared.runtime.config import Settings
@@ -588,6 +590,54 @@ async def test_a_resumed_head_steps_to_where_it_meets_the_loads_at_their_pace(
     # frontier F of 6-10 by then, a pace of 0.2-0.3 s: ceil(F x pace / (0.2 + pace)) is 3-6
     assert 3 <= resumed[0].head_hint <= 6
     assert computed and computed[0] == resumed[0].head_hint
+
+
+async def test_a_long_prefill_steps_around_a_request_waiting_for_its_loads(
+    nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Cake request advised load-only waits for its loads (a chunk each 0.1 s) while a long
+    prompt arrives that the budget would run in one step. Its steps end by the time the loads
+    are due instead (at a prompt token's cost fixed here at 10 ms: one chunk a step), and the
+    step that ends the Cake request's prompt carries no larger piece of the long one. Both
+    answers are compute-only's."""
+    import services.compute.service as compute_module
+
+    tokens, long = prompt(700, seed=34), prompt(1500, seed=35)
+    async with over_a_slow_link(nats_url, tmp_path, tokens, 0.1, token_budget=2048) as (ref, be):
+        long_ref = await be.generate(long, kv_mode="compute", salt="first")
+        merger_believing(be, compute_chunk_s=1.0, load_chunk_s=0.001)  # load-only advised
+        compute = be.services["compute"]
+        assert isinstance(compute, Compute)
+        compute.token_pace.seconds = 0.01
+        monkeypatch.setattr(compute.token_pace, "observe", lambda seconds, tokens: None)
+        steps: list[tuple[list[Candidate], dict[str, int]]] = []
+
+        def recorded(
+            candidates: list[Candidate], budget: int, *args: Any, **kw: Any
+        ) -> list[Piece]:
+            step = plan_step(candidates, budget, *args, **kw)
+            steps.append((candidates, {p.request_id: p.tokens for p in step}))
+            return step
+
+        monkeypatch.setattr(compute_module, "plan_step", recorded)
+        cake = asyncio.create_task(be.generate(tokens))
+        while not any(len(job.load_arrivals) >= 2 for job in compute.jobs.values()):
+            await asyncio.sleep(0.01)
+        waiting = next(iter(compute.jobs))
+        got_long = await be.generate(long, kv_mode="compute", salt="second")
+        got = await cake
+    assert got.tokens == ref.tokens and got_long.tokens == long_ref.tokens
+    while_waiting = [
+        g for cands, g in steps
+        if any(c.request_id == waiting and c.phase == Phase.WAITING for c in cands)
+        and set(g) - {waiting}
+    ]  # fmt: skip
+    assert while_waiting and all(sum(g.values()) <= 64 for g in while_waiting)
+    ending = [
+        g for cands, g in steps
+        if any(c.request_id == waiting and c.finishes and g.get(waiting) for c in cands)
+    ]  # fmt: skip
+    assert len(ending) == 1 and all(t <= max(64, ending[0][waiting]) for t in ending[0].values())
 
 
 async def test_services_check_what_comes_over_nats(local: Backend) -> None:

@@ -10,6 +10,7 @@ from shared.core.plan import (
     MIN_OVERDUE_S,
     MeetTracker,
     Split,
+    loads_due_in,
     loads_overdue_after,
     loads_pace,
     loads_too_slow,
@@ -238,3 +239,10 @@ def test_the_loads_pace_for_a_resumed_head_is_their_slowest_present_reading() ->
     # fast at first, then a round of slow ones (four in flight): the last round's pace
     slowed = [0.02 * i for i in range(1, 9)] + [0.16 + 0.08 * i for i in range(1, 5)]
     assert loads_pace(slowed, 0.0, slowed[-1], batch=4) == pytest.approx(0.08)
+
+
+def test_loads_due_in_goes_by_the_mean_gap_of_the_arrivals_so_far() -> None:
+    assert loads_due_in([0.1, 0.2, 0.3], 0, 0.3) == 0.0  # all in: the merger's word is next
+    assert loads_due_in([0.1], 5, 0.2) is None  # one arrival: no pace yet
+    assert loads_due_in([0.1, 0.2, 0.3], 2, 0.35) == pytest.approx(0.15)  # 0.3 + 2 x 0.1
+    assert loads_due_in([0.1, 0.2, 0.3], 1, 0.9) == 0.0  # late: due now, never negative

@@ -138,3 +138,33 @@ def test_a_budget_of_one_chunk_alternates_instead_of_starving_either_side() -> N
     aged = [cand(f"d{i}", D, 1, float(i), waited=8) for i in range(3)]
     assert "p" not in granted(plan_step([*aged, prefill], 256))  # then the decodes' turn
     assert len(plan_step([*aged, prefill], 256)) == 3
+
+
+def test_finish_first_cuts_a_long_prefill_to_the_suffix_that_ends_a_prompt() -> None:
+    """A 128-token suffix ends its prompt: the 1,536-token prefill beside it (first come) runs
+    128 tokens this step, so the suffix's first token does not wait for it."""
+    cands = [
+        cand("long", P, 1536, 0.0, granule=128),
+        cand("suffix", P, 128, 1.0, granule=128, finishes=True),
+        cand("head", H, 512, 2.0, granule=128),
+        cand("d", D, 1),
+    ]
+    assert granted(plan_step(cands, 2176)) == {"d": 1, "long": 1536, "suffix": 128, "head": 384}
+    first = granted(plan_step(cands, 2176, finish_first=True))
+    assert first == {"d": 1, "long": 128, "suffix": 128, "head": 128}
+
+
+def test_finish_first_cuts_nothing_without_a_whole_last_piece() -> None:
+    cands = [cand("a", P, 1024, 0.0, granule=128), cand("b", P, 256, 1.0, granule=128)]
+    assert granted(plan_step(cands, 1152, finish_first=True)) == {"a": 1024, "b": 128}
+    ending = [cands[0], cand("b", P, 256, 1.0, granule=128, finishes=True)]
+    assert granted(plan_step(ending, 1152, finish_first=True)) == {"a": 1024, "b": 128}  # b cut
+    assert granted(plan_step(ending, 1280, finish_first=True)) == {"a": 256, "b": 256}
+
+
+def test_finish_first_lets_the_smallest_ending_piece_set_the_cut() -> None:
+    cands = [
+        cand("a", P, 640, 0.0, granule=128, finishes=True),
+        cand("b", P, 200, 1.0, granule=128, finishes=True),
+    ]
+    assert granted(plan_step(cands, 1024, finish_first=True)) == {"a": 128, "b": 200}

@@ -1,10 +1,11 @@
-"""The step budget: cut when decode steps run over the target ITL, grown back while under."""
+"""The step budget: cut when decode steps run over the target ITL, grown back while under; a
+prompt token's cost in a step, to size a step to the time left."""
 
 from __future__ import annotations
 
 import pytest
 
-from shared.core.step_budget import StepBudget
+from shared.core.step_budget import StepBudget, TokenPace
 
 
 def test_slow_decode_steps_cut_the_budget_in_whole_chunks_down_to_one() -> None:
@@ -34,3 +35,16 @@ def test_bad_settings(kw: dict[str, float]) -> None:
     args = {"target_s": 0.1, "granule": 128, "most": 512, **kw}
     with pytest.raises(ValueError):
         StepBudget(**args)  # type: ignore[arg-type]
+
+
+def test_token_pace_sizes_a_step_to_the_seconds_left_in_whole_granules() -> None:
+    pace = TokenPace()
+    assert pace.tokens_within(1.0, 128) is None  # nothing measured yet
+    pace.observe(0.128, 128)  # 1 ms a token
+    assert pace.tokens_within(0.5, 128) == 384  # 500 tokens' time: three whole chunks
+    assert pace.tokens_within(0.0, 128) == 128  # one chunk at least: the step still runs
+    pace.observe(0.1, 0)  # a decode-only step says nothing of prompt tokens
+    assert pace.seconds == pytest.approx(0.001)
+    pace.observe(1.536, 512)  # 3 ms a token further into a prompt: the average moves halfway
+    assert pace.seconds == pytest.approx(0.002)
+    assert pace.tokens_within(0.6, 128) == 256  # 300 tokens' time

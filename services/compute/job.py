@@ -12,7 +12,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from shared.core.keys import PromptChunks
-from shared.core.plan import MeetTracker, head_step
+from shared.core.plan import MeetTracker, head_step, loads_due_in
 from shared.core.request import FinishReason
 from shared.core.scheduler import Candidate, Phase
 from shared.kv.slots import KVCache
@@ -35,6 +35,7 @@ class Job:
     meet: int | None = None  # where loaded chunks start, once known
     staged: dict[int, str] = field(default_factory=dict)  # loaded chunk -> its staged file
     loads: MeetTracker = field(init=False)  # the loader's progress (frontier), as compute sees it
+    load_arrivals: list[float] = field(default_factory=list)  # when each loaded chunk was staged
     head_piece: int = 1  # most head chunks one step computes
     merged: bool = False
     generator: torch.Generator | None = None  # sampling's random source (None: greedy)
@@ -100,6 +101,15 @@ class Job:
             self.admitted and not self.blocked and self.meet is None
             and self.head_done < self.hit and self.phase() == Phase.WAITING
         )  # fmt: skip
+
+    def loads_due_in(self, now: float) -> float | None:
+        """For a job that waits for its loads: seconds until the last it needs is staged, at
+        their pace so far (None: no pace yet, or not waiting)."""
+        if not self.awaits_merger():
+            return None
+        start = max(self.head_done, self.loads.floor)
+        left = sum(1 for j in range(start, self.hit) if j not in self.loads.loaded)
+        return loads_due_in(self.load_arrivals, left, now)
 
     def go_on_alone(self) -> str:
         """No word came from the merger (a lost message, a dead merger): decide as it would
@@ -195,4 +205,10 @@ class Job:
         phase = self.phase()
         granule = 1 if phase == Phase.DECODE else self.chunk
         tokens = self.next_tokens(phase) if phase < Phase.WAITING else 0
-        return Candidate(self.msg.request_id, phase, tokens, self.arrival, granule, self.waited)
+        finishes = (
+            phase == Phase.PREFILL and self.merged
+            and self.kv_cache.get_seq_length() + tokens == len(self.prompt.token_ids)
+        )  # fmt: skip
+        return Candidate(
+            self.msg.request_id, phase, tokens, self.arrival, granule, self.waited, finishes
+        )

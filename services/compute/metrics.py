@@ -59,8 +59,8 @@ class ComputeMetrics:
         )
         self.budget = Gauge(
             "cake_compute_token_budget",
-            "Tokens one scheduler step may run (CAKE_TOKEN_BUDGET; less while requests decode "
-            "under CAKE_TARGET_ITL_MS)",
+            "Tokens the last scheduler step could run (CAKE_TOKEN_BUDGET; less while requests "
+            "decode under CAKE_TARGET_ITL_MS, or to end when a request's loads are due)",
             registry=r,
         )
         self.budget.set(token_budget)

@@ -34,7 +34,7 @@ from shared.core.errors import (
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
 from shared.core.request import FinishReason
 from shared.core.scheduler import Phase, Piece, plan_step
-from shared.core.step_budget import StepBudget
+from shared.core.step_budget import StepBudget, TokenPace
 from shared.kv.codec import decode_chunk
 from shared.kv.engine import encode_chunk_at
 from shared.kv.model import ModelRunner, default_kv_budget_bytes, pick_token
@@ -91,6 +91,7 @@ class Compute(Service):
         self.runner, self.staging = runner, staging
         self.to_device = mover(runner.device)  # loaded KV onto the device (shared.kv.upload)
         self.chunk_compute_s = 0.0  # a head chunk's cost, measured by build()
+        self.token_pace = TokenPace()  # a prompt token's cost in a step (sizes steps to loads)
         self.secret = settings.kv_secret_bytes()  # the MAC of chunks written and read
         self.jobs: dict[str, Job] = {}
         self.finishing: dict[str, Job] = {}  # out of the scheduler, write-back or Done pending
@@ -242,6 +243,7 @@ class Compute(Service):
             job = self.jobs.get(subjects.request_id_of(subject))
             if job is not None and 0 <= msg.index < job.hit and not job.merged:
                 job.loads.on_loaded(msg.index)
+                job.load_arrivals.append(time.monotonic())
                 job.staged[msg.index] = msg.staged
                 job.news_at = time.monotonic()
                 self.wake.set()
@@ -300,11 +302,15 @@ class Compute(Service):
             if c.phase != Phase.HEAD:
                 self.jobs[c.request_id].head_ready_at = now
         budget = self.settings.token_budget
+        decodes = sum(1 for c in candidates if c.phase == Phase.DECODE)
         if self.step_budget is not None:  # prompt tokens, and a token for each decode on top
-            decodes = sum(1 for c in candidates if c.phase == Phase.DECODE)
             budget = min(budget, self.step_budget.for_step(decodes > 0) + decodes)
-            self.metrics.budget.set(budget)
-        step = plan_step(candidates, budget, self.settings.decode_share)
+        if (due := self.due_budget(now)) is not None:
+            budget = min(budget, due + decodes)
+        self.metrics.budget.set(budget)
+        step = plan_step(
+            candidates, budget, self.settings.decode_share, finish_first=self.settings.controllers
+        )
         self.metrics.planned(candidates, step)
         chosen = {piece.request_id for piece in step}
         for c in candidates:  # steps waited while runnable (what aging counts)
@@ -320,6 +326,8 @@ class Compute(Service):
                 outbox = await asyncio.shield(self.stepping)
             self.metrics.step_seconds.observe(time.perf_counter() - started)
             self.note_step(step, time.perf_counter() - started)
+            prompt_tokens = sum(p.tokens for p in step if p.phase != Phase.DECODE)
+            self.token_pace.observe(time.perf_counter() - started, prompt_tokens)
             if self.step_budget is not None:
                 decoded = any(p.phase == Phase.DECODE for p in step)
                 self.step_budget.observe(time.perf_counter() - started, decoded)
@@ -327,6 +335,15 @@ class Compute(Service):
         self.start_writebacks()
         await self.retire()
         return bool(step)
+
+    def due_budget(self, now: float) -> int | None:
+        """With controllers: the prompt tokens a step can run before the first request waiting
+        for its loads has them all, so that the step ends when it can go on rather than make it
+        wait out a long prefill (None: nobody waits on loads of a known pace)."""
+        if not self.settings.controllers:
+            return None
+        due = [d for job in self.jobs.values() if (d := job.loads_due_in(now)) is not None]
+        return self.token_pace.tokens_within(min(due), self.settings.chunk_tokens) if due else None
 
     def note_step(self, step: list[Piece], seconds: float) -> None:
         """Count a step in the telemetry window; each head piece's cost runs from when its job
@@ -783,5 +800,6 @@ async def build(bus: Bus, settings: Settings, _: AsyncExitStack) -> Compute:
     compute.chunk_compute_s = await asyncio.to_thread(
         runner.measure_chunk_s, settings.chunk_tokens, max(step, settings.chunk_tokens)
     )  # the merger's first estimate: a fresh stack splits its first requests well
+    compute.token_pace.observe(compute.chunk_compute_s, settings.chunk_tokens)
     log.info("measured a head chunk", seconds=round(compute.chunk_compute_s, 4))
     return compute

@@ -136,6 +136,17 @@ def loads_pace(arrivals: Sequence[float], started: float, now: float, batch: int
     return max(readings if last_round is None else [*readings, last_round])
 
 
+def loads_due_in(arrivals: Sequence[float], left: int, now: float) -> float | None:
+    """Seconds until `left` more chunks have arrived at the mean gap of those that did (0 when
+    none is left); None before two arrived, when there is no pace to go by."""
+    if left <= 0:
+        return 0.0
+    if len(arrivals) < 2:
+        return None
+    gap = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
+    return max(0.0, arrivals[-1] + left * gap - now)
+
+
 def resume_hint(frontier: int, pace_s: float | None, compute_s: float | None) -> int:
     """Where a head started now should meet loads that go on from `frontier` down at one chunk
     every pace_s: the m with m x compute_s = (frontier - m) x pace_s, rounded up (more

@@ -10,6 +10,10 @@ so a head stays aligned with what is stored), never skipped whole while a granul
 Requests that have waited `aging_steps` steps each get one granule first (longest-waiting
 first), so every runnable request progresses within a bounded number of steps however much
 higher-priority work keeps arriving.
+
+With `finish_first`, a step that ends a prompt (its last piece, so its first token comes out of
+this step) carries no larger prompt piece beside it: the others are cut to its size, so a short
+suffix after a load does not wait for a long prefill that happens to share its step.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Candidate:
     arrival: float
     granule: int = 1  # a cut piece is a whole number of these tokens
     waited: int = 0  # steps since the request last ran while runnable
+    finishes: bool = False  # run whole, the piece ends the prompt (its first token follows)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ def plan_step(
     budget: int,
     decode_share: float = DEFAULT_DECODE_SHARE,
     aging_steps: int = DEFAULT_AGING_STEPS,
+    finish_first: bool = False,
 ) -> list[Piece]:
     """The pieces to run this step, within the token budget (see the module's docstring).
 
@@ -85,6 +91,8 @@ def plan_step(
             left -= more
     if not grants and runnable:  # a granule larger than the budget: run it rather than stall
         grants[(decodes or others)[0].request_id] = (decodes or others)[0].tokens
+    if finish_first:
+        _cut_beside_finishing(grants, others)
     phase = {c.request_id: c.phase for c in runnable}
     return [Piece(rid, phase[rid], tokens) for rid, tokens in grants.items()]
 
@@ -105,6 +113,19 @@ def _decode_cap(
         return share
     smallest = min(c.granule for c in others)
     return min(share, budget - smallest) if smallest <= budget else share
+
+
+def _cut_beside_finishing(grants: dict[str, int], others: Sequence[Candidate]) -> None:
+    """Cut every prompt piece larger than the smallest piece that ends its prompt to that
+    size (in whole granules, one at least)."""
+    ending = [c.tokens for c in others if c.finishes and grants.get(c.request_id) == c.tokens]
+    if not ending:
+        return
+    cap = min(ending)
+    for c in others:
+        granted = grants.get(c.request_id, 0)
+        if granted > cap:
+            grants[c.request_id] = max(min(granted, c.granule), cap // c.granule * c.granule)
 
 
 def _fit(want: int, left: int, granule: int) -> int:

@@ -6,6 +6,9 @@ prompt work comes in smaller pieces; while such steps stay under it, the budget 
 one granule (a chunk) a step, up to CAKE_TOKEN_BUDGET, so prefill throughput is as high as the
 target allows. Steps without decodes hold nobody's tokens back: they run at the full budget
 and teach nothing. Pure logic: compute's scheduler loop applies it.
+
+`TokenPace` is what a prompt token costs in a step, so that a step can be sized to end when a
+request waiting for its loads can go on (compute's `due_budget`).
 """
 
 from __future__ import annotations
@@ -43,3 +46,30 @@ class StepBudget:
             self.tokens = max(self.granule, cut)
         else:
             self.tokens = min(self.most, self.tokens + self.granule)
+
+
+PACE_WEIGHT = 0.5  # the newest step's weight in TokenPace's moving average
+
+
+@dataclass
+class TokenPace:
+    """Seconds a prompt token costs in a step: a moving average over the steps that ran
+    (attention makes tokens further into a prompt dearer, so the recent steps count most)."""
+
+    seconds: float | None = None  # per prompt token; None until a step or a measurement
+
+    def observe(self, seconds: float, tokens: int) -> None:
+        """A step ran `tokens` prompt tokens (and perhaps decodes) in `seconds`."""
+        if tokens <= 0:
+            return
+        per = seconds / tokens
+        self.seconds = (
+            per if self.seconds is None else self.seconds + PACE_WEIGHT * (per - self.seconds)
+        )
+
+    def tokens_within(self, seconds: float, granule: int) -> int | None:
+        """Prompt tokens a step can run in `seconds` (whole granules, one at least); None
+        while the pace is unknown."""
+        if self.seconds is None or self.seconds <= 0:
+            return None
+        return max(granule, int(seconds / self.seconds) // granule * granule)
