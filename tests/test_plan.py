@@ -245,4 +245,5 @@ def test_loads_due_in_goes_by_the_mean_gap_of_the_arrivals_so_far() -> None:
     assert loads_due_in([0.1, 0.2, 0.3], 0, 0.3) == 0.0  # all in: the merger's word is next
     assert loads_due_in([0.1], 5, 0.2) is None  # one arrival: no pace yet
     assert loads_due_in([0.1, 0.2, 0.3], 2, 0.35) == pytest.approx(0.15)  # 0.3 + 2 x 0.1
-    assert loads_due_in([0.1, 0.2, 0.3], 1, 0.9) == 0.0  # late: due now, never negative
+    assert loads_due_in([0.1, 0.2, 0.3], 1, 0.6) == 0.0  # a little late: due now
+    assert loads_due_in([0.1, 0.2, 0.3], 1, 0.9) is None  # 0.5 s late: over 4 gaps, overdue

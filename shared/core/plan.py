@@ -136,15 +136,22 @@ def loads_pace(arrivals: Sequence[float], started: float, now: float, batch: int
     return max(readings if last_round is None else [*readings, last_round])
 
 
+OVERDUE_GAPS = 4.0  # a load-only plan is behind when no chunk came for this many gaps of its pace
+MIN_OVERDUE_S = 0.25  # nor before this long (arrivals jitter)
+
+
 def loads_due_in(arrivals: Sequence[float], left: int, now: float) -> float | None:
     """Seconds until `left` more chunks have arrived at the mean gap of those that did (0 when
-    none is left); None before two arrived, when there is no pace to go by."""
+    none is left, or when they are a little late); None before two arrived, when there is no
+    pace to go by, and once they are overdue (OVERDUE_GAPS gaps late): loads that stopped
+    coming say nothing of when they will be in."""
     if left <= 0:
         return 0.0
     if len(arrivals) < 2:
         return None
     gap = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
-    return max(0.0, arrivals[-1] + left * gap - now)
+    due = arrivals[-1] + left * gap - now
+    return None if due < -max(MIN_OVERDUE_S, OVERDUE_GAPS * gap) else max(0.0, due)
 
 
 def resume_hint(frontier: int, pace_s: float | None, compute_s: float | None) -> int:
@@ -154,10 +161,6 @@ def resume_hint(frontier: int, pace_s: float | None, compute_s: float | None) ->
     if pace_s is None or compute_s is None or compute_s <= 0:
         return -1
     return min(frontier, math.ceil(frontier * pace_s / (compute_s + pace_s)))
-
-
-OVERDUE_GAPS = 4.0  # a load-only plan is behind when no chunk came for this many gaps of its pace
-MIN_OVERDUE_S = 0.25  # nor before this long (arrivals jitter)
 
 
 def loads_overdue_after(
