@@ -247,3 +247,11 @@ def test_loads_due_in_goes_by_the_mean_gap_of_the_arrivals_so_far() -> None:
     assert loads_due_in([0.1, 0.2, 0.3], 2, 0.35) == pytest.approx(0.15)  # 0.3 + 2 x 0.1
     assert loads_due_in([0.1, 0.2, 0.3], 1, 0.6) == 0.0  # a little late: due now
     assert loads_due_in([0.1, 0.2, 0.3], 1, 0.9) is None  # 0.5 s late: over 4 gaps, overdue
+    assert loads_due_in([0.1, 0.2], 0, 0.5) is None  # all in, but no Meet for 0.3 s: overdue
+
+
+def test_loads_due_in_waits_for_more_than_a_round_of_reads_in_flight() -> None:
+    assert loads_due_in([0.1, 0.1], 6, 0.1) == 0.0  # one read at a time: a gap of 0, due now
+    assert loads_due_in([0.1, 0.1], 6, 0.1, batch=4) is None  # four in flight: a burst, no pace
+    bursts = [0.1] * 4 + [0.3] * 4 + [0.5]  # rounds of four, 0.2 s apart: 0.05 s a chunk
+    assert loads_due_in(bursts, 4, 0.5, batch=4) == pytest.approx(0.2)

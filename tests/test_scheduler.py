@@ -145,7 +145,7 @@ def test_finish_first_cuts_a_long_prefill_to_the_suffix_that_ends_a_prompt() -> 
     128 tokens this step, so the suffix's first token does not wait for it."""
     cands = [
         cand("long", P, 1536, 0.0, granule=128),
-        cand("suffix", P, 128, 1.0, granule=128, finishes=True),
+        cand("suffix", P, 128, 1.0, granule=128, ends_loaded_prompt=True),
         cand("head", H, 512, 2.0, granule=128),
         cand("d", D, 1),
     ]
@@ -157,14 +157,20 @@ def test_finish_first_cuts_a_long_prefill_to_the_suffix_that_ends_a_prompt() -> 
 def test_finish_first_cuts_nothing_without_a_whole_last_piece() -> None:
     cands = [cand("a", P, 1024, 0.0, granule=128), cand("b", P, 256, 1.0, granule=128)]
     assert granted(plan_step(cands, 1152, finish_first=True)) == {"a": 1024, "b": 128}
-    ending = [cands[0], cand("b", P, 256, 1.0, granule=128, finishes=True)]
+    ending = [cands[0], cand("b", P, 256, 1.0, granule=128, ends_loaded_prompt=True)]
     assert granted(plan_step(ending, 1152, finish_first=True)) == {"a": 1024, "b": 128}  # b cut
     assert granted(plan_step(ending, 1280, finish_first=True)) == {"a": 256, "b": 256}
 
 
+def test_a_prompt_cap_bounds_prompt_pieces_and_leaves_decodes_alone() -> None:
+    cands = [cand(f"d{i}", D, 1) for i in range(300)] + [cand("p", P, 1024, granule=128)]
+    step = granted(plan_step(cands, 2048, prompt_cap=128))
+    assert step["p"] == 128 and sum(1 for r in step if r.startswith("d")) == 300
+
+
 def test_finish_first_lets_the_smallest_ending_piece_set_the_cut() -> None:
     cands = [
-        cand("a", P, 640, 0.0, granule=128, finishes=True),
-        cand("b", P, 200, 1.0, granule=128, finishes=True),
+        cand("a", P, 640, 0.0, granule=128, ends_loaded_prompt=True),
+        cand("b", P, 200, 1.0, granule=128, ends_loaded_prompt=True),
     ]
     assert granted(plan_step(cands, 1024, finish_first=True)) == {"a": 128, "b": 200}

@@ -102,14 +102,14 @@ class Job:
             and self.head_done < self.hit and self.phase() == Phase.WAITING
         )  # fmt: skip
 
-    def loads_due_in(self, now: float) -> float | None:
+    def loads_due_in(self, now: float, batch: int) -> float | None:
         """For a job that waits for its loads: seconds until the last it needs is staged, at
-        their pace so far (None: no pace yet, or not waiting)."""
+        their pace so far, `batch` reads landing together at most (None: not waiting, no pace
+        yet, or overdue)."""
         if not self.awaits_merger():
             return None
-        start = max(self.head_done, self.loads.floor)
-        left = sum(1 for j in range(start, self.hit) if j not in self.loads.loaded)
-        return loads_due_in(self.load_arrivals, left, now)
+        left = self.hit - self.head_done - sum(1 for j in self.loads.loaded if j >= self.head_done)
+        return loads_due_in(self.load_arrivals, left, now, batch)
 
     def go_on_alone(self) -> str:
         """No word came from the merger (a lost message, a dead merger): decide as it would
@@ -205,10 +205,11 @@ class Job:
         phase = self.phase()
         granule = 1 if phase == Phase.DECODE else self.chunk
         tokens = self.next_tokens(phase) if phase < Phase.WAITING else 0
-        finishes = (
-            phase == Phase.PREFILL and self.merged
+        ends_loaded_prompt = (
+            phase == Phase.PREFILL and self.merged and bool(self.load_arrivals)
             and self.kv_cache.get_seq_length() + tokens == len(self.prompt.token_ids)
         )  # fmt: skip
         return Candidate(
-            self.msg.request_id, phase, tokens, self.arrival, granule, self.waited, finishes
-        )
+            self.msg.request_id, phase, tokens, self.arrival, granule, self.waited,
+            ends_loaded_prompt,
+        )  # fmt: skip

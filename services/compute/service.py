@@ -305,12 +305,13 @@ class Compute(Service):
         decodes = sum(1 for c in candidates if c.phase == Phase.DECODE)
         if self.step_budget is not None:  # prompt tokens, and a token for each decode on top
             budget = min(budget, self.step_budget.for_step(decodes > 0) + decodes)
-        if (due := self.due_budget(now)) is not None:
-            budget = min(budget, due + decodes)
-        self.metrics.budget.set(budget)
+        due = self.due_budget(now)
         step = plan_step(
-            candidates, budget, self.settings.decode_share, finish_first=self.settings.controllers
-        )
+            candidates, budget, self.settings.decode_share,
+            finish_first=self.settings.controllers, prompt_cap=due,
+        )  # fmt: skip
+        if step:
+            self.metrics.budget.set(budget if due is None else min(budget, due + decodes))
         self.metrics.planned(candidates, step)
         chosen = {piece.request_id for piece in step}
         for c in candidates:  # steps waited while runnable (what aging counts)
@@ -326,8 +327,10 @@ class Compute(Service):
                 outbox = await asyncio.shield(self.stepping)
             self.metrics.step_seconds.observe(time.perf_counter() - started)
             self.note_step(step, time.perf_counter() - started)
-            prompt_tokens = sum(p.tokens for p in step if p.phase != Phase.DECODE)
-            self.token_pace.observe(time.perf_counter() - started, prompt_tokens)
+            if sum(p.tokens for p in step if p.phase != Phase.DECODE) >= self.settings.chunk_tokens:
+                self.token_pace.observe(  # (steps of a chunk or more: a merge costs nothing)
+                    time.perf_counter() - started, sum(p.tokens for p in step)
+                )
             if self.step_budget is not None:
                 decoded = any(p.phase == Phase.DECODE for p in step)
                 self.step_budget.observe(time.perf_counter() - started, decoded)
@@ -342,7 +345,8 @@ class Compute(Service):
         wait out a long prefill (None: nobody waits on loads of a known pace)."""
         if not self.settings.controllers:
             return None
-        due = [d for job in self.jobs.values() if (d := job.loads_due_in(now)) is not None]
+        batch = self.settings.fetch_concurrency
+        due = [d for job in self.jobs.values() if (d := job.loads_due_in(now, batch)) is not None]
         return self.token_pace.tokens_within(min(due), self.settings.chunk_tokens) if due else None
 
     def note_step(self, step: list[Piece], seconds: float) -> None:

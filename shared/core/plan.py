@@ -140,18 +140,20 @@ OVERDUE_GAPS = 4.0  # a load-only plan is behind when no chunk came for this man
 MIN_OVERDUE_S = 0.25  # nor before this long (arrivals jitter)
 
 
-def loads_due_in(arrivals: Sequence[float], left: int, now: float) -> float | None:
-    """Seconds until `left` more chunks have arrived at the mean gap of those that did (0 when
-    none is left, or when they are a little late); None before two arrived, when there is no
-    pace to go by, and once they are overdue (OVERDUE_GAPS gaps late): loads that stopped
-    coming say nothing of when they will be in."""
-    if left <= 0:
-        return 0.0
-    if len(arrivals) < 2:
+def loads_due_in(arrivals: Sequence[float], left: int, now: float, batch: int = 1) -> float | None:
+    """Seconds until `left` more chunks have arrived (0 when they are in, or a little late).
+    Their pace is the slower of the mean gap and the last round's (`batch` reads in flight
+    land in bursts), read once more than a round arrived; None before, and once the loads are
+    overdue (OVERDUE_GAPS gaps late, MIN_OVERDUE_S at least, also when the last is in but the
+    merger's word does not come): late loads say nothing of when they will be in."""
+    if not arrivals or (left > 0 and len(arrivals) <= max(1, batch)):
         return None
-    gap = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
-    due = arrivals[-1] + left * gap - now
-    return None if due < -max(MIN_OVERDUE_S, OVERDUE_GAPS * gap) else max(0.0, due)
+    pace = 0.0
+    if left > 0:
+        pace = max((arrivals[-1] - arrivals[0]) / (len(arrivals) - 1),
+                   round_pace(arrivals, batch) or 0.0)  # fmt: skip
+    due = arrivals[-1] + left * pace - now
+    return None if due < -max(MIN_OVERDUE_S, OVERDUE_GAPS * pace) else max(0.0, due)
 
 
 def resume_hint(frontier: int, pace_s: float | None, compute_s: float | None) -> int:

@@ -11,9 +11,10 @@ Requests that have waited `aging_steps` steps each get one granule first (longes
 first), so every runnable request progresses within a bounded number of steps however much
 higher-priority work keeps arriving.
 
-With `finish_first`, a step that ends a prompt (its last piece, so its first token comes out of
-this step) carries no larger prompt piece beside it: the others are cut to its size, so a short
-suffix after a load does not wait for a long prefill that happens to share its step.
+With `finish_first`, a step that ends a prompt that waited for its loads (its last piece, so
+its first token comes out of this step) carries no larger prompt piece beside it: the others are
+cut to its size, so a short suffix after the loads does not wait for a long prefill that happens
+to share its step. `prompt_cap` bounds the prompt tokens of a step apart from its decodes.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Candidate:
     arrival: float
     granule: int = 1  # a cut piece is a whole number of these tokens
     waited: int = 0  # steps since the request last ran while runnable
-    finishes: bool = False  # run whole, the piece ends the prompt (its first token follows)
+    ends_loaded_prompt: bool = False  # run whole, it ends a prompt that waited for its loads
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def plan_step(
     decode_share: float = DEFAULT_DECODE_SHARE,
     aging_steps: int = DEFAULT_AGING_STEPS,
     finish_first: bool = False,
+    prompt_cap: int | None = None,
 ) -> list[Piece]:
     """The pieces to run this step, within the token budget (see the module's docstring).
 
@@ -78,6 +80,7 @@ def plan_step(
         for c in decodes[: _decode_cap(decodes, others, budget, decode_share, aging_steps)]
     }
     left = budget - len(grants)
+    left = left if prompt_cap is None else min(left, prompt_cap)
     aged = sorted((c for c in others if c.waited >= aging_steps), key=_longest_waiting)
     for c in aged:  # first a granule each for the requests that waited longest
         share = min(c.tokens, c.granule)
@@ -116,9 +119,11 @@ def _decode_cap(
 
 
 def _cut_beside_finishing(grants: dict[str, int], others: Sequence[Candidate]) -> None:
-    """Cut every prompt piece larger than the smallest piece that ends its prompt to that
-    size (in whole granules, one at least)."""
-    ending = [c.tokens for c in others if c.finishes and grants.get(c.request_id) == c.tokens]
+    """Cut every prompt piece larger than the smallest granted piece that ends a loaded prompt
+    to that size (in whole granules, one at least)."""
+    ending = [
+        c.tokens for c in others if c.ends_loaded_prompt and grants.get(c.request_id) == c.tokens
+    ]
     if not ending:
         return
     cap = min(ending)
