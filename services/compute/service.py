@@ -325,15 +325,12 @@ class Compute(Service):
                 loop = asyncio.get_running_loop()
                 self.stepping = loop.run_in_executor(self.stepper, self.run_step, step)
                 outbox = await asyncio.shield(self.stepping)
-            self.metrics.step_seconds.observe(time.perf_counter() - started)
-            self.note_step(step, time.perf_counter() - started)
-            if sum(p.tokens for p in step if p.phase != Phase.DECODE) >= self.settings.chunk_tokens:
-                self.token_pace.observe(  # (steps of a chunk or more: a merge costs nothing)
-                    time.perf_counter() - started, sum(p.tokens for p in step)
-                )
+            seconds = time.perf_counter() - started
+            self.metrics.step_seconds.observe(seconds)
+            self.note_step(step, seconds)
             if self.step_budget is not None:
                 decoded = any(p.phase == Phase.DECODE for p in step)
-                self.step_budget.observe(time.perf_counter() - started, decoded)
+                self.step_budget.observe(seconds, decoded)
             await self.send(outbox)
         self.start_writebacks()
         await self.retire()
@@ -350,8 +347,10 @@ class Compute(Service):
         return self.token_pace.tokens_within(min(due), self.settings.chunk_tokens) if due else None
 
     def note_step(self, step: list[Piece], seconds: float) -> None:
-        """Count a step in the telemetry window; each head piece's cost runs from when its job
-        could run as a head to now (the queueing a busy replica adds is part of it)."""
+        """Count a step in the telemetry window and the token pace (steps with a chunk of
+        prompt work or more: a merge piece runs no forward pass); each head piece's cost runs
+        from when its job could run as a head to now (the queueing a busy replica adds is part
+        of it)."""
         tokens: dict[str, int] = {}
         now = time.monotonic()
         for piece in step:
@@ -362,6 +361,8 @@ class Compute(Service):
                 self.window.head(piece.tokens // job.chunk, now - job.head_ready_at)
                 job.head_ready_at = now
         self.window.step(seconds, tokens)
+        if sum(tokens.values()) - tokens.get("decode", 0) >= self.settings.chunk_tokens:
+            self.token_pace.observe(seconds, sum(tokens.values()))
 
     def telemetry(self) -> ComputeTelemetry:
         """The window since the last call; a new one opens."""

@@ -109,10 +109,15 @@ def loads_too_slow(
         return False
     slow, n = ratio * compute_s, len(arrivals)
     since_start = (arrivals[-1] - started) / max(n, batch)
-    if min(since_start, (arrivals[-1] - arrivals[0]) / (n - 1)) >= slow:
+    if min(since_start, mean_gap(arrivals) or 0.0) >= slow:
         return True
     last_round = round_pace(arrivals, batch)
     return last_round is not None and last_round >= slow
+
+
+def mean_gap(arrivals: Sequence[float]) -> float | None:
+    """The mean gap between arrivals since the first; None before two arrived."""
+    return (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) if len(arrivals) >= 2 else None
 
 
 def round_pace(arrivals: Sequence[float], batch: int) -> float | None:
@@ -130,10 +135,8 @@ def loads_pace(arrivals: Sequence[float], started: float, now: float, batch: int
     last `batch` gaps, two at least, once that many arrived) and the time since the last
     arrival (or since the start), which grows while the loads stall."""
     readings = [now - (arrivals[-1] if arrivals else started)]
-    if len(arrivals) >= 2:
-        readings.append((arrivals[-1] - arrivals[0]) / (len(arrivals) - 1))
-    last_round = round_pace(arrivals, batch)
-    return max(readings if last_round is None else [*readings, last_round])
+    readings += [r for r in (mean_gap(arrivals), round_pace(arrivals, batch)) if r is not None]
+    return max(readings)
 
 
 OVERDUE_GAPS = 4.0  # a load-only plan is behind when no chunk came for this many gaps of its pace
@@ -148,10 +151,7 @@ def loads_due_in(arrivals: Sequence[float], left: int, now: float, batch: int = 
     merger's word does not come): late loads say nothing of when they will be in."""
     if not arrivals or (left > 0 and len(arrivals) <= max(1, batch)):
         return None
-    pace = 0.0
-    if left > 0:
-        pace = max((arrivals[-1] - arrivals[0]) / (len(arrivals) - 1),
-                   round_pace(arrivals, batch) or 0.0)  # fmt: skip
+    pace = max(mean_gap(arrivals) or 0.0, round_pace(arrivals, batch) or 0.0) if left > 0 else 0.0
     due = arrivals[-1] + left * pace - now
     return None if due < -max(MIN_OVERDUE_S, OVERDUE_GAPS * pace) else max(0.0, due)
 
@@ -179,10 +179,8 @@ def loads_overdue_after(
     twice a read's median duration (reads_s) after the last arrival either. At least
     MIN_OVERDUE_S, at most cap_s after it."""
     last = arrivals[-1] if arrivals else started
-    if len(arrivals) >= 2:
-        gap: float | None = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
-    else:
-        gap = prior_gap_s
+    gap = mean_gap(arrivals)
+    gap = prior_gap_s if gap is None else gap
     if gap is None:
         return last + cap_s
     read = sorted(reads_s)[len(reads_s) // 2] if reads_s else 0.0
