@@ -639,6 +639,8 @@ async def test_a_long_prefill_steps_around_a_request_waiting_for_its_loads(
         if any(c.request_id == waiting and c.ends_loaded_prompt and g.get(waiting) for c in cands)
     ]  # fmt: skip
     assert len(ending) == 1 and set(ending[0]) - {waiting}  # the long prompt shares its step
+    others = [c for cands, _ in steps for c in cands if c.request_id != waiting]
+    assert others and not any(c.ends_loaded_prompt for c in others)  # it loaded nothing
     assert all(t <= max(64, ending[0][waiting]) for t in ending[0].values())
 
 
