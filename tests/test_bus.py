@@ -75,11 +75,7 @@ async def test_nobody_listening_and_nobody_answering_are_told_apart(connect: Con
         await server.flush()
         await client.flush()
         with pytest.raises(RequestTimeout):
-            try:
-                await client.request("test.bus.silent", Accepted(), Accepted, 0.2)
-            except NoResponders:  # seen once in ~20 suite runs under CI: interest not yet seen
-                await asyncio.sleep(0.2)
-                await client.request("test.bus.silent", Accepted(), Accepted, 0.2)
+            await client.request("test.bus.silent", Accepted(), Accepted, 0.2)
 
 
 async def test_a_handlers_error_crosses_as_code_description_and_retry_hint(
@@ -127,6 +123,22 @@ async def test_an_inbox_yields_envelopes_and_times_out(connect: Connect) -> None
         assert envelope.nbytes == len(Cancel("r1", "why").encode())
         with pytest.raises(RequestTimeout):
             await inbox.next(0.1)
+
+
+async def test_a_flushed_subscription_gets_the_next_publish_from_anyone(connect: Connect) -> None:
+    """flush() returns only once a subscription made before it is in force at the server (a
+    single nats-py flush lost 1 to 3 in 100 of these on localhost)."""
+    listener, sender = await connect("listener"), await connect("sender")
+    missed = 0
+    for i in range(2000):  # the misses came after the first few hundred, in bursts
+        async with await listener.subscribe(f"test.bus.flushed.{i}") as inbox:
+            await listener.flush()
+            await sender.publish(f"test.bus.flushed.{i}", Cancel(str(i), "why"))
+            try:
+                await inbox.next(1.0)
+            except RequestTimeout:
+                missed += 1
+    assert missed == 0
 
 
 async def test_handlers_run_in_the_senders_trace(connect: Connect) -> None:

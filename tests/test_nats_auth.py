@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from services.launcher.nats_auth import authorization, new_passwords, with_credentials
 from services.launcher.nats_server import NatsServer
 from shared.wire import subjects
-from shared.wire.nats_connection import redacted
+from shared.wire.nats_connection import flushed, redacted
 
 
 async def ignore(_: Exception) -> None:
@@ -50,7 +50,7 @@ async def received(client: Client, subject: str, queue: str = "") -> list[Msg]:
         got.append(msg)
 
     await client.subscribe(subject, queue=queue, cb=on)
-    await client.flush()
+    await flushed(client)
     return got
 
 
@@ -67,18 +67,18 @@ async def test_roles_reach_only_their_subjects(roles: tuple[str, dict[str, Clien
     for _ in range(100):  # the allowed messages, until they arrive (a busy machine is slow)
         await clients["merger"].publish(subjects.COMPUTE_PREFILL, b"job")
         await clients["compute"].publish(stream, b"tokens")
-        await clients["merger"].flush()
-        await clients["compute"].flush()
+        await flushed(clients["merger"])
+        await flushed(clients["compute"])
         await asyncio.sleep(0.05)
         if len(compute_jobs) >= 4 and seen:
             break
     before = len(seen)
     await clients["loader"].publish(stream, b"forged tokens")
     await clients["gateway"].publish(stream, b"forged tokens")
-    await clients["loader"].flush()
-    await clients["gateway"].flush()
+    await flushed(clients["loader"])
+    await flushed(clients["gateway"])
     await clients["compute"].publish(stream, b"tokens")  # after the forged ones, in order
-    await clients["compute"].flush()
+    await flushed(clients["compute"])
     for _ in range(100):  # the last allowed one arrives after any forged one would have
         if len(seen) > before:
             break
@@ -100,7 +100,7 @@ async def test_only_the_merger_says_meet_and_replies_stay_with_their_role(
         await clients["gateway"].publish(cancel, b"cancel")
         await clients["merger"].publish(control, b"meet")
         for role in ("gateway", "merger"):
-            await clients[role].flush()
+            await flushed(clients[role])
         await asyncio.sleep(0.05)
         if meets and cancels:
             break
@@ -112,24 +112,11 @@ async def test_only_the_merger_says_meet_and_replies_stay_with_their_role(
         await msg.respond(b"model info")
 
     await clients["compute"].subscribe(subjects.COMPUTE_INFO, cb=answer)
-    await clients["compute"].flush()
-    reply = await request_until_answered(clients["merger"], subjects.COMPUTE_INFO)
+    await flushed(clients["compute"])
+    reply = await clients["merger"].request(subjects.COMPUTE_INFO, b"", timeout=5)
     assert reply.data == b"model info" and reply.subject.startswith("_INBOX_merger.")
     await asyncio.sleep(0.2)
     assert not spied
-
-
-async def request_until_answered(client: Client, subject: str, within_s: float = 5.0) -> Msg:
-    """A request, asked again while the server says nobody listens (once in a full-suite run
-    on this loaded machine the answering subscription was not yet seen), for within_s."""
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        try:
-            return await client.request(subject, b"", timeout=within_s)
-        except nats.errors.NoRespondersError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.05)
 
 
 def test_urls_with_credentials_are_redacted_in_messages() -> None:

@@ -164,7 +164,7 @@ class NatsConnection:
 
     async def flush(self) -> None:
         """Until the server has processed everything sent so far."""
-        await self._nc.flush()
+        await flushed(self._nc)
 
     async def announce(self, name: str, metadata: dict[str, str]) -> Callable[[], Awaitable[None]]:
         """A nats.micro service of this name (no endpoints: Cake's subjects are its own), for
@@ -173,12 +173,14 @@ class NatsConnection:
             self._nc, name=name, version=cake_version(), metadata=metadata,
             description="Cake: compute the head of a prompt's KV while loading its tail",
         )  # fmt: skip
+        await flushed(self._nc)  # answering before this returns
 
         async def stop() -> None:
             if self._nc.is_closed:  # its subscriptions went with the connection
                 return
             with contextlib.suppress(nats.errors.Error):
                 await service.stop()
+                await flushed(self._nc)
 
         return stop
 
@@ -190,6 +192,18 @@ class NatsConnection:
             await asyncio.wait_for(self._nc.drain(), timeout_s)
         except (TimeoutError, nats.errors.Error):
             await self._nc.close()
+
+
+async def flushed(nc: Client) -> None:
+    """Until the server has processed everything sent so far on nc.
+
+    nats-py (2.16) writes a flush's PING straight to the socket, ahead of commands still
+    queued for its flusher task, so one PONG can come back before a SUB just made is in force
+    (1 to 3 in 100 on localhost, in bursts). Two round trips: the first gets the queue written, the
+    second PING follows it on the wire.
+    """
+    await nc.flush()
+    await nc.flush()
 
 
 def redacted(url: str) -> str:
