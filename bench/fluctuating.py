@@ -7,8 +7,10 @@ on a freshly started merger and loader (the link's second 0 at an epoch the benc
 compute-only, load-only, Cake with its controllers, then Cake on fixed settings
 (CAKE_CONTROLLERS=false).
 Every mode sends its requests at the same phases of the trace, so request k of every mode meets
-the same link and the same disturbance (background compute-only requests during a window of
-the period) without any warm-up that tells the system the link.
+the same link and the same disturbance without any warm-up that tells the system the link: the
+disturbance is another client's compute-only prompts, sent on a fixed schedule in a window of
+the period (open loop, the same seconds in every mode's period), so that each request meets
+the other prompts at the same moments whatever the mode.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import statistics
 import tempfile
 import time
@@ -29,7 +32,6 @@ import aiohttp
 
 from bench.client import Timing, completion_body, first_token, prompt_text, stream_completion
 from bench.profile import Profile, measure_profile
-from bench.report import vs_best
 from bench.sweep import evict_page_cache
 from services.launcher.nats_server import free_port
 from services.launcher.stack import LocalStack
@@ -44,6 +46,8 @@ from shared.storage.local import LocalStore
 MODES = ("compute", "load", "cake", "cake_static")  # cake_static: CAKE_CONTROLLERS=false
 RESTART_S = 5.0  # the link's clock starts this long after a period's loader is asked to start
 DISTURB_SALT = "bench-disturbance"  # background prompts are stored once, then only computed
+DISTURB_SHARE = 0.5  # of compute the background prompts take (undisturbed compute-only time)
+LATE_S = 0.5  # a request sent this much after its second (its mode's last one overran) is late
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,8 @@ class Fluctuating:
                 trace = self.config.trace(calibration["kv_rate_MBps"])
                 trace_file = self.workdir / "link.trace"
                 trace_file.write_text("".join(f"{t:g} {r:.3f}\n" for t, r in trace.steps))
-                sent = {mode: await self.period(mode, trace_file) for mode in MODES}
+                every_s = calibration["disturb_every_s"]
+                sent = {mode: await self.period(mode, trace_file, every_s) for mode in MODES}
         finally:
             await asyncio.to_thread(self.stack.close)
         rows = self.rows(sent, trace, calibration)
@@ -137,8 +142,9 @@ class Fluctuating:
         )
 
     async def calibrate(self) -> dict[str, Any]:
-        """The compute side's speed undisturbed (which scales the trace), the fixed cost of a
-        tiny request, the prompt stored, and the per-chunk profile the oracle uses."""
+        """The compute side's speed undisturbed (which scales the trace and sets how often the
+        disturbing client sends), the fixed cost of a tiny request, the prompt stored, and the
+        per-chunk profile the oracle uses."""
         await self.request("compute", salt=uuid.uuid4().hex)  # warm-up
         compute = [(await self.request("compute", salt=uuid.uuid4().hex)).ttft_s for _ in range(3)]
         tiny = prompt_text(8, seed=1)
@@ -162,9 +168,10 @@ class Fluctuating:
             "context": self.config.context, "chunks": hit, "kv_bytes": kv_bytes,
             "compute_ttft_s": compute_s, "fixed_overhead_s": fixed,
             "kv_rate_MBps": round(kv_bytes / 1e6 / compute_s, 2),
+            "disturb_every_s": round(compute_s / DISTURB_SHARE, 3),
         }  # fmt: skip
 
-    async def period(self, mode: str, trace_file: Path) -> list[Sent]:
+    async def period(self, mode: str, trace_file: Path, disturb_every_s: float) -> list[Sent]:
         """One period of one mode: a fresh merger and loader (the link's clock starts at an epoch
         set just after the loader is up), the disturbance in its window, a request at each
         phase."""
@@ -177,7 +184,7 @@ class Fluctuating:
             store_bandwidth_epoch=epoch,
         )  # fmt: skip
         start = time.perf_counter() + epoch - time.time()
-        disturbance = asyncio.create_task(self.disturb(start))
+        disturbance = asyncio.create_task(self.disturb(start, disturb_every_s))
         sent = []
         try:
             for phase in self.config.phases():
@@ -190,22 +197,29 @@ class Fluctuating:
                 await disturbance
         return sent
 
-    async def disturb(self, start: float) -> None:
-        """Keep compute busy with compute-only requests of another prompt of the same length
-        during the window (one at a time, each prefilling the whole prompt)."""
+    async def disturb(self, start: float, every_s: float) -> None:
+        """Take a share of compute during the window: compute-only requests of another prompt
+        of the same length, one sent every `every_s` seconds from the window's start whether or
+        not the last has finished (so at the same seconds in every mode's period)."""
         begin, end = (f * self.config.period_s for f in self.config.disturbed)
         text = prompt_text(self.config.context, seed=self.config.context + 1)
         body = completion_body(text, 8, DISTURB_SALT, kv_mode="compute")
-        await asyncio.sleep(max(0.0, start + begin - time.perf_counter()))
-        while time.perf_counter() - start < end:
-            await stream_completion(self.session, self.stack.url, body)
+        sent: set[asyncio.Task[Any]] = set()
+        try:
+            for second in disturb_schedule(begin, end, every_s):
+                await asyncio.sleep(max(0.0, start + second - time.perf_counter()))
+                sent.add(asyncio.create_task(stream_completion(self.session, self.stack.url, body)))
+            await asyncio.gather(*sent)
+        finally:
+            for task in sent:
+                task.cancel()
 
     def rows(
         self, sent: dict[str, list[Sent]], trace: BandwidthTrace, calibration: dict[str, Any]
     ) -> list[dict[str, Any]]:
         """One row per phase: each mode's TTFT, the link then, and the oracle."""
         rows = []
-        for k in range(self.config.requests):
+        for k, slot in enumerate(self.config.phases()):
             cake = sent["cake"][k]
             link = trace.rate_MBps(cake.phase)
             ttft = {mode: sent[mode][k].timing.ttft_s for mode in MODES}
@@ -216,6 +230,7 @@ class Fluctuating:
                 "link_MBps": round(link, 2),
                 "io_ratio": round(link / calibration["kv_rate_MBps"], 3),
                 "disturbed": self.config.is_disturbed(cake.phase),
+                "late": [m for m in MODES if sent[m][k].phase - slot > LATE_S],
                 "ttft_s": {**ttft, "oracle": oracle_s},
                 "meet_chunk": {m: sent[m][k].timing.cake["meet_chunk"] for m in MODES[2:]},
                 "oracle_meet_chunk": meet,
@@ -237,10 +252,24 @@ class Fluctuating:
         return scaled.oracle(link_MBps, self.settings.fetch_concurrency, fixed, latency)
 
 
+def disturb_schedule(begin: float, end: float, every_s: float) -> list[float]:
+    """The seconds of the period at which the disturbing client sends: every every_s from begin,
+    before end."""
+    return [begin + j * every_s for j in range(math.ceil((end - begin) / every_s))]
+
+
+def vs_best(row: dict[str, Any]) -> float:
+    """min(compute, load) / cake over the single methods whose request was sent on time (both
+    when neither was): one sent late met another second of the link than Cake's did."""
+    t, late = row["ttft_s"], set(row.get("late", ()))
+    single = [t[m] for m in ("compute", "load") if m not in late]
+    return min(single or (t["compute"], t["load"])) / t["cake"]
+
+
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """The issue's headline numbers over all requests."""
     t = [r["ttft_s"] for r in rows]
-    ratios = [vs_best(x) for x in t]
+    ratios = [vs_best(r) for r in rows]
     return {
         "cake_vs_best_mean": statistics.fmean(ratios),
         "cake_vs_best_worst": min(ratios),

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from bench import fluctuating_report
-from bench.fluctuating import MODES, FluctuatingConfig, run_fluctuating, summarize
+from bench.fluctuating import (
+    MODES,
+    FluctuatingConfig,
+    disturb_schedule,
+    run_fluctuating,
+    summarize,
+)
 from bench.main import bench_main, fluctuating_config_from_args
 from services.launcher.cli import build_parser
 from shared.core.errors import ConfigError
@@ -32,6 +38,13 @@ def test_the_trace_is_in_units_of_the_compute_rate_and_requests_avoid_its_steps(
     assert [config.is_disturbed(p) for p in (26.9, 27.0, 44.9, 45.0)] == [False, True, True, False]
 
 
+def test_the_disturbance_is_a_fixed_schedule_in_its_window() -> None:
+    """Open loop from the window's start: the same seconds in every mode's period."""
+    assert disturb_schedule(27.0, 45.0, 2.5) == [27.0 + 2.5 * j for j in range(8)]
+    assert disturb_schedule(27.0, 45.0, 6.0) == [27.0, 33.0, 39.0]  # none at the window's end
+    assert disturb_schedule(27.0, 27.0, 1.0) == []
+
+
 def row(k: int, compute: float, load: float, cake: float, static: float, oracle: float) -> dict:
     ttft = {"compute": compute, "load": load, "cake": cake, "cake_static": static,
             "oracle": oracle}  # fmt: skip
@@ -48,6 +61,15 @@ def test_summary_is_what_the_issue_defines() -> None:
     assert s["controllers_gain"] == pytest.approx(1.25 / 0.875)  # mean static / mean cake
     assert s["cake_over_oracle_mean"] == pytest.approx((1.0 + 1.25) / 2)
     assert "best/cake" in fluctuating_report.table(rows)
+
+
+def test_a_single_method_sent_late_is_not_compared() -> None:
+    """Its last request overran its slot, so it met another second of the link than Cake."""
+    late = {**row(0, 2.0, 0.5, 1.0, 1.0, 1.0), "late": ["load"]}
+    assert summarize([late])["cake_vs_best_mean"] == pytest.approx(2.0)  # compute-only's
+    both = {**row(0, 2.0, 0.5, 1.0, 1.0, 1.0), "late": ["compute", "load"]}
+    assert summarize([both])["cake_vs_best_mean"] == pytest.approx(0.5)  # both, as without
+    assert "0.500*" in fluctuating_report.table([late])
 
 
 def test_flags() -> None:
@@ -68,12 +90,15 @@ def test_a_tiny_fluctuating_run_end_to_end(tmp_path: Path) -> None:
     assert saved["summary"] == results["summary"] and (tmp_path / "fluctuating.png").exists()
     rows = results["rows"]
     assert [r["request"] for r in rows] == [0, 1, 2, 3]
-    chunks, rate = results["calibration"]["chunks"], results["calibration"]["kv_rate_MBps"]
+    calibration = results["calibration"]
+    chunks, rate = calibration["chunks"], calibration["kv_rate_MBps"]
+    assert calibration["disturb_every_s"] == pytest.approx(2 * calibration["compute_ttft_s"], 0.01)
     for r, phase, step in zip(rows, config.phases(), (4.0, 0.25, 2.0, 8.0), strict=True):
         assert all(r["ttft_s"][m] > 0 for m in (*MODES, "oracle"))
         assert all(abs(r["phase_s"][m] - phase) < 0.5 for m in MODES)  # the same moment
         assert r["link_MBps"] == pytest.approx(step * rate, rel=0.01)
         assert r["disturbed"] == config.is_disturbed(phase)
+        assert r["late"] == [m for m in MODES if r["phase_s"][m] - phase > 0.5]
         assert all(0 <= m <= chunks for m in r["meet_chunk"].values())
     assert set(results["summary"]) == {
         "cake_vs_best_mean", "cake_vs_best_worst", "controllers_gain", "cake_over_oracle_mean",
