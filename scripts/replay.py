@@ -2,8 +2,9 @@
 computed and loaded events of the requests that matter.
 
     python scripts/replay.py link-step   # link 4x for 20 s, then 1x: controllers vs fixed
+    python scripts/replay.py link-rise   # link 0.5x for 20 s, then 8x: the first requests after
     python scripts/replay.py link-drop   # a load-only request whose link drops 10x mid-request
-    python scripts/replay.py disturbed [--budget N]  # link 2x, compute kept busy by a client
+    python scripts/replay.py disturbed [--budget N] [--link X]  # link 2x, compute kept busy
     python scripts/replay.py fast-first  # a fresh merger's first request at io_ratio 16
 
 Run from the repository root with nothing else running (timings). Link speeds are in units of
@@ -96,6 +97,23 @@ async def link_step() -> None:
                     await traced(bench, ctx, f"controllers={controllers} at {second} s")
 
 
+async def link_rise() -> None:
+    """Requests at 0.5x teach the estimate a slow link; the link steps to 8x at second 20; two
+    traced Cake requests after it, then load-only for comparison. Three rounds."""
+    async with calibrated(2048, 2048 + 128) as (bench, ctx):
+        rate = ctx.kv_rate_mbps
+        for round_ in range(3):
+            start = await on_trace(bench, f"0 {0.5 * rate:.3f}\n20 {8 * rate:.3f}\n")
+            for second in (3.0, 8.0, 13.0):
+                await at(start, second)
+                await bench.request(ctx, KvMode.CAKE)
+            for second in (20.5, 22.5):
+                await at(start, second)
+                await traced(bench, ctx, f"round {round_}, {second - 20:.1f} s after the rise")
+            load = [(await bench.request(ctx, KvMode.LOAD)).ttft_s for _ in range(2)]
+            print(f"  load-only after them {[round(t, 3) for t in load]}", flush=True)
+
+
 async def link_drop() -> None:
     """Requests at 8x teach the estimate load-only; the next is sent 0.1 s before the link
     drops to 0.8x; then compute-only for comparison. Three rounds."""
@@ -113,14 +131,15 @@ async def link_drop() -> None:
             print(f"  compute-only {min(compute):.3f} s: cake / compute {cake / min(compute):.2f}")
 
 
-async def disturbed(budget: int) -> None:
-    """Link at 2x; a client keeps compute busy with compute-only requests of another prompt as
-    long; four traced Cake requests per setting (controllers, fixed), two rounds."""
+async def disturbed(budget: int, link: float) -> None:
+    """Link at `link` x (2 unless given); a client keeps compute busy with compute-only requests
+    of another prompt as long; four traced Cake requests per setting (controllers, fixed), two
+    rounds."""
     async with calibrated(2048, budget) as (bench, ctx):
         body = completion_body(prompt_text(2048, seed=99), 8, "disturbance", kv_mode="compute")
         for _ in range(2):
             for controllers in (True, False):
-                await restart(bench, controllers, store_bandwidth_mbps=2 * ctx.kv_rate_mbps)
+                await restart(bench, controllers, store_bandwidth_mbps=link * ctx.kv_rate_mbps)
                 busy = asyncio.create_task(keep_busy(bench, body))
                 await asyncio.sleep(3)
                 for i in range(4):
@@ -150,11 +169,15 @@ async def fast_first() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("replay", choices=("link-step", "link-drop", "disturbed", "fast-first"))
+    choices = ("link-step", "link-rise", "link-drop", "disturbed", "fast-first")
+    parser.add_argument("replay", choices=choices)
     parser.add_argument("--budget", type=int, default=2048 + 128, help="disturbed: step tokens")
+    parser.add_argument("--link", type=float, default=2.0, help="disturbed: x the compute rate")
     args = parser.parse_args()
-    replays = {"link-step": link_step, "link-drop": link_drop, "fast-first": fast_first,
-               "disturbed": lambda: disturbed(args.budget)}  # fmt: skip
+    replays = {
+        "link-step": link_step, "link-rise": link_rise, "link-drop": link_drop,
+        "fast-first": fast_first, "disturbed": lambda: disturbed(args.budget, args.link),
+    }  # fmt: skip
     asyncio.run(replays[args.replay]())
 
 

@@ -592,6 +592,30 @@ async def test_a_resumed_head_steps_to_where_it_meets_the_loads_at_their_pace(
     assert computed and computed[0] == resumed[0].head_hint
 
 
+async def test_a_head_hinted_by_a_stale_estimate_probes_one_chunk_first(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """The estimate says the two sides meet at chunk 7 (a loaded chunk believed to take twice a
+    computed one) while the link delivers a chunk each 10 ms: the head's first step is one
+    chunk, not a whole head step of 8, so little is committed before the loads' own pace shows.
+    The answer is compute-only's."""
+    tokens = prompt(700, seed=36)  # 10 usable chunks
+    async with over_a_slow_link(nats_url, tmp_path, tokens, 0.01) as (ref, be):
+        merger_believing(be, compute_chunk_s=0.05, load_chunk_s=0.1)
+        computed: list[int] = []
+
+        async def on_event(message: Message, _: str) -> None:
+            if isinstance(message, ChunkComputed):
+                computed.append(message.upto)
+
+        await be.client.handle(subjects.EVENTS_ALL, on_event)
+        await be.client.flush()
+        got = await be.generate(tokens)
+    assert got.tokens == ref.tokens
+    assert computed and computed[0] == 1
+    assert got.done.meet_chunk <= 7
+
+
 async def test_a_long_prefill_steps_around_a_request_waiting_for_its_loads(
     nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

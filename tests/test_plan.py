@@ -166,6 +166,28 @@ def test_head_steps_probe_then_follow_the_hint_then_close_in_on_the_loads() -> N
     assert head_step(18, 20, 20, hint=-1, step=4, max_step=16) == 2  # the hit's end
 
 
+def test_a_hinted_head_probes_one_chunk_then_goes_where_the_loads_pace_says() -> None:
+    from shared.core.plan import head_step
+
+    assert head_step(0, 20, 20, hint=9, step=4, max_step=16, first=1) == 1  # the probe
+    assert head_step(0, 20, 20, hint=-1, step=4, max_step=16, first=1) == 4  # no hint: no probe
+    # the loads' pace says meet at 3, nearer than the stale hint of 9: go there
+    assert head_step(1, 20, 14, hint=9, step=4, max_step=16, live=3, first=1) == 2
+    assert head_step(1, 20, 20, hint=9, step=4, max_step=16, live=12, first=1) == 8  # the hint
+    assert head_step(3, 20, 6, hint=9, step=4, max_step=16, live=3, first=1) == 1  # then close in
+
+
+def test_the_live_hint_reads_the_loads_pace_only_after_a_round_of_reads() -> None:
+    from shared.core.plan import live_hint
+
+    fast = [0.03 + 0.01 * i for i in range(6)]  # six in, a chunk every 0.01 s
+    assert live_hint(fast[:4], 11, 1, 0.07, batch=4) == -1  # a round's burst: no pace yet
+    # the head (1 chunk done, 0.07 s a chunk) meets loads going on from 9 at 0.01 s a chunk:
+    # (m - 1) 0.07 = (9 - m) 0.01, m = 2, rounded up
+    assert live_hint(fast, 9, 1, 0.07, batch=4) == 2
+    assert live_hint(fast, 9, 1, None, batch=4) == -1  # no token pace yet
+
+
 def test_oracle_counts_the_load_sides_latency_only_when_it_loads() -> None:
     assert oracle_split([1.0] * 4, [0.1] * 4, load_latency_s=0.5) == (0, pytest.approx(0.9))
     assert oracle_split([0.1] * 4, [1.0] * 4, load_latency_s=5.0) == (4, pytest.approx(0.4))
@@ -230,6 +252,8 @@ def test_a_resumed_head_aims_where_it_meets_the_loads_at_their_own_pace() -> Non
     assert resume_hint(12, 0.001, 0.06) == 1  # loads fast after all: one chunk, then see
     assert resume_hint(12, None, 0.06) == -1  # no pace of its own yet (no gap seen)
     assert resume_hint(12, 0.08, None) == -1
+    # a head already at 4: (m - 4) 0.06 = (12 - m) 0.08, m = 8.6, rounded up
+    assert resume_hint(12, 0.08, 0.06, done=4) == 9
 
 
 def test_the_loads_pace_for_a_resumed_head_is_their_slowest_present_reading() -> None:

@@ -12,9 +12,10 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from shared.core.keys import PromptChunks
-from shared.core.plan import MeetTracker, head_step, loads_due_in
+from shared.core.plan import MeetTracker, head_step, live_hint, loads_due_in
 from shared.core.request import FinishReason
 from shared.core.scheduler import Candidate, Phase
+from shared.core.step_budget import TokenPace
 from shared.kv.slots import KVCache
 from shared.wire.bus import RawInbox
 from shared.wire.messages import Prefilled, PrefillJob
@@ -37,6 +38,9 @@ class Job:
     loads: MeetTracker = field(init=False)  # the loader's progress (frontier), as compute sees it
     load_arrivals: list[float] = field(default_factory=list)  # when each loaded chunk was staged
     head_piece: int = 1  # most head chunks one step computes
+    token_pace: TokenPace | None = None  # with controllers: steers its head by the loads' pace
+    loads_batch: int = 1  # reads the loader has in flight at once (they land in bursts)
+    resumed: bool = False  # the merger's StartHead came: its hint is of the loads' pace now
     merged: bool = False
     generator: torch.Generator | None = None  # sampling's random source (None: greedy)
     decoding: bool = False  # the first token is out
@@ -102,14 +106,14 @@ class Job:
             and self.head_done < self.hit and self.phase() == Phase.WAITING
         )  # fmt: skip
 
-    def loads_due_in(self, now: float, batch: int) -> float | None:
+    def loads_due_in(self, now: float) -> float | None:
         """For a job that waits for its loads: seconds until the last it needs is staged, at
-        their pace so far, `batch` reads landing together at most (None: not waiting, no pace
-        yet, or overdue)."""
+        their pace so far, loads_batch reads landing together at most (None: not waiting, no
+        pace yet, or overdue)."""
         if not self.awaits_merger():
             return None
         left = self.hit - self.head_done - sum(1 for j in self.loads.loaded if j >= self.head_done)
-        return loads_due_in(self.load_arrivals, left, now, batch)
+        return loads_due_in(self.load_arrivals, left, now, self.loads_batch)
 
     def go_on_alone(self) -> str:
         """No word came from the merger (a lost message, a dead merger): decide as it would
@@ -155,10 +159,22 @@ class Job:
         return self.loads.load_frontier
 
     def head_chunks(self) -> int:
-        """Head chunks the next step computes (see shared.core.plan.head_step)."""
+        """Head chunks the next step computes (see shared.core.plan.head_step). With a token
+        pace, a head hinted by the estimate starts with one chunk, and goes on to where it
+        should meet the loads at their pace so far when that is nearer than the hint (a
+        resumed head's hint is of that pace already: no probe)."""
+        live, first = -1, None
+        if self.token_pace is not None:
+            pace = self.token_pace.seconds
+            chunk_s = None if pace is None else pace * self.chunk
+            live = live_hint(
+                self.load_arrivals, self.load_frontier(), self.head_done, chunk_s,
+                self.loads_batch,
+            )  # fmt: skip
+            first = None if self.resumed else 1
         return head_step(
             self.head_done, self.hit, self.load_frontier(), self.msg.head_hint,
-            self.head_piece, self.piece // self.chunk,
+            self.head_piece, self.piece // self.chunk, live, first,
         )  # fmt: skip
 
     @property

@@ -176,6 +176,8 @@ class Compute(Service):
         job = Job(
             msg, prompt, stop_ids, None, piece=budget, head_piece=head_piece,
             generator=self.runner.sampler(msg.sampling), memory=memory,
+            token_pace=self.token_pace if self.settings.controllers else None,
+            loads_batch=self.settings.fetch_concurrency,
         )  # fmt: skip
         try:  # by projected KV: the prompt and every token it may generate
             admitted = self.admission.offer(rid, job.capacity * space.layout.bytes_per_token)
@@ -264,6 +266,7 @@ class Compute(Service):
         if isinstance(msg, StartHead):  # the loads fell behind: race them after all, towards
             job.msg.compute_head = True  # the merger's new hint (the skip advice's was 0)
             job.msg.head_hint = msg.head_hint if 0 <= msg.head_hint <= job.hit else -1
+            job.resumed = True
         elif isinstance(msg, Meet) and job.meet is None and not job.decoding:
             if msg.hit != job.hit or not 0 <= msg.meet <= job.hit:
                 log.warning("Meet outside the job's hit ignored", meet=msg.meet, hit=msg.hit)
@@ -342,8 +345,7 @@ class Compute(Service):
         wait out a long prefill (None: nobody waits on loads of a known pace)."""
         if not self.settings.controllers:
             return None
-        batch = self.settings.fetch_concurrency
-        due = [d for job in self.jobs.values() if (d := job.loads_due_in(now, batch)) is not None]
+        due = [d for job in self.jobs.values() if (d := job.loads_due_in(now)) is not None]
         return self.token_pace.tokens_within(min(due), self.settings.chunk_tokens) if due else None
 
     def note_step(self, step: list[Piece], seconds: float) -> None:

@@ -156,13 +156,28 @@ def loads_due_in(arrivals: Sequence[float], left: int, now: float, batch: int = 
     return None if due < -max(MIN_OVERDUE_S, OVERDUE_GAPS * pace) else max(0.0, due)
 
 
-def resume_hint(frontier: int, pace_s: float | None, compute_s: float | None) -> int:
-    """Where a head started now should meet loads that go on from `frontier` down at one chunk
-    every pace_s: the m with m x compute_s = (frontier - m) x pace_s, rounded up (more
-    computed, fewer loads, as the estimator's own hint); -1 without both paces."""
+def resume_hint(
+    frontier: int, pace_s: float | None, compute_s: float | None, done: int = 0
+) -> int:
+    """Where a head at chunk `done` going on now should meet loads that go on from `frontier`
+    down at one chunk every pace_s: the m with (m - done) x compute_s = (frontier - m) x
+    pace_s, rounded up (more computed, fewer loads, as the estimator's own hint); -1 without
+    both paces."""
     if pace_s is None or compute_s is None or compute_s <= 0:
         return -1
-    return min(frontier, math.ceil(frontier * pace_s / (compute_s + pace_s)))
+    meet = math.ceil((frontier * pace_s + done * compute_s) / (compute_s + pace_s))
+    return min(frontier, meet)
+
+
+def live_hint(
+    arrivals: Sequence[float], frontier: int, done: int, chunk_s: float | None, batch: int = 1
+) -> int:
+    """resume_hint at the loads' pace so far (read once more than `batch` arrived, as
+    loads_due_in does) and a chunk's cost in compute's steps now; -1 before both are known."""
+    if len(arrivals) <= max(1, batch):
+        return -1
+    pace = max(mean_gap(arrivals) or 0.0, round_pace(arrivals, batch) or 0.0)
+    return resume_hint(frontier, pace, chunk_s, done)
 
 
 def loads_overdue_after(
@@ -187,23 +202,29 @@ def loads_overdue_after(
     return last + min(cap_s, max(MIN_OVERDUE_S, OVERDUE_GAPS * gap, 2 * read))
 
 
-def head_step(done: int, hit: int, frontier: int, hint: int, step: int, max_step: int) -> int:
+def head_step(
+    done: int, hit: int, frontier: int, hint: int, step: int, max_step: int,
+    live: int = -1, first: int | None = None,
+) -> int:
     """Head chunks the next compute step takes, stopping where staged chunks begin.
 
     Without a hint of the meeting point (-1): `step` chunks. A hint (>= 0) comes from an
-    estimate that may be stale, so the first step takes `step` chunks at most; by its end the
-    loads' own progress shows (the frontier), and the next step goes the rest of the way to
-    the hint (at most max_step chunks). Past the hint, each step takes half the chunks left
-    between the head and the loads (at most `step`, at least one): the meeting point comes
-    chunk by chunk when the estimate was right, in larger steps when the loads fell behind it.
+    estimate that may be stale, so the first step takes `first` chunks at most (`step` unless
+    given); by its end the loads' own progress shows: the frontier, and once their pace is
+    read, `live` (where the head should meet them at it, >= 0). The next step goes the rest of
+    the way to the hint or to `live`, the nearer (at most max_step chunks). Past that point,
+    each step takes half the chunks left between the head and the loads (at most `step`, at
+    least one): the meeting point comes chunk by chunk when the estimate was right, in larger
+    steps when the loads fell behind it.
     """
     if hint >= 0:
+        hint = min(hint, live) if live >= 0 else hint
         if done >= hint:
             step = min(step, (frontier - done) // 2)
         elif done > 0:
             step = min(hint - done, max_step)
         else:
-            step = min(hint, step)
+            step = min(hint, step if first is None else first)
     return max(1, min(step, hit - done, frontier - done))
 
 
