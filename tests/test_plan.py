@@ -175,6 +175,9 @@ def test_a_hinted_head_probes_one_chunk_then_goes_where_the_loads_pace_says() ->
     assert head_step(1, 20, 14, hint=9, step=4, max_step=16, live=3, first=1) == 2
     assert head_step(1, 20, 20, hint=9, step=4, max_step=16, live=12, first=1) == 8  # the hint
     assert head_step(3, 20, 6, hint=9, step=4, max_step=16, live=3, first=1) == 1  # then close in
+    # past the hint the loads' pace leads: slower loads, a larger step than halving's 4
+    assert head_step(9, 20, 20, hint=9, step=4, max_step=16, live=14, first=1) == 5
+    assert head_step(9, 20, 20, hint=9, step=4, max_step=16, live=9, first=1) == 1
 
 
 def test_the_live_hint_reads_the_loads_pace_only_after_a_round_of_reads() -> None:

@@ -156,9 +156,7 @@ def loads_due_in(arrivals: Sequence[float], left: int, now: float, batch: int = 
     return None if due < -max(MIN_OVERDUE_S, OVERDUE_GAPS * pace) else max(0.0, due)
 
 
-def resume_hint(
-    frontier: int, pace_s: float | None, compute_s: float | None, done: int = 0
-) -> int:
+def resume_hint(frontier: int, pace_s: float | None, compute_s: float | None, done: int = 0) -> int:
     """Where a head at chunk `done` going on now should meet loads that go on from `frontier`
     down at one chunk every pace_s: the m with (m - done) x compute_s = (frontier - m) x
     pace_s, rounded up (more computed, fewer loads, as the estimator's own hint); -1 without
@@ -203,8 +201,14 @@ def loads_overdue_after(
 
 
 def head_step(
-    done: int, hit: int, frontier: int, hint: int, step: int, max_step: int,
-    live: int = -1, first: int | None = None,
+    done: int,
+    hit: int,
+    frontier: int,
+    hint: int,
+    step: int,
+    max_step: int,
+    live: int = -1,
+    first: int | None = None,
 ) -> int:
     """Head chunks the next compute step takes, stopping where staged chunks begin.
 
@@ -212,19 +216,21 @@ def head_step(
     estimate that may be stale, so the first step takes `first` chunks at most (`step` unless
     given); by its end the loads' own progress shows: the frontier, and once their pace is
     read, `live` (where the head should meet them at it, >= 0). The next step goes the rest of
-    the way to the hint or to `live`, the nearer (at most max_step chunks). Past that point,
-    each step takes half the chunks left between the head and the loads (at most `step`, at
-    least one): the meeting point comes chunk by chunk when the estimate was right, in larger
-    steps when the loads fell behind it.
+    the way at once (at most max_step chunks) to the hint, or to `live` when that is nearer;
+    once past the hint, to `live`. A head that has reached where it should meet loads of a
+    known pace takes one chunk a step (they come to it); without a pace, each step takes half
+    the chunks left between the head and the loads (at most `step`, at least one).
     """
     if hint >= 0:
-        hint = min(hint, live) if live >= 0 else hint
-        if done >= hint:
-            step = min(step, (frontier - done) // 2)
-        elif done > 0:
-            step = min(hint - done, max_step)
+        target = hint if live < 0 else (live if done >= hint else min(hint, live))
+        if done == 0 and target > 0:
+            step = min(target, step if first is None else first)
+        elif done < target:
+            step = min(target - done, max_step)
+        elif live >= 0:
+            step = 1
         else:
-            step = min(hint, step if first is None else first)
+            step = min(step, (frontier - done) // 2)
     return max(1, min(step, hit - done, frontier - done))
 
 
