@@ -30,8 +30,16 @@ from typing import Any
 
 import aiohttp
 
-from bench.client import Timing, completion_body, first_token, prompt_text, stream_completion
+from bench.client import (
+    Stream,
+    Timing,
+    completion_body,
+    first_token,
+    prompt_text,
+    stream_completion,
+)
 from bench.profile import Profile, measure_profile
+from bench.report import vs_best
 from bench.sweep import evict_page_cache
 from services.launcher.nats_server import free_port
 from services.launcher.stack import LocalStack
@@ -112,6 +120,7 @@ class Fluctuating:
             memory_tier=False,  # every timed request meets the link, not compute's memory
         )  # fmt: skip
         self.stack = LocalStack(self.settings)
+        self.disturbance: dict[str, dict[str, int]] = {}  # per mode: the background requests
 
     async def run(self) -> dict[str, Any]:
         """Calibrate, run every mode for a period, compute the oracle; the results."""
@@ -131,6 +140,7 @@ class Fluctuating:
         return {
             "rows": rows, "summary": summarize(rows), "calibration": calibration,
             "trace": {"steps": [list(s) for s in trace.steps], "period_s": trace.period_s},
+            "disturbance": self.disturbance,
         }  # fmt: skip
 
     async def request(self, mode: str, text: str | None = None, salt: str | None = None) -> Timing:
@@ -184,7 +194,7 @@ class Fluctuating:
             store_bandwidth_epoch=epoch,
         )  # fmt: skip
         start = time.perf_counter() + epoch - time.time()
-        disturbance = asyncio.create_task(self.disturb(start, disturb_every_s))
+        disturbance = asyncio.create_task(self.disturb(mode, start, disturb_every_s))
         sent = []
         try:
             for phase in self.config.phases():
@@ -197,20 +207,28 @@ class Fluctuating:
                 await disturbance
         return sent
 
-    async def disturb(self, start: float, every_s: float) -> None:
+    async def disturb(self, mode: str, start: float, every_s: float) -> None:
         """Take a share of compute during the window: compute-only requests of another prompt
         of the same length, one sent every `every_s` seconds from the window's start whether or
-        not the last has finished (so at the same seconds in every mode's period)."""
+        not the last has finished (so at the same seconds in every mode's period). How many
+        went out, failed (refused or broken off) and were still running at the period's end
+        goes in self.disturbance[mode]."""
         begin, end = (f * self.config.period_s for f in self.config.disturbed)
         text = prompt_text(self.config.context, seed=self.config.context + 1)
         body = completion_body(text, 8, DISTURB_SALT, kv_mode="compute")
-        sent: set[asyncio.Task[Any]] = set()
+        sent: list[asyncio.Task[Stream]] = []
         try:
             for second in disturb_schedule(begin, end, every_s):
                 await asyncio.sleep(max(0.0, start + second - time.perf_counter()))
-                sent.add(asyncio.create_task(stream_completion(self.session, self.stack.url, body)))
+                request = stream_completion(self.session, self.stack.url, body)
+                sent.append(asyncio.create_task(request))
             await asyncio.gather(*sent)
         finally:
+            done = [t.result() for t in sent if t.done() and not t.cancelled()]
+            self.disturbance[mode] = {
+                "sent": len(sent), "failed": sum(1 for s in done if s.error or s.status != 200),
+                "unfinished": len(sent) - len(done),
+            }  # fmt: skip
             for task in sent:
                 task.cancel()
 
@@ -258,18 +276,10 @@ def disturb_schedule(begin: float, end: float, every_s: float) -> list[float]:
     return [begin + j * every_s for j in range(math.ceil((end - begin) / every_s))]
 
 
-def vs_best(row: dict[str, Any]) -> float:
-    """min(compute, load) / cake over the single methods whose request was sent on time (both
-    when neither was): one sent late met another second of the link than Cake's did."""
-    t, late = row["ttft_s"], set(row.get("late", ()))
-    single = [t[m] for m in ("compute", "load") if m not in late]
-    return min(single or (t["compute"], t["load"])) / t["cake"]
-
-
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """The issue's headline numbers over all requests."""
     t = [r["ttft_s"] for r in rows]
-    ratios = [vs_best(r) for r in rows]
+    ratios = [vs_best(x) for x in t]
     return {
         "cake_vs_best_mean": statistics.fmean(ratios),
         "cake_vs_best_worst": min(ratios),

@@ -12,15 +12,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench.fluctuating import MODES, vs_best
+from bench.fluctuating import MODES
+from bench.report import vs_best
 from shared.core.bandwidth import BandwidthTrace
 
 LINES = (*MODES, "oracle")
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per request: when, the link, each mode's TTFT (* sent late: not compared),
-    best/cake and the meets."""
+    """One line per request: when, the link, each mode's TTFT (* sent late: its mode's last
+    request overran this one's second), best/cake and the meets."""
     head = f"{'#':>3} {'t (s)':>6} {'MB/s':>7} {'busy':>4} " + " ".join(f"{m:>11}" for m in LINES)
     head += f" {'best/cake':>9} {'meet':>5} {'static':>6} {'oracle':>6}"
     lines = [head, "-" * len(head)]
@@ -31,7 +32,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['request']:>3} {r['phase_s']['cake']:>6.1f} {r['link_MBps']:>7.1f} "
             f"{'yes' if r['disturbed'] else '':>4} "
             + " ".join(f"{t[m]:>10.3f}{'*' if m in r.get('late', ()) else ' '}" for m in LINES)
-            + f" {vs_best(r):>9.2f} {meet['cake']:>5}"
+            + f" {vs_best(t):>9.2f} {meet['cake']:>5}"
             f" {meet['cake_static']:>6} {r['oracle_meet_chunk']:>6}"
         )
     return "\n".join(lines)
