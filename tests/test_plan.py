@@ -171,6 +171,7 @@ def test_a_hinted_head_probes_one_chunk_then_goes_where_the_loads_pace_says() ->
 
     assert head_step(0, 20, 20, hint=9, step=4, max_step=16, first=1) == 1  # the probe
     assert head_step(0, 20, 20, hint=-1, step=4, max_step=16, first=1) == 4  # no hint: no probe
+    assert head_step(0, 20, 20, hint=9, step=4, max_step=16, live=5, first=1) == 5  # pace known
     # the loads' pace says meet at 3, nearer than the stale hint of 9: go there
     assert head_step(1, 20, 14, hint=9, step=4, max_step=16, live=3, first=1) == 2
     assert head_step(1, 20, 20, hint=9, step=4, max_step=16, live=12, first=1) == 8  # the hint
@@ -184,11 +185,13 @@ def test_the_live_hint_reads_the_loads_pace_only_after_a_round_of_reads() -> Non
     from shared.core.plan import live_hint
 
     fast = [0.03 + 0.01 * i for i in range(6)]  # six in, a chunk every 0.01 s
-    assert live_hint(fast[:4], 11, 1, 0.07, batch=4) == -1  # a round's burst: no pace yet
+    assert live_hint(fast[:4], 11, 1, 0.07, now=0.065, batch=4) == -1  # a round's burst
     # the head (1 chunk done, 0.07 s a chunk) meets loads going on from 9 at 0.01 s a chunk:
     # (m - 1) 0.07 = (9 - m) 0.01, m = 2, rounded up
-    assert live_hint(fast, 9, 1, 0.07, batch=4) == 2
-    assert live_hint(fast, 9, 1, None, batch=4) == -1  # no token pace yet
+    assert live_hint(fast, 9, 1, 0.07, now=0.085, batch=4) == 2
+    # nothing came for 0.42 s since: a stall reads as that pace, and the head goes far
+    assert live_hint(fast, 9, 1, 0.07, now=0.5, batch=4) == 8
+    assert live_hint(fast, 9, 1, None, now=0.085, batch=4) == -1  # no token pace yet
 
 
 def test_oracle_counts_the_load_sides_latency_only_when_it_loads() -> None:

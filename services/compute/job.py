@@ -161,17 +161,18 @@ class Job:
     def head_chunks(self) -> int:
         """Head chunks the next step computes (see shared.core.plan.head_step). With a token
         pace, a head hinted by the estimate starts with one chunk, and goes on to where it
-        should meet the loads at their pace so far when that is nearer than the hint (a
-        resumed head's hint is of that pace already: no probe)."""
+        should meet the loads at their pace so far when that is nearer than the hint. A
+        resumed head's hint is the merger's reading of that pace, stalls and all: it keeps to
+        it."""
         live, first = -1, None
-        if self.token_pace is not None:
+        if self.token_pace is not None and not self.resumed:
             pace = self.token_pace.seconds
             chunk_s = None if pace is None else pace * self.chunk
             live = live_hint(
                 self.load_arrivals, self.load_frontier(), self.head_done, chunk_s,
-                self.loads_batch,
+                time.monotonic(), self.loads_batch,
             )  # fmt: skip
-            first = None if self.resumed else 1
+            first = 1
         return head_step(
             self.head_done, self.hit, self.load_frontier(), self.msg.head_hint,
             self.head_piece, self.piece // self.chunk, live, first,

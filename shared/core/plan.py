@@ -168,14 +168,19 @@ def resume_hint(frontier: int, pace_s: float | None, compute_s: float | None, do
 
 
 def live_hint(
-    arrivals: Sequence[float], frontier: int, done: int, chunk_s: float | None, batch: int = 1
+    arrivals: Sequence[float],
+    frontier: int,
+    done: int,
+    chunk_s: float | None,
+    now: float,
+    batch: int = 1,
 ) -> int:
-    """resume_hint at the loads' pace so far (read once more than `batch` arrived, as
-    loads_due_in does) and a chunk's cost in compute's steps now; -1 before both are known."""
+    """resume_hint at the loads' present pace (loads_pace: a stall counts; read once more than
+    `batch` arrived, as loads_due_in does) and a chunk's cost in compute's steps now; -1 before
+    both are known."""
     if len(arrivals) <= max(1, batch):
         return -1
-    pace = max(mean_gap(arrivals) or 0.0, round_pace(arrivals, batch) or 0.0)
-    return resume_hint(frontier, pace, chunk_s, done)
+    return resume_hint(frontier, loads_pace(arrivals, arrivals[0], now, batch), chunk_s, done)
 
 
 def loads_overdue_after(
@@ -201,29 +206,24 @@ def loads_overdue_after(
 
 
 def head_step(
-    done: int,
-    hit: int,
-    frontier: int,
-    hint: int,
-    step: int,
-    max_step: int,
-    live: int = -1,
-    first: int | None = None,
-) -> int:
+    done: int, hit: int, frontier: int, hint: int, step: int, max_step: int,
+    live: int = -1, first: int | None = None,
+) -> int:  # fmt: skip
     """Head chunks the next compute step takes, stopping where staged chunks begin.
 
     Without a hint of the meeting point (-1): `step` chunks. A hint (>= 0) comes from an
     estimate that may be stale, so the first step takes `first` chunks at most (`step` unless
-    given); by its end the loads' own progress shows: the frontier, and once their pace is
-    read, `live` (where the head should meet them at it, >= 0). The next step goes the rest of
-    the way at once (at most max_step chunks) to the hint, or to `live` when that is nearer;
-    once past the hint, to `live`. A head that has reached where it should meet loads of a
-    known pace takes one chunk a step (they come to it); without a pace, each step takes half
-    the chunks left between the head and the loads (at most `step`, at least one).
+    given) while the loads' pace is unknown; by its end their progress shows: the frontier,
+    and once their pace is read, `live` (where the head should meet them at it, >= 0). The
+    next step goes the rest of the way at once (at most max_step chunks) to the hint, or to
+    `live` when that is nearer; once past the hint, to `live`. A head that has reached where
+    it should meet loads of a known pace takes one chunk a step (they come to it); without a
+    pace, each step takes half the chunks left between the head and the loads (at most
+    `step`, at least one).
     """
     if hint >= 0:
         target = hint if live < 0 else (live if done >= hint else min(hint, live))
-        if done == 0 and target > 0:
+        if done == 0 and live < 0 and target > 0:
             step = min(target, step if first is None else first)
         elif done < target:
             step = min(target - done, max_step)
