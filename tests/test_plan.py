@@ -181,17 +181,19 @@ def test_a_hinted_head_probes_one_chunk_then_goes_where_the_loads_pace_says() ->
     assert head_step(9, 20, 20, hint=9, step=4, max_step=16, live=9, first=1) == 1
 
 
-def test_the_live_hint_reads_the_loads_pace_only_after_a_round_of_reads() -> None:
+def test_the_live_hint_reads_the_loads_pace_from_their_first_arrival() -> None:
     from shared.core.plan import live_hint
 
-    fast = [0.03 + 0.01 * i for i in range(6)]  # six in, a chunk every 0.01 s
-    assert live_hint(fast[:4], 11, 1, 0.07, now=0.065, batch=4) == -1  # a round's burst
-    # the head (1 chunk done, 0.07 s a chunk) meets loads going on from 9 at 0.01 s a chunk:
-    # (m - 1) 0.07 = (9 - m) 0.01, m = 2, rounded up
-    assert live_hint(fast, 9, 1, 0.07, now=0.085, batch=4) == 2
+    fast = [0.03 + 0.01 * i for i in range(6)]  # six in, a chunk every 0.01 s, from 0.03 s
+    assert live_hint([], 15, 1, 0.07, now=0.1, started=0.0) == -1  # nothing in yet
+    # two in by 0.1 s (a round's burst still landing): 0.05 s a chunk since the start, the
+    # first read's latency included: (m - 1) 0.07 = (13 - m) 0.05, m = 6
+    assert live_hint(fast[:2], 13, 1, 0.07, now=0.1, started=0.0, batch=4) == 6
+    # six in: the loads' own pace, 0.01 s: (m - 1) 0.07 = (9 - m) 0.01, m = 2, rounded up
+    assert live_hint(fast, 9, 1, 0.07, now=0.085, started=0.0, batch=4) == 2
     # nothing came for 0.42 s since: a stall reads as that pace, and the head goes far
-    assert live_hint(fast, 9, 1, 0.07, now=0.5, batch=4) == 8
-    assert live_hint(fast, 9, 1, None, now=0.085, batch=4) == -1  # no token pace yet
+    assert live_hint(fast, 9, 1, 0.07, now=0.5, started=0.0, batch=4) == 8
+    assert live_hint(fast, 9, 1, None, now=0.085, started=0.0, batch=4) == -1  # no token pace
 
 
 def test_oracle_counts_the_load_sides_latency_only_when_it_loads() -> None:

@@ -154,6 +154,22 @@ def test_finish_first_cuts_a_long_prefill_to_the_suffix_that_ends_a_prompt() -> 
     assert first == {"d": 1, "long": 128, "suffix": 128, "head": 128}
 
 
+def test_finish_first_runs_a_head_racing_its_loads_ahead_of_a_later_prompt() -> None:
+    """The disturbed replay's loss: a 2,048-token prompt that came after a Cake request took the
+    step ahead of its 512-token head (prefill before heads), and the head's next step took
+    1.37 s instead of 0.27 s. With finish_first the head goes first by arrival, and the later
+    prompt is cut to its size."""
+    cands = [
+        cand("head", H, 512, 0.0, granule=128, races_loads=True),
+        cand("late", P, 2048, 1.0, granule=128),
+        cand("d", D, 1),
+    ]
+    assert granted(plan_step(cands, 2176)) == {"d": 1, "late": 2048}  # the head waits a step
+    assert granted(plan_step(cands, 2176, finish_first=True)) == {"d": 1, "head": 512, "late": 512}
+    quiet = [cand("head", H, 512, 0.0, granule=128), *cands[1:]]  # computes it all: no race
+    assert granted(plan_step(quiet, 2176, finish_first=True)) == {"d": 1, "head": 512, "late": 1536}
+
+
 def test_finish_first_cuts_nothing_without_a_whole_last_piece() -> None:
     cands = [cand("a", P, 1024, 0.0, granule=128), cand("b", P, 256, 1.0, granule=128)]
     assert granted(plan_step(cands, 1152, finish_first=True)) == {"a": 1024, "b": 128}

@@ -173,14 +173,20 @@ def live_hint(
     done: int,
     chunk_s: float | None,
     now: float,
+    started: float,
     batch: int = 1,
 ) -> int:
-    """resume_hint at the loads' present pace (loads_pace: a stall counts; read once more than
-    `batch` arrived, as loads_due_in does) and a chunk's cost in compute's steps now; -1 before
-    both are known."""
-    if len(arrivals) <= max(1, batch):
+    """resume_hint at the loads' present pace and a chunk's cost in compute's steps now; -1
+    before a chunk has arrived or without that cost. Once more than `batch` arrived, the pace
+    is loads_pace (a stall counts); before, the mean time per arrival since `started` (the
+    first read's latency included, so it errs towards computing more)."""
+    if not arrivals or chunk_s is None:
         return -1
-    return resume_hint(frontier, loads_pace(arrivals, arrivals[0], now, batch), chunk_s, done)
+    if len(arrivals) > max(1, batch):
+        pace = loads_pace(arrivals, arrivals[0], now, batch)
+    else:
+        pace = (now - started) / len(arrivals)
+    return resume_hint(frontier, pace, chunk_s, done)
 
 
 def loads_overdue_after(

@@ -14,7 +14,10 @@ higher-priority work keeps arriving.
 With `finish_first`, a step that ends a prompt that waited for its loads (its last piece, so
 its first token comes out of this step) carries no larger prompt piece beside it: the others are
 cut to its size, so a short suffix after the loads does not wait for a long prefill that happens
-to share its step. `prompt_cap` bounds the prompt tokens of a step apart from its decodes.
+to share its step. The same goes for a head piece racing its loads (granted whole), and such
+heads queue with prefills by arrival instead of after them: a prompt that comes later no longer
+takes the step ahead of a head whose loads go on arriving, and stretches it by its whole length.
+`prompt_cap` bounds the prompt tokens of a step apart from its decodes.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Candidate:
     granule: int = 1  # a cut piece is a whole number of these tokens
     waited: int = 0  # steps since the request last ran while runnable
     ends_loaded_prompt: bool = False  # run whole, it ends a prompt that waited for its loads
+    races_loads: bool = False  # a head piece racing its loads (with finish_first: the same)
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,10 @@ def plan_step(
     """
     runnable = [c for c in candidates if c.phase < Phase.WAITING and c.tokens > 0]
     decodes = sorted((c for c in runnable if c.phase == Phase.DECODE), key=_longest_waiting)
-    others = sorted((c for c in runnable if c.phase != Phase.DECODE), key=_priority)
+    others = sorted(
+        (c for c in runnable if c.phase != Phase.DECODE),
+        key=_by_arrival_with_heads if finish_first else _priority,
+    )
     grants = {
         c.request_id: 1
         for c in decodes[: _decode_cap(decodes, others, budget, decode_share, aging_steps)]
@@ -119,11 +126,12 @@ def _decode_cap(
 
 
 def _cut_beside_finishing(grants: dict[str, int], others: Sequence[Candidate]) -> None:
-    """Cut every prompt piece larger than the smallest granted piece that ends a loaded prompt
-    to that size (in whole granules, one at least)."""
+    """Cut every prompt piece larger than the smallest piece granted whole that ends a loaded
+    prompt or races its loads to that size (in whole granules, one at least)."""
     ending = [
-        c.tokens for c in others if c.ends_loaded_prompt and grants.get(c.request_id) == c.tokens
-    ]
+        c.tokens for c in others
+        if (c.ends_loaded_prompt or c.races_loads) and grants.get(c.request_id) == c.tokens
+    ]  # fmt: skip
     if not ending:
         return
     cap = min(ending)
@@ -144,3 +152,7 @@ def _longest_waiting(c: Candidate) -> tuple[int, float]:
 
 def _priority(c: Candidate) -> tuple[int, float]:
     return (int(c.phase), c.arrival)
+
+
+def _by_arrival_with_heads(c: Candidate) -> tuple[int, float]:
+    return (int(Phase.PREFILL if c.phase == Phase.HEAD else c.phase), c.arrival)
