@@ -194,6 +194,8 @@ def test_the_live_hint_reads_the_loads_pace_from_their_first_arrival() -> None:
     # nothing came for 0.42 s since: a stall reads as that pace, and the head goes far
     assert live_hint(fast, 9, 1, 0.07, now=0.5, started=0.0, batch=4) == 8
     assert live_hint(fast, 9, 1, None, now=0.085, started=0.0, batch=4) == -1  # no token pace
+    # past the hint the early reading does not count: a burst's first arrival misreads it
+    assert live_hint(fast[:2], 13, 9, 0.07, now=0.1, started=0.0, batch=4, early=False) == -1
 
 
 def test_oracle_counts_the_load_sides_latency_only_when_it_loads() -> None:

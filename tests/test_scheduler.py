@@ -167,7 +167,23 @@ def test_finish_first_runs_a_head_racing_its_loads_ahead_of_a_later_prompt() -> 
     assert granted(plan_step(cands, 2176)) == {"d": 1, "late": 2048}  # the head waits a step
     assert granted(plan_step(cands, 2176, finish_first=True)) == {"d": 1, "head": 512, "late": 512}
     quiet = [cand("head", H, 512, 0.0, granule=128), *cands[1:]]  # computes it all: no race
-    assert granted(plan_step(quiet, 2176, finish_first=True)) == {"d": 1, "head": 512, "late": 1536}
+    assert granted(plan_step(quiet, 2176, finish_first=True)) == {"d": 1, "late": 2048}
+
+
+def test_a_racing_head_cuts_only_what_came_after_it() -> None:
+    """A one-chunk probe does not cut an older prompt, another racing head or a prompt's last
+    piece after its loads; only a prompt that came after it."""
+    cands = [
+        cand("old", P, 1536, 0.0, granule=128),
+        cand("probe", H, 128, 1.0, granule=128, races_loads=True),
+        cand("other", H, 512, 2.0, granule=128, races_loads=True),
+        cand("new", P, 1024, 3.0, granule=128),
+    ]
+    step = granted(plan_step(cands, 4096, finish_first=True))
+    assert step == {"old": 1536, "probe": 128, "other": 512, "new": 128}
+    ending = [*cands[:2], cand("suffix", P, 256, 2.0, granule=128, ends_loaded_prompt=True)]
+    step = granted(plan_step(ending, 4096, finish_first=True))
+    assert step == {"old": 256, "probe": 128, "suffix": 256}  # the suffix's cut, not the probe's
 
 
 def test_finish_first_cuts_nothing_without_a_whole_last_piece() -> None:

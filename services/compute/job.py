@@ -171,6 +171,7 @@ class Job:
             live = live_hint(
                 self.load_arrivals, self.load_frontier(), self.head_done, chunk_s,
                 time.monotonic(), self.arrival, self.loads_batch,
+                early=self.head_done < self.msg.head_hint,
             )  # fmt: skip
             first = 1
         return head_step(
@@ -226,7 +227,7 @@ class Job:
             phase == Phase.PREFILL and self.merged and bool(self.load_arrivals)
             and self.kv_cache.get_seq_length() + tokens == len(self.prompt.token_ids)
         )  # fmt: skip
-        races_loads = phase == Phase.HEAD and self.msg.head_hint < self.hit
+        races_loads = phase == Phase.HEAD and (self.msg.head_hint < self.hit or self.resumed)
         return Candidate(
             self.msg.request_id, phase, tokens, self.arrival, granule, self.waited,
             ends_loaded_prompt, races_loads,

@@ -175,17 +175,21 @@ def live_hint(
     now: float,
     started: float,
     batch: int = 1,
+    early: bool = True,
 ) -> int:
     """resume_hint at the loads' present pace and a chunk's cost in compute's steps now; -1
-    before a chunk has arrived or without that cost. Once more than `batch` arrived, the pace
-    is loads_pace (a stall counts); before, the mean time per arrival since `started` (the
-    first read's latency included, so it errs towards computing more)."""
+    without that cost or a pace. Once more than `batch` arrived, the pace is loads_pace (a
+    stall counts); before, with `early`, the mean time per arrival since `started` (the first
+    read's latency included, so it errs towards computing more: fit to stop a head short of a
+    stale hint, not to send it past one)."""
     if not arrivals or chunk_s is None:
         return -1
     if len(arrivals) > max(1, batch):
         pace = loads_pace(arrivals, arrivals[0], now, batch)
-    else:
+    elif early:
         pace = (now - started) / len(arrivals)
+    else:
+        return -1
     return resume_hint(frontier, pace, chunk_s, done)
 
 

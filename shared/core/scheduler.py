@@ -14,9 +14,10 @@ higher-priority work keeps arriving.
 With `finish_first`, a step that ends a prompt that waited for its loads (its last piece, so
 its first token comes out of this step) carries no larger prompt piece beside it: the others are
 cut to its size, so a short suffix after the loads does not wait for a long prefill that happens
-to share its step. The same goes for a head piece racing its loads (granted whole), and such
-heads queue with prefills by arrival instead of after them: a prompt that comes later no longer
-takes the step ahead of a head whose loads go on arriving, and stretches it by its whole length.
+to share its step. Head pieces racing their loads queue with prefills by arrival instead of
+after them, and one granted whole cuts the prompt pieces of requests that came after it to its
+size: a prompt that comes later no longer takes the step ahead of a head whose loads go on
+arriving, nor stretches it by its whole length.
 `prompt_cap` bounds the prompt tokens of a step apart from its decodes.
 """
 
@@ -52,7 +53,7 @@ class Candidate:
     granule: int = 1  # a cut piece is a whole number of these tokens
     waited: int = 0  # steps since the request last ran while runnable
     ends_loaded_prompt: bool = False  # run whole, it ends a prompt that waited for its loads
-    races_loads: bool = False  # a head piece racing its loads (with finish_first: the same)
+    races_loads: bool = False  # a head racing its loads (finish_first: by arrival, cuts later)
 
 
 @dataclass(frozen=True)
@@ -126,16 +127,28 @@ def _decode_cap(
 
 
 def _cut_beside_finishing(grants: dict[str, int], others: Sequence[Candidate]) -> None:
-    """Cut every prompt piece larger than the smallest piece granted whole that ends a loaded
-    prompt or races its loads to that size (in whole granules, one at least)."""
+    """Cut every prompt piece larger than the smallest granted piece that ends a loaded prompt
+    to that size; then every piece of a request that came after the first head racing its
+    loads (granted whole) to the smallest such head's size, apart from other racing or ending
+    pieces (in whole granules, one at least)."""
     ending = [
-        c.tokens for c in others
-        if (c.ends_loaded_prompt or c.races_loads) and grants.get(c.request_id) == c.tokens
-    ]  # fmt: skip
-    if not ending:
-        return
-    cap = min(ending)
-    for c in others:
+        c.tokens for c in others if c.ends_loaded_prompt and grants.get(c.request_id) == c.tokens
+    ]
+    if ending:
+        _cut(grants, others, min(ending))
+    racing = [c for c in others if c.races_loads and grants.get(c.request_id) == c.tokens]
+    if racing:
+        first = min(c.arrival for c in racing)
+        later = [
+            c for c in others
+            if c.arrival > first and not (c.races_loads or c.ends_loaded_prompt)
+        ]  # fmt: skip
+        _cut(grants, later, min(c.tokens for c in racing))
+
+
+def _cut(grants: dict[str, int], pieces: Sequence[Candidate], cap: int) -> None:
+    """Cut the granted pieces larger than cap to it, in whole granules (one at least)."""
+    for c in pieces:
         granted = grants.get(c.request_id, 0)
         if granted > cap:
             grants[c.request_id] = max(min(granted, c.granule), cap // c.granule * c.granule)
@@ -155,4 +168,4 @@ def _priority(c: Candidate) -> tuple[int, float]:
 
 
 def _by_arrival_with_heads(c: Candidate) -> tuple[int, float]:
-    return (int(Phase.PREFILL if c.phase == Phase.HEAD else c.phase), c.arrival)
+    return (int(Phase.PREFILL if c.races_loads else c.phase), c.arrival)
