@@ -133,8 +133,8 @@ async def link_drop() -> None:
 
 async def disturbed(budget: int, link: float) -> None:
     """Link at `link` x (2 unless given); a client keeps compute busy with compute-only requests
-    of another prompt as long; four traced Cake requests per setting (controllers, fixed), two
-    rounds."""
+    of another prompt as long; four traced Cake requests per setting (controllers, fixed), then
+    two compute-only requests of the prompt under the same load; two rounds."""
     async with calibrated(2048, budget) as (bench, ctx):
         body = completion_body(prompt_text(2048, seed=99), 8, "disturbance", kv_mode="compute")
         for _ in range(2):
@@ -145,6 +145,12 @@ async def disturbed(budget: int, link: float) -> None:
                 for i in range(4):
                     await traced(bench, ctx, f"controllers={controllers}, request {i}")
                     await asyncio.sleep(1)
+                compute = []
+                for i in range(2):
+                    salt = f"busy-compute-{controllers}-{i}-{time.time()}"
+                    compute.append((await bench.request(ctx, KvMode.COMPUTE, salt)).ttft_s)
+                    await asyncio.sleep(1)
+                print(f"  compute-only under the same load {[round(t, 3) for t in compute]}")
                 busy.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await busy
