@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
@@ -55,6 +55,8 @@ from shared.wire.messages import (
 )
 from tests.harness import Backend, backend, default_runner, s3_backend, stack_settings
 from tests.prom import value
+
+M = TypeVar("M", bound=Message)
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -463,6 +465,19 @@ async def test_int8_codec_stores_half_the_bytes_and_still_hits(
     assert sizes["int8"] < 0.3 * sizes["raw"]
 
 
+async def heard(be: Backend, subject: str, kind: type[M]) -> list[M]:
+    """The messages of `kind` on subject from now on, as the client hears them."""
+    got: list[M] = []
+
+    async def on_message(message: Message, _: str) -> None:
+        if isinstance(message, kind):
+            got.append(message)
+
+    await be.client.handle(subject, on_message)
+    await be.client.flush()
+    return got
+
+
 @asynccontextmanager
 async def over_a_slow_link(
     nats_url: str, tmp_path: Path, tokens: list[int], chunk_s: float, **changes: object
@@ -487,15 +502,9 @@ async def test_loaded_chunks_are_placed_as_they_arrive(nats_url: str, tmp_path: 
     compute-only's."""
     tokens = prompt(700, seed=30)  # 10 usable chunks
     async with over_a_slow_link(nats_url, tmp_path, tokens, chunk_s=0.05) as (ref, be):
-        order: list[int] = []
-
-        async def on_event(event: Message, _: str) -> None:
-            if isinstance(event, ChunkLoaded):
-                order.append(event.index)
-
-        await be.client.handle(subjects.EVENTS_ALL, on_event)
-        await be.client.flush()
+        loaded = await heard(be, subjects.EVENTS_ALL, ChunkLoaded)
         got = await be.generate(tokens, kv_mode="load")
+        order = [event.index for event in loaded]
         registry = be.services["compute"].metrics.registry  # type: ignore[attr-defined]
     assert got.tokens == ref.tokens and got.done.chunks_loaded == 10
     assert sorted(order) == list(range(10))
@@ -570,21 +579,10 @@ async def test_a_resumed_head_steps_to_where_it_meets_the_loads_at_their_pace(
     budget = 1024  # a step may take a whole head step (8 chunks of 64 tokens)
     async with over_a_slow_link(nats_url, tmp_path, tokens, 0.2, token_budget=budget) as (ref, be):
         merger_believing(be, compute_chunk_s=0.2, load_chunk_s=0.001)  # load-only advised
-        resumed: list[StartHead] = []
-        computed: list[int] = []
-
-        async def on_control(message: Message, _: str) -> None:
-            if isinstance(message, StartHead):
-                resumed.append(message)
-
-        async def on_event(message: Message, _: str) -> None:
-            if isinstance(message, ChunkComputed):
-                computed.append(message.upto)
-
-        await be.client.handle(subjects.CONTROL_ALL, on_control)
-        await be.client.handle(subjects.EVENTS_ALL, on_event)
-        await be.client.flush()
+        resumed = await heard(be, subjects.CONTROL_ALL, StartHead)
+        steps = await heard(be, subjects.EVENTS_ALL, ChunkComputed)
         got = await be.generate(tokens)
+        computed = [event.upto for event in steps]
     assert got.tokens == ref.tokens
     assert len(resumed) == 1
     # frontier F of 6-10 by then, a pace of 0.2-0.3 s: ceil(F x pace / (0.2 + pace)) is 3-6
@@ -602,15 +600,9 @@ async def test_a_head_hinted_by_a_stale_estimate_probes_one_chunk_first(
     tokens = prompt(700, seed=36)  # 10 usable chunks
     async with over_a_slow_link(nats_url, tmp_path, tokens, 0.01) as (ref, be):
         merger_believing(be, compute_chunk_s=0.05, load_chunk_s=0.1)
-        computed: list[int] = []
-
-        async def on_event(message: Message, _: str) -> None:
-            if isinstance(message, ChunkComputed):
-                computed.append(message.upto)
-
-        await be.client.handle(subjects.EVENTS_ALL, on_event)
-        await be.client.flush()
+        steps = await heard(be, subjects.EVENTS_ALL, ChunkComputed)
         got = await be.generate(tokens)
+        computed = [event.upto for event in steps]
     assert got.tokens == ref.tokens
     assert computed and computed[0] == 1
     assert got.done.meet_chunk <= 7
