@@ -7,10 +7,12 @@ on a freshly started merger and loader (the link's second 0 at an epoch the benc
 compute-only, load-only, Cake with its controllers, then Cake on fixed settings
 (CAKE_CONTROLLERS=false).
 Every mode sends its requests at the same phases of the trace, so request k of every mode meets
-the same link and the same disturbance without any warm-up that tells the system the link: the
-disturbance is another client's compute-only prompts, sent on a fixed schedule in a window of
-the period (open loop, the same seconds in every mode's period), so that each request meets
-the other prompts at the same moments whatever the mode.
+the same link and the same disturbance without any warm-up that tells the system the link. The
+phases are even marks of the period, less any at which the slowest mode's last request could
+still be running by the calibration (load-only on a slow link spans several marks), so that no
+mode sends late onto another link. The disturbance is another client's compute-only prompts,
+sent on a fixed schedule in a window of the period (open loop, the same seconds in every mode's
+period), so that each request meets the other prompts at the same moments whatever the mode.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,7 @@ RESTART_S = 5.0  # the link's clock starts this long after a period's loader is 
 DISTURB_SALT = "bench-disturbance"  # background prompts are stored once, then only computed
 DISTURB_SHARE = 0.5  # of compute the background prompts take (undisturbed compute-only time)
 LATE_S = 0.5  # a request sent this much after its second (its mode's last one overran) is late
+SLACK = 1.25  # a request's expected time times this is how long its slot is kept clear
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class FluctuatingConfig:
     context: int = 4096
     chunk_tokens: int = 128
     period_s: float = 120.0
-    requests: int = 24  # per mode, evenly over the period
+    requests: int = 24  # marks per period; fewer are sent where slow loads take several
     link: Sequence[tuple[float, float]] = (  # (fraction of the period, bandwidth / compute rate)
         (0.0, 4.0), (1 / 6, 1.0), (2 / 6, 0.25), (3 / 6, 2.0), (4 / 6, 0.5), (5 / 6, 8.0),
     )  # fmt: skip
@@ -84,11 +88,21 @@ class FluctuatingConfig:
         steps = tuple((f * self.period_s, r * kv_rate_MBps) for f, r in self.link)
         return BandwidthTrace(steps, self.period_s)
 
-    def phases(self) -> list[float]:
-        """When (seconds into the period) each request is sent: mid-way between even marks,
+    def marks(self) -> list[float]:
+        """The seconds into the period a request may be sent at: mid-way between even marks,
         so none is sent on a step of the trace."""
         gap = self.period_s / self.requests
         return [(k + 0.5) * gap for k in range(self.requests)]
+
+    def phases(self, lasts: Callable[[float], float]) -> list[float]:
+        """The marks at which requests are sent: each one unless the slowest mode's request sent
+        at the last of them may still be running (`lasts(t)`: how long the slowest mode's
+        request sent at second t is expected to take)."""
+        phases: list[float] = []
+        for mark in self.marks():
+            if not phases or mark >= phases[-1] + lasts(phases[-1]):
+                phases.append(mark)
+        return phases
 
     def is_disturbed(self, phase: float) -> bool:
         """Whether compute is disturbed at this phase."""
@@ -133,10 +147,13 @@ class Fluctuating:
                 trace_file = self.workdir / "link.trace"
                 trace_file.write_text("".join(f"{t:g} {r:.3f}\n" for t, r in trace.steps))
                 every_s = calibration["disturb_every_s"]
-                sent = {mode: await self.period(mode, trace_file, every_s) for mode in MODES}
+                phases = self.config.phases(partial(slowest_s, trace, calibration))
+                sent = {
+                    mode: await self.period(mode, trace_file, every_s, phases) for mode in MODES
+                }
         finally:
             await asyncio.to_thread(self.stack.close)
-        rows = self.rows(sent, trace, calibration)
+        rows = self.rows(phases, sent, trace, calibration)
         return {
             "rows": rows, "summary": summarize(rows), "calibration": calibration,
             "trace": {"steps": [list(s) for s in trace.steps], "period_s": trace.period_s},
@@ -181,7 +198,9 @@ class Fluctuating:
             "disturb_every_s": round(compute_s / DISTURB_SHARE, 3),
         }  # fmt: skip
 
-    async def period(self, mode: str, trace_file: Path, disturb_every_s: float) -> list[Sent]:
+    async def period(
+        self, mode: str, trace_file: Path, disturb_every_s: float, phases: Sequence[float]
+    ) -> list[Sent]:
         """One period of one mode: a fresh merger and loader (the link's clock starts at an epoch
         set just after the loader is up), the disturbance in its window, a request at each
         phase."""
@@ -197,7 +216,7 @@ class Fluctuating:
         disturbance = asyncio.create_task(self.disturb(mode, start, disturb_every_s))
         sent = []
         try:
-            for phase in self.config.phases():
+            for phase in phases:
                 await asyncio.sleep(max(0.0, start + phase - time.perf_counter()))
                 at = time.perf_counter() - start
                 sent.append(Sent(at, await self.request(mode)))
@@ -233,17 +252,19 @@ class Fluctuating:
                 task.cancel()
 
     def rows(
-        self, sent: dict[str, list[Sent]], trace: BandwidthTrace, calibration: dict[str, Any]
-    ) -> list[dict[str, Any]]:
+        self, phases: Sequence[float], sent: dict[str, list[Sent]], trace: BandwidthTrace,
+        calibration: dict[str, Any],
+    ) -> list[dict[str, Any]]:  # fmt: skip
         """One row per phase: each mode's TTFT, the link then, and the oracle."""
         rows = []
-        for k, slot in enumerate(self.config.phases()):
+        for k, slot in enumerate(phases):
             cake = sent["cake"][k]
             link = trace.rate_MBps(cake.phase)
             ttft = {mode: sent[mode][k].timing.ttft_s for mode in MODES}
             meet, oracle_s = self.oracle(ttft["compute"], ttft["load"], link, calibration)
             rows.append({
                 "request": k,
+                "slot_s": round(slot, 3),
                 "phase_s": {mode: round(sent[mode][k].phase, 3) for mode in MODES},
                 "link_MBps": round(link, 2),
                 "io_ratio": round(link / calibration["kv_rate_MBps"], 3),
@@ -268,6 +289,14 @@ class Fluctuating:
         fixed = calibration["fixed_overhead_s"]
         latency = scaled.load_latency(load_s, link_MBps, fixed)
         return scaled.oracle(link_MBps, self.settings.fetch_concurrency, fixed, latency)
+
+
+def slowest_s(trace: BandwidthTrace, calibration: dict[str, Any], second: float) -> float:
+    """How long the slowest mode's request sent at this second of the trace is expected to take,
+    with slack: compute-only undisturbed, or load-only's fixed cost and the prompt's KV over
+    the link as it will be."""
+    load_s = trace.transfer_end(second, calibration["kv_bytes"]) - second
+    return SLACK * max(calibration["compute_ttft_s"], calibration["fixed_overhead_s"] + load_s)
 
 
 def disturb_schedule(begin: float, end: float, every_s: float) -> list[float]:

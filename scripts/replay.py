@@ -3,6 +3,7 @@ computed and loaded events of the requests that matter.
 
     python scripts/replay.py link-step   # link 4x for 20 s, then 1x: controllers vs fixed
     python scripts/replay.py link-rise   # link 0.5x for 20 s, then 8x: the first requests after
+    python scripts/replay.py rise-mid    # link 0.5x, a request sent 0.5 s before it rises 16x
     python scripts/replay.py link-drop   # a load-only request whose link drops 10x mid-request
     python scripts/replay.py disturbed [--budget N] [--link X]  # link 2x, compute kept busy
     python scripts/replay.py fast-first  # a fresh merger's first request at io_ratio 16
@@ -114,6 +115,26 @@ async def link_rise() -> None:
             print(f"  load-only after them {[round(t, 3) for t in load]}", flush=True)
 
 
+async def rise_mid() -> None:
+    """Requests at 0.5x teach the estimate a slow link; the next is sent 0.5 s before the link
+    rises to 8x: Cake with controllers, on fixed settings, then load-only. Two rounds."""
+    async with calibrated(2048, 2048 + 128) as (bench, ctx):
+        rate = ctx.kv_rate_mbps
+        for round_ in range(2):
+            for mode in ("controllers", "fixed", "load-only"):
+                steps = f"0 {0.5 * rate:.3f}\n20 {8 * rate:.3f}\n"
+                start = await on_trace(bench, steps, controllers=mode != "fixed")
+                for second in (3.0, 8.0, 13.0):
+                    await at(start, second)
+                    await bench.request(ctx, KvMode.CAKE)
+                await at(start, 19.5)
+                if mode == "load-only":
+                    load = (await bench.request(ctx, KvMode.LOAD)).ttft_s
+                    print(f"round {round_}, load-only {load:.3f} s", flush=True)
+                else:
+                    await traced(bench, ctx, f"round {round_}, {mode}")
+
+
 async def link_drop() -> None:
     """Requests at 8x teach the estimate load-only; the next is sent 0.1 s before the link
     drops to 0.8x; then compute-only for comparison. Three rounds."""
@@ -175,14 +196,15 @@ async def fast_first() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    choices = ("link-step", "link-rise", "link-drop", "disturbed", "fast-first")
+    choices = ("link-step", "link-rise", "rise-mid", "link-drop", "disturbed", "fast-first")
     parser.add_argument("replay", choices=choices)
     parser.add_argument("--budget", type=int, default=2048 + 128, help="disturbed: step tokens")
     parser.add_argument("--link", type=float, default=2.0, help="disturbed: x the compute rate")
     args = parser.parse_args()
     replays = {
-        "link-step": link_step, "link-rise": link_rise, "link-drop": link_drop,
-        "fast-first": fast_first, "disturbed": lambda: disturbed(args.budget, args.link),
+        "link-step": link_step, "link-rise": link_rise, "rise-mid": rise_mid,
+        "link-drop": link_drop, "fast-first": fast_first,
+        "disturbed": lambda: disturbed(args.budget, args.link),
     }  # fmt: skip
     asyncio.run(replays[args.replay]())
 

@@ -4,7 +4,9 @@ run end to end."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from bench.fluctuating import (
     FluctuatingConfig,
     disturb_schedule,
     run_fluctuating,
+    slowest_s,
     summarize,
 )
 from bench.main import bench_main, fluctuating_config_from_args
@@ -31,11 +34,27 @@ def test_the_trace_is_in_units_of_the_compute_rate_and_requests_avoid_its_steps(
     ]  # fmt: skip
     rates = [r for _, r in config.link]
     assert max(rates) / min(rates) >= 8  # the link steps over at least 8x
-    phases = config.phases()
-    assert phases[0] == 2.5 and phases[-1] == 57.5 and len(phases) == 12
+    marks = config.marks()
+    assert marks[0] == 2.5 and marks[-1] == 57.5 and len(marks) == 12
     steps = [t for t, _ in trace.steps]
-    assert min(abs(p - s) for p in phases for s in steps) >= 2.5  # none sent on a step
+    assert min(abs(p - s) for p in marks for s in steps) >= 2.5  # none sent on a step
     assert [config.is_disturbed(p) for p in (26.9, 27.0, 44.9, 45.0)] == [False, True, True, False]
+
+
+def test_requests_skip_the_marks_at_which_the_slowest_mode_may_still_be_running() -> None:
+    """Load-only at 0.25x takes four compute times: no mode sends late onto another link."""
+    config = FluctuatingConfig.quick()  # marks every 3 s; the link at 0.25x from 20 s to 30 s
+    trace = config.trace(kv_rate_MBps=10.0)
+    calibration = {"kv_bytes": 10e6, "compute_ttft_s": 1.0, "fixed_overhead_s": 0.05}
+    lasts = partial(slowest_s, trace, calibration)
+    assert lasts(4.5) == pytest.approx(1.25)  # 4x: compute is the slowest
+    assert lasts(22.5) == pytest.approx(1.25 * (0.05 + 4.0))  # 0.25x: load-only
+    assert lasts(19.5) == pytest.approx(1.25 * (0.05 + 0.5 + 2.0))  # 5 MB at 1x, 5 at 0.25x
+    phases = config.phases(lasts)
+    assert set(phases) < set(config.marks())
+    assert phases[:8] == [1.5, 4.5, 7.5, 10.5, 13.5, 16.5, 19.5, 25.5]  # 22.5 skipped
+    assert all(b >= a + lasts(a) for a, b in itertools.pairwise(phases))
+    assert phases[-1] == 58.5  # the fast tail keeps every mark
 
 
 def test_the_disturbance_is_a_fixed_schedule_in_its_window() -> None:
@@ -87,14 +106,17 @@ def test_a_tiny_fluctuating_run_end_to_end(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "fluctuating.json").read_text())
     assert saved["summary"] == results["summary"] and (tmp_path / "fluctuating.png").exists()
     rows = results["rows"]
-    assert [r["request"] for r in rows] == [0, 1, 2, 3]
+    assert [r["request"] for r in rows] == list(range(len(rows))) and rows
     calibration = results["calibration"]
     chunks, rate = calibration["chunks"], calibration["kv_rate_MBps"]
     assert calibration["disturb_every_s"] == pytest.approx(2 * calibration["compute_ttft_s"], 0.01)
-    for r, phase, step in zip(rows, config.phases(), (4.0, 0.25, 2.0, 8.0), strict=True):
+    trace = config.trace(rate)
+    phases = config.phases(partial(slowest_s, trace, calibration))
+    assert [r["slot_s"] for r in rows] == phases
+    for r, phase in zip(rows, phases, strict=True):
         assert all(r["ttft_s"][m] > 0 for m in (*MODES, "oracle"))
         assert all(abs(r["phase_s"][m] - phase) < 0.5 for m in MODES)  # the same moment
-        assert r["link_MBps"] == pytest.approx(step * rate, rel=0.01)
+        assert r["link_MBps"] == pytest.approx(trace.rate_MBps(phase), rel=0.01)
         assert r["disturbed"] == config.is_disturbed(phase)
         assert r["late"] == []  # nothing overran its slot
         assert all(0 <= m <= chunks for m in r["meet_chunk"].values())
