@@ -55,8 +55,17 @@ class NatsInbox:
             raise ConnectionLost("the NATS connection is closed") from None
 
     async def drain(self) -> None:
-        """Take no more messages; let the callback finish the ones already received."""
+        """Take no more messages; let the callback finish the ones already received.
+
+        nats-py's drain (2.16) sends UNSUB and one flush, whose PING can overtake the UNSUB (see
+        flushed()); a message the server routes here in between arrives once the subscription
+        is gone and is dropped, not sent to another member of its queue group. So the UNSUB
+        goes first and is known to be in force before nats-py's drain, whose own UNSUB the
+        server then ignores."""
         try:
+            nc = self._sub._conn
+            await nc._send_unsubscribe(self._sub._id)
+            await flushed(nc)
             await self._sub.drain()
         except nats.errors.Error as exc:
             raise ConnectionLost(f"cannot drain a NATS subscription: {exc!r}") from exc
