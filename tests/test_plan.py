@@ -10,6 +10,8 @@ from shared.core.plan import (
     MIN_OVERDUE_S,
     MeetTracker,
     Split,
+    head_step,
+    live_hint,
     loads_due_in,
     loads_overdue_after,
     loads_pace,
@@ -151,8 +153,6 @@ def test_failed_load_sets_a_floor_for_load_only() -> None:
 
 
 def test_head_steps_probe_then_follow_the_hint_then_close_in_on_the_loads() -> None:
-    from shared.core.plan import head_step
-
     assert head_step(0, 20, 20, hint=-1, step=4, max_step=16) == 4  # no estimate: fixed steps
     assert head_step(0, 20, 20, hint=9, step=4, max_step=16) == 4  # a first step of 4 at most
     assert head_step(0, 20, 20, hint=2, step=4, max_step=16) == 2  # (or to a nearer hint)
@@ -167,8 +167,6 @@ def test_head_steps_probe_then_follow_the_hint_then_close_in_on_the_loads() -> N
 
 
 def test_a_hinted_head_probes_one_chunk_then_goes_where_the_loads_pace_says() -> None:
-    from shared.core.plan import head_step
-
     assert head_step(0, 20, 20, hint=9, step=4, max_step=16, first=1) == 1  # the probe
     assert head_step(0, 20, 20, hint=-1, step=4, max_step=16, first=1) == 4  # no hint: no probe
     assert head_step(0, 20, 20, hint=9, step=4, max_step=16, live=5, first=1) == 5  # pace known
@@ -182,8 +180,6 @@ def test_a_hinted_head_probes_one_chunk_then_goes_where_the_loads_pace_says() ->
 
 
 def test_the_live_hint_reads_the_loads_pace_from_their_first_arrival() -> None:
-    from shared.core.plan import live_hint
-
     fast = [0.03 + 0.01 * i for i in range(6)]  # six in, a chunk every 0.01 s, from 0.03 s
     assert live_hint([], 15, 1, 0.07, now=0.1, started=0.0) == -1  # nothing in yet
     # two in by 0.1 s (a round's burst still landing): 0.05 s a chunk since the start, the
@@ -195,7 +191,21 @@ def test_the_live_hint_reads_the_loads_pace_from_their_first_arrival() -> None:
     assert live_hint(fast, 9, 1, 0.07, now=0.5, started=0.0, batch=4) == 8
     assert live_hint(fast, 9, 1, None, now=0.085, started=0.0, batch=4) == -1  # no token pace
     # past the hint the early reading does not count: a burst's first arrival misreads it
-    assert live_hint(fast[:2], 13, 9, 0.07, now=0.1, started=0.0, batch=4, early=False) == -1
+    assert live_hint(fast[:1], 13, 9, 0.07, now=0.1, started=0.0, batch=4, early=False) == -1
+    # two in: their own pace, here the 0.06 s since the last (a stall): (m - 9) 0.07 =
+    # (13 - m) 0.06, m = 11 (halving the four chunks left took the head there too)
+    assert live_hint(fast[:2], 13, 9, 0.07, now=0.1, started=0.0, batch=4, early=False) == 11
+
+
+def test_past_its_hint_a_head_meets_serial_loads_where_the_next_ones_land() -> None:
+    """A link at 0.25x: one chunk every 0.37 s, the last 0.21 s ago, so the next is due in
+    0.16 s and the one after in 0.53 s. The head at chunk 10 (0.1 s a chunk) goes two chunks
+    and meets chunk 12 as it lands; it used to take one chunk a step, a step's overhead
+    each time."""
+    arrivals = [0.378, 0.747]  # chunks 14 and 13
+    # (m - 10) 0.1 = (13 - m) 0.369 - 0.212: m = 11.9, rounded up
+    assert live_hint(arrivals, 13, 10, 0.1, now=0.959, started=0.0, batch=4, early=False) == 12
+    assert head_step(10, 15, 13, hint=10, step=4, max_step=16, live=12, first=1) == 2
 
 
 def test_oracle_counts_the_load_sides_latency_only_when_it_loads() -> None:

@@ -156,14 +156,19 @@ def loads_due_in(arrivals: Sequence[float], left: int, now: float, batch: int = 
     return None if due < -max(MIN_OVERDUE_S, OVERDUE_GAPS * pace) else max(0.0, due)
 
 
-def resume_hint(frontier: int, pace_s: float | None, compute_s: float | None, done: int = 0) -> int:
+def resume_hint(
+    frontier: int, pace_s: float | None, compute_s: float | None, done: int = 0,
+    since_s: float = 0.0,
+) -> int:  # fmt: skip
     """Where a head at chunk `done` going on now should meet loads that go on from `frontier`
-    down at one chunk every pace_s: the m with (m - done) x compute_s = (frontier - m) x
-    pace_s, rounded up (more computed, fewer loads, as the estimator's own hint); -1 without
-    both paces."""
+    down at one chunk every pace_s, the last having come since_s ago (so the next is due in
+    pace_s - since_s): the m with (m - done) x compute_s = (frontier - m) x pace_s - since_s,
+    rounded up (more computed, fewer loads, as the estimator's own hint); -1 without both
+    paces."""
     if pace_s is None or compute_s is None or compute_s <= 0:
         return -1
-    meet = math.ceil((frontier * pace_s + done * compute_s) / (compute_s + pace_s))
+    since = min(max(0.0, since_s), pace_s)
+    meet = math.ceil((frontier * pace_s + done * compute_s - since) / (compute_s + pace_s))
     return min(frontier, meet)
 
 
@@ -181,16 +186,18 @@ def live_hint(
     without that cost or a pace. Once more than `batch` arrived, the pace is loads_pace (a
     stall counts); before, with `early`, the mean time per arrival since `started` (the first
     read's latency included, so it errs towards computing more: fit to stop a head short of a
-    stale hint, not to send it past one)."""
+    stale hint, not to send it past one); without `early` (past the hint), loads_pace once two
+    arrived (a burst's close arrivals read fast, and the head then takes one chunk a step,
+    as it would by halving)."""
     if not arrivals or chunk_s is None:
         return -1
-    if len(arrivals) > max(1, batch):
-        pace = loads_pace(arrivals, arrivals[0], now, batch)
-    elif early:
-        pace = (now - started) / len(arrivals)
-    else:
-        return -1
-    return resume_hint(frontier, pace, chunk_s, done)
+    if len(arrivals) > max(1, batch) or (not early and len(arrivals) >= 2):
+        pace, since = loads_pace(arrivals, arrivals[0], now, batch), now - arrivals[-1]
+        # the next is due a pace after the last, unless they stall (the wait is the pace then)
+        return resume_hint(frontier, pace, chunk_s, done, since if since < pace else 0.0)
+    if early:
+        return resume_hint(frontier, (now - started) / len(arrivals), chunk_s, done)
+    return -1
 
 
 def loads_overdue_after(
