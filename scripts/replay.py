@@ -66,6 +66,21 @@ async def on_trace(bench: Bench, steps: str, controllers: bool = True) -> float:
     return time.perf_counter() + epoch - time.time()
 
 
+async def taught(
+    bench: Bench, ctx: Context, before: float, after: float, teach_at: tuple[float, ...],
+    controllers: bool = True,
+) -> float:  # fmt: skip
+    """A fresh merger and loader on a link at `before` x the compute rate that steps to `after`
+    x at second 20, and Cake requests at the seconds `teach_at` that teach the estimate the
+    first link; second 0 on the perf_counter clock."""
+    rate = ctx.kv_rate_mbps
+    start = await on_trace(bench, f"0 {before * rate:.3f}\n20 {after * rate:.3f}\n", controllers)
+    for second in teach_at:
+        await at(start, second)
+        await bench.request(ctx, KvMode.CAKE)
+    return start
+
+
 async def at(start: float, second: float) -> None:
     """Sleep until `second` seconds after start."""
     await asyncio.sleep(max(0.0, start + second - time.perf_counter()))
@@ -86,13 +101,9 @@ async def link_step() -> None:
     """Requests at 4x teach the estimate load-only; the link steps to 1x at second 20; three
     Cake requests after it, with controllers and then on fixed settings, two rounds."""
     async with calibrated(2048, 2048 + 128) as (bench, ctx):
-        rate = ctx.kv_rate_mbps
         for _ in range(2):
             for controllers in (True, False):
-                start = await on_trace(bench, f"0 {4 * rate:.3f}\n20 {rate:.3f}\n", controllers)
-                for second in (3.0, 6.0, 9.0):
-                    await at(start, second)
-                    await bench.request(ctx, KvMode.CAKE)
+                start = await taught(bench, ctx, 4, 1, (3.0, 6.0, 9.0), controllers)
                 for second in (20.5, 23.5, 26.5):
                     await at(start, second)
                     await traced(bench, ctx, f"controllers={controllers} at {second} s")
@@ -102,12 +113,8 @@ async def link_rise() -> None:
     """Requests at 0.5x teach the estimate a slow link; the link steps to 8x at second 20; two
     traced Cake requests after it, then load-only for comparison. Three rounds."""
     async with calibrated(2048, 2048 + 128) as (bench, ctx):
-        rate = ctx.kv_rate_mbps
         for round_ in range(3):
-            start = await on_trace(bench, f"0 {0.5 * rate:.3f}\n20 {8 * rate:.3f}\n")
-            for second in (3.0, 8.0, 13.0):
-                await at(start, second)
-                await bench.request(ctx, KvMode.CAKE)
+            start = await taught(bench, ctx, 0.5, 8, (3.0, 8.0, 13.0))
             for second in (20.5, 22.5):
                 await at(start, second)
                 await traced(bench, ctx, f"round {round_}, {second - 20:.1f} s after the rise")
@@ -119,14 +126,9 @@ async def rise_mid() -> None:
     """Requests at 0.5x teach the estimate a slow link; the next is sent 0.5 s before the link
     rises to 8x: Cake with controllers, on fixed settings, then load-only. Two rounds."""
     async with calibrated(2048, 2048 + 128) as (bench, ctx):
-        rate = ctx.kv_rate_mbps
         for round_ in range(2):
             for mode in ("controllers", "fixed", "load-only"):
-                steps = f"0 {0.5 * rate:.3f}\n20 {8 * rate:.3f}\n"
-                start = await on_trace(bench, steps, controllers=mode != "fixed")
-                for second in (3.0, 8.0, 13.0):
-                    await at(start, second)
-                    await bench.request(ctx, KvMode.CAKE)
+                start = await taught(bench, ctx, 0.5, 8, (3.0, 8.0, 13.0), mode != "fixed")
                 await at(start, 19.5)
                 if mode == "load-only":
                     load = (await bench.request(ctx, KvMode.LOAD)).ttft_s
@@ -139,12 +141,8 @@ async def link_drop() -> None:
     """Requests at 8x teach the estimate load-only; the next is sent 0.1 s before the link
     drops to 0.8x; then compute-only for comparison. Three rounds."""
     async with calibrated(2048, 2048 + 128) as (bench, ctx):
-        rate = ctx.kv_rate_mbps
         for round_ in range(3):
-            start = await on_trace(bench, f"0 {8 * rate:.3f}\n20 {0.8 * rate:.3f}\n")
-            for second in (4, 8, 12, 16):
-                await at(start, second)
-                await bench.request(ctx, KvMode.CAKE)
+            start = await taught(bench, ctx, 8, 0.8, (4.0, 8.0, 12.0, 16.0))
             await at(start, 19.9)
             cake = await traced(bench, ctx, f"round {round_}, the link drops 10x")
             salts = (f"compute-{round_}-{i}" for i in range(2))
