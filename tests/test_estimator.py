@@ -82,6 +82,44 @@ def test_single_chunk_steps_do_not_drag_the_compute_estimate() -> None:
     assert est.compute_s.value == pytest.approx((0.3 * 0.1) ** 0.25 * 0.1**0.5)
 
 
+def test_the_seed_outranks_single_chunk_steps_until_a_large_step_is_seen() -> None:
+    est = SplitEstimator()
+    est.observe_compute(1, 0.17)  # an end game's one-chunk step: a whole step's overhead
+    est.seed_compute(0.1)  # measured when the model loaded: a chunk's share of a large step
+    est.observe_compute(1, 0.17)  # ignored from now on
+    assert est.compute_s.value == pytest.approx(0.1)
+    est.observe_compute(8, 1.6)  # a busy compute service: large steps tell it
+    est.seed_compute(0.1)  # too late to matter
+    assert est.compute_s.value == pytest.approx((0.1 * 0.2) ** 0.5)
+
+
+async def test_a_fresh_merger_that_first_hears_a_one_chunk_step_does_not_skip_heads() -> None:
+    """A merger started while compute finishes another request's end game hears a one-chunk
+    step first (0.17 s, where a chunk costs 0.1 s in a large step). Were that its estimate, a
+    link delivering a chunk in 0.071 s would look fast enough to skip the head (< 0.5 x 0.17),
+    and with no head computed nothing would ever correct it."""
+    from services.merger.service import Merger
+    from shared.runtime.config import Settings
+    from shared.wire.messages import ComputeTelemetry, ModelInfo, Space
+
+    merger = Merger(None, Settings())  # type: ignore[arg-type]
+    end_game = ComputeTelemetry(
+        node="n", window_s=1.0, steps=1, step_s=0.17, tokens={"head": 128}, head_chunks=1,
+        head_s=0.17, running=1, waiting=0, kv_pool_bytes=0, kv_budget_bytes=1,
+    )  # fmt: skip
+    await merger.on_telemetry(end_game, "cake.telemetry.x.n")
+    space = Space("f", 2, 2, 16, "float32", 128)
+    merger.remember(ModelInfo("default", space, None, "n", chunk_compute_s=0.1))
+    for estimator in (merger.estimator, merger.node_estimator("n")):
+        estimator.observe_loads(10, 0.71)
+        assert estimator.compute_s.value == pytest.approx(0.1)
+        assert estimator.advise(16).compute_head
+    exact = Merger(None, Settings(exact_splits=True))  # type: ignore[arg-type]
+    await exact.on_telemetry(end_game, "cake.telemetry.x.n")  # one-chunk steps are the cost
+    exact.remember(ModelInfo("default", space, None, "n", chunk_compute_s=0.1))
+    assert exact.estimator.compute_s.value == pytest.approx(0.17)
+
+
 async def test_every_merger_replica_learns_both_sides_from_telemetry() -> None:
     """The estimate comes from the telemetry every replica receives alike: head chunks' cost
     with their queueing, and the link's pace while it was reading (busy time per read)."""

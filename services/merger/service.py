@@ -104,10 +104,18 @@ class Merger(Service):
     def node_estimator(self, node: str) -> SplitEstimator:
         """The estimate of one node, from its own telemetry."""
         if node not in self.node_estimators:
-            self.node_estimators[node] = SplitEstimator(
-                skip_head_ratio=self.settings.skip_head_ratio
-            )
+            estimator = SplitEstimator(skip_head_ratio=self.settings.skip_head_ratio)
+            self.node_estimators[node] = estimator
+            if self.info is not None:
+                self.seed_compute(estimator, self.info.chunk_compute_s)
         return self.node_estimators[node]
+
+    def seed_compute(self, estimator: SplitEstimator, chunk_compute_s: float) -> None:
+        """Seed an estimate with the chunk cost compute measured when its model loaded
+        (unless every head step is one chunk, CAKE_EXACT_SPLITS: their cost is then the one
+        that counts)."""
+        if not self.settings.exact_splits:
+            estimator.seed_compute(chunk_compute_s)
 
     def estimates(self, node: str) -> tuple[SplitEstimator, SplitEstimator]:
         """Every estimate that what happens on `node` informs: the deployment's and the
@@ -137,14 +145,21 @@ class Merger(Service):
 
     async def model_info(self) -> ModelInfo:
         """What the compute service serves (asked once, then remembered); its chunk cost
-        measured at start is the estimator's first compute estimate."""
+        measured at start seeds every compute estimate."""
         if self.info is None:
-            self.info = await self.bus.request(
-                subjects.COMPUTE_INFO, Accepted(), ModelInfo, self.settings.rpc_timeout_s
+            self.remember(
+                await self.bus.request(
+                    subjects.COMPUTE_INFO, Accepted(), ModelInfo, self.settings.rpc_timeout_s
+                )
             )
-            if self.estimator.compute_s.value is None and self.info.chunk_compute_s > 0:
-                self.estimator.compute_s.add(self.info.chunk_compute_s)
+        assert self.info is not None
         return self.info
+
+    def remember(self, info: ModelInfo) -> None:
+        """Keep what compute serves, and seed the estimates with its chunk cost."""
+        self.info = info
+        for estimator in (self.estimator, *self.node_estimators.values()):
+            self.seed_compute(estimator, info.chunk_compute_s)
 
     async def routed(
         self, node: str | None, subject: str, any_node: str, message: Message, reply: type[R]

@@ -57,14 +57,23 @@ class SplitEstimator:
     near_load_s: Ewma = field(default_factory=Ewma)  # the same for the near tier, if any
     skip_head_ratio: float = 0.5
     seen_multi_chunk_step: bool = False
+    seeded: bool = False  # compute_s holds a chunk's cost measured when the model loaded
+
+    def seed_compute(self, seconds: float) -> None:
+        """A chunk's cost in a large head step, measured when the model loaded: the estimate
+        until a multi-chunk step is seen, in place of any single-chunk steps heard before it."""
+        if seconds > 0 and not self.seen_multi_chunk_step:
+            self.compute_s.value, self.seeded = seconds, True
 
     def observe_compute(self, chunks: int, seconds: float) -> None:
         """A head step computed `chunks` chunks in `seconds`.
 
-        Single-chunk steps (the slow, precise ones near the meeting point) only count until a
-        multi-chunk step has been seen: the hint is about the large first step.
+        Single-chunk steps (the slow, precise ones near the meeting point: a whole step's
+        overhead for one chunk) only count while nothing better is known, neither a
+        multi-chunk step nor the seed: the hint and the skip are about large steps.
         """
-        if chunks <= 0 or seconds <= 0 or (chunks == 1 and self.seen_multi_chunk_step):
+        single = chunks == 1 and (self.seen_multi_chunk_step or self.seeded)
+        if chunks <= 0 or seconds <= 0 or single:
             return
         self.seen_multi_chunk_step |= chunks > 1
         self.compute_s.add(seconds / chunks)
