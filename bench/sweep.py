@@ -35,6 +35,8 @@ from shared.wire.messages import ChunkComputed, ChunkLoaded, Message
 
 MODES = (KvMode.COMPUTE, KvMode.LOAD, KvMode.CAKE)
 SPLIT_WINDOW = 4  # the measured best split tries meeting points this close to the oracle's
+CHEAP_S = 1.0  # a cell takes as many Cake and load-only samples as fit in this much loading
+CHEAP_REPS = 5  # ... up to this many
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,14 @@ class BenchConfig:
     def quick(cls) -> BenchConfig:
         """Small enough for about 5 minutes on 2 CPU cores."""
         return cls(contexts=(2048, 4096), reps=1, fetch_concurrencies=(4,))
+
+
+def cell_reps(reps: int, compute_s: float, io_ratio: float) -> int:
+    """Timed Cake and load-only requests in a cell: `reps`, or more (up to CHEAP_REPS) where
+    as many load-only requests, expected to take compute_s / io_ratio each, fit in CHEAP_S.
+    On such fast links Cake runs load-only plans: one sample of each of two modes doing the
+    same work would compare their noise, not the modes."""
+    return max(reps, min(CHEAP_REPS, int(CHEAP_S * io_ratio / compute_s)))
 
 
 def stats(values: Sequence[float]) -> dict[str, float]:
@@ -214,9 +224,12 @@ class Bench:
         compute: list[float] = []
         await asyncio.to_thread(self.stack.restart, "merger")
         await self.restart_loader(bandwidth, self.settings.fetch_concurrency)
-        for _ in range(self.config.reps):
+        reps = cell_reps(self.config.reps, ctx.compute_best_s, ratio)
+        for rep in range(reps):
             cake.append(await self.request(ctx, KvMode.CAKE))
-            compute.append((await self.request(ctx, KvMode.COMPUTE, salt=uuid.uuid4().hex)).ttft_s)
+            if rep < self.config.reps:  # compute-only does not depend on the link
+                salt = uuid.uuid4().hex
+                compute.append((await self.request(ctx, KvMode.COMPUTE, salt=salt)).ttft_s)
         if ratio == 1.0 and ctx.tokens == max(self.config.contexts):
             self.timeline = await self.record_timeline(ctx)
         running = self.settings.fetch_concurrency
@@ -225,7 +238,7 @@ class Bench:
                 await self.restart_loader(bandwidth, conc)
                 running = conc
             load_by_conc[conc] = [
-                (await self.request(ctx, KvMode.LOAD)).ttft_s for _ in range(self.config.reps)
+                (await self.request(ctx, KvMode.LOAD)).ttft_s for _ in range(reps)
             ]
         best_conc = min(load_by_conc, key=lambda c: statistics.median(load_by_conc[c]))
         assert ctx.profile is not None
@@ -250,6 +263,7 @@ class Bench:
                 "cake": stats([t.ttft_s for t in cake]),
             },
             "load_concurrency": best_conc,
+            "reps": reps,
             "meet_chunk": int(statistics.median(t.cake["meet_chunk"] for t in cake)),
             "oracle_meet_chunk": oracle_meet,
             "load_latency_s": round(latency, 4),

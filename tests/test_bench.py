@@ -11,6 +11,7 @@ import pytest
 
 from bench.profile import Profile
 from bench.report import summarize, table, write_report
+from bench.sweep import cell_reps
 
 
 def row(
@@ -54,6 +55,13 @@ def test_table_and_files(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cells_on_fast_links_take_more_samples_of_cake_and_load_only() -> None:
+    assert cell_reps(1, compute_s=1.3, io_ratio=1.0) == 1  # balance: as asked
+    assert cell_reps(1, compute_s=1.3, io_ratio=4.0) == 3  # 0.33 s a load-only request
+    assert cell_reps(1, compute_s=2.7, io_ratio=16.0) == 5  # 0.17 s: capped
+    assert cell_reps(3, compute_s=2.7, io_ratio=0.25) == 3  # never fewer than asked
+
+
 def test_oracle_profile_model() -> None:
     p = Profile(head_s=[0.0, 1.0, 2.0, 3.0, 4.0], read_s=[0.01] * 4, chunk_bytes=[10**6] * 4,
                 finish_s=0.5)  # fmt: skip
@@ -75,6 +83,9 @@ def test_a_small_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     (cell,) = results["rows"]
     calibration = results["calibration"][0]
     assert cell["chunks"] == 3 and 0 <= cell["meet_chunk"] <= 3
+    compute_s = min(min(t["median"] for t in c["compute_ttft_s"].values())
+                    for c in results["calibration"])  # fmt: skip
+    assert cell["reps"] == cell_reps(1, compute_s, 1.0)  # compute_s: the calibration's best
     assert cell["bandwidth_MBps"] == pytest.approx(calibration["kv_rate_MBps"], rel=0.01)
     assert all(v > 0 for v in cell["ttft_s"].values())
     assert set(results["summary"]) == {
