@@ -55,7 +55,7 @@ from shared.runtime.config import Settings
 from shared.storage.local import LocalStore
 
 MODES = ("compute", "load", "cake", "cake_static")  # cake_static: CAKE_CONTROLLERS=false
-RESTART_S = 5.0  # the link's clock starts this long after a period's loader is asked to start
+RESTART_S = 5.0  # the link's clock starts this long after a period's merger and loader restart
 DISTURB_SALT = "bench-disturbance"  # background prompts are stored once, then only computed
 DISTURB_SHARE = 0.5  # of compute the background prompts take (undisturbed compute-only time)
 LATE_S = 0.5  # a request sent this much after its second (its mode's last one overran) is late
@@ -205,13 +205,14 @@ class Fluctuating:
         set just after the loader is up), the disturbance in its window, a request at each
         phase."""
         controllers = mode != "cake_static"
-        await asyncio.to_thread(self.stack.restart, "merger", controllers=controllers)
         epoch = time.time() + RESTART_S  # the link's second 0, the same on both clocks
-        await asyncio.to_thread(
-            self.stack.restart, "loader", controllers=controllers,
-            store_bandwidth_trace=str(trace_file), store_bandwidth_period_s=self.config.period_s,
-            store_bandwidth_epoch=epoch,
-        )  # fmt: skip
+        loader = {
+            "controllers": controllers, "store_bandwidth_trace": str(trace_file),
+            "store_bandwidth_period_s": self.config.period_s, "store_bandwidth_epoch": epoch,
+        }  # fmt: skip
+        await asyncio.to_thread(  # the new merger hears nothing of the last period's link
+            self.stack.restart_each, {"merger": {"controllers": controllers}, "loader": loader}
+        )
         start = time.perf_counter() + epoch - time.time()
         disturbance = asyncio.create_task(self.disturb(mode, start, disturb_every_s))
         sent = []

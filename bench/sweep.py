@@ -222,8 +222,7 @@ class Bench:
         load_by_conc: dict[int, list[float]] = {}
         cake: list[Timing] = []
         compute: list[float] = []
-        await asyncio.to_thread(self.stack.restart, "merger")
-        await self.restart_loader(bandwidth, self.settings.fetch_concurrency)
+        await self.fresh_merger_and_loader(bandwidth, self.settings.fetch_concurrency)
         reps = cell_reps(self.config.reps, ctx.compute_best_s, ratio)
         for rep in range(reps):
             cake.append(await self.request(ctx, KvMode.CAKE))
@@ -290,10 +289,18 @@ class Bench:
     async def restart_loader(self, bandwidth: float, concurrency: int) -> None:
         """A loader on a link of `bandwidth` MB/s (it probes its store as it starts: no
         warm-up load, which would tell the estimator the link before Cake is timed)."""
-        await asyncio.to_thread(
-            self.stack.restart, "loader", store_bandwidth_mbps=bandwidth,
-            fetch_concurrency=concurrency,
-        )  # fmt: skip
+        await asyncio.to_thread(self.stack.restart, "loader", **self.link(bandwidth, concurrency))
+
+    async def fresh_merger_and_loader(self, bandwidth: float, concurrency: int) -> None:
+        """A merger that has heard nothing, and a loader on a link of `bandwidth` MB/s, both
+        started after the old ones stopped: the new merger hears nothing of the last link."""
+        loader = self.link(bandwidth, concurrency)
+        await asyncio.to_thread(self.stack.restart_each, {"merger": {}, "loader": loader})
+
+    @staticmethod
+    def link(bandwidth: float, concurrency: int) -> dict[str, Any]:
+        """The loader's settings for a link of `bandwidth` MB/s read `concurrency` at a time."""
+        return {"store_bandwidth_mbps": bandwidth, "fetch_concurrency": concurrency}
 
     async def record_timeline(self, ctx: Context) -> list[dict[str, Any]]:
         """The computed and loaded events of one Cake request, with their times."""
@@ -325,8 +332,7 @@ class Bench:
         assert self.runner is not None
         bandwidth = ctx.kv_rate_mbps
         concurrency = self.config.fetch_concurrencies[-1]
-        await asyncio.to_thread(self.stack.restart, "merger")  # fresh, as the in-process one
-        await self.restart_loader(bandwidth, concurrency)
+        await self.fresh_merger_and_loader(bandwidth, concurrency)  # as the in-process one
         await self.request(self.warmup, KvMode.CAKE)
         settings = self.settings.replace(
             fetch_concurrency=concurrency, node="in-process",

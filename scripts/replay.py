@@ -48,9 +48,12 @@ async def calibrated(tokens: int, budget: int) -> AsyncIterator[tuple[Bench, Con
 
 
 async def restart(bench: Bench, controllers: bool = True, **loader: Any) -> None:
-    """A fresh merger and loader (the loader's link and settings as given)."""
-    await asyncio.to_thread(bench.stack.restart, "merger", controllers=controllers)
-    await asyncio.to_thread(bench.stack.restart, "loader", controllers=controllers, **loader)
+    """A fresh merger and loader (the loader's link and settings as given), started after the
+    old ones stopped: the new merger hears nothing of the last link."""
+    loader = {"controllers": controllers, **loader}
+    await asyncio.to_thread(
+        bench.stack.restart_each, {"merger": {"controllers": controllers}, "loader": loader}
+    )
 
 
 async def on_trace(bench: Bench, steps: str, controllers: bool = True) -> float:

@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from services.launcher.nats_server import free_port, free_ports
 from services.launcher.stack import LocalStack
 from shared.runtime.config import Settings
@@ -106,9 +108,11 @@ def test_cake_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
             proc.kill()
 
 
-def test_the_stack_restarts_what_dies(tmp_path: Path) -> None:
+def test_the_stack_restarts_what_dies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A service killed under `cake up` (SIGKILL: no goodbye) is restarted and the stack serves
-    again; so is a killed nats-server, on its port, and the services reconnect."""
+    again; so is a killed nats-server, on its port, and the services reconnect. Services
+    restarted together each start after all the old ones stopped (what the benchmarks' fresh
+    merger relies on to hear nothing of the last link)."""
     settings = Settings(
         port=free_port(), metrics_port=0, store=str(tmp_path / "store"),
         staging_dir=str(tmp_path / "staging"), chunk_tokens=64, log_level="warning",
@@ -144,5 +148,19 @@ def test_the_stack_restarts_what_dies(tmp_path: Path) -> None:
         nats.process.wait()
         assert served_within(60)
         assert stack.nats.servers[0].port == nats.port
+        old = {service: stack.procs[service] for service in ("merger", "loader")}
+        alive_at_spawn: dict[str, list[str]] = {}
+        spawn = stack.spawn
+
+        def spawn_noting_the_old(name: str, with_settings: Settings) -> None:
+            alive_at_spawn[name] = [s for s, proc in old.items() if proc.poll() is None]
+            spawn(name, with_settings)
+
+        monkeypatch.setattr(stack, "spawn", spawn_noting_the_old)
+        stack.restart_each({"merger": {}, "loader": {"fetch_concurrency": 2}})
+        assert alive_at_spawn == {"merger": [], "loader": []}
+        assert stack.settings_of["loader"].fetch_concurrency == 2
+        assert stack.settings_of["merger"].fetch_concurrency == settings.fetch_concurrency != 2
+        assert served_within(30)
     finally:
         stack.close()

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +113,13 @@ class LocalStack:
     def start(self, services: Sequence[str] | None = None, **changes: Any) -> None:
         """Start services (the gateway last) and wait until the gateway answers /health."""
         settings = self.settings.replace(**changes) if changes else self.settings
+        self.launch([(name, settings) for name in self.processes(services)])
+
+    def launch(self, plan: Sequence[tuple[str, Settings]]) -> None:
+        """Start each process with its settings (the gateway last) and wait until the gateway
+        answers /health."""
         fresh_after = time.monotonic() + HEALTH_CACHE_S  # a finding from before is no news
-        for name in sorted(self.processes(services), key=lambda s: s == "gateway"):
+        for name, settings in sorted(plan, key=lambda p: p[0] == "gateway"):
             self.spawn(name, settings)
         self.wait_ready(fresh_after=fresh_after)
 
@@ -174,8 +179,17 @@ class LocalStack:
     def restart(self, service: str, **changes: Any) -> None:
         """Stop a service (every node's, for a kind) and start it again with some settings
         changed."""
-        self.stop([service])
-        self.start([service], **changes)
+        self.restart_each({service: changes})
+
+    def restart_each(self, changes: Mapping[str, Mapping[str, Any]]) -> None:
+        """Stop these services, then start each again with its own settings changed: no new
+        process hears from an old one of the others (a fresh merger hears no telemetry of the
+        loader it is started with, from the one that loader replaces)."""
+        self.stop(list(changes))
+        self.launch([
+            (name, self.settings.replace(**service_changes))
+            for service, service_changes in changes.items() for name in self.processes([service])
+        ])  # fmt: skip
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, fresh_after: float = 0.0) -> None:
         """Until the gateway answers /health (every service answers, the model is loaded) with
