@@ -218,27 +218,31 @@ class Bench:
     ) -> dict[str, Any]:
         """One (context, io_ratio) cell. Cake goes first, on a merger and a loader started for
         the cell, so nothing has told it this link but what they measure when they start (no
-        warm-up request); then compute-only, then load-only at each concurrency."""
-        load_by_conc: dict[int, list[float]] = {}
+        warm-up request); then, repetition by repetition, compute-only and load-only at the
+        loader's concurrency; then load-only at any other concurrency."""
         cake: list[Timing] = []
         compute: list[float] = []
-        await self.fresh_merger_and_loader(bandwidth, self.settings.fetch_concurrency)
+        running = self.settings.fetch_concurrency
+        load_by_conc: dict[int, list[float]] = {}  # the loader's concurrency first, if tried
+        if running in self.config.fetch_concurrencies:
+            load_by_conc[running] = []
+        await self.fresh_merger_and_loader(bandwidth, running)
         reps = cell_reps(self.config.reps, ctx.compute_best_s, ratio)
-        for rep in range(reps):
+        for rep in range(reps):  # the modes side by side: they share the machine's moods
             cake.append(await self.request(ctx, KvMode.CAKE))
             if rep < self.config.reps:  # compute-only does not depend on the link
                 salt = uuid.uuid4().hex
                 compute.append((await self.request(ctx, KvMode.COMPUTE, salt=salt)).ttft_s)
+            for loads in load_by_conc.values():
+                loads.append((await self.request(ctx, KvMode.LOAD)).ttft_s)
         if ratio == 1.0 and ctx.tokens == max(self.config.contexts):
             self.timeline = await self.record_timeline(ctx)
-        running = self.settings.fetch_concurrency
         for conc in self.config.fetch_concurrencies:
-            if conc != running:
+            if conc not in load_by_conc:
                 await self.restart_loader(bandwidth, conc)
-                running = conc
-            load_by_conc[conc] = [
-                (await self.request(ctx, KvMode.LOAD)).ttft_s for _ in range(reps)
-            ]
+                load_by_conc[conc] = [
+                    (await self.request(ctx, KvMode.LOAD)).ttft_s for _ in range(reps)
+                ]
         best_conc = min(load_by_conc, key=lambda c: statistics.median(load_by_conc[c]))
         assert ctx.profile is not None
         load_median = statistics.median(load_by_conc[best_conc])
