@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from services.compute.service import Compute
@@ -109,11 +110,14 @@ def test_a_plain_forward_after_a_cache_is_causal_from_where_the_cache_ends() -> 
     assert torch.allclose(out.logits[0, -1], runner.extend(stepped, ids[30:]), atol=1e-5)
 
 
-def test_a_long_later_piece_is_attended_in_query_blocks_as_stock_attention_would(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("path", ["held_then_own", "after_held"])
+def test_a_later_piece_is_attended_as_stock_attention_would(
+    path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A later piece's queries go QUERY_BLOCK at a time, each over the keys up to its own end:
-    every position's logits are those of the model's stock SDPA over the whole masked matrix."""
+    """A later piece's queries are attended over the held keys and their own (on the CPU: two
+    flash passes merged; elsewhere QUERY_BLOCK queries at a time, each over the keys up to its
+    own end): every position's logits are those of the model's stock SDPA over the whole masked
+    matrix."""
     runner = tiny_runner("llama")
     ids = prompt(60, seed=5)
     head, piece = torch.tensor([ids[:20]]), torch.tensor([ids[20:]])  # 40 queries after 20
@@ -125,22 +129,35 @@ def test_a_long_later_piece_is_attended_in_query_blocks_as_stock_attention_would
             stock = runner.model(input_ids=piece, cache=stock_cache, use_cache=True).logits[0]
     finally:
         runner.model.set_attn_implementation("cake_step")
-    blocks: list[int] = []
+    calls: list[int] = []
+    attention = getattr(batch, path)
 
     def counted(q: torch.Tensor, *args: object) -> torch.Tensor:
-        blocks.append(q.shape[2])
-        return after_held(q, *args)  # type: ignore[arg-type]
+        calls.append(q.shape[2])
+        return attention(q, *args)  # type: ignore[no-any-return]
 
-    after_held = batch.after_held
-    monkeypatch.setattr(batch, "QUERY_BLOCK", 16)
-    monkeypatch.setattr(batch, "after_held", counted)
+    if path == "after_held":  # the path off the CPU
+        monkeypatch.setattr(batch, "CPU_FLASH", None)
+        monkeypatch.setattr(batch, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(batch, path, counted)
     cache = runner.new_cache()
     with torch.inference_mode():
         runner.model(input_ids=head, cache=cache, use_cache=True)
         mine = runner.model(input_ids=piece, cache=cache, use_cache=True).logits[0]
-    assert blocks[:3] == [16, 16, 8]  # each layer: two whole blocks and the rest
+    layers = runner.layout.layers
+    assert calls == ([40] * layers if path == "held_then_own" else [16, 16, 8] * layers)
     assert torch.allclose(mine, stock, atol=1e-5)
     assert torch.equal(mine.argmax(-1), stock.argmax(-1))
+
+
+def test_a_later_piece_in_half_precision_keeps_its_dtype() -> None:
+    q = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 20, 16, dtype=torch.bfloat16) for _ in range(2))
+    got = batch.attend(q, k, v, None)
+    mask = torch.arange(20)[None, :] <= torch.arange(12, 20)[:, None]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), atol=2e-2)
 
 
 def test_slot_places_chunks_ahead_and_extends_over_them() -> None:
