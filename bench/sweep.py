@@ -218,8 +218,10 @@ class Bench:
     ) -> dict[str, Any]:
         """One (context, io_ratio) cell. Cake goes first, on a merger and a loader started for
         the cell, so nothing has told it this link but what they measure when they start (no
-        warm-up request); then, repetition by repetition, compute-only and load-only at the
-        loader's concurrency; then load-only at any other concurrency."""
+        warm-up request); then, repetition by repetition, load-only at the loader's
+        concurrency and, in the last --reps repetitions, compute-only (it writes a fresh
+        prompt back, which slows the request after it); then load-only at any other
+        concurrency."""
         cake: list[Timing] = []
         compute: list[float] = []
         running = self.settings.fetch_concurrency
@@ -230,11 +232,11 @@ class Bench:
         reps = cell_reps(self.config.reps, ctx.compute_best_s, ratio)
         for rep in range(reps):  # the modes side by side: they share the machine's moods
             cake.append(await self.request(ctx, KvMode.CAKE))
-            if rep < self.config.reps:  # compute-only does not depend on the link
-                salt = uuid.uuid4().hex
-                compute.append((await self.request(ctx, KvMode.COMPUTE, salt=salt)).ttft_s)
             for loads in load_by_conc.values():
                 loads.append((await self.request(ctx, KvMode.LOAD)).ttft_s)
+            if rep >= reps - self.config.reps:  # the last: its write-back slows the next one
+                salt = uuid.uuid4().hex  # (it does not depend on the link: --reps of it)
+                compute.append((await self.request(ctx, KvMode.COMPUTE, salt=salt)).ttft_s)
         if ratio == 1.0 and ctx.tokens == max(self.config.contexts):
             self.timeline = await self.record_timeline(ctx)
         for conc in self.config.fetch_concurrencies:
