@@ -176,3 +176,13 @@ def test_slot_places_chunks_ahead_and_extends_over_them() -> None:
     placed.extend_to(12)
     assert placed.get_seq_length() == 12
     assert torch.equal(placed.chunk(0, 12), appended.chunk(0, 12))
+
+
+def test_the_cpu_flash_kernel_serves_only_where_it_agrees_with_sdpa(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The private kernel is checked once against stock SDPA (GQA heads shared alike); a torch
+    where it differs, or lacks it, attends later pieces in query blocks instead."""
+    assert batch.cpu_flash() is not None  # this torch
+    monkeypatch.setattr(batch.F, "scaled_dot_product_attention", lambda q, *_, **__: 0 * q)
+    assert batch.cpu_flash() is None

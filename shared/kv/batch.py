@@ -11,7 +11,7 @@ runs any other forward (no StepCache) with the stock SDPA attention.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -77,9 +77,26 @@ def step_attention(
 
 
 QUERY_BLOCK = 512  # off the CPU, a later piece's queries are attended this many at a time
-# the CPU's flash attention with its log-sum-exp (what stock SDPA runs on the CPU; private, so
-# looked up: without it the query-block path below serves the CPU too)
-CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def cpu_flash() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """torch's CPU flash attention, which returns its log-sum-exp too (what stock SDPA runs on
+    the CPU), if this torch has it and it shares GQA heads as SDPA does: it is private, so it is
+    checked once on a tiny input. None: the query-block path serves the CPU too."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return None
+    rng = torch.Generator().manual_seed(0)  # not the global generator: seeds stay the caller's
+    q, k, v = (torch.randn(1, heads, 5, 8, generator=rng) for heads in (4, 2, 2))
+    try:
+        out, _ = op(q, k, v, 0.0, True)
+    except RuntimeError:
+        return None
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return op if torch.allclose(out, want, atol=1e-5) else None
+
+
+CPU_FLASH = cpu_flash()
 
 
 def attend(
