@@ -129,14 +129,13 @@ def held_then_own(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, held: int, scaling: float | None
 ) -> torch.Tensor:
     """Queries after the first `held` keys: softmax over all of those and, causally, their own,
-    as two attentions (the CPU's flash kernel) weighted by each one's share of the softmax."""
+    as two attentions (the CPU's flash kernel) weighted by each one's share of the softmax
+    (the held keys': sigmoid of the difference of the two log-sum-exps)."""
     assert CPU_FLASH is not None
     held_out, held_lse = CPU_FLASH(q, k[:, :, :held], v[:, :, :held], 0.0, False, scale=scaling)
     own_out, own_lse = CPU_FLASH(q, k[:, :, held:], v[:, :, held:], 0.0, True, scale=scaling)
-    lse = torch.logaddexp(held_lse, own_lse).unsqueeze(-1)
-    held_share = (held_lse.unsqueeze(-1) - lse).exp()
-    own_share = (own_lse.unsqueeze(-1) - lse).exp()
-    return (held_out * held_share + own_out * own_share).to(q.dtype)
+    held_share = torch.sigmoid(held_lse - own_lse).unsqueeze(-1)
+    return (own_out + held_share * (held_out - own_out)).to(q.dtype)
 
 
 def after_held(
