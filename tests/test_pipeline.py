@@ -614,8 +614,8 @@ async def test_a_long_prefill_steps_around_a_request_waiting_for_its_loads(
     """A Cake request advised load-only waits for its loads (a chunk each 0.1 s) while a long
     prompt arrives that the budget would run in one step. Its steps end by the time the loads
     are due instead (at a prompt token's cost fixed here at 10 ms: one chunk a step), and the
-    step that ends the Cake request's prompt carries no larger piece of the long one. Both
-    answers are compute-only's."""
+    step that ends the Cake request's prompt carries none of the long one, which came after it.
+    Both answers are compute-only's."""
     import services.compute.service as compute_module
 
     tokens, long = prompt(700, seed=34), prompt(2000, seed=35)
@@ -654,10 +654,9 @@ async def test_a_long_prefill_steps_around_a_request_waiting_for_its_loads(
         g for cands, g in steps
         if any(c.request_id == waiting and c.ends_loaded_prompt and g.get(waiting) for c in cands)
     ]  # fmt: skip
-    assert len(ending) == 1 and set(ending[0]) - {waiting}  # the long prompt shares its step
+    assert len(ending) == 1 and set(ending[0]) == {waiting}  # the long prompt waits a step
     others = [c for cands, _ in steps for c in cands if c.request_id != waiting]
     assert others and not any(c.ends_loaded_prompt for c in others)  # it loaded nothing
-    assert all(t <= max(64, ending[0][waiting]) for t in ending[0].values())
 
 
 async def test_services_check_what_comes_over_nats(local: Backend) -> None:

@@ -11,13 +11,14 @@ Requests that have waited `aging_steps` steps each get one granule first (longes
 first), so every runnable request progresses within a bounded number of steps however much
 higher-priority work keeps arriving.
 
-With `finish_first`, a step that ends a prompt that waited for its loads (its last piece, so
-its first token comes out of this step) carries no larger prompt piece beside it: the others are
-cut to its size, so a short suffix after the loads does not wait for a long prefill that happens
-to share its step. Head pieces racing their loads queue with prefills by arrival instead of
-after them, and one granted whole cuts the prompt pieces of requests that came after it to its
-size: a prompt that comes later no longer takes the step ahead of a head whose loads go on
-arriving, nor stretches it by its whole length.
+With `finish_first`, a Cake request's prompt runs first come, first served, as a compute-only
+prompt computed in one step does: head pieces racing their loads queue with prefills by arrival
+instead of after them, and while one (or a piece that ends a prompt that waited for its loads,
+so that its first token comes out of this step) is granted whole, requests that came after it
+wait, apart from other such pieces (a later prompt would otherwise stretch the step by its own
+length while the loads go on arriving). Older prompt pieces beside a piece that ends a loaded
+prompt are cut to its size, so a short suffix after the loads does not wait for a long prefill
+that happens to share its step. Aging still gives a waiting request its granule.
 `prompt_cap` bounds the prompt tokens of a step apart from its decodes.
 """
 
@@ -103,7 +104,7 @@ def plan_step(
     if not grants and runnable:  # a granule larger than the budget: run it rather than stall
         grants[(decodes or others)[0].request_id] = (decodes or others)[0].tokens
     if finish_first:
-        _cut_beside_finishing(grants, others)
+        _first_come_first(grants, others, aging_steps)
     phase = {c.request_id: c.phase for c in runnable}
     return [Piece(rid, phase[rid], tokens) for rid, tokens in grants.items()]
 
@@ -126,32 +127,27 @@ def _decode_cap(
     return min(share, budget - smallest) if smallest <= budget else share
 
 
-def _cut_beside_finishing(grants: dict[str, int], others: Sequence[Candidate]) -> None:
-    """Cut every prompt piece larger than the smallest granted piece that ends a loaded prompt
-    to that size; then every piece of a request that came after the first head racing its
-    loads (granted whole) to the smallest such head's size, apart from other racing or ending
-    pieces (in whole granules, one at least)."""
-    ending = [
-        c.tokens for c in others if c.ends_loaded_prompt and grants.get(c.request_id) == c.tokens
-    ]
-    if ending:
-        _cut(grants, others, min(ending))
-    racing = [c for c in others if c.races_loads and grants.get(c.request_id) == c.tokens]
-    if racing:
-        first = min(c.arrival for c in racing)
-        later = [
-            c for c in others
-            if c.arrival > first and not (c.races_loads or c.ends_loaded_prompt)
-        ]  # fmt: skip
-        _cut(grants, later, min(c.tokens for c in racing))
-
-
-def _cut(grants: dict[str, int], pieces: Sequence[Candidate], cap: int) -> None:
-    """Cut the granted pieces larger than cap to it, in whole granules (one at least)."""
-    for c in pieces:
+def _first_come_first(grants: dict[str, int], others: Sequence[Candidate], aging: int) -> None:
+    """Beside a head racing its loads or a piece ending a loaded prompt, granted whole: drop the
+    pieces of requests that came after the first of them, apart from other racing or ending
+    pieces (a granule stays for one that waited `aging` steps); cut every other piece larger
+    than the smallest ending piece to its size (in whole granules, one at least)."""
+    whole = [
+        c for c in others
+        if (c.races_loads or c.ends_loaded_prompt) and grants.get(c.request_id) == c.tokens
+    ]  # fmt: skip
+    if not whole:
+        return
+    first = min(c.arrival for c in whole)
+    cap = min((c.tokens for c in whole if c.ends_loaded_prompt), default=None)
+    for c in others:
         granted = grants.get(c.request_id, 0)
-        if granted > cap:
+        if c.arrival > first and not (c.races_loads or c.ends_loaded_prompt):
+            grants[c.request_id] = min(granted, c.granule if c.waited >= aging else 0)
+        elif cap is not None and granted > cap:
             grants[c.request_id] = max(min(granted, c.granule), cap // c.granule * c.granule)
+    for rid in [rid for rid, tokens in grants.items() if not tokens]:
+        del grants[rid]
 
 
 def _fit(want: int, left: int, granule: int) -> int:
