@@ -55,6 +55,8 @@ from shared.wire.messages import (
     ChunkLoaded,
     ComputeTelemetry,
     Failed,
+    LookupReply,
+    LookupRequest,
     Meet,
     Message,
     ModelInfo,
@@ -432,12 +434,14 @@ class Compute(Service):
                 job.writeback = self.tasks.spawn(self.write_back(job))
 
     async def write_back(self, job: Job) -> None:
-        """Stage the prompt's new chunks and ask this node's loader to store them."""
+        """Stage the prompt's chunks that this node's store lacks and ask its loader to store
+        them."""
         otel_context.attach(job.ctx)  # this task's own context: no need to detach
         rid = job.msg.request_id
+        start = max(job.hit, await self.stored_prefix(job))
         try:  # its own thread: a burst of write-backs never queues a scheduler step
             loop = asyncio.get_running_loop()
-            staged = await loop.run_in_executor(self.writer, self.stage_writeback, job)
+            staged = await loop.run_in_executor(self.writer, self.stage_writeback, job, start)
         except Exception as exc:  # staging full, out of memory: the cache just misses next time
             log.warning("write-back skipped", request_id=rid, error=str(exc))
             self.staging.discard_request(f"{rid}-wb")
@@ -758,10 +762,27 @@ class Compute(Service):
             job.merged = True
             job.head_done = max(job.head_done, from_chunk)
 
-    def stage_writeback(self, job: Job) -> dict[int, str]:
-        """Encode the prompt's complete chunks beyond the hit into staging files."""
+    async def stored_prefix(self, job: Job) -> int:
+        """How many leading chunks of the job's prompt this node's store holds (0 when its
+        loader does not say): a prompt computed whole without a lookup (compute-only, or too
+        short a hit to load) need not encode what is stored, and its Done waits for that."""
+        if job.hit >= len(job.prompt.keys):
+            return job.hit
+        lookup = LookupRequest(f"{job.msg.request_id}-wb", job.msg.space, job.msg.tokens)
+        try:
+            reply = await self.bus.request(
+                subjects.lookup(self.settings.node), lookup, LookupReply,
+                self.settings.rpc_timeout_s,
+            )  # fmt: skip
+        except TransportError as exc:
+            log.warning("write-back lookup failed; staging every chunk", error=str(exc))
+            return 0
+        return reply.stored_chunks
+
+    def stage_writeback(self, job: Job, start: int) -> dict[int, str]:
+        """Encode the prompt's complete chunks from `start` on into staging files."""
         staged = {}
-        for i in range(job.hit, len(job.prompt.keys)):
+        for i in range(start, len(job.prompt.keys)):
             data = encode_chunk_at(
                 self.runner, job.kv_cache, job.prompt, i, self.settings.kv_codec, self.secret
             )

@@ -44,7 +44,7 @@ ROLES: dict[str, dict[str, list[str]]] = {
         ],
     },
     "compute": {
-        "publish": [STREAMS, subjects.EVENTS_ALL, STORES, TELEMETRY],
+        "publish": [STREAMS, subjects.EVENTS_ALL, LOOKUPS, STORES, TELEMETRY],  # its write-backs
         "subscribe": [
             subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, PREFILLS, subjects.CONTROL_ALL,
             CANCELS, subjects.EVENTS_ALL, DISCOVERY,
