@@ -57,7 +57,9 @@ class LoaderMetrics:
         def counter(name: str, help_text: str) -> Counter:
             return Counter(name, help_text, registry=r)
 
-        self.lookups = counter("cake_lookups", "Lookups answered (how much of a prompt is stored)")
+        self.lookups = counter(
+            "cake_lookups", "Lookups answered (how much of a prompt is stored; compute's too)"
+        )
         self.chunks_loaded = counter("cake_chunks_loaded", "Chunks read, verified and staged")
         self.bytes_loaded = counter("cake_bytes_loaded", "Bytes of the chunks loaded")
         self.load_failures = counter(
