@@ -232,6 +232,34 @@ async def test_streamed_completion_with_the_openai_client(bus: Bus, backend: Fak
     assert final.model_extra is not None and final.model_extra["cake"]["chunks_loaded"] == 2
 
 
+async def test_the_last_tokens_text_streams_before_done(bus: Bus, backend: FakeBackend) -> None:
+    """A one-token answer whose byte is half a character: its text (the replacement character)
+    streams when the token comes, marked last, not when Done comes after the write-back (0.2 s
+    later at 2,048 tokens: a compute-only request's TTFT in the benchmark had that in it). The
+    stream still ends after Done, so the next request with the prompt hits."""
+    write_back_s = 0.5
+
+    async def play(req: GenerateRequest) -> None:
+        rid = req.request_id
+        for message in (prefilled(req), Tokens(rid, pack_tokens([0xE2]), last=True)):
+            await bus.publish(subjects.stream(rid), message)
+        await asyncio.sleep(write_back_s)
+        await bus.publish(subjects.stream(rid), done(req, 1))
+
+    backend.play = play  # type: ignore[method-assign]
+    async with gateway(bus) as client:
+        sent = time.perf_counter()
+        body = {"prompt": "hi", "max_tokens": 1, "stream": True}
+        resp = await client.post("/v1/completions", json=body)
+        first = await resp.content.readline()
+        first_s = time.perf_counter() - sent
+        events = [json.loads(first.decode().removeprefix("data: ")), *await sse_events(resp)]
+        end_s = time.perf_counter() - sent
+    assert events[0]["choices"][0]["text"] == "\ufffd"
+    assert first_s < write_back_s <= end_s
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 1
+
+
 async def test_streamed_chat_with_the_openai_client(bus: Bus, backend: FakeBackend) -> None:
     messages: Any = [{"role": "user", "content": "hi"}]
     async with gateway(bus) as client, openai_client(client) as oai:

@@ -132,6 +132,7 @@ async def test_a_compute_only_request_encodes_only_what_the_store_lacks(
     again = await local.generate(tokens, kv_mode="compute", salt="wb")
     longer = await local.generate([*tokens, *prompt(200, seed=42)], kv_mode="compute", salt="wb")
     assert first.tokens == again.tokens
+    assert first.marked_last == [False] * 7 + [True]  # the gateway sends its text at once
     assert starts == [0, 10, 10]
     assert (await local.generate(tokens, salt="wb")).done.hit_tokens == 10 * 64
     cake = await local.generate([*tokens, *prompt(200, seed=42)], salt="wb")

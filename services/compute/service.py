@@ -726,11 +726,12 @@ class Compute(Service):
         """Stream one new token; the end of the request when it is a stop id or the last."""
         job.output.append(token)
         rid = job.msg.request_id
-        outbox.append((subjects.stream(rid), Tokens(rid, pack_tokens([token])), job.ctx))
         if token in job.stop_ids:
             job.finish_reason = FinishReason.STOP
         elif job.generated >= job.msg.sampling.max_tokens:
             job.finish_reason = FinishReason.LENGTH
+        tokens = Tokens(rid, pack_tokens([token]), last=job.finish_reason is not None)
+        outbox.append((subjects.stream(rid), tokens, job.ctx))
 
     @staticmethod
     def span(name: str, started_ns: int, **attributes: int) -> None:

@@ -204,8 +204,10 @@ class Generation:
             if isinstance(message, Done):
                 self.done, self.finish_reason = message, message.finish_reason
                 delta = self.text.finish()
-            else:
+            else:  # the last token's text goes out now, not after Done (the write-back)
                 delta = self.text.add(unpack_tokens(message.tokens))
+                if message.last and not self.text.stopped:
+                    delta += self.text.finish()
             if self.text.stopped:
                 self.finish_reason = FinishReason.STOP
                 await self.call.cancel("stop string")

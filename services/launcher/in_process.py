@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.compute.service import Compute
 from services.loader.service import Loader
@@ -39,6 +39,7 @@ class Result:
     end: Done | Failed
     elapsed_s: float  # from sending the request to its end
     first_token_s: float | None  # from sending the request to its first token
+    marked_last: list[bool] = field(default_factory=list)  # each Tokens message's `last`
 
     @property
     def done(self) -> Done:
@@ -63,6 +64,7 @@ async def generate(
     req = GenerateRequest(rid, pack_tokens(tokens), sampling, KvMode(kv_mode), salt, deadline)
     out: list[int] = []
     first: float | None = None
+    marked: list[bool] = []
     async with await client.subscribe(subjects.stream(rid)) as inbox:
         await client.request(subjects.GENERATE, req, Accepted, settings.rpc_timeout_s)
         while True:
@@ -71,8 +73,9 @@ async def generate(
                 if first is None:
                     first = time.monotonic() - start
                 out += unpack_tokens(msg.tokens)
+                marked.append(msg.last)
             elif isinstance(msg, Done | Failed):
-                return Result(out, msg, time.monotonic() - start, first)
+                return Result(out, msg, time.monotonic() - start, first, marked)
 
 
 def builders(runner: ModelRunner, store: ChunkStore) -> dict[str, Builder]:

@@ -306,6 +306,7 @@ class Tokens(Message):
 
     request_id: str
     tokens: bytes
+    last: bool = False  # the request's last: its text is whole now (Done, after the write-back)
 
 
 class Prefilled(Message):
