@@ -765,9 +765,9 @@ class Compute(Service):
 
     async def stored_prefix(self, job: Job) -> int:
         """How many leading chunks of the job's prompt this node's store holds (0 when its
-        loader does not say): a prompt computed whole without a lookup (compute-only, or too
-        short a hit to load) need not encode what is stored, and its Done waits for that."""
-        if job.hit >= len(job.prompt.keys):
+        loader does not say): a compute-only prompt had no lookup, and need not encode what is
+        stored (its Done waits for that); any other job's hit is its lookup's answer."""
+        if job.msg.looked_up or job.hit >= len(job.prompt.keys):
             return job.hit
         lookup = LookupRequest(f"{job.msg.request_id}-wb", job.msg.space, job.msg.tokens)
         try:

@@ -58,7 +58,7 @@ class LoaderMetrics:
             return Counter(name, help_text, registry=r)
 
         self.lookups = counter(
-            "cake_lookups", "Lookups answered (how much of a prompt is stored; compute's too)"
+            "cake_lookups", "Lookups answered (stored prefixes; for compute-only write-backs too)"
         )
         self.chunks_loaded = counter("cake_chunks_loaded", "Chunks read, verified and staged")
         self.bytes_loaded = counter("cake_bytes_loaded", "Bytes of the chunks loaded")

@@ -181,6 +181,7 @@ class PrefillJob(Message):
     deadline: float
     head_hint: int = -1  # predicted meeting chunk (the estimator's); -1: none
     memory: bool = True  # may take chunks from compute's memory tier (kv_mode cake)
+    looked_up: bool = True  # hit is what a lookup found stored (False: kv_mode compute, none)
 
 
 class FetchJob(Message):
