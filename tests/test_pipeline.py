@@ -42,10 +42,13 @@ from shared.wire.messages import (
     ComputeTelemetry,
     Done,
     Failed,
+    FetchJob,
     GenerateRequest,
+    HeadComputing,
     LoaderTelemetry,
     LookupReply,
     LookupRequest,
+    Meet,
     Message,
     PrefillJob,
     Space,
@@ -341,8 +344,8 @@ async def test_compute_and_loader_listen_only_to_the_requests_they_hold(local: B
         watcher.cancel()
     assert res.done.chunks_loaded > 0
     rid = res.done.request_id
-    assert seen["compute"] == {subjects.control(rid), subjects.cancel(rid), subjects.events(rid)}
-    assert seen["loader"] == {subjects.control(rid), subjects.cancel(rid)}
+    held = {subjects.control(rid), subjects.cancel(rid), subjects.events(rid)}
+    assert seen["compute"] == seen["loader"] == held
     deadline = time.monotonic() + 5  # the loader lets go once its fetch is settled
     while per_request(compute) or per_request(loader):
         assert time.monotonic() < deadline, (per_request(compute), per_request(loader))
@@ -630,11 +633,37 @@ async def test_a_head_hinted_by_a_stale_estimate_probes_one_chunk_first(
     async with over_a_slow_link(nats_url, tmp_path, tokens, 0.01) as (ref, be):
         merger_believing(be, compute_chunk_s=0.05, load_chunk_s=0.1)
         steps = await heard(be, subjects.EVENTS_ALL, ChunkComputed)
+        announced = await heard(be, subjects.EVENTS_ALL, HeadComputing)
         got = await be.generate(tokens)
         computed = [event.upto for event in steps]
     assert got.tokens == ref.tokens
     assert computed and computed[0] == 1
     assert got.done.meet_chunk <= 7
+    assert [event.upto for event in announced] == computed  # each head step, as it began
+
+
+async def test_the_loader_does_not_read_chunks_a_head_step_is_computing(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """A fetch of 10 chunks over a link that delivers one each 0.1 s, 4 read at once: once
+    HeadComputing says a step computes chunks [0, 6), the loader finishes the reads it has
+    begun and starts no read below 6 (computed chunks win any overlap, so such a read would
+    only slow the link and the CPU the step runs on); it leaves the last word to Meet."""
+    tokens = prompt(700, seed=37)  # 10 usable chunks
+    async with over_a_slow_link(nats_url, tmp_path, tokens, 0.1) as (_, be):
+        loader = be.services["loader"]
+        assert isinstance(loader, Loader)
+        loaded = await heard(be, subjects.EVENTS_ALL, ChunkLoaded)
+        runner, rid = default_runner(), "cmpl-head-computing"
+        space = Space.of(KeySpace(runner.fingerprint, runner.layout, 64))
+        job = FetchJob(rid, pack_tokens(tokens), space, 10, time.time() + 30)
+        fetch = subjects.fetch(loader.settings.node)
+        await be.client.request(fetch, job, Accepted, 5.0)
+        await be.client.publish(subjects.events(rid), HeadComputing(rid, 6))
+        await asyncio.sleep(1.5)  # all 10 would have come by now
+        await be.client.publish(subjects.control(rid), Meet(rid, 6, 10))
+    indexes = sorted(event.index for event in loaded)
+    assert indexes[0] >= 5 and indexes[-1] == 9, indexes  # (a read begun may end below 6)
 
 
 async def test_a_long_prefill_steps_around_a_request_waiting_for_its_loads(

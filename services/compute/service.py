@@ -55,6 +55,7 @@ from shared.wire.messages import (
     ChunkLoaded,
     ComputeTelemetry,
     Failed,
+    HeadComputing,
     LookupReply,
     LookupRequest,
     Meet,
@@ -325,6 +326,7 @@ class Compute(Service):
                 c.waited + 1 if runnable and c.request_id not in chosen else 0
             )
         if step:
+            await self.send(self.heads_computing(step))
             started = time.perf_counter()
             with self.step_span(step):
                 loop = asyncio.get_running_loop()
@@ -340,6 +342,18 @@ class Compute(Service):
         self.start_writebacks()
         await self.retire()
         return bool(step)
+
+    def heads_computing(self, step: list[Piece]) -> Outbox:
+        """HeadComputing for each head in the step, so that its loader does not read the chunks
+        the step computes meanwhile."""
+        outbox: Outbox = []
+        for piece in step:
+            job = self.jobs[piece.request_id]
+            if piece.phase == Phase.HEAD:
+                upto = job.head_done + piece.tokens // job.chunk
+                rid = job.msg.request_id
+                outbox.append((subjects.events(rid), HeadComputing(rid, upto), job.ctx))
+        return outbox
 
     def due_budget(self, now: float) -> int | None:
         """With controllers: the prompt tokens a step can run before the first request waiting

@@ -37,6 +37,7 @@ from shared.wire.messages import (
     Cancel,
     ChunkLoaded,
     FetchJob,
+    HeadComputing,
     LoaderTelemetry,
     LoadFailed,
     LookupReply,
@@ -71,7 +72,13 @@ class Fetch:
     workers: list[asyncio.Task[None]] = field(default_factory=list)
     meet: int | None = None
     decided: asyncio.Event = field(default_factory=asyncio.Event)  # set with meet
-    listening: list[RawInbox] = field(default_factory=list)  # its control and cancel
+    computing: int = 0  # chunks below it are in a head step (HeadComputing): not worth a read
+    listening: list[RawInbox] = field(default_factory=list)  # its control, cancel and events
+
+    def wants(self, index: int) -> bool:
+        """Whether chunk `index` is still worth reading: not below the meeting point, nor
+        in a head step under way."""
+        return index >= max(self.computing, self.meet or 0)
 
 
 class Loader(Service):
@@ -148,6 +155,7 @@ class Loader(Service):
         fetch.listening = [
             await self.bus.handle(subjects.control(rid), self.on_control),
             await self.bus.handle(subjects.cancel(rid), self.on_cancel),
+            await self.bus.handle(subjects.events(rid), self.on_event),
         ]
         queue: asyncio.Queue[int] = asyncio.Queue()
         for j in range(msg.hit - 1, -1, -1):
@@ -172,7 +180,7 @@ class Loader(Service):
                 if queue.empty():
                     return
                 index = queue.get_nowait()
-                if fetch.meet is not None and index < fetch.meet:
+                if not fetch.wants(index):
                     return
                 await self.fetch_one(fetch, index)
             finally:
@@ -257,6 +265,13 @@ class Loader(Service):
         if fetch is not None and isinstance(msg, Meet):
             fetch.meet = msg.meet
             fetch.decided.set()
+
+    async def on_event(self, msg: Message, subject: str) -> None:
+        """HeadComputing: stop short of the chunks the head is computing (the request's other
+        events, this loader's own included, say nothing to it)."""
+        fetch = self.fetches.get(subjects.request_id_of(subject))
+        if fetch is not None and isinstance(msg, HeadComputing):
+            fetch.computing = max(fetch.computing, msg.upto)
 
     async def on_cancel(self, msg: Message, subject: str) -> None:
         """Cancel: stop and drop everything."""

@@ -194,6 +194,14 @@ class FetchJob(Message):
     deadline: float
 
 
+class HeadComputing(Message):
+    """compute -> loader: a step computing head chunks [0, upto) has begun. Computed chunks win
+    any overlap, so loading one of them is wasted: the loader stops short of `upto`."""
+
+    request_id: str
+    upto: int
+
+
 class ChunkComputed(Message):
     """compute -> merger: head chunks [0, upto) are computed (or, reused: taken from compute's
     memory tier, which says nothing of how fast compute is)."""
