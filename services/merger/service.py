@@ -49,6 +49,7 @@ from shared.wire.messages import (
     Failed,
     FetchJob,
     GenerateRequest,
+    HeadComputing,
     LoaderTelemetry,
     LoadFailed,
     LookupReply,
@@ -354,6 +355,7 @@ class Merger(Service):
         batch = min(hit, self.settings.fetch_concurrency)  # reads in flight at once
         arrivals: list[float] = []
         reads_s: list[float] = []  # each loaded chunk's read time
+        computing = 0  # the head's announced step (HeadComputing): the loads stop short of it
         split, outcome = tracker.meet(), "met"
         if await self.cancelled_meanwhile(req, control):  # before the loader listened
             return Split(hit, hit), staged, "cancelled"
@@ -376,12 +378,15 @@ class Merger(Service):
                     outcome, news_at = "resumed_head", time.monotonic()
                     continue
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
-                self.link_lost(node)
+                if tracker.load_frontier > computing:  # else the loads did all that was asked:
+                    self.link_lost(node)  # the wait was compute's (a failed or endless step)
                 split, outcome = Split(tracker.load_frontier, hit), "stalled"
                 break
             news_at = time.monotonic()
             if isinstance(event, ChunkComputed):
                 tracker.on_computed(event.upto)
+            elif isinstance(event, HeadComputing):
+                computing = max(computing, event.upto)
             elif isinstance(event, ChunkLoaded):
                 arrivals.append(time.monotonic())
                 reads_s.append(event.duration_s)
