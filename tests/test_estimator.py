@@ -62,6 +62,22 @@ def test_skip_the_head_when_the_link_is_much_faster() -> None:
     assert est.advise(10) == Advice(True, 5)
 
 
+def test_a_wrong_skip_takes_the_pace_its_loads_came_at() -> None:
+    """Averaged in, the pace that made a load-only plan compute its head after all would leave
+    the estimate advising the next request to skip the head again; it is taken at once."""
+    est = SplitEstimator()
+    est.observe_compute(2, 0.2)  # 0.1 s a chunk
+    for _ in range(3):
+        est.observe_loads(10, 0.25)  # 0.025 s a chunk: skip the head
+    assert not est.advise(10).compute_head
+    est.observe_loads(10, 0.8)  # a request's loads after the link fell to 0.08 s a chunk
+    assert not est.advise(10).compute_head  # (sqrt(0.025 x 0.08) = 0.045: still a skip)
+    est.skip_was_wrong(0.08)
+    assert est.advise(10) == Advice(True, 5)
+    est.skip_was_wrong(0.01)  # never faster than the estimate was
+    assert est.load_s.value == 0.08
+
+
 def test_estimate_follows_a_changing_link() -> None:
     est = SplitEstimator()
     est.observe_compute(1, 0.1)

@@ -597,6 +597,9 @@ async def test_a_load_only_plan_whose_loads_fall_behind_computes_the_head(
     assert (
         value(registry, "cake_merger_requests_total", kv_mode="cake", outcome="resumed_head") == 1
     )
+    # no chunk came while 4 reads were in flight, for as long as the head took (about 0.7 s)
+    assert merger.estimator.load_s.value is not None and merger.estimator.load_s.value >= 0.1
+    assert merger.estimator.advise(10).compute_head  # the next request splits
 
 
 async def test_a_resumed_head_steps_to_where_it_meets_the_loads_at_their_pace(

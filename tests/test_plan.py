@@ -17,6 +17,7 @@ from shared.core.plan import (
     loads_pace,
     loads_too_slow,
     oracle_split,
+    pace_at_least,
     resume_hint,
     usable_hit_chunks,
 )
@@ -299,3 +300,11 @@ def test_loads_due_in_waits_for_more_than_a_round_of_reads_in_flight() -> None:
     assert loads_due_in([0.1, 0.1], 6, 0.1, batch=4) is None  # four in flight: a burst, no pace
     bursts = [0.1] * 4 + [0.3] * 4 + [0.5]  # rounds of four, 0.2 s apart: 0.05 s a chunk
     assert loads_due_in(bursts, 4, 0.5, batch=4) == pytest.approx(0.2)
+
+
+def test_the_pace_loads_were_at_least_as_slow_as() -> None:
+    """From two arrivals, their mean gap; before, no read of 4 in flight landed sooner than the
+    first (or, with none, than now), so a chunk took at least that wait over 4."""
+    assert pace_at_least([1.0, 1.5, 2.0], started=0.0, now=9.0, batch=4) == 0.5
+    assert pace_at_least([2.0], started=0.0, now=9.0, batch=4) == 0.5
+    assert pace_at_least([], started=0.0, now=2.0, batch=4) == 0.5

@@ -31,6 +31,7 @@ from shared.core.plan import (
     loads_overdue_after,
     loads_pace,
     loads_too_slow,
+    pace_at_least,
     resume_hint,
     usable_hit_chunks,
 )
@@ -402,6 +403,10 @@ class Merger(Service):
                 if event.reason == "timeout":  # a stalled read says the link is slow
                     self.link_lost(node)
             split = tracker.meet()
+        if outcome == "resumed_head":  # the skip was the estimate's mistake
+            slow = pace_at_least(arrivals, start, time.monotonic(), max(1, batch))
+            for each in self.estimates(node):
+                each.skip_was_wrong(slow)
         return split, staged, outcome
 
     @staticmethod

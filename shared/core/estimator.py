@@ -88,6 +88,15 @@ class SplitEstimator:
         if chunks > 0 and seconds > 0:
             self.near_load_s.add(seconds / chunks)
 
+    def skip_was_wrong(self, pace_s: float) -> None:
+        """A load-only plan had to compute the head after all: its loads came a chunk every
+        `pace_s` or slower. The link estimate takes that pace at once (one already slower
+        stays): averaged in as one more sample it could still advise the next request to skip
+        the head, as it did for two requests after a link dropped from 4x to 1x
+        (scripts/replay.py link-step)."""
+        if pace_s > 0:
+            self.load_s.value = max(self.load_s.value or 0.0, pace_s)
+
     def loads_unobserved(self) -> None:
         """A request was computed whole without loads, so it said nothing of the link: the
         link estimate grows more hopeful (STALE_HOPE), so that a link that got faster while

@@ -120,6 +120,13 @@ def mean_gap(arrivals: Sequence[float]) -> float | None:
     return (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) if len(arrivals) >= 2 else None
 
 
+def pace_at_least(arrivals: Sequence[float], started: float, now: float, batch: int) -> float:
+    """A pace the loads were at least as slow as: their mean gap from two arrivals on, else
+    the wait for the first (or, with none, until now) over the `batch` reads in flight."""
+    gap = mean_gap(arrivals)
+    return gap if gap is not None else ((arrivals[0] if arrivals else now) - started) / batch
+
+
 def round_pace(arrivals: Sequence[float], batch: int) -> float | None:
     """The mean gap over the last `batch` gaps (two at least): a whole round of reads in
     flight, burst and wait alike; None until that many arrived."""
