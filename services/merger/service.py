@@ -379,8 +379,8 @@ class Merger(Service):
                     outcome, news_at = "resumed_head", time.monotonic()
                     continue
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
-                if tracker.load_frontier > computing:  # else the loads did all that was asked:
-                    self.link_lost(node)  # the wait was compute's (a failed or endless step)
+                if computing <= tracker.computed:  # else a head step announced never ended:
+                    self.link_lost(node)  # the wait is compute's (it failed, or died in it)
                 split, outcome = Split(tracker.load_frontier, hit), "stalled"
                 break
             news_at = time.monotonic()
