@@ -680,13 +680,22 @@ async def test_a_head_step_that_never_ends_is_not_taken_for_a_slow_link(
         assert not merger.tasks and blamed == []
 
 
+@pytest.mark.parametrize(
+    "word",
+    [
+        HeadComputing("cmpl-head-computing", 6),  # a step computes [0, 6)
+        ChunkComputed("cmpl-head-computing", 6, 0.0, reused=True),  # from the memory tier
+    ],
+)
 async def test_the_loader_does_not_read_chunks_a_head_step_is_computing(
-    nats_url: str, tmp_path: Path
+    nats_url: str, tmp_path: Path, word: Message
 ) -> None:
     """A fetch of 10 chunks over a link that delivers one each 0.1 s, 4 read at once: once
-    HeadComputing says a step computes chunks [0, 6), the loader finishes the reads it has
-    begun and starts no read below 6 (computed chunks win any overlap, so such a read would
-    only slow the link and the CPU the step runs on); it leaves the last word to Meet."""
+    HeadComputing says a step computes chunks [0, 6), or ChunkComputed that they are computed
+    (a head that took them from compute's memory tier ran no step to announce), the loader
+    finishes the reads it has begun and starts no read below 6 (computed chunks win any
+    overlap, so such a read would only slow the link and the CPU the step runs on); it leaves
+    the last word to Meet."""
     tokens = prompt(700, seed=37)  # 10 usable chunks
     async with over_a_slow_link(nats_url, tmp_path, tokens, 0.1) as (_, be):
         loader = be.services["loader"]
@@ -697,7 +706,7 @@ async def test_the_loader_does_not_read_chunks_a_head_step_is_computing(
         job = FetchJob(rid, pack_tokens(tokens), space, 10, time.time() + 30)
         fetch = subjects.fetch(loader.settings.node)
         await be.client.request(fetch, job, Accepted, 5.0)
-        await be.client.publish(subjects.events(rid), HeadComputing(rid, 6))
+        await be.client.publish(subjects.events(rid), word)
         await asyncio.sleep(1.5)  # all 10 would have come by now
         await be.client.publish(subjects.control(rid), Meet(rid, 6, 10))
     indexes = sorted(event.index for event in loaded)

@@ -35,6 +35,7 @@ from shared.wire.bus import Bus, RawInbox
 from shared.wire.messages import (
     Accepted,
     Cancel,
+    ChunkComputed,
     ChunkLoaded,
     FetchJob,
     HeadComputing,
@@ -72,7 +73,7 @@ class Fetch:
     workers: list[asyncio.Task[None]] = field(default_factory=list)
     meet: int | None = None
     decided: asyncio.Event = field(default_factory=asyncio.Event)  # set with meet
-    computing: int = 0  # chunks below it are in a head step (HeadComputing): not worth a read
+    computing: int = 0  # chunks below it are computed or in a head step: not worth a read
     listening: list[RawInbox] = field(default_factory=list)  # its control, cancel and events
 
     def wants(self, index: int) -> bool:
@@ -267,10 +268,10 @@ class Loader(Service):
             fetch.decided.set()
 
     async def on_event(self, msg: Message, subject: str) -> None:
-        """HeadComputing: stop short of the chunks the head is computing (the request's other
-        events, this loader's own included, say nothing to it)."""
+        """HeadComputing, ChunkComputed: stop short of the chunks the head is computing or
+        computed (the request's other events, this loader's own included, say nothing to it)."""
         fetch = self.fetches.get(subjects.request_id_of(subject))
-        if fetch is not None and isinstance(msg, HeadComputing):
+        if fetch is not None and isinstance(msg, HeadComputing | ChunkComputed):
             fetch.computing = max(fetch.computing, msg.upto)
 
     async def on_cancel(self, msg: Message, subject: str) -> None:

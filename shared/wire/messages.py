@@ -203,8 +203,8 @@ class HeadComputing(Message):
 
 
 class ChunkComputed(Message):
-    """compute -> merger: head chunks [0, upto) are computed (or, reused: taken from compute's
-    memory tier, which says nothing of how fast compute is)."""
+    """compute -> merger and loader: head chunks [0, upto) are computed (or, reused: taken
+    from compute's memory tier, which says nothing of how fast compute is)."""
 
     request_id: str
     upto: int

@@ -57,7 +57,7 @@ def telemetry(service: str, node: str) -> str:
 
 def events(request_id: str) -> str:
     """compute/loader -> merger: ChunkComputed, ChunkLoaded, LoadFailed of one request;
-    compute -> loader: HeadComputing."""
+    compute -> loader: HeadComputing, ChunkComputed."""
     return f"{ROOT}.req.{checked_token(request_id, 'request id')}.events"
 
 
