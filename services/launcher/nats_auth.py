@@ -54,7 +54,7 @@ ROLES: dict[str, dict[str, list[str]]] = {
         "publish": [subjects.EVENTS_ALL, TELEMETRY],
         "subscribe": [
             subjects.LOOKUP, LOOKUPS, subjects.LOADER_INFO, FETCHES, STORES, subjects.CONTROL_ALL,
-            CANCELS, subjects.EVENTS_ALL, DISCOVERY,  # (HeadComputing)
+            CANCELS, subjects.EVENTS_ALL, DISCOVERY,  # (HeadComputing, ChunkComputed)
         ],
     },
     "observer": {  # benchmark timelines, dashboards, `nats micro ls`

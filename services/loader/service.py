@@ -78,7 +78,7 @@ class Fetch:
 
     def wants(self, index: int) -> bool:
         """Whether chunk `index` is still worth reading: not below the meeting point, nor
-        in a head step under way."""
+        computed or in a head step under way."""
         return index >= max(self.computing, self.meet or 0)
 
 
