@@ -59,6 +59,18 @@ def test_frontiers_meet_in_order() -> None:
     assert t.meet() == Split(3, 6)
 
 
+def test_a_head_step_is_under_way_from_its_announcement_to_its_report() -> None:
+    t = MeetTracker(hit=6)
+    assert not t.stepping
+    t.on_head_step(1)
+    assert t.stepping
+    t.on_computed(1)
+    t.on_head_step(4)
+    assert t.stepping and t.meet() is None  # an announcement moves no frontier
+    t.on_computed(4)
+    assert not t.stepping
+
+
 def test_out_of_order_loads_only_count_when_contiguous_from_the_tail() -> None:
     t = MeetTracker(hit=5)
     for j in (1, 2, 3):  # chunk 4 still missing: the load frontier has not moved

@@ -348,10 +348,9 @@ class Compute(Service):
         the step computes meanwhile."""
         outbox: Outbox = []
         for piece in step:
-            job = self.jobs[piece.request_id]
             if piece.phase == Phase.HEAD:
+                job, rid = self.jobs[piece.request_id], piece.request_id
                 upto = job.head_done + piece.tokens // job.chunk
-                rid = job.msg.request_id
                 outbox.append((subjects.events(rid), HeadComputing(rid, upto), job.ctx))
         return outbox
 

@@ -356,7 +356,6 @@ class Merger(Service):
         batch = min(hit, self.settings.fetch_concurrency)  # reads in flight at once
         arrivals: list[float] = []
         reads_s: list[float] = []  # each loaded chunk's read time
-        computing = 0  # the head's announced step (HeadComputing): the loads stop short of it
         split, outcome = tracker.meet(), "met"
         if await self.cancelled_meanwhile(req, control):  # before the loader listened
             return Split(hit, hit), staged, "cancelled"
@@ -379,15 +378,15 @@ class Merger(Service):
                     outcome, news_at = "resumed_head", time.monotonic()
                     continue
                 log.warning("no progress; compute takes the rest", frontier=tracker.load_frontier)
-                if computing <= tracker.computed:  # else a head step announced never ended:
-                    self.link_lost(node)  # the wait is compute's (it failed, or died in it)
+                if not tracker.stepping:  # else the wait is compute's (it failed, or died in
+                    self.link_lost(node)  # a step the loads stopped short of)
                 split, outcome = Split(tracker.load_frontier, hit), "stalled"
                 break
             news_at = time.monotonic()
             if isinstance(event, ChunkComputed):
                 tracker.on_computed(event.upto)
             elif isinstance(event, HeadComputing):
-                computing = max(computing, event.upto)
+                tracker.on_head_step(event.upto)
             elif isinstance(event, ChunkLoaded):
                 arrivals.append(time.monotonic())
                 reads_s.append(event.duration_s)

@@ -47,7 +47,7 @@ class MeetTracker:
     the lowest j such that every hit chunk in [j, hit) is loaded; loads may finish in any order.
     A failed load puts a floor under the load frontier: chunks below it must be computed. When
     nobody computes the head (load-only), the meeting point is the frontier once it reaches the
-    floor.
+    floor. A head step announced (HeadComputing) and not yet reported computed is `stepping`.
     """
 
     hit: int
@@ -56,6 +56,7 @@ class MeetTracker:
     loaded: set[int] = field(default_factory=set)
     load_frontier: int = -1
     floor: int = 0
+    announced: int = 0  # the end of the last head step announced
 
     def __post_init__(self) -> None:
         if self.hit < 0:
@@ -65,6 +66,16 @@ class MeetTracker:
     def on_computed(self, upto: int) -> None:
         """Chunks [0, upto) are computed (compute runs in order, so one number says it)."""
         self.computed = max(self.computed, upto)
+
+    def on_head_step(self, upto: int) -> None:
+        """A head step computing chunks [0, upto) has begun."""
+        self.announced = max(self.announced, upto)
+
+    @property
+    def stepping(self) -> bool:
+        """Whether a head step it heard announced has not reported yet (so a silence is
+        compute's, and loads that stopped short of it are not behind)."""
+        return self.announced > self.computed
 
     def on_loaded(self, index: int) -> None:
         """Hit chunk index is loaded and staged."""
