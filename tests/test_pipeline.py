@@ -260,6 +260,33 @@ async def test_the_merge_and_the_suffix_run_in_one_step(local: Backend) -> None:
     assert steps() - before == 1
 
 
+async def test_a_hit_too_short_to_split_is_prefilled_as_compute_only_would(
+    local: Backend,
+) -> None:
+    """Advised to compute a short hit whole, a Cake request fetches nothing and runs its prompt
+    as one prefill: as many compute steps as compute-only takes (no head step of its own, no
+    step for the suffix alone); its hit still counts, and its token is compute-only's."""
+    compute = local.services["compute"]
+    assert isinstance(compute, Compute)
+
+    def steps() -> float:
+        return value(compute.metrics.registry, "cake_compute_step_seconds_count")
+
+    tokens = prompt(250, seed=37)  # 3 chunks of 64 tokens, then 58: two steps of 128 tokens
+    before = steps()
+    ref = await local.generate(tokens, kv_mode="compute", max_tokens=1)  # stores the 3 chunks
+    compute_only = steps() - before
+    merger = merger_believing(local, compute_chunk_s=0.1, load_chunk_s=0.2)  # saves a chunk
+    assert merger.estimator.advise(3).fetch is False
+    before = steps()
+    got = await local.generate(tokens, max_tokens=1)
+    assert got.tokens == ref.tokens
+    assert steps() - before == compute_only == 2
+    assert (got.done.hit_tokens, got.done.chunks_loaded, got.done.meet_chunk) == (3 * 64, 0, 3)
+    registry = merger.metrics.registry
+    assert value(registry, "cake_merger_requests_total", kv_mode="cake", outcome="no_fetch") == 1
+
+
 async def test_no_nats_message_carries_kv(local: Backend) -> None:
     tokens = prompt(1500, seed=24)
     sizes: list[tuple[int, str]] = []

@@ -211,7 +211,7 @@ class Job:
         if phase == Phase.HEAD:
             return self.head_chunks() * self.chunk
         meet = self.meet if self.meet is not None else self.hit
-        if self.head_done < meet:  # the rest of the head, in whole chunks
+        if self.head_done < meet and not self.merged:  # the rest of the head, in whole chunks
             return min(meet - self.head_done, self.piece // self.chunk) * self.chunk
         if not self.merged:
             return 1  # appending the loaded chunks: no forward pass

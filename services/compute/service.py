@@ -194,6 +194,8 @@ class Compute(Service):
             pooled = (
                 self.pool.prefix(prompt.keys[:usable]) if self.pool is not None and memory else 0
             )
+        if not msg.fetched:  # no loads to race or wait for: the whole prompt is one prefill
+            job.meet = job.hit
         self.jobs[rid] = job
         self.wake.set()
         job.listening = [  # before Accepted: the merger's words come after it
@@ -552,11 +554,15 @@ class Compute(Service):
 
     def merge_if_met(self, job: Job) -> None:
         """Merge the loaded chunks of a job whose head reached the meeting point (no forward
-        pass: a step of its own for it would cost a whole step of everyone else's pieces)."""
+        pass: a step of its own for it would cost a whole step of everyone else's pieces). A
+        job that meets at its hit's end uses no loaded chunk: it has nothing to merge, and the
+        rest of its head and its suffix are one prefill (one piece, not a step each)."""
         if not job.admitted or job.merged or job.finish_reason or job.decoding:
             return
         meet = job.meet if job.meet is not None else job.hit
-        if job.head_done >= meet:
+        if job.meet is not None and meet >= job.hit and job.head_done < meet:
+            job.merged = True  # what was placed past the head is overwritten as it is computed
+        elif job.head_done >= meet:
             token = otel_context.attach(job.ctx)  # its span belongs to the request's trace
             try:
                 self.merge_loaded(job, from_chunk=max(job.head_done, meet))
@@ -692,9 +698,10 @@ class Compute(Service):
 
     def prefill_piece(self, job: Job, tokens: int) -> Work | None:
         """After the meeting point: the rest of the head, then the merge (no forward pass),
-        then the suffix (`tokens`: what the scheduler granted this piece)."""
+        then the suffix (`tokens`: what the scheduler granted this piece); with nothing to merge
+        (merge_if_met), the rest of the prompt at once."""
         meet = job.meet if job.meet is not None else job.hit
-        if job.head_done < meet:
+        if job.head_done < meet and not job.merged:
             return self.head_work(job, min(meet - job.head_done, tokens // job.chunk))
         if not job.merged:  # met after this step's prepare(): merge now, the suffix next step
             self.merge_if_met(job)

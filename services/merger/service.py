@@ -286,7 +286,7 @@ class Merger(Service):
             job = PrefillJob(
                 req.request_id, req.tokens, space, hit, compute_head, req.sampling,
                 req.deadline, advice.head_hint, memory=req.kv_mode == KvMode.CAKE,
-                looked_up=req.kv_mode != KvMode.COMPUTE,
+                looked_up=req.kv_mode != KvMode.COMPUTE, fetched=advice.fetch,
             )  # fmt: skip
             subject = subjects.prefill(node) if node else subjects.COMPUTE_PREFILL
             accepted = await self.routed(node, subject, subjects.COMPUTE_PREFILL, job, Accepted)

@@ -182,6 +182,7 @@ class PrefillJob(Message):
     head_hint: int = -1  # predicted meeting chunk (the estimator's); -1: none
     memory: bool = True  # may take chunks from compute's memory tier (kv_mode cake)
     looked_up: bool = True  # hit is what a lookup found stored (False: kv_mode compute, none)
+    fetched: bool = True  # False: nothing is fetched (a hit too short to split): computed whole
 
 
 class FetchJob(Message):
