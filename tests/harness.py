@@ -43,6 +43,7 @@ def stack_settings(nats_url: str, tmp: Path, **changes: object) -> Settings:
         "rpc_timeout_s": 2.0,
         "fetch_timeout_s": 5.0,
         "memory_tier": False,  # these tests follow the storage path; tests of the tier turn it on
+        "split_cost_chunks": 1.0,  # their 10-20 chunk hits split unless one saves under a chunk
         "node": "node-" + uuid.uuid4().hex[:8],
     }
     base.update(changes)

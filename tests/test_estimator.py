@@ -32,12 +32,18 @@ def test_no_estimate_means_plain_cake() -> None:
     assert est.advise(0) == Advice()
 
 
-def test_short_hits_are_computed_whole() -> None:
+def test_hits_a_split_would_save_too_little_of_are_computed_whole() -> None:
+    """A split pays steps one prefill does not (split_cost_chunks head chunks' worth): a hit
+    whose split saves no more is computed whole, without loads."""
     est = SplitEstimator()
     est.observe_compute(2, 0.2)  # 0.1 s a chunk
     est.observe_loads(4, 0.8)  # 0.2 s a chunk: the split saves a third of the head
-    assert est.advise(3) == Advice(head_hint=3, fetch=False)  # 1 chunk saved, 1 step lost
+    assert est.advise(3) == Advice(head_hint=3, fetch=False)  # 1 chunk saved
+    assert est.advise(12) == Advice(head_hint=12, fetch=False)  # 4 saved: no more than it costs
+    assert est.advise(13) == Advice(True, 9)  # 4.33 saved
     assert est.advise(30) == Advice(True, 20)
+    cheap_splits = SplitEstimator(est.compute_s, est.load_s, split_cost_chunks=1.0)
+    assert cheap_splits.advise(12) == Advice(True, 8)
 
 
 def test_hint_is_where_equal_speeds_meet() -> None:
@@ -48,8 +54,8 @@ def test_hint_is_where_equal_speeds_meet() -> None:
     slow_link = SplitEstimator()
     slow_link.observe_compute(1, 0.1)
     slow_link.observe_loads(1, 0.9)  # 9x slower: meet near the tail
-    assert slow_link.advise(30) == Advice(True, 27)
-    assert slow_link.advise(10) == Advice(head_hint=10, fetch=False)  # saves no more than a step
+    assert slow_link.advise(50) == Advice(True, 45)
+    assert slow_link.advise(30) == Advice(head_hint=30, fetch=False)  # saves 3 chunks
 
 
 def test_skip_the_head_when_the_link_is_much_faster() -> None:
@@ -79,7 +85,7 @@ def test_a_wrong_skip_takes_the_pace_its_loads_came_at() -> None:
 
 
 def test_estimate_follows_a_changing_link() -> None:
-    est = SplitEstimator()
+    est = SplitEstimator(split_cost_chunks=1.0)  # so that a 10-chunk hit splits at 4x
     est.observe_compute(1, 0.1)
     est.observe_loads(10, 1.0)
     assert est.advise(10).head_hint == 5
@@ -170,9 +176,9 @@ def test_a_link_nobody_loads_from_is_tried_again() -> None:
     change, so a link that got faster meanwhile would never be used again."""
     est = SplitEstimator()
     est.observe_compute(4, 0.4)  # 0.1 s a chunk
-    est.observe_loads(1, 2.0)  # 2 s a chunk: a 10-chunk hit would save under one head step
+    est.observe_loads(1, 2.0)  # 2 s a chunk: a 30-chunk hit's split would save 1.4 chunks
     tries = 0
-    while not est.advise(10).fetch:
+    while not est.advise(30).fetch:
         est.loads_unobserved()
         tries += 1
     assert 2 <= tries <= 5

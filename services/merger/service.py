@@ -67,6 +67,13 @@ log = structlog.get_logger(__name__)
 CANCEL_CHECK_S = 0.5  # while it watches a request, the merger looks for its Cancel this often
 
 
+def new_estimator(settings: Settings) -> SplitEstimator:
+    """An estimate with nothing heard yet, advising by these settings."""
+    return SplitEstimator(
+        skip_head_ratio=settings.skip_head_ratio, split_cost_chunks=settings.split_cost_chunks
+    )
+
+
 class Merger(Service):
     """Per request: lookup, dispatch compute and fetch, watch both frontiers, call the meet."""
 
@@ -75,7 +82,7 @@ class Merger(Service):
     def __init__(self, bus: Bus, settings: Settings) -> None:
         super().__init__(bus, settings)
         self.info: ModelInfo | None = None
-        self.estimator = SplitEstimator(skip_head_ratio=settings.skip_head_ratio)  # every node
+        self.estimator = new_estimator(settings)  # every node
         self.node_estimators: dict[str, SplitEstimator] = {}  # each node's own
         self.placement = Placement(stale_after_s=settings.telemetry_stale_s)  # then not routed to
         self.metrics = MergerMetrics()
@@ -106,7 +113,7 @@ class Merger(Service):
     def node_estimator(self, node: str) -> SplitEstimator:
         """The estimate of one node, from its own telemetry."""
         if node not in self.node_estimators:
-            estimator = SplitEstimator(skip_head_ratio=self.settings.skip_head_ratio)
+            estimator = new_estimator(self.settings)
             self.node_estimators[node] = estimator
             if self.info is not None:
                 self.seed_compute(estimator, self.info.chunk_compute_s)

@@ -4,10 +4,10 @@ The merger feeds it every request's telemetry (seconds per computed head chunk, 
 loaded chunk on the shared link) as exponentially weighted geometric averages, and asks it for
 advice before each request: skip the head when the link delivers a chunk in less than
 `skip_head_ratio` of the time a chunk takes to compute (the head could then save at most that
-fraction, less than running both sides costs); skip the loads when the hit is so short that
-the split would save less than the extra head step it costs; otherwise a hint of where the two
-sides should meet, so the compute service can take the head up to there in large steps and go
-chunk by chunk only near the meeting. The meeting point itself is still found at run time.
+fraction, less than running both sides costs); skip the loads when the split would save no
+more than `split_cost_chunks` head chunks, what its extra steps cost; otherwise a hint of where
+the two sides should meet, so the compute service can take the head up to there in large steps
+and go chunk by chunk only near the meeting. The meeting point itself is still found at run time.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class SplitEstimator:
     load_s: Ewma = field(default_factory=Ewma)  # seconds per chunk the link delivers
     near_load_s: Ewma = field(default_factory=Ewma)  # the same for the near tier, if any
     skip_head_ratio: float = 0.5
+    split_cost_chunks: float = 4.0  # a split's cost over one prefill, in head chunks
     seen_multi_chunk_step: bool = False
     seeded: bool = False  # compute_s holds a chunk's cost measured when the model loaded
 
@@ -123,7 +124,7 @@ class SplitEstimator:
         """Advice from a chunk's compute cost, its load cost and the split they suggest."""
         if load < self.skip_head_ratio * compute:
             return Advice(compute_head=False, head_hint=0)
-        if hit * compute / (compute + load) <= 1:  # the split saves less than one head step
+        if hit * compute / (compute + load) <= self.split_cost_chunks:  # head chunks it saves
             return Advice(head_hint=hit, fetch=False)
         return Advice(head_hint=min(hit, hint))
 

@@ -73,6 +73,7 @@ class Settings:
     memory_tier: bool = True  # keep prompt chunks' KV in compute memory for later requests
     exact_splits: bool = False  # every forward pass covers exactly one storage chunk
     skip_head_ratio: float = 0.5  # run load-only when a chunk loads in < this x its compute time
+    split_cost_chunks: float = 4.0  # compute a hit whole when a split saves <= this many chunks
     controllers: bool = True  # plans and the fetch limit follow telemetry (off: fixed settings)
     kv_secret: str | None = field(default=None, repr=False)  # cluster secret, or @path to it
     nats_tls_ca: str | None = None  # CA file that NATS servers' certificates must chain to
@@ -134,6 +135,8 @@ class Settings:
             raise ConfigError(f"CAKE_DECODE_SHARE must be in (0, 1], got {self.decode_share}")
         if not 0 <= self.skip_head_ratio < 1:
             raise ConfigError("CAKE_SKIP_HEAD_RATIO must be in [0, 1) (0 never skips the head)")
+        if self.split_cost_chunks < 0:
+            raise ConfigError(f"CAKE_SPLIT_COST_CHUNKS must be >= 0, got {self.split_cost_chunks}")
         if self.kv_codec not in CODECS:
             raise ConfigError(f"CAKE_KV_CODEC must be one of {', '.join(CODECS)}")
         if self.log_format not in ("json", "console", "auto"):
