@@ -203,11 +203,25 @@ def test_the_live_hint_reads_the_loads_pace_from_their_first_arrival() -> None:
     # nothing came for 0.42 s since: a stall reads as that pace, and the head goes far
     assert live_hint(fast, 9, 1, 0.07, now=0.5, started=0.0, batch=4) == 8
     assert live_hint(fast, 9, 1, None, now=0.085, started=0.0, batch=4) == -1  # no token pace
-    # past the hint the early reading does not count: a burst's first arrival misreads it
-    assert live_hint(fast[:1], 13, 9, 0.07, now=0.1, started=0.0, batch=4, early=False) == -1
+    # past the hint the early reading does not count (a burst's first arrival misreads it), only
+    # a pace the loads are at least as slow as: the first's 0.03 s over 4 reads in flight,
+    # (m - 9) 0.07 = (13 - m) 0.0075, m = 9.4, rounded up
+    assert live_hint(fast[:1], 13, 9, 0.07, now=0.1, started=0.0, batch=4, early=False) == 10
     # two in: their own pace, here the 0.06 s since the last (a stall): (m - 9) 0.07 =
     # (13 - m) 0.06, m = 11 (halving the four chunks left took the head there too)
     assert live_hint(fast[:2], 13, 9, 0.07, now=0.1, started=0.0, batch=4, early=False) == 11
+
+
+def test_past_its_hint_a_head_with_no_loads_in_goes_as_far_as_they_could_meet_it() -> None:
+    """A link 4x slower than the estimate said: the head reached its hint of 8 at 0.4 s and
+    none of the 4 reads in flight since 0 s has landed, so a chunk takes 0.1 s or more to
+    arrive. The head (0.045 s a chunk) goes on to chunk 13 in one step, where loads at that
+    pace would meet it; halving the gap to the loads would take steps of 3, 2, 1 and 1."""
+    # (m - 8) 0.045 = (15 - m) 0.1: m = 12.8, rounded up
+    assert live_hint([], 15, 8, 0.045, now=0.4, started=0.0, batch=4, early=False) == 13
+    assert head_step(8, 15, 15, hint=8, step=4, max_step=16, live=13, first=1) == 5
+    assert head_step(8, 15, 15, hint=8, step=4, max_step=16, first=1) == 3  # halving, without
+    assert live_hint([], 15, 1, 0.045, now=0.1, started=0.0, batch=4) == -1  # before the hint
 
 
 def test_past_its_hint_a_head_meets_serial_loads_where_the_next_ones_land() -> None:

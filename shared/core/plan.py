@@ -206,16 +206,19 @@ def live_hint(
     read's latency included, so it errs towards computing more: fit to stop a head short of a
     stale hint, not to send it past one); without `early` (past the hint), loads_pace once two
     arrived (a burst's close arrivals read fast, and the head then takes one chunk a step,
-    as it would by halving)."""
-    if not arrivals or chunk_s is None:
+    as it would by halving), and before that pace_at_least: with `batch` reads in flight since
+    `started`, none or one in, the loads are at least that slow, so the head goes at least as
+    far as they would meet it at that pace, in one step (on a link much slower than believed,
+    halving the gap took four steps or more, a step's overhead each)."""
+    if chunk_s is None:
         return -1
     if len(arrivals) > max(1, batch) or (not early and len(arrivals) >= 2):
         pace, since = loads_pace(arrivals, arrivals[0], now, batch), now - arrivals[-1]
         # the next is due a pace after the last, unless they stall (the wait is the pace then)
         return resume_hint(frontier, pace, chunk_s, done, since if since < pace else 0.0)
-    if early:
-        return resume_hint(frontier, (now - started) / len(arrivals), chunk_s, done)
-    return -1
+    if not early:
+        return resume_hint(frontier, pace_at_least(arrivals, started, now, batch), chunk_s, done)
+    return resume_hint(frontier, (now - started) / len(arrivals), chunk_s, done) if arrivals else -1
 
 
 def loads_overdue_after(
