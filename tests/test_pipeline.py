@@ -757,7 +757,7 @@ async def test_a_long_prefill_steps_around_a_request_waiting_for_its_loads(
         compute = be.services["compute"]
         assert isinstance(compute, Compute)
         compute.token_pace.seconds = 0.01
-        monkeypatch.setattr(compute.token_pace, "observe", lambda seconds, tokens: None)
+        monkeypatch.setattr(compute.token_pace, "observe", lambda *_: None)
         steps: list[tuple[list[Candidate], dict[str, int]]] = []
 
         def recorded(

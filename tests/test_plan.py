@@ -12,6 +12,7 @@ from shared.core.plan import (
     Split,
     head_step,
     live_hint,
+    head_waits_for,
     loads_due_in,
     loads_overdue_after,
     loads_pace,
@@ -326,6 +327,20 @@ def test_loads_due_in_waits_for_more_than_a_round_of_reads_in_flight() -> None:
     assert loads_due_in([0.1, 0.1], 6, 0.1, batch=4) is None  # four in flight: a burst, no pace
     bursts = [0.1] * 4 + [0.3] * 4 + [0.5]  # rounds of four, 0.2 s apart: 0.05 s a chunk
     assert loads_due_in(bursts, 4, 0.5, batch=4) == pytest.approx(0.2)
+
+
+def test_a_head_waits_for_loads_due_sooner_than_its_one_chunk_step() -> None:
+    """Loads a chunk each 0.05 s (the last at 1.0 s); a one-chunk step costs 0.08 s. A head one
+    chunk short of them at 1.01 s waits: the chunk is due in 0.04 s. It waits at most a step
+    past when they were due, then steps as it would have."""
+    serial = [0.8, 0.85, 0.9, 0.95, 1.0]
+    assert head_waits_for(serial, 1, 1.01, 4, 0.08) == pytest.approx(0.12)  # 0.04 + 0.08
+    assert head_waits_for(serial, 2, 1.01, 4, 0.08) is None  # 0.09 s off: the step is sooner
+    assert head_waits_for(serial, 1, 1.1, 4, 0.08) == pytest.approx(0.03)  # late: 0.05 more
+    assert head_waits_for(serial, 1, 1.14, 4, 0.08) is None  # 0.09 s late: step
+    assert head_waits_for(serial, 1, 1.01, 4, None) is None  # a step's cost not known yet
+    assert head_waits_for(serial[:4], 1, 1.01, 4, 0.08) is None  # a round's burst: no pace
+    assert head_waits_for(serial, 0, 1.01, 4, 0.08) is None  # loads reached it: Meet is next
 
 
 def test_the_pace_loads_were_at_least_as_slow_as() -> None:

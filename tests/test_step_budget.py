@@ -48,3 +48,17 @@ def test_token_pace_sizes_a_step_to_the_seconds_left_in_whole_granules() -> None
     pace.observe(1.536, 512)  # 3 ms a token further into a prompt: the average moves halfway
     assert pace.seconds == pytest.approx(0.002)
     assert pace.tokens_within(0.6, 128) == 256  # 300 tokens' time
+
+
+def test_token_pace_keeps_a_one_chunk_steps_whole_cost() -> None:
+    """A step of one chunk costs its overhead too: about twice a chunk's share of a large step
+    on the benchmark machine. Only steps of exactly a chunk count."""
+    pace = TokenPace()
+    pace.observe(0.512, 512, chunk=128)  # 0.128 s a chunk's share
+    assert pace.chunk_step_s is None
+    pace.observe(0.256, 128, chunk=128)
+    assert pace.chunk_step_s == pytest.approx(0.256)
+    pace.observe(0.128, 128, chunk=128)
+    assert pace.chunk_step_s == pytest.approx(0.192)  # halfway
+    pace.observe(0.1, 128)  # no chunk given (the start-up measurement's share): not a step
+    assert pace.chunk_step_s == pytest.approx(0.192)

@@ -12,7 +12,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from shared.core.keys import PromptChunks
-from shared.core.plan import MeetTracker, head_step, live_hint, loads_due_in
+from shared.core.plan import MeetTracker, head_step, head_waits_for, live_hint, loads_due_in
 from shared.core.request import FinishReason
 from shared.core.scheduler import Candidate, Phase
 from shared.core.step_budget import TokenPace
@@ -96,15 +96,27 @@ class Job:
         if self.meet is None and self.head_done < self.hit:
             # once the loads reach the head, the merger's Meet is on its way: wait for it
             racing = self.msg.compute_head and self.load_frontier() > self.head_done
-            return Phase.HEAD if racing else Phase.WAITING
+            overtaken = racing and self.waits_for_loads(time.monotonic()) is not None
+            return Phase.HEAD if racing and not overtaken else Phase.WAITING
         return Phase.PREFILL
 
     def awaits_merger(self) -> bool:
-        """Whether only a word from the merger (Meet or StartHead) lets it go on."""
+        """Whether only a word from the merger (Meet or StartHead) lets it go on (or, for a
+        head waiting for loads due sooner than its step, the end of that wait)."""
         return (
             self.admitted and not self.blocked and self.meet is None
             and self.head_done < self.hit and self.phase() == Phase.WAITING
         )  # fmt: skip
+
+    def loads_left(self) -> int:
+        """Hit chunks from the head on that are not staged yet."""
+        return self.hit - self.head_done - sum(1 for j in self.loads.loaded if j >= self.head_done)
+
+    def waits_for_loads(self, now: float) -> float | None:
+        """Seconds a head racing its loads waits for them (shared.core.plan.head_waits_for):
+        they should reach it before a one-chunk step would end (with controllers)."""
+        step_s = None if self.token_pace is None else self.token_pace.chunk_step_s
+        return head_waits_for(self.load_arrivals, self.loads_left(), now, self.loads_batch, step_s)
 
     def loads_due_in(self, now: float) -> float | None:
         """For a job that waits for its loads: seconds until the last it needs is staged, at
@@ -112,8 +124,7 @@ class Job:
         pace yet, or overdue)."""
         if not self.awaits_merger():
             return None
-        left = self.hit - self.head_done - sum(1 for j in self.loads.loaded if j >= self.head_done)
-        return loads_due_in(self.load_arrivals, left, now, self.loads_batch)
+        return loads_due_in(self.load_arrivals, self.loads_left(), now, self.loads_batch)
 
     def go_on_alone(self) -> str:
         """No word came from the merger (a lost message, a dead merger): decide as it would

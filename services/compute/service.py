@@ -381,7 +381,7 @@ class Compute(Service):
                 job.head_ready_at = now
         self.window.step(seconds, tokens)
         if sum(tokens.values()) - tokens.get("decode", 0) >= self.settings.chunk_tokens:
-            self.token_pace.observe(seconds, sum(tokens.values()))
+            self.token_pace.observe(seconds, sum(tokens.values()), self.settings.chunk_tokens)
 
     def telemetry(self) -> ComputeTelemetry:
         """The window since the last call; a new one opens."""
@@ -420,10 +420,14 @@ class Compute(Service):
                 otel_context.detach(token)
 
     def until_next_deadline(self) -> float:
-        """Seconds until the earliest job deadline (at most a second; idle: a minute)."""
+        """Seconds until the earliest job deadline, or the end of a head's wait for its loads
+        (at most a second; idle: a minute)."""
         if not self.jobs:
             return 60.0
-        return max(0.01, min(1.0, min(j.msg.deadline for j in self.jobs.values()) - time.time()))
+        now, wall = time.monotonic(), time.time()
+        ends = [j.msg.deadline - wall for j in self.jobs.values()]
+        ends += [w for j in self.jobs.values() if (w := j.waits_for_loads(now)) is not None]
+        return max(0.01, min(1.0, *ends))
 
     async def expire(self) -> None:
         """Fail jobs past their deadline; a job left waiting for the merger longer than the

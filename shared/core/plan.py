@@ -161,17 +161,44 @@ OVERDUE_GAPS = 4.0  # a load-only plan is behind when no chunk came for this man
 MIN_OVERDUE_S = 0.25  # nor before this long (arrivals jitter)
 
 
-def loads_due_in(arrivals: Sequence[float], left: int, now: float, batch: int = 1) -> float | None:
-    """Seconds until `left` more chunks have arrived (0 when they are in, or a little late).
-    Their pace is the slower of the mean gap and the last round's (`batch` reads in flight
-    land in bursts), read once more than a round arrived; None before, and once the loads are
-    overdue (OVERDUE_GAPS gaps late, MIN_OVERDUE_S at least, also when the last is in but the
-    merger's word does not come): late loads say nothing of when they will be in."""
+def arrival_pace(arrivals: Sequence[float], batch: int) -> float:
+    """The slower of the mean gap and the last round's (`batch` reads in flight land in
+    bursts); 0 before two arrived."""
+    return max(mean_gap(arrivals) or 0.0, round_pace(arrivals, batch) or 0.0)
+
+
+def loads_due(arrivals: Sequence[float], left: int, now: float, batch: int = 1) -> float | None:
+    """Seconds from now until `left` more chunks should have arrived at arrival_pace
+    (negative: that long ago), read once more than a round arrived; None before."""
     if not arrivals or (left > 0 and len(arrivals) <= max(1, batch)):
         return None
-    pace = max(mean_gap(arrivals) or 0.0, round_pace(arrivals, batch) or 0.0) if left > 0 else 0.0
-    due = arrivals[-1] + left * pace - now
-    return None if due < -max(MIN_OVERDUE_S, OVERDUE_GAPS * pace) else max(0.0, due)
+    return arrivals[-1] + (left * arrival_pace(arrivals, batch) if left > 0 else 0.0) - now
+
+
+def loads_due_in(arrivals: Sequence[float], left: int, now: float, batch: int = 1) -> float | None:
+    """Seconds until `left` more chunks have arrived (0 when they are in, or a little late):
+    loads_due, and None once the loads are overdue (OVERDUE_GAPS gaps late, MIN_OVERDUE_S at
+    least, also when the last is in but the merger's word does not come): late loads say
+    nothing of when they will be in."""
+    due = loads_due(arrivals, left, now, batch)
+    if due is None:
+        return None
+    late_s = max(MIN_OVERDUE_S, OVERDUE_GAPS * (arrival_pace(arrivals, batch) if left else 0.0))
+    return None if due < -late_s else max(0.0, due)
+
+
+def head_waits_for(
+    arrivals: Sequence[float], left: int, now: float, batch: int, step_s: float | None
+) -> float | None:
+    """Seconds a head racing its loads waits for them rather than step: while the `left`
+    chunks between it and the loads are due (loads_due) sooner than a step of one chunk would
+    end (step_s, its real cost: a step's overhead makes it about twice a chunk's share of a
+    large step), and until a step's length past when they were due at most; None: it steps
+    (the loads' pace or the step's cost unknown, or they came no closer in time)."""
+    due = loads_due(arrivals, left, now, batch)
+    if due is None or step_s is None or left <= 0 or not -step_s < due < step_s:
+        return None
+    return due + step_s
 
 
 def resume_hint(

@@ -48,7 +48,12 @@ class StepBudget:
             self.tokens = min(self.most, self.tokens + self.granule)
 
 
-PACE_WEIGHT = 0.5  # the newest step's weight in TokenPace's moving average
+PACE_WEIGHT = 0.5  # the newest step's weight in TokenPace's moving averages
+
+
+def moved(average: float | None, sample: float) -> float:
+    """A moving average with the newest sample at PACE_WEIGHT (the sample, at first)."""
+    return sample if average is None else average + PACE_WEIGHT * (sample - average)
 
 
 @dataclass
@@ -57,15 +62,16 @@ class TokenPace:
     (attention makes tokens further into a prompt dearer, so the recent steps count most)."""
 
     seconds: float | None = None  # per prompt token; None until a step or a measurement
+    chunk_step_s: float | None = None  # a step of one chunk of prompt work, overhead and all
 
-    def observe(self, seconds: float, tokens: int) -> None:
-        """A step ran `tokens` prompt tokens (and perhaps decodes) in `seconds`."""
+    def observe(self, seconds: float, tokens: int, chunk: int = 0) -> None:
+        """A step ran `tokens` prompt tokens (and perhaps decodes) in `seconds`; `chunk`: the
+        tokens of a chunk, when a step of just that many is a one-chunk step."""
         if tokens <= 0:
             return
-        per = seconds / tokens
-        self.seconds = (
-            per if self.seconds is None else self.seconds + PACE_WEIGHT * (per - self.seconds)
-        )
+        self.seconds = moved(self.seconds, seconds / tokens)
+        if tokens == chunk:
+            self.chunk_step_s = moved(self.chunk_step_s, seconds)
 
     def tokens_within(self, seconds: float, granule: int) -> int | None:
         """Prompt tokens a step can run in `seconds` (whole granules, one at least); None
