@@ -24,7 +24,7 @@ def racing_head(head_done: int, loaded: range, gap_s: float, step_s: float | Non
     )
     job = Job(
         msg, PromptChunks.of(space, tokens), frozenset(), cache=object(),  # type: ignore[arg-type]
-        token_pace=TokenPace(seconds=0.0005, chunk_step_s=step_s), loads_batch=4,
+        token_pace=TokenPace(seconds=0.0005, chunk_step_s=step_s), loads_batch=4, piece=1024,
     )  # fmt: skip
     job.head_done = head_done
     now = time.monotonic()
@@ -46,3 +46,24 @@ def test_a_head_one_chunk_short_of_loads_due_sooner_than_its_step_waits_for_them
     assert racing_head(4, range(5, 10), 0.05, step_s=0.03).phase() == Phase.HEAD
     assert racing_head(4, range(5, 10), 0.05, step_s=None).phase() == Phase.HEAD  # not known
     assert racing_head(2, range(5, 10), 0.05, step_s=0.08).phase() == Phase.HEAD  # 3 short
+
+
+class Held:
+    """A cache that holds `n` tokens (what a candidate reads of it)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+
+def test_only_a_prompt_ending_in_loaded_chunks_runs_whole_as_one() -> None:
+    """The step ending a prompt that used loaded chunks runs whole (finish first); one that met
+    at its hit's end after its loads failed is a plain prefill, cut like any other."""
+    job = racing_head(4, range(5, 10), 0.05, step_s=0.08)
+    job.cache = Held(10 * CHUNK)  # type: ignore[assignment]
+    job.merged, job.meet = True, 4
+    assert job.candidate().ends_loaded_prompt
+    job.meet = job.hit
+    assert not job.candidate().ends_loaded_prompt

@@ -236,6 +236,7 @@ class Job:
         tokens = self.next_tokens(phase) if phase < Phase.WAITING else 0
         ends_loaded_prompt = (
             phase == Phase.PREFILL and self.merged and bool(self.load_arrivals)
+            and self.meet is not None and self.meet < self.hit  # it uses loaded chunks
             and self.kv_cache.get_seq_length() + tokens == len(self.prompt.token_ids)
         )  # fmt: skip
         races_loads = phase == Phase.HEAD and (self.msg.head_hint < self.hit or self.resumed)

@@ -426,7 +426,10 @@ class Compute(Service):
             return 60.0
         now, wall = time.monotonic(), time.time()
         ends = [j.msg.deadline - wall for j in self.jobs.values()]
-        ends += [w for j in self.jobs.values() if (w := j.waits_for_loads(now)) is not None]
+        ends += [
+            w for j in self.jobs.values()
+            if j.awaits_merger() and (w := j.waits_for_loads(now)) is not None
+        ]  # fmt: skip
         return max(0.01, min(1.0, *ends))
 
     async def expire(self) -> None:
@@ -563,8 +566,9 @@ class Compute(Service):
         rest of its head and its suffix are one prefill (one piece, not a step each)."""
         if not job.admitted or job.merged or job.finish_reason or job.decoding:
             return
-        meet = job.meet if job.meet is not None else job.hit
-        if job.meet is not None and meet >= job.hit and job.head_done < meet:
+        met = job.meet  # read once: the merger's Meet may land meanwhile (the event loop's)
+        meet = met if met is not None else job.hit
+        if met is not None and meet >= job.hit and job.head_done < meet:
             job.merged = True  # what was placed past the head is overwritten as it is computed
         elif job.head_done >= meet:
             token = otel_context.attach(job.ctx)  # its span belongs to the request's trace
