@@ -43,7 +43,11 @@ def test_a_head_one_chunk_short_of_loads_due_sooner_than_its_step_waits_for_them
     wait = job.waits_for_loads(time.monotonic())
     assert wait is not None and 0.1 < wait <= 0.12
     assert job.awaits_merger()  # the merger's Meet ends it, as for loads that reached the head
+    assert job.waits_for_its_loads()  # (cake_compute_heads_waiting_for_loads counts it)
     assert racing_head(4, range(5, 10), 0.05, step_s=0.03).phase() == Phase.HEAD
+    assert not racing_head(4, range(5, 10), 0.05, step_s=0.03).waits_for_its_loads()
+    reached = racing_head(4, range(4, 10), 0.05, step_s=0.08)  # the loads reached the head
+    assert reached.phase() == Phase.WAITING and not reached.waits_for_its_loads()
     assert racing_head(4, range(5, 10), 0.05, step_s=None).phase() == Phase.HEAD  # not known
     assert racing_head(2, range(5, 10), 0.05, step_s=0.08).phase() == Phase.HEAD  # 3 short
 

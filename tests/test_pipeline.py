@@ -669,6 +669,11 @@ async def test_a_head_hinted_by_a_stale_estimate_probes_one_chunk_first(
     assert got.tokens == ref.tokens
     assert computed and computed[0] == 1
     assert got.done.meet_chunk <= 7
+    compute = be.services["compute"]
+    assert isinstance(compute, Compute)  # the probe was a step of one chunk: its cost is known
+    step_s = compute.token_pace.chunk_step_s
+    assert step_s is not None and step_s > 0
+    assert value(compute.metrics.registry, "cake_compute_chunk_step_seconds") > 0
     assert set(computed) <= {event.upto for event in announced}  # each head step, as it began
 
 

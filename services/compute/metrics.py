@@ -127,6 +127,17 @@ class ComputeMetrics:
         )
         for decided in ("met", "computes_head"):
             self.went_on_alone.labels(decided=decided)
+        self.heads_waiting = Gauge(
+            "cake_compute_heads_waiting_for_loads",
+            "Cake heads that wait for their loads rather than step, at the last step: the loads "
+            "are due before a one-chunk step would end",
+            registry=r,
+        )
+        self.chunk_step = Gauge(
+            "cake_compute_chunk_step_seconds",
+            "What a step of one chunk of prompt work costs, as measured (0: none ran yet)",
+            registry=r,
+        )
         self.evicted = Counter(
             "cake_compute_evicted_chunks",
             "Chunks evicted from the memory tier (least recently used first) for running requests",

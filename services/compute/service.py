@@ -321,6 +321,8 @@ class Compute(Service):
         if step:
             self.metrics.budget.set(budget if due is None else min(budget, due + decodes))
         self.metrics.planned(candidates, step)
+        self.metrics.heads_waiting.set(sum(1 for job in prepared if job.waits_for_its_loads()))
+        self.metrics.chunk_step.set(self.token_pace.chunk_step_s or 0.0)
         chosen = {piece.request_id for piece in step}
         for c in candidates:  # steps waited while runnable (what aging counts)
             runnable = c.phase < Phase.WAITING and c.tokens > 0
