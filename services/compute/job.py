@@ -94,22 +94,21 @@ class Job:
         if self.blocked:
             return Phase.WAITING
         if self.meet is None and self.head_done < self.hit:
-            # once the loads reach the head, the merger's Meet is on its way: wait for it
-            return Phase.WAITING if self.head_waits() else Phase.HEAD
+            # once the loads reach the head, the merger's Meet is on its way: wait for it; and
+            # for loads due before a one-chunk step would end (waits_for_loads)
+            steps = self.racing() and self.waits_for_loads(time.monotonic()) is None
+            return Phase.HEAD if steps else Phase.WAITING
         return Phase.PREFILL
 
-    def head_waits(self) -> bool:
-        """Whether its head, before the meeting point, does not step: the loads reached it, or
-        they will before a one-chunk step would end (waits_for_loads), or it computes no head."""
-        racing = self.msg.compute_head and self.load_frontier() > self.head_done
-        return not racing or self.waits_for_loads(time.monotonic()) is not None
+    def racing(self) -> bool:
+        """Whether it computes a head that its loads have not reached yet."""
+        return self.msg.compute_head and self.load_frontier() > self.head_done
 
     def waits_for_its_loads(self) -> bool:
         """A head racing its loads that waits for them (a WAITING phase it chose)."""
         return (
-            self.phase() == Phase.WAITING and not self.blocked and self.admitted
-            and self.msg.compute_head and self.load_frontier() > self.head_done
-        )  # fmt: skip
+            self.phase() == Phase.WAITING and not self.blocked and self.admitted and self.racing()
+        )
 
     def awaits_merger(self) -> bool:
         """Whether only a word from the merger (Meet or StartHead) lets it go on (or, for a
