@@ -21,6 +21,37 @@ def test_ewma_tracks_recent_samples() -> None:
     for _ in range(20):
         e.add(10.0)
     assert abs(e.value - 10.0) < 1e-3
+    twice, once = Ewma(alpha=0.5, value=1.0), Ewma(alpha=0.5, value=1.0)
+    twice.add(16.0, weight=2)
+    once.add(16.0)
+    once.add(16.0)
+    assert twice.value == pytest.approx(once.value) == pytest.approx(8.0)
+    part = Ewma(alpha=0.5, value=1.0)
+    part.add(16.0, weight=0.25)
+    assert part.value == pytest.approx(16 ** (1 - 0.5**0.25))  # a quarter of a sample's pull
+
+
+def test_a_window_of_loads_weighs_by_the_chunks_it_read() -> None:
+    """A link that rose 16x: one request's loads (15 chunks) make the estimate advise skipping
+    the head at once; a window that caught one read only moves it a quarter as far."""
+    est = SplitEstimator()
+    est.observe_compute(4, 0.4)  # 0.1 s a chunk
+    est.observe_loads(15, 3.0)  # 0.2 s a chunk: the link at half the compute rate
+    assert est.advise(15) == Advice(True, 10)
+    est.observe_loads(15, 15 * 0.0125)  # 16x faster
+    assert est.load_s.value == pytest.approx(0.2 * 16 ** -(1 - 0.5**3.75))  # 0.0155
+    assert not est.advise(15).compute_head
+    one_read = SplitEstimator(est.compute_s, Ewma(value=0.2))
+    one_read.observe_loads(1, 0.0125)
+    assert one_read.load_s.value == pytest.approx(0.2 * 16 ** -(1 - 0.5**0.25))  # 0.13
+    assert one_read.advise(15).compute_head
+
+
+def test_a_stall_counts_as_one_sample_of_its_length() -> None:
+    est = SplitEstimator()
+    est.observe_loads(8, 0.8)
+    est.link_stalled(10.0)
+    assert est.load_s.value == pytest.approx(1.0)  # sqrt(0.1 x 10)
 
 
 def test_no_estimate_means_plain_cake() -> None:
@@ -76,8 +107,8 @@ def test_a_wrong_skip_takes_the_pace_its_loads_came_at() -> None:
     for _ in range(3):
         est.observe_loads(10, 0.25)  # 0.025 s a chunk: skip the head
     assert not est.advise(10).compute_head
-    est.observe_loads(10, 0.8)  # a request's loads after the link fell to 0.08 s a chunk
-    assert not est.advise(10).compute_head  # (sqrt(0.025 x 0.08) = 0.045: still a skip)
+    est.observe_loads(2, 0.16)  # the first reads after the link fell to 0.08 s a chunk
+    assert not est.advise(10).compute_head  # (0.025 ** 0.71 x 0.08 ** 0.29 = 0.035: a skip)
     est.skip_was_wrong(0.08)
     assert est.advise(10) == Advice(True, 5)
     est.skip_was_wrong(0.01)  # never faster than the estimate was

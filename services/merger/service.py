@@ -134,7 +134,7 @@ class Merger(Service):
     def link_lost(self, node: str) -> None:
         """A fetch on `node` found no loader or stalled: its link counts as slow."""
         for estimator in self.estimates(node):
-            estimator.observe_loads(1, self.settings.fetch_timeout_s)
+            estimator.link_stalled(self.settings.fetch_timeout_s)
 
     def estimator_for(self, node: str | None) -> SplitEstimator:
         """The estimate for a request placed on `node`: that node's own once its telemetry has

@@ -1,7 +1,8 @@
 """The adaptive controller's estimate: how fast each side is, and what that suggests.
 
 The merger feeds it every request's telemetry (seconds per computed head chunk, seconds per
-loaded chunk on the shared link) as exponentially weighted geometric averages, and asks it for
+loaded chunk on the shared link) as exponentially weighted geometric averages, a window of
+loads weighed by how many chunks it read, and asks it for
 advice before each request: skip the head when the link delivers a chunk in less than
 `skip_head_ratio` of the time a chunk takes to compute (the head could then save at most that
 fraction, less than running both sides costs); skip the loads when the split would save no
@@ -17,6 +18,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 STALE_HOPE = 0.7  # the link estimate's factor per request computed whole without loads
+CHUNKS_PER_SAMPLE = 4  # a telemetry window that read this many chunks weighs as one sample
 
 
 @dataclass
@@ -29,14 +31,13 @@ class Ewma:
     alpha: float = 0.5
     value: float | None = None
 
-    def add(self, sample: float) -> None:
-        """Fold in one sample (> 0)."""
+    def add(self, sample: float, weight: float = 1.0) -> None:
+        """Fold in a sample (> 0) that counts as `weight` samples of that value in a row."""
         if self.value is None:
             self.value = sample
         else:
-            self.value = math.exp(
-                self.alpha * math.log(sample) + (1 - self.alpha) * math.log(self.value)
-            )
+            alpha = 1 - (1 - self.alpha) ** weight
+            self.value = math.exp(alpha * math.log(sample) + (1 - alpha) * math.log(self.value))
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,21 @@ class SplitEstimator:
         self.compute_s.add(seconds / chunks)
 
     def observe_loads(self, chunks: int, seconds: float) -> None:
-        """The link delivered `chunks` chunks in `seconds`."""
+        """The link delivered `chunks` chunks in `seconds`: a whole request's loads (a dozen
+        chunks or more) all but replace the estimate, a window that caught one read of a
+        request's tail moves it a little. A link that rose 16x is believed after one request;
+        with one sample a window, the next request still split on the old link."""
         if chunks > 0 and seconds > 0:
-            self.load_s.add(seconds / chunks)
+            self.load_s.add(seconds / chunks, chunks / CHUNKS_PER_SAMPLE)
 
     def observe_near_loads(self, chunks: int, seconds: float) -> None:
-        """The near tier delivered `chunks` chunks in `seconds`."""
+        """The near tier delivered `chunks` chunks in `seconds` (weighed as observe_loads)."""
         if chunks > 0 and seconds > 0:
-            self.near_load_s.add(seconds / chunks)
+            self.near_load_s.add(seconds / chunks, chunks / CHUNKS_PER_SAMPLE)
+
+    def link_stalled(self, seconds: float) -> None:
+        """A fetch made no progress for `seconds`: one sample of that pace a chunk."""
+        self.load_s.add(seconds)
 
     def skip_was_wrong(self, pace_s: float) -> None:
         """A load-only plan had to compute the head after all: its loads came a chunk every
