@@ -71,3 +71,16 @@ def test_only_a_prompt_ending_in_loaded_chunks_runs_whole_as_one() -> None:
     assert job.candidate().ends_loaded_prompt
     job.meet = job.hit
     assert not job.candidate().ends_loaded_prompt
+
+
+def test_only_staged_chunks_the_head_will_not_compute_are_placed() -> None:
+    """Chunks staged past the computed head are placed as they arrive; once the Meet says
+    where loads begin, one that landed below it is the head's to compute and is left alone."""
+    job = racing_head(2, range(5, 10), 0.05, step_s=None)
+    job.staged = {j: f"c{j}" for j in (1, 4, 6, 7, 8)}
+    job.placed = {8}
+    assert job.placeable() == [4, 6, 7]
+    job.meet = 6
+    assert job.placeable() == [6, 7]
+    job.head_done = 7
+    assert job.placeable() == [7]

@@ -78,6 +78,13 @@ class Job:
         """Hit chunks that the loader may supply."""
         return self.msg.hit
 
+    def placeable(self) -> list[int]:
+        """Staged chunks not yet placed that the head will not compute: past its computed
+        chunks and, once the meeting point is known, at or past it (a read that landed below
+        it after the Meet is the head's to compute)."""
+        floor = self.head_done if self.meet is None else max(self.head_done, self.meet)
+        return sorted(j for j in set(self.staged) - self.placed if j >= floor)
+
     @property
     def chunk(self) -> int:
         """Tokens per chunk."""

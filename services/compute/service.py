@@ -549,9 +549,7 @@ class Compute(Service):
         if not job.admitted or job.merged or job.finish_reason:
             return
         assert isinstance(job.cache, SlotCache)
-        for j in sorted(set(job.staged) - job.placed):
-            if j < job.head_done:
-                continue
+        for j in job.placeable():
             try:
                 kv = self.read_staged(job, j)
             except (OSError, ValueError, CorruptChunkError):
