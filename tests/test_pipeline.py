@@ -50,6 +50,7 @@ from shared.wire.messages import (
     LookupRequest,
     Meet,
     Message,
+    Prefilled,
     PrefillJob,
     Space,
     StartHead,
@@ -925,6 +926,52 @@ async def test_a_job_the_merger_never_answers_goes_on_alone(nats_url: str, tmp_p
     assert (
         value(compute.registry(), "cake_compute_went_on_alone_total", decided="computes_head") == 1
     )
+
+
+async def test_a_job_whose_loads_reach_its_head_goes_on_without_the_merger_s_meet(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """Once every chunk from its head on is staged, the meeting point is where the head is
+    (the merger's rule): compute merges at once, not after the Meet's round trip. Here no
+    merger runs, so no Meet ever comes: a load-only job (and a racing head) finishes long
+    before it would go on alone, with compute-only's tokens and every hit chunk loaded."""
+    settings = stack_settings(nats_url, tmp_path, fetch_timeout_s=1.0, rpc_timeout_s=0.5)
+    tokens = prompt(300, seed=45)  # 4 usable chunks
+    async with LocalStore(settings.store) as store:
+        async with backend(settings, store) as be:
+            ref = await be.generate(tokens, kv_mode="compute")  # and written back
+        async with backend(settings, store, ("compute", "loader")) as be:
+            compute = be.services["compute"]
+            assert isinstance(compute, Compute)
+            space = Space.of(KeySpace(compute.runner.fingerprint, compute.runner.layout, 64))
+
+            async def run(rid: str, compute_head: bool) -> tuple[list[int], Prefilled, float]:
+                job = PrefillJob(
+                    rid, pack_tokens(tokens), space, 4, compute_head,
+                    Sampling(max_tokens=len(ref.tokens)), time.time() + 30,
+                )  # fmt: skip
+                started, out, prefilled = time.monotonic(), [], None
+                async with await be.client.subscribe(subjects.stream(rid)) as inbox:
+                    await be.client.request(subjects.COMPUTE_PREFILL, job, Accepted, 2.0)
+                    fetch = FetchJob(rid, job.tokens, space, 4, job.deadline)
+                    await be.client.request(subjects.fetch(settings.node), fetch, Accepted, 2.0)
+                    while not isinstance(msg := (await inbox.next(20.0)).message, Done | Failed):
+                        if isinstance(msg, Tokens):
+                            out += unpack_tokens(msg.tokens)
+                        elif isinstance(msg, Prefilled):
+                            prefilled = msg
+                assert isinstance(msg, Done) and prefilled is not None, msg
+                return out, prefilled, time.monotonic() - started
+
+            loaded, prefilled, took = await run("r-no-meet", False)
+            raced, _, raced_took = await run("r-no-meet-head", True)
+    assert loaded == raced == ref.tokens
+    assert prefilled.chunks_loaded == 4  # met at chunk 0: every hit chunk came from the loads
+    assert took < 1.0 and raced_took < 1.0  # going on alone would take 2 s
+    went_on_alone = value(
+        compute.registry(), "cake_compute_went_on_alone_total", decided="computes_head"
+    )
+    assert went_on_alone == 0
 
 
 async def test_without_controllers_cake_runs_on_fixed_settings(

@@ -144,12 +144,10 @@ class Job:
         return loads_due_in(self.load_arrivals, self.loads_left(), now, self.loads_batch)
 
     def go_on_alone(self) -> str:
-        """No word came from the merger (a lost message, a dead merger): decide as it would
-        have. Meet where the head reached the loads, or else compute the head; what it did."""
+        """No word came from the merger (a lost message, a dead merger) and its loads have
+        not reached its head (compute meets them there without a word: merge_if_met): compute
+        the head, as the merger would have had it; what it did."""
         self.news_at = time.monotonic()
-        if self.head_done >= self.load_frontier():
-            self.meet = self.head_done  # computed chunks win any overlap, as MeetTracker says
-            return "met"
         self.msg.compute_head, self.msg.head_hint = True, -1
         return "computes_head"
 

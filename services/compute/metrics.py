@@ -121,12 +121,11 @@ class ComputeMetrics:
         self.went_on_alone = Counter(
             "cake_compute_went_on_alone",
             "Requests that waited for the merger past its own bounds and went on without it, by "
-            "what compute decided: met (where the head reached the loads) or computes_head",
+            "what compute decided: computes_head (loads that reached the head need no word)",
             ("decided",),
             registry=r,
         )
-        for decided in ("met", "computes_head"):
-            self.went_on_alone.labels(decided=decided)
+        self.went_on_alone.labels(decided="computes_head")
         self.heads_waiting = Gauge(
             "cake_compute_heads_waiting_for_loads",
             "Cake heads that wait for their loads rather than step, at the last step: the loads "

@@ -567,6 +567,8 @@ class Compute(Service):
         if not job.admitted or job.merged or job.finish_reason or job.decoding:
             return
         met = job.meet  # read once: the merger's Meet may land meanwhile (the event loop's)
+        if met is None and job.head_done >= job.load_frontier():  # reached its loads
+            met = job.meet = min(job.head_done, job.hit)  # as the merger's Meet will say
         meet = met if met is not None else job.hit
         if met is not None and meet >= job.hit and job.head_done < meet:
             job.merged = True  # what was placed past the head is overwritten as it is computed
