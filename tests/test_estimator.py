@@ -28,18 +28,19 @@ def test_ewma_tracks_recent_samples() -> None:
     assert twice.value == pytest.approx(once.value) == pytest.approx(8.0)
     part = Ewma(alpha=0.5, value=1.0)
     part.add(16.0, weight=0.25)
-    assert part.value == pytest.approx(16 ** (1 - 0.5**0.25))  # a quarter of a sample's pull
+    assert part.value == pytest.approx(16 ** (1 - 0.5**0.25))  # a quarter of a sample
 
 
 def test_a_window_of_loads_weighs_by_the_chunks_it_read() -> None:
     """A link that rose 16x: one request's loads (15 chunks) make the estimate advise skipping
-    the head at once; a window that caught one read only moves it a quarter as far."""
+    the head at once; a window that caught one read counts as a quarter of a sample (it pulls
+    the estimate a sixth of the way, in logarithms)."""
     est = SplitEstimator()
     est.observe_compute(4, 0.4)  # 0.1 s a chunk
     est.observe_loads(15, 3.0)  # 0.2 s a chunk: the link at half the compute rate
     assert est.advise(15) == Advice(True, 10)
     est.observe_loads(15, 15 * 0.0125)  # 16x faster
-    assert est.load_s.value == pytest.approx(0.2 * 16 ** -(1 - 0.5**3.75))  # 0.0155
+    assert est.load_s.value == pytest.approx(0.2 * 16 ** -(1 - 0.5**3.75))  # 0.0154
     assert not est.advise(15).compute_head
     one_read = SplitEstimator(est.compute_s, Ewma(value=0.2))
     one_read.observe_loads(1, 0.0125)

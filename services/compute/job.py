@@ -101,8 +101,8 @@ class Job:
         if self.blocked:
             return Phase.WAITING
         if self.meet is None and self.head_done < self.hit:
-            # once the loads reach the head, the merger's Meet is on its way: wait for it; and
-            # for loads due before a one-chunk step would end (waits_for_loads)
+            # a load-only plan waits for its loads (or the merger's StartHead); a head, for
+            # loads due before a one-chunk step would end (waits_for_loads)
             steps = self.racing() and self.waits_for_loads(time.monotonic()) is None
             return Phase.HEAD if steps else Phase.WAITING
         return Phase.PREFILL
@@ -118,8 +118,8 @@ class Job:
         )
 
     def awaits_merger(self) -> bool:
-        """Whether only a word from the merger (Meet or StartHead) lets it go on (or, for a
-        head waiting for loads due sooner than its step, the end of that wait)."""
+        """Whether only loads or a word from the merger (Meet or StartHead) let it go on (or,
+        for a head waiting for loads due sooner than its step, the end of that wait)."""
         return (
             self.admitted and not self.blocked and self.meet is None
             and self.head_done < self.hit and self.phase() == Phase.WAITING
@@ -143,10 +143,18 @@ class Job:
             return None
         return loads_due_in(self.load_arrivals, self.loads_left(), now, self.loads_batch)
 
+    def meet_if_reached(self) -> None:
+        """Once its head (computed, or none for a load-only plan) has reached where every
+        chunk after it is staged, the meeting point is there, as the merger's Meet will say
+        (computed chunks win any overlap): take it now, not a round trip later (or never, if
+        that word is lost). Called on the event loop, the thread that takes the Meet."""
+        if self.meet is None and not self.decoding and self.head_done >= self.load_frontier():
+            self.meet = min(self.head_done, self.hit)
+
     def go_on_alone(self) -> str:
         """No word came from the merger (a lost message, a dead merger) and its loads have
-        not reached its head (compute meets them there without a word: merge_if_met): compute
-        the head, as the merger would have had it; what it did."""
+        not reached its head (compute meets them there without a word: meet_if_reached):
+        compute the head, as the merger would have had it; what it did."""
         self.news_at = time.monotonic()
         self.msg.compute_head, self.msg.head_hint = True, -1
         return "computes_head"

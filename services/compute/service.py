@@ -249,10 +249,11 @@ class Compute(Service):
         if isinstance(msg, ChunkLoaded):
             job = self.jobs.get(subjects.request_id_of(subject))
             if job is not None and 0 <= msg.index < job.hit and not job.merged:
+                job.staged[msg.index] = msg.staged  # before the frontier moves past it
                 job.loads.on_loaded(msg.index)
                 job.load_arrivals.append(time.monotonic())
-                job.staged[msg.index] = msg.staged
                 job.news_at = time.monotonic()
+                job.meet_if_reached()
                 self.wake.set()
 
     async def on_cancel(self, msg: Message, subject: str) -> None:
@@ -304,6 +305,7 @@ class Compute(Service):
         # chunks from the memory tier yet, so it waits a step rather than compute them.
         prepared = list(self.jobs.values())
         await self.send(await loop.run_in_executor(self.stepper, self.prepare))
+        self.meet_reached_loads()
         candidates = [job.candidate() for job in prepared if job.msg.request_id in self.jobs]
         now = time.monotonic()
         for c in candidates:  # a head's cost counts from when it could run
@@ -339,6 +341,7 @@ class Compute(Service):
             seconds = time.perf_counter() - started
             self.metrics.step_seconds.observe(seconds)
             self.note_step(step, seconds)
+            self.meet_reached_loads()
             if self.step_budget is not None:
                 decoded = any(p.phase == Phase.DECODE for p in step)
                 self.step_budget.observe(seconds, decoded)
@@ -346,6 +349,12 @@ class Compute(Service):
         self.start_writebacks()
         await self.retire()
         return bool(step)
+
+    def meet_reached_loads(self) -> None:
+        """Jobs whose head (a step, or the memory tier in prepare) reached their loads meet
+        them there (Job.meet_if_reached), on the event loop."""
+        for job in self.jobs.values():
+            job.meet_if_reached()
 
     def heads_computing(self, step: list[Piece]) -> Outbox:
         """HeadComputing for each head in the step, so that its loader does not read the chunks
@@ -566,9 +575,7 @@ class Compute(Service):
         rest of its head and its suffix are one prefill (one piece, not a step each)."""
         if not job.admitted or job.merged or job.finish_reason or job.decoding:
             return
-        met = job.meet  # read once: the merger's Meet may land meanwhile (the event loop's)
-        if met is None and job.head_done >= job.load_frontier():  # reached its loads
-            met = job.meet = min(job.head_done, job.hit)  # as the merger's Meet will say
+        met = job.meet  # read once: the Meet may land meanwhile (the event loop's)
         meet = met if met is not None else job.hit
         if met is not None and meet >= job.hit and job.head_done < meet:
             job.merged = True  # what was placed past the head is overwritten as it is computed
