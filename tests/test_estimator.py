@@ -31,10 +31,10 @@ def test_ewma_tracks_recent_samples() -> None:
     assert part.value == pytest.approx(16 ** (1 - 0.5**0.25))  # a quarter of a sample
 
 
-def test_a_window_of_loads_weighs_by_the_chunks_it_read() -> None:
+def test_a_window_of_many_loads_weighs_as_several_samples() -> None:
     """A link that rose 16x: one request's loads (15 chunks) make the estimate advise skipping
-    the head at once; a window that caught one read counts as a quarter of a sample (it pulls
-    the estimate a sixth of the way, in logarithms)."""
+    the head at once; a window of four reads or fewer counts as one sample, as it always did
+    (on a slow link a split's three loads are all a request shows of it)."""
     est = SplitEstimator()
     est.observe_compute(4, 0.4)  # 0.1 s a chunk
     est.observe_loads(15, 3.0)  # 0.2 s a chunk: the link at half the compute rate
@@ -42,10 +42,13 @@ def test_a_window_of_loads_weighs_by_the_chunks_it_read() -> None:
     est.observe_loads(15, 15 * 0.0125)  # 16x faster
     assert est.load_s.value == pytest.approx(0.2 * 16 ** -(1 - 0.5**3.75))  # 0.0154
     assert not est.advise(15).compute_head
-    one_read = SplitEstimator(est.compute_s, Ewma(value=0.2))
-    one_read.observe_loads(1, 0.0125)
-    assert one_read.load_s.value == pytest.approx(0.2 * 16 ** -(1 - 0.5**0.25))  # 0.13
-    assert one_read.advise(15).compute_head
+    for reads in (1, 4):
+        few = SplitEstimator(est.compute_s, Ewma(value=0.2))
+        few.observe_loads(reads, reads * 0.0125)
+        assert few.load_s.value == pytest.approx(0.05)  # sqrt(0.2 x 0.0125): one sample
+    slowed = SplitEstimator(est.compute_s, Ewma(value=0.025))  # a link at 4x the compute rate
+    slowed.observe_loads(3, 3 * 0.4)  # a split's 3 loads after it fell to a quarter
+    assert slowed.load_s.value == pytest.approx(0.1)  # sqrt(0.025 x 0.4)
 
 
 def test_a_stall_counts_as_one_sample_of_its_length() -> None:

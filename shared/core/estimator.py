@@ -2,7 +2,7 @@
 
 The merger feeds it every request's telemetry (seconds per computed head chunk, seconds per
 loaded chunk on the shared link) as exponentially weighted geometric averages, a window of
-loads weighed by how many chunks it read, and asks it for
+loads that read many chunks weighing as several samples, and asks it for
 advice before each request: skip the head when the link delivers a chunk in less than
 `skip_head_ratio` of the time a chunk takes to compute (the head could then save at most that
 fraction, less than running both sides costs); skip the loads when the split would save no
@@ -18,7 +18,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 STALE_HOPE = 0.7  # the link estimate's factor per request computed whole without loads
-CHUNKS_PER_SAMPLE = 4  # a telemetry window that read this many chunks weighs as one sample
+CHUNKS_PER_SAMPLE = 4  # a telemetry window that read more chunks weighs as more than one sample
 
 
 @dataclass
@@ -81,17 +81,18 @@ class SplitEstimator:
         self.compute_s.add(seconds / chunks)
 
     def observe_loads(self, chunks: int, seconds: float) -> None:
-        """The link delivered `chunks` chunks in `seconds`: a whole request's loads (a dozen
-        chunks or more) all but replace the estimate, a window that caught one read of a
-        request's tail moves it a little. A link that rose 16x is believed after one request;
-        with one sample a window, the next request still split on the old link."""
+        """The link delivered `chunks` chunks in `seconds`: one sample, or chunks /
+        CHUNKS_PER_SAMPLE when more, so a request's dozen loads all but replace the estimate.
+        A link that rose 16x is believed after one request; with one sample a window, the next
+        request still split on the old link. A window of few reads still counts one sample:
+        on a slow link a split's few loads are as telling as a fast link's many."""
         if chunks > 0 and seconds > 0:
-            self.load_s.add(seconds / chunks, chunks / CHUNKS_PER_SAMPLE)
+            self.load_s.add(seconds / chunks, max(1.0, chunks / CHUNKS_PER_SAMPLE))
 
     def observe_near_loads(self, chunks: int, seconds: float) -> None:
         """The near tier delivered `chunks` chunks in `seconds` (weighed as observe_loads)."""
         if chunks > 0 and seconds > 0:
-            self.near_load_s.add(seconds / chunks, chunks / CHUNKS_PER_SAMPLE)
+            self.near_load_s.add(seconds / chunks, max(1.0, chunks / CHUNKS_PER_SAMPLE))
 
     def link_stalled(self, seconds: float) -> None:
         """A fetch made no progress for `seconds`: one sample of that pace a chunk."""
