@@ -94,10 +94,15 @@ def test_hint_is_where_equal_speeds_meet() -> None:
 
 
 def test_skip_the_head_when_the_link_is_much_faster() -> None:
+    """Below 0.35 of a chunk's compute time (CAKE_SKIP_HEAD_RATIO) a load costs too little
+    for a head to pay; at half of it (the link at 2x) a split still does."""
     est = SplitEstimator()
     est.observe_compute(1, 1.0)
-    est.observe_loads(10, 4.0)  # 0.4 s a chunk: under half of a chunk's compute
+    est.observe_loads(10, 3.0)  # 0.3 s a chunk
     assert est.advise(10) == Advice(compute_head=False, head_hint=0)
+    at_2x = SplitEstimator(est.compute_s)
+    at_2x.observe_loads(10, 5.0)  # 0.5 s a chunk
+    assert at_2x.advise(10) == Advice(True, 4)
     for _ in range(5):
         est.observe_loads(10, 8.0)  # the link slows to 0.8 s a chunk: the head helps again
     assert est.advise(10) == Advice(True, 5)
@@ -111,8 +116,8 @@ def test_a_wrong_skip_takes_the_pace_its_loads_came_at() -> None:
     for _ in range(3):
         est.observe_loads(10, 0.25)  # 0.025 s a chunk: skip the head
     assert not est.advise(10).compute_head
-    est.observe_loads(2, 0.16)  # the first reads after the link fell to 0.08 s a chunk
-    assert not est.advise(10).compute_head  # (0.025 ** 0.71 x 0.08 ** 0.29 = 0.035: a skip)
+    est.observe_loads(2, 0.08)  # the first reads after the link fell to 0.04 s a chunk
+    assert not est.advise(10).compute_head  # (sqrt(0.025 x 0.04) = 0.032: still a skip)
     est.skip_was_wrong(0.08)
     assert est.advise(10) == Advice(True, 5)
     est.skip_was_wrong(0.01)  # never faster than the estimate was

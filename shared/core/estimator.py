@@ -56,7 +56,7 @@ class SplitEstimator:
     compute_s: Ewma = field(default_factory=Ewma)  # seconds to compute one head chunk
     load_s: Ewma = field(default_factory=Ewma)  # seconds per chunk the link delivers
     near_load_s: Ewma = field(default_factory=Ewma)  # the same for the near tier, if any
-    skip_head_ratio: float = 0.5
+    skip_head_ratio: float = 0.35
     split_cost_chunks: float = 4.0  # a split's cost over one prefill, in head chunks
     seen_multi_chunk_step: bool = False
     seeded: bool = False  # compute_s holds a chunk's cost measured when the model loaded

@@ -72,7 +72,7 @@ class Settings:
     head_tokens: int = 512  # tokens per compute step of a Cake head (the paper's compute chunk)
     memory_tier: bool = True  # keep prompt chunks' KV in compute memory for later requests
     exact_splits: bool = False  # every forward pass covers exactly one storage chunk
-    skip_head_ratio: float = 0.5  # run load-only when a chunk loads in < this x its compute time
+    skip_head_ratio: float = 0.35  # run load-only when a chunk loads in < this x its compute time
     split_cost_chunks: float = 4.0  # compute a hit whole when a split saves <= this many chunks
     controllers: bool = True  # plans and the fetch limit follow telemetry (off: fixed settings)
     kv_secret: str | None = field(default=None, repr=False)  # cluster secret, or @path to it
