@@ -145,11 +145,15 @@ class Job:
 
     def meet_if_reached(self) -> None:
         """Once its head (computed, or none for a load-only plan) has reached where every
-        chunk after it is staged, the meeting point is there, as the merger's Meet will say
-        (computed chunks win any overlap): take it now, not a round trip later (or never, if
-        that word is lost). Called on the event loop, the thread that takes the Meet."""
-        if self.meet is None and not self.decoding and self.head_done >= self.load_frontier():
-            self.meet = min(self.head_done, self.hit)
+        chunk after it is staged, the meeting point is there, by the merger's own rule
+        (MeetTracker.meet, fed the same events): take it now, not a round trip later (or
+        never, if that word is lost). Called on the event loop, the thread that takes the Meet."""
+        if self.meet is not None or self.decoding:
+            return
+        self.loads.on_computed(self.head_done)
+        split = self.loads.meet()
+        if split is not None:
+            self.meet = split.meet
 
     def go_on_alone(self) -> str:
         """No word came from the merger (a lost message, a dead merger) and its loads have
