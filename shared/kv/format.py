@@ -2,12 +2,15 @@
 
 Layout: MAGIC (8 bytes) | header length (uint32, little-endian) | msgpack header | payload.
 The header names the format version, chunk key, model fingerprint, dtype, shape
-(layers, 2, kv_heads, tokens, head_dim), the packed token ids, the codec and the sha256 of the
-payload. Reading checks every one of them against what the reader expects, so a truncated,
-corrupt, foreign-model or wrong-salt object raises CorruptChunkError and is never served.
+(layers, 2, kv_heads, tokens, head_dim), the packed token ids, the codec and the BLAKE3 digest
+of the payload. Reading checks every one of them against what the reader expects, so a
+truncated, corrupt, foreign-model or wrong-salt object raises CorruptChunkError and is never
+served. BLAKE3 (a cryptographic hash) runs at about 7.5 GB/s on one core here against sha256's
+1.9 GB/s, and verifying every loaded byte is the load path's largest cost; chunks written with a
+sha256 digest (before 2026-12) still verify.
 
 With a cluster secret (CAKE_KV_SECRET) the header also carries `mac`, an HMAC-SHA256 under the
-secret of every other header field (the payload's sha256 among them), and readers with the
+secret of every other header field (the payload's digest among them), and readers with the
 secret refuse a chunk whose MAC is missing or wrong: a party that can write to the store but
 does not hold the secret cannot plant KV that passes. It costs one HMAC over a few hundred
 header bytes, nothing per payload byte.
@@ -20,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
+from blake3 import blake3
 
 from shared.core.errors import CorruptChunkError
 from shared.core.keys import FORMAT_VERSION, ChunkIdentity, pack_tokens
@@ -31,6 +36,12 @@ MAGIC = b"CAKEKV\x00\x01"
 _LEN = struct.Struct("<I")
 MAX_HEADER_BYTES = 1 << 20
 CODECS = ("raw", "int8")
+Buffer = bytes | bytearray | memoryview
+#: payload digests (hex) a header may carry, by field name; the first is written
+DIGESTS: dict[str, Callable[[Buffer], str]] = {
+    "blake3": lambda data: blake3(data).hexdigest(),
+    "sha256": lambda data: hashlib.sha256(data).hexdigest(),  # chunks written before 2026-12
+}
 
 
 def identity_fields(ident: ChunkIdentity) -> dict[str, Any]:
@@ -52,13 +63,10 @@ def mac(fields: dict[str, Any], secret: bytes) -> str:
 
 
 def pack_chunk(ident: ChunkIdentity, codec: str, payload: bytes, secret: bytes | None) -> bytes:
-    """The stored object: magic, header (with the payload's checksum, and its MAC under the
+    """The stored object: magic, header (with the payload's digest, and its MAC under the
     cluster secret when there is one), payload."""
-    fields = {
-        **identity_fields(ident),
-        "codec": codec,
-        "sha256": hashlib.sha256(payload).hexdigest(),
-    }
+    name, digest = next(iter(DIGESTS.items()))
+    fields = {**identity_fields(ident), "codec": codec, name: digest(payload)}
     if secret is not None:
         fields["mac"] = mac(fields, secret)
     header = msgpack.packb(fields)
@@ -68,9 +76,6 @@ def pack_chunk(ident: ChunkIdentity, codec: str, payload: bytes, secret: bytes |
 def corrupt(ident: ChunkIdentity, why: str) -> CorruptChunkError:
     """The error for a chunk that is not what the reader expects."""
     return CorruptChunkError(f"chunk {ident.key[:16]}: {why}")
-
-
-Buffer = bytes | bytearray | memoryview
 
 
 def _read_header(data: Buffer, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
@@ -92,9 +97,12 @@ def _read_header(data: Buffer, ident: ChunkIdentity) -> tuple[dict[str, Any], in
 def verify_chunk(
     data: Buffer, ident: ChunkIdentity, secret: bytes | None
 ) -> tuple[dict[str, Any], int]:
-    """Check every header field and the payload checksum; the header and the payload offset."""
+    """Check every header field and the payload's digest; the header and the payload offset."""
     header, offset = check_header(data, ident, secret)
-    if hashlib.sha256(memoryview(data)[offset:]).hexdigest() != header.get("sha256"):
+    name = next((name for name in DIGESTS if name in header), None)
+    if name is None:
+        raise corrupt(ident, "no payload digest in the header")
+    if DIGESTS[name](memoryview(data)[offset:]) != header[name]:
         raise corrupt(ident, "payload checksum mismatch (truncated or corrupt)")
     return header, offset
 
