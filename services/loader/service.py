@@ -202,7 +202,7 @@ class Loader(Service):
             try:
                 incoming = self.staging.incoming(rid, f"{index}.kv")
                 nbytes = await self.read_chunk(fetch, index, incoming, timeout)
-                path = incoming.commit()
+                path = await asyncio.to_thread(incoming.commit)  # (munmap: not on the loop)
             except asyncio.CancelledError:  # the request was cancelled
                 if incoming is not None:
                     incoming.discard()

@@ -145,6 +145,8 @@ class Incoming:
         return str(self.final)
 
     def discard(self) -> None:
-        """Remove the file (it was never staged)."""
+        """Remove the file: it was never staged, or its commit was cut short (it may have
+        been renamed into place)."""
         self.unmap()
         self.tmp.unlink(missing_ok=True)
+        self.final.unlink(missing_ok=True)
