@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import aiohttp
 
 from bench.client import first_token, prompt_text
 from bench.s3_server import FAKE_AWS_ENV, moto_s3_server
+from bench.scratch import scratch
 from bench.sweep import evict_page_cache
 from services.launcher.nats_server import free_port
 from services.launcher.stack import LocalStack
@@ -232,5 +232,5 @@ class Ceiling:
 
 async def run_ceiling(config: CeilingConfig) -> dict[str, Any]:
     """The ceiling measurement in a scratch directory."""
-    with tempfile.TemporaryDirectory(prefix="cake-ceiling-") as tmp:
+    with scratch("cake-ceiling-") as tmp:
         return await Ceiling(config, Path(tmp)).run()

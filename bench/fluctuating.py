@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import math
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ from bench.client import (
 )
 from bench.profile import Profile, measure_profile
 from bench.report import vs_best
+from bench.scratch import scratch
 from bench.sweep import evict_page_cache
 from services.launcher.nats_server import free_port
 from services.launcher.stack import LocalStack
@@ -321,6 +321,6 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 async def run_fluctuating(config: FluctuatingConfig) -> dict[str, Any]:
     """Run the benchmark in a scratch directory."""
-    with tempfile.TemporaryDirectory(prefix="cake-fluctuating-") as tmp:
+    with scratch("cake-fluctuating-") as tmp:
         results = await Fluctuating(config, Path(tmp)).run()
     return {"config": dataclasses.asdict(config), **results}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from bench import scenarios
 from bench.client import Stream, completion_body, stream_completion
 from bench.memory import sampled_peak, status_kib
+from bench.scratch import scratch
 from bench.serve_stats import Record, rate_row, summarize
 from bench.workload import (
     Document,
@@ -189,5 +189,5 @@ class ServeBench:
 
 async def run_serve(config: ServeConfig) -> dict[str, Any]:
     """The serving benchmark in a scratch directory; its results."""
-    with tempfile.TemporaryDirectory(prefix="cake-serve-") as tmp:
+    with scratch("cake-serve-") as tmp:
         return await ServeBench(config, Path(tmp)).run()

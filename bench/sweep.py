@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from bench.client import Timing, first_token, prompt_text
 from bench.profile import Profile, best_split, measure_profile
+from bench.scratch import scratch
 from services.launcher.in_process import generate, in_process
 from services.launcher.nats_server import free_port
 from services.launcher.stack import LocalStack
@@ -378,7 +378,7 @@ class Bench:
 
 async def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the whole benchmark in a scratch directory."""
-    with tempfile.TemporaryDirectory(prefix="cake-bench-") as tmp:
+    with scratch("cake-bench-") as tmp:
         bench = Bench(config, Path(tmp))
         results = await bench.run()
         results["timeline"] = bench.timeline

@@ -11,7 +11,9 @@ import pytest
 
 from bench.profile import Profile
 from bench.report import summarize, table, write_report
+from bench.scratch import scratch
 from bench.sweep import cell_reps
+from shared.runtime.config import staging_base
 
 
 def row(
@@ -139,3 +141,14 @@ async def test_the_measured_best_split_runs_each_meeting_point_and_follows_the_l
     assert meet == 7 and seconds == tried[7] < tried[3] < tried[0]
     meet, _, tried = await best_split(runner, store, prompt, 7, [0, 7], 4, lambda: None)
     assert meet == 0 and tried[0] < tried[7]
+
+
+def test_a_benchmark_stages_where_a_default_deployment_does_and_leaves_nothing() -> None:
+    """The scratch directory is on disk; its `staging` is a fresh directory under the default
+    staging area's base (shared memory here); both go when the run ends."""
+    with scratch("cake-test-") as workdir:
+        staging = (workdir / "staging").resolve()
+        assert staging.parent == staging_base().resolve()
+        (workdir / "staging" / "chunk.kv").write_bytes(b"kv")
+        assert (staging / "chunk.kv").read_bytes() == b"kv"
+    assert not workdir.exists() and not staging.exists()

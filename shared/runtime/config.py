@@ -22,10 +22,15 @@ from shared.core.errors import ConfigError
 from shared.kv.format import CODECS
 
 
-def _default_staging() -> str:
+def staging_base() -> Path:
+    """Where the staging area goes by default: shared memory (/dev/shm) when it is writable,
+    else the temporary directory."""
     shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return str(base / "cake-staging")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def _default_staging() -> str:
+    return str(staging_base() / "cake-staging")
 
 
 def _default_node() -> str:
