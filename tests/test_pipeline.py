@@ -932,18 +932,19 @@ async def test_a_job_whose_loads_reach_its_head_goes_on_without_the_merger_s_mee
     nats_url: str, tmp_path: Path
 ) -> None:
     """Once every chunk from its head on is staged, the meeting point is where the head is
-    (the merger's rule): compute merges at once, not after the Meet's round trip. Here no
-    merger runs, so no Meet comes until the test sends one, late: a load-only job (and a
-    racing head) has its first token long before it would go on alone (2 s), with
-    compute-only's tokens and every hit chunk loaded."""
+    (the merger's rule): compute merges at once, not after the Meet's round trip, and the
+    loader ends the fetch, its staged files gone, without the Meet (NATS may lose it). Here
+    no merger runs, so no Meet comes: a load-only job (and a racing head) has its first token
+    long before it would go on alone (2 s), with compute-only's tokens and every hit chunk
+    loaded, and the loader lets go of it long before its deadline (30 s)."""
     settings = stack_settings(nats_url, tmp_path, fetch_timeout_s=1.0, rpc_timeout_s=0.5)
     tokens = prompt(300, seed=45)  # 4 usable chunks
     async with LocalStore(settings.store) as store:
         async with backend(settings, store) as be:
             ref = await be.generate(tokens, kv_mode="compute")  # and written back
         async with backend(settings, store, ("compute", "loader")) as be:
-            compute = be.services["compute"]
-            assert isinstance(compute, Compute)
+            compute, loader = be.services["compute"], be.services["loader"]
+            assert isinstance(compute, Compute) and isinstance(loader, Loader)
             space = Space.of(KeySpace(compute.runner.fingerprint, compute.runner.layout, 64))
 
             async def run(rid: str, compute_head: bool) -> tuple[list[int], Prefilled, float]:
@@ -962,7 +963,9 @@ async def test_a_job_whose_loads_reach_its_head_goes_on_without_the_merger_s_mee
                         elif isinstance(msg, Prefilled):
                             prefilled, ttft = msg, time.monotonic() - started
                 assert isinstance(msg, Done) and prefilled is not None, msg
-                await be.client.publish(subjects.control(rid), Meet(rid, 0, 4))  # frees the loader
+                async with asyncio.timeout(2.0):  # the loader let go of it
+                    while rid in loader.fetches or loader.staging.request_dir(rid).exists():
+                        await asyncio.sleep(0.02)
                 return out, prefilled, ttft
 
             loaded, prefilled, took = await run("r-no-meet", False)

@@ -21,6 +21,7 @@ from services.loader.telemetry import ReadWindow
 from shared.core.errors import BadRequestError, ConfigError, CorruptChunkError, StoreError
 from shared.core.fetch_limit import FetchLimit
 from shared.core.keys import PromptChunks, unpack_tokens
+from shared.core.plan import MeetTracker
 from shared.kv.format import verify_chunk
 from shared.kv.stored import read_verified, store_missing
 from shared.runtime.config import Settings
@@ -75,11 +76,28 @@ class Fetch:
     decided: asyncio.Event = field(default_factory=asyncio.Event)  # set with meet
     computing: int = 0  # chunks below it are computed or in a head step: not worth a read
     listening: list[RawInbox] = field(default_factory=list)  # its control, cancel and events
+    frontiers: MeetTracker = field(init=False)  # its loads and the head's computed chunks
+
+    def __post_init__(self) -> None:
+        self.frontiers = MeetTracker(self.job.hit)
 
     def wants(self, index: int) -> bool:
         """Whether chunk `index` is still worth reading: not below the meeting point, nor
         computed or in a head step under way."""
         return index >= max(self.computing, self.meet or 0)
+
+    def decide(self, meet: int) -> None:
+        """The meeting point is known: stop reading below it (and let finish_fetch clean up)."""
+        self.meet = meet
+        self.decided.set()
+
+    def meet_if_reached(self) -> None:
+        """Once the head's computed chunks have reached where every chunk after them is
+        staged, the meeting point is there, by the merger's own rule (MeetTracker.meet, fed
+        the same events): take it without waiting for the Meet, which NATS may lose."""
+        split = self.frontiers.meet() if self.meet is None else None
+        if split is not None:
+            self.decide(split.meet)
 
 
 class Loader(Service):
@@ -219,6 +237,8 @@ class Loader(Service):
                 await self.bus.publish(events, LoadFailed(rid, index, reason[:200]))
                 return
         fetch.staged[index] = path
+        fetch.frontiers.on_loaded(index)
+        fetch.meet_if_reached()
         duration = time.perf_counter() - start
         self.metrics.bytes_loaded.inc(nbytes)
         self.metrics.chunks_loaded.inc()
@@ -264,22 +284,24 @@ class Loader(Service):
         """Meet: stop fetching below the meeting point."""
         fetch = self.fetches.get(subjects.request_id_of(subject))
         if fetch is not None and isinstance(msg, Meet):
-            fetch.meet = msg.meet
-            fetch.decided.set()
+            fetch.decide(msg.meet)
 
     async def on_event(self, msg: Message, subject: str) -> None:
         """HeadComputing, ChunkComputed: stop short of the chunks the head is computing or
-        computed (the request's other events, this loader's own included, say nothing to it)."""
+        computed; a computed head that reached the staged chunks is the meeting point (the
+        request's other events, this loader's own included, say nothing to it)."""
         fetch = self.fetches.get(subjects.request_id_of(subject))
         if fetch is not None and isinstance(msg, HeadComputing | ChunkComputed):
             fetch.computing = max(fetch.computing, msg.upto)
+        if fetch is not None and isinstance(msg, ChunkComputed):
+            fetch.frontiers.on_computed(msg.upto)
+            fetch.meet_if_reached()
 
     async def on_cancel(self, msg: Message, subject: str) -> None:
         """Cancel: stop and drop everything."""
         fetch = self.fetches.get(subjects.request_id_of(subject))
         if fetch is not None and isinstance(msg, Cancel):
-            fetch.meet = fetch.job.hit
-            fetch.decided.set()
+            fetch.decide(fetch.job.hit)
             for task in fetch.workers:
                 task.cancel()
 
