@@ -74,9 +74,8 @@ class Fetch:
     workers: list[asyncio.Task[None]] = field(default_factory=list)
     meet: int | None = None
     decided: asyncio.Event = field(default_factory=asyncio.Event)  # set with meet
-    computing: int = 0  # chunks below it are computed or in a head step: not worth a read
     listening: list[RawInbox] = field(default_factory=list)  # its control, cancel and events
-    frontiers: MeetTracker = field(init=False)  # its loads and the head's computed chunks
+    frontiers: MeetTracker = field(init=False)  # its loads, and the head's steps and chunks
 
     def __post_init__(self) -> None:
         self.frontiers = MeetTracker(self.job.hit)
@@ -84,7 +83,8 @@ class Fetch:
     def wants(self, index: int) -> bool:
         """Whether chunk `index` is still worth reading: not below the meeting point, nor
         computed or in a head step under way."""
-        return index >= max(self.computing, self.meet or 0)
+        head = max(self.frontiers.announced, self.frontiers.computed)
+        return index >= max(head, self.meet or 0)
 
     def decide(self, meet: int) -> None:
         """The meeting point is known: stop reading below it (and let finish_fetch clean up)."""
@@ -291,9 +291,9 @@ class Loader(Service):
         computed; a computed head that reached the staged chunks is the meeting point (the
         request's other events, this loader's own included, say nothing to it)."""
         fetch = self.fetches.get(subjects.request_id_of(subject))
-        if fetch is not None and isinstance(msg, HeadComputing | ChunkComputed):
-            fetch.computing = max(fetch.computing, msg.upto)
-        if fetch is not None and isinstance(msg, ChunkComputed):
+        if fetch is not None and isinstance(msg, HeadComputing):
+            fetch.frontiers.on_head_step(msg.upto)
+        elif fetch is not None and isinstance(msg, ChunkComputed):
             fetch.frontiers.on_computed(msg.upto)
             fetch.meet_if_reached()
 
