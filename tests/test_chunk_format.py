@@ -171,23 +171,19 @@ async def test_foreign_model_and_wrong_salt_objects_are_misses() -> None:
     assert await fetch_chunk(store, mine, 1) is None
 
 
-def test_a_chunk_is_written_with_a_blake3_digest_and_one_with_sha256_still_verifies() -> None:
-    """New chunks carry the payload's BLAKE3 digest; chunks stored with a sha256 digest (before
-    2026-12) still verify, against that digest; a header with neither is refused."""
+def test_a_chunk_carries_the_blake3_digest_of_its_payload() -> None:
+    """The header holds the payload's BLAKE3 digest; a header without it is refused, and so is
+    a chunk of format version 1 (sha256 digests), though its keys never name a version-2 chunk."""
     ident = identity()
-    kv = random_kv(ident)
-    data = encode_chunk(ident, kv)
+    data = encode_chunk(ident, random_kv(ident))
     hlen = int.from_bytes(data[8:12], "little")
     header, payload = msgpack.unpackb(data[12 : 12 + hlen]), data[12 + hlen :]
-    assert header["blake3"] == blake3(payload).hexdigest() and "sha256" not in header
-    older = _reheader(data, drop=("blake3",), sha256=hashlib.sha256(payload).hexdigest())
-    assert torch.equal(decode_chunk(older, ident), kv)
-    flipped = bytearray(older)
-    flipped[-1] ^= 0x01
+    assert header["blake3"] == blake3(payload).hexdigest() and header["v"] == 2
     with pytest.raises(CorruptChunkError, match="checksum"):
-        decode_chunk(bytes(flipped), ident)
-    with pytest.raises(CorruptChunkError, match="no payload digest"):
         decode_chunk(_reheader(data, drop=("blake3",)), ident)
+    version_1 = _reheader(data, drop=("blake3",), v=1, sha256=hashlib.sha256(payload).hexdigest())
+    with pytest.raises(CorruptChunkError, match="'v'"):
+        decode_chunk(version_1, ident)
 
 
 def test_decoding_verified_bytes_skips_only_the_checksum() -> None:

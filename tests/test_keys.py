@@ -66,7 +66,7 @@ def test_token_packing_round_trip() -> None:
     assert len(pack_tokens(ids)) == 4 * len(ids)
 
 
-KNOWN_KEYS = [
-    "ed3ef803f693fb82722a97aca760001cc804a91094bb3c57f1422f2b43d6d955",
-    "2833648f2c9ebb9c963d1d526c58abb273835a4ceb85b188c9de397754e7cbfc",
+KNOWN_KEYS = [  # format version 2 (BLAKE3 payload digests, 2026-12); version 1's began ed3ef803
+    "a3b4deb3917f5641c10c4acf3efb52fe868c25edb186f0190e0756ac043a92fb",
+    "f479014b23789f5a6cba3d1f84bd081075175dcca9f4434ba7fed5134a7e3039",
 ]

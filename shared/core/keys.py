@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: BLAKE3 payload digests (2026-12); keys of other versions never meet
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEFAULT_CHUNK_TOKENS = 256
 

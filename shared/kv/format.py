@@ -6,8 +6,9 @@ The header names the format version, chunk key, model fingerprint, dtype, shape
 of the payload. Reading checks every one of them against what the reader expects, so a
 truncated, corrupt, foreign-model or wrong-salt object raises CorruptChunkError and is never
 served. BLAKE3 (a cryptographic hash) runs at about 7.5 GB/s on one core here against sha256's
-1.9 GB/s, and verifying every loaded byte is the load path's largest cost; chunks written with a
-sha256 digest (before 2026-12) still verify.
+1.9 GB/s, and verifying every loaded byte is the load path's largest cost. Format version 1 had
+sha256 digests; the version is part of every key, so chunks of either version are never looked
+up by the other (an older loader sharing the store cannot take new chunks for corrupt).
 
 With a cluster secret (CAKE_KV_SECRET) the header also carries `mac`, an HMAC-SHA256 under the
 secret of every other header field (the payload's digest among them), and readers with the
@@ -23,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -37,11 +37,6 @@ _LEN = struct.Struct("<I")
 MAX_HEADER_BYTES = 1 << 20
 CODECS = ("raw", "int8")
 Buffer = bytes | bytearray | memoryview
-#: payload digests (hex) a header may carry, by field name; the first is written
-DIGESTS: dict[str, Callable[[Buffer], str]] = {
-    "blake3": lambda data: blake3(data).hexdigest(),
-    "sha256": lambda data: hashlib.sha256(data).hexdigest(),  # chunks written before 2026-12
-}
 
 
 def identity_fields(ident: ChunkIdentity) -> dict[str, Any]:
@@ -65,8 +60,7 @@ def mac(fields: dict[str, Any], secret: bytes) -> str:
 def pack_chunk(ident: ChunkIdentity, codec: str, payload: bytes, secret: bytes | None) -> bytes:
     """The stored object: magic, header (with the payload's digest, and its MAC under the
     cluster secret when there is one), payload."""
-    name, digest = next(iter(DIGESTS.items()))
-    fields = {**identity_fields(ident), "codec": codec, name: digest(payload)}
+    fields = {**identity_fields(ident), "codec": codec, "blake3": blake3(payload).hexdigest()}
     if secret is not None:
         fields["mac"] = mac(fields, secret)
     header = msgpack.packb(fields)
@@ -99,10 +93,7 @@ def verify_chunk(
 ) -> tuple[dict[str, Any], int]:
     """Check every header field and the payload's digest; the header and the payload offset."""
     header, offset = check_header(data, ident, secret)
-    name = next((name for name in DIGESTS if name in header), None)
-    if name is None:
-        raise corrupt(ident, "no payload digest in the header")
-    if DIGESTS[name](memoryview(data)[offset:]) != header[name]:
+    if blake3(memoryview(data)[offset:]).hexdigest() != header.get("blake3"):
         raise corrupt(ident, "payload checksum mismatch (truncated or corrupt)")
     return header, offset
 
