@@ -53,8 +53,9 @@ async def test_an_s3_server_gone_mid_life_means_computing(
 async def test_a_full_staging_area_means_computing(
     nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No room left in staging (ENOSPC on every staged chunk): each load fails and is counted,
-    compute takes those chunks, the answer is the same, and no staged file is left behind."""
+    """No room left in staging (ENOSPC on every staged chunk): the loads fail and are counted
+    (once one failed, the chunks below it are the head's to compute and are not read), compute
+    takes those chunks, the answer is the same, and no staged file is left behind."""
     from shared.storage.local import LocalStore
 
     tokens = prompt(500, seed=71)
@@ -73,5 +74,6 @@ async def test_a_full_staging_area_means_computing(
             assert res.elapsed_s < 10
         loader = be.services["loader"]
         assert isinstance(loader, Loader)
-        assert value(loader.metrics.registry, "cake_load_failures_total") >= 7
+        failures = value(loader.metrics.registry, "cake_load_failures_total")
+        assert 2 <= failures < 2 * 7  # each request's failed, and none read below a failure
         assert not [p for p in Path(settings.staging_dir).rglob("*") if p.is_file()]

@@ -933,7 +933,8 @@ async def test_a_job_whose_loads_reach_its_head_goes_on_without_the_merger_s_mee
 ) -> None:
     """Once every chunk from its head on is staged, the meeting point is where the head is
     (the merger's rule): compute merges at once, not after the Meet's round trip, and the
-    loader ends the fetch, its staged files gone, without the Meet (NATS may lose it). Here
+    loader ends the fetch (and removes what lies below the meet) without it: NATS may lose
+    it. Here
     no merger runs, so no Meet comes: a load-only job (and a racing head) has its first token
     long before it would go on alone (2 s), with compute-only's tokens and every hit chunk
     loaded, and the loader lets go of it long before its deadline (30 s)."""
@@ -964,7 +965,7 @@ async def test_a_job_whose_loads_reach_its_head_goes_on_without_the_merger_s_mee
                             prefilled, ttft = msg, time.monotonic() - started
                 assert isinstance(msg, Done) and prefilled is not None, msg
                 async with asyncio.timeout(2.0):  # the loader let go of it
-                    while rid in loader.fetches or loader.staging.request_dir(rid).exists():
+                    while rid in loader.fetches:
                         await asyncio.sleep(0.02)
                 return out, prefilled, ttft
 

@@ -82,8 +82,9 @@ class Fetch:
 
     def wants(self, index: int) -> bool:
         """Whether chunk `index` is still worth reading: not below the meeting point, nor
-        computed or in a head step under way."""
-        head = max(self.frontiers.announced, self.frontiers.computed)
+        computed, in a head step under way or below a chunk that failed to load."""
+        tracker = self.frontiers  # (below a failed load the head computes anyway)
+        head = max(tracker.announced, tracker.computed, tracker.floor)
         return index >= max(head, self.meet or 0)
 
     def decide(self, meet: int) -> None:
@@ -166,9 +167,10 @@ class Loader(Service):
     async def on_fetch(self, msg: Message, _: str) -> Message:
         """Start fetching chunks [0, hit) tail first with bounded concurrency."""
         assert isinstance(msg, FetchJob)
-        fetch = Fetch(msg, await self.checked_prompt(msg.space, msg.tokens))
-        if not 0 <= msg.hit <= len(fetch.prompt.keys):
+        prompt = await self.checked_prompt(msg.space, msg.tokens)
+        if not 0 <= msg.hit <= len(prompt.keys):
             raise BadRequestError(f"hit {msg.hit} is not a number of the prompt's chunks")
+        fetch = Fetch(msg, prompt)
         self.fetches[msg.request_id] = fetch
         rid = msg.request_id
         fetch.listening = [
@@ -232,6 +234,7 @@ class Loader(Service):
                     log.exception("chunk load failed unexpectedly", chunk=index)
                 reason = "corrupt" if isinstance(exc, CorruptChunkError) else str(exc) or "timeout"
                 self.metrics.load_failures.inc()
+                fetch.frontiers.on_failed(index)
                 if isinstance(exc, CorruptChunkError):
                     self.metrics.corrupt_chunks.inc()
                 await self.bus.publish(events, LoadFailed(rid, index, reason[:200]))
