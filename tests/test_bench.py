@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,7 +16,7 @@ from bench.profile import Profile
 from bench.report import summarize, table, write_report
 from bench.scratch import scratch
 from bench.sweep import cell_reps
-from shared.runtime.config import staging_base
+from shared.runtime.config import SHM_ROOM_BYTES, staging_base
 
 
 def row(
@@ -147,8 +150,21 @@ def test_a_benchmark_stages_where_a_default_deployment_does_and_leaves_nothing()
     """The scratch directory is on disk; its `staging` is a fresh directory under the default
     staging area's base (shared memory here); both go when the run ends."""
     with scratch("cake-test-") as workdir:
-        staging = (workdir / "staging").resolve()
-        assert staging.parent == staging_base().resolve()
+        staging, in_process = ((workdir / n).resolve() for n in ("staging", "staging-in-process"))
+        assert staging.parent == in_process.parent
+        assert staging.parent.parent == staging_base().resolve()
         (workdir / "staging" / "chunk.kv").write_bytes(b"kv")
         assert (staging / "chunk.kv").read_bytes() == b"kv"
-    assert not workdir.exists() and not staging.exists()
+    assert not workdir.exists() and not staging.parent.exists()
+
+
+def test_a_small_shared_memory_is_not_the_default_staging_area(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Docker gives a container 64 MiB of /dev/shm: staging there would fail every load, so
+    the default goes to the temporary directory unless shared memory holds 1 GiB."""
+    total = {"bytes": 64 << 20}
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(total=total["bytes"]))
+    assert staging_base(tmp_path) == Path(tempfile.gettempdir())
+    total["bytes"] = SHM_ROOM_BYTES
+    assert staging_base(tmp_path) == tmp_path

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
 import socket
 import ssl
 import tempfile
@@ -21,12 +22,15 @@ from shared.core.bandwidth import BandwidthTrace
 from shared.core.errors import ConfigError
 from shared.kv.format import CODECS
 
+SHM_ROOM_BYTES = 1 << 30  # shared memory smaller than this (Docker's default is 64 MiB) is not used
 
-def staging_base() -> Path:
-    """Where the staging area goes by default: shared memory (/dev/shm) when it is writable,
-    else the temporary directory."""
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+def staging_base(shm: Path = Path("/dev/shm")) -> Path:
+    """Where the staging area goes by default: shared memory when it is writable and holds
+    SHM_ROOM_BYTES, else the temporary directory (a small /dev/shm would fail every load)."""
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).total >= SHM_ROOM_BYTES:
+        return shm
+    return Path(tempfile.gettempdir())
 
 
 def _default_staging() -> str:
