@@ -98,6 +98,8 @@ def ceiling_main(config: CeilingConfig, out: Path) -> int:
         print(
             f"{name:5s} raw warm {r['raw_MBps_warm']:7.0f} MB/s  cold {cold:>5s} MB/s  "
             f"delivered {r['delivered_MBps']} MB/s  ratio {r['ratio']}  "
+            f"TTFT / ideal {r['load_ttft_over_ideal_warm']} warm, "
+            f"{r['load_ttft_over_ideal_cold'] or '-'} cold  "
             f"({r['chunks']} chunks, {r['bytes'] / 1e6:.0f} MB)"
         )
     print(f"results: {out / 'ceiling.json'}")

@@ -168,3 +168,18 @@ def test_a_small_shared_memory_is_not_the_default_staging_area(
     assert staging_base(tmp_path) == Path(tempfile.gettempdir())
     total["bytes"] = SHM_ROOM_BYTES
     assert staging_base(tmp_path) == tmp_path
+
+
+def test_a_ceiling_line_says_how_far_load_only_is_from_the_storage_s_pace() -> None:
+    """134 MB at 1,340 MB/s raw (0.1 s) + a 0.2 s suffix is 0.3 s ideal: a 0.39 s load-only TTFT
+    is 1.3x of it; the loader delivered 134 MB in 0.19 s. Without a cold rate (S3), no cold
+    ratio."""
+    from bench.ceiling import store_result
+
+    t = {"load_ttft_s": 0.39, "suffix_ttft_s": 0.2, "suffix_alone_ttft_s": 0.05}
+    line = store_result(134_000_000, 32, 1340.0, 670.0, t)
+    assert line["load_ttft_over_ideal_warm"] == 1.3
+    assert line["load_ttft_over_ideal_cold"] == round(0.39 / 0.4, 3)
+    assert line["delivered_MBps"] == round(134 / 0.19, 1)
+    assert line["ratio"] == round(134 / 0.19 / 1340, 3)
+    assert store_result(134_000_000, 32, 1340.0, None, t)["load_ttft_over_ideal_cold"] is None
