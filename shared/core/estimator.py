@@ -21,6 +21,12 @@ STALE_HOPE = 0.7  # the link estimate's factor per request computed whole withou
 CHUNKS_PER_SAMPLE = 4  # a telemetry window that read more chunks weighs as more than one sample
 
 
+def window_weight(chunks: int) -> float:
+    """Samples a telemetry window of `chunks` loads counts as: one, or chunks /
+    CHUNKS_PER_SAMPLE when more."""
+    return max(1.0, chunks / CHUNKS_PER_SAMPLE)
+
+
 @dataclass
 class Ewma:
     """An exponentially weighted moving average of positive samples, taken over their
@@ -87,12 +93,12 @@ class SplitEstimator:
         request still split on the old link. A window of few reads still counts one sample:
         on a slow link a split's few loads are as telling as a fast link's many."""
         if chunks > 0 and seconds > 0:
-            self.load_s.add(seconds / chunks, max(1.0, chunks / CHUNKS_PER_SAMPLE))
+            self.load_s.add(seconds / chunks, window_weight(chunks))
 
     def observe_near_loads(self, chunks: int, seconds: float) -> None:
         """The near tier delivered `chunks` chunks in `seconds` (weighed as observe_loads)."""
         if chunks > 0 and seconds > 0:
-            self.near_load_s.add(seconds / chunks, max(1.0, chunks / CHUNKS_PER_SAMPLE))
+            self.near_load_s.add(seconds / chunks, window_weight(chunks))
 
     def link_stalled(self, seconds: float) -> None:
         """A fetch made no progress for `seconds`: one sample of that pace a chunk."""

@@ -36,7 +36,6 @@ MAGIC = b"CAKEKV\x00\x01"
 _LEN = struct.Struct("<I")
 MAX_HEADER_BYTES = 1 << 20
 CODECS = ("raw", "int8")
-Buffer = bytes | bytearray | memoryview
 
 
 def identity_fields(ident: ChunkIdentity) -> dict[str, Any]:
@@ -70,6 +69,9 @@ def pack_chunk(ident: ChunkIdentity, codec: str, payload: bytes, secret: bytes |
 def corrupt(ident: ChunkIdentity, why: str) -> CorruptChunkError:
     """The error for a chunk that is not what the reader expects."""
     return CorruptChunkError(f"chunk {ident.key[:16]}: {why}")
+
+
+Buffer = bytes | bytearray | memoryview
 
 
 def _read_header(data: Buffer, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
