@@ -19,6 +19,8 @@ class ReadGate:
         self.changed = asyncio.Condition()
         self._busy_s = 0.0  # busy time not yet taken (take_busy_s)
         self._busy_since: float | None = None  # when the current busy stretch began
+        self._idle_since = time.monotonic()  # when the last read ended (or the gate opened)
+        self.admitted = 0  # reads admitted so far
 
     async def acquire(self) -> None:
         """Wait for a slot."""
@@ -27,15 +29,21 @@ class ReadGate:
             if self.in_flight == 0:
                 self._busy_since = time.monotonic()
             self.in_flight += 1
+            self.admitted += 1
 
     async def release(self) -> None:
         """Give a slot back (and let waiters see a limit that may have grown)."""
         async with self.changed:
             self.in_flight -= 1
             if self.in_flight == 0 and self._busy_since is not None:
-                self._busy_s += time.monotonic() - self._busy_since
+                self._idle_since = time.monotonic()
+                self._busy_s += self._idle_since - self._busy_since
                 self._busy_since = None
             self.changed.notify_all()
+
+    def idle_s(self) -> float:
+        """Seconds since the last read ended (0 while one is in flight)."""
+        return 0.0 if self.in_flight else time.monotonic() - self._idle_since
 
     def take_busy_s(self) -> float:
         """Seconds with a read in flight since the last call (a stretch still going counts up

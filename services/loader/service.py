@@ -16,6 +16,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from services.loader.gate import ReadGate
+from services.loader.link_probe import LinkProbe
 from services.loader.metrics import LoaderMetrics
 from services.loader.telemetry import ReadWindow
 from shared.core.errors import BadRequestError, ConfigError, CorruptChunkError, StoreError
@@ -121,6 +122,7 @@ class Loader(Service):
         self.gate = ReadGate(self.fetch_limit)
         self.metrics.watch_reads(self.gate)
         self.window = ReadWindow()
+        self.link_probe: LinkProbe | None = None  # build() installs one (CAKE_LINK_PROBE_S)
 
     async def start(self) -> None:
         """Subscribe to lookups and this node's fetch and store jobs."""
@@ -132,6 +134,30 @@ class Loader(Service):
         await self.bus.handle(subjects.store(node), self.on_store, queue, STORE_JOBS_AT_ONCE)
         self.loops.spawn(self.sweep_staging())
         self.loops.spawn(self.publish_telemetry(self.telemetry))
+        if self.link_probe is not None and self.settings.link_probe_s > 0:
+            self.loops.spawn(self.probe_link(self.link_probe))
+
+    async def probe_link(self, probe: LinkProbe) -> None:
+        """Once no chunk has been read for CAKE_LINK_PROBE_S, probe the link that often, each
+        reading sent at once (a link that changed while nobody loaded is then known to the
+        mergers before the next request, not after it)."""
+        every, failing = self.settings.link_probe_s, False
+        while True:
+            await asyncio.sleep(every)
+            if self.gate.idle_s() < every:
+                continue
+            admitted = self.gate.admitted
+            try:
+                rate = await probe.read_MBps()
+            except (StoreError, OSError) as exc:
+                if not failing:
+                    log.warning("link probe failed", error=str(exc))
+                failing = True
+                continue
+            failing = False
+            if rate and self.gate.admitted == admitted:  # (else a chunk read shared the link)
+                self.window.probe_MBps = rate
+                await self.send_telemetry(self.telemetry())
 
     def telemetry(self) -> LoaderTelemetry:
         """The window of reads since the last call; a new one opens."""
@@ -383,14 +409,26 @@ async def build(bus: Bus, settings: Settings, resources: AsyncExitStack) -> Load
     staging.sweep(older_than_s=settings.request_timeout_s * 2)
     store = await resources.enter_async_context(store_from_settings(settings))
     loader = Loader(bus, store, staging, settings)
-    if isinstance(store, TieredStore):  # the link is the far tier's; the near one has its own
-        loader.read_MBps = await probe_store(store.far, settings)
+    link = store.far if isinstance(store, TieredStore) else store  # the near tier is no link
+    loader.read_MBps = await probe_store(link, settings)
+    if isinstance(store, TieredStore):
         loader.near_read_MBps = await probe_store(store.near, settings, settings.store_cache)
-    else:
-        loader.read_MBps = await probe_store(store, settings)
     log.info("probed the store", read_MBps=round(loader.read_MBps, 1),
              near_read_MBps=round(loader.near_read_MBps, 1))  # fmt: skip
+    if settings.link_probe_s > 0:
+        probe = LinkProbe(link, staging, settings.node)
+        await probe.install()
+        resources.push_async_callback(remove_quietly, probe)
+        loader.link_probe = probe
     return loader
+
+
+async def remove_quietly(probe: LinkProbe) -> None:
+    """Delete the link probe's object at shutdown (a store that refuses leaves it behind)."""
+    try:
+        await probe.remove()
+    except StoreError as exc:
+        log.warning("link probe object not removed", key=probe.key, error=str(exc))
 
 
 async def probe_store(store: ChunkStore, settings: Settings, where: str | None = None) -> float:

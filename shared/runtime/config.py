@@ -73,6 +73,7 @@ class Settings:
     rpc_timeout_s: float = 5.0  # one request/reply hop (lookup, dispatch)
     fetch_timeout_s: float = 30.0  # one chunk read from storage
     fetch_concurrency: int = 4
+    link_probe_s: float = 1.0  # an idle loader probes its link this often (0: never)
     token_budget: int = 512  # tokens per compute scheduler step
     target_itl_ms: float | None = None  # steer the step budget to this inter-token latency
     decode_share: float = 0.5  # most of a step's budget decode tokens take while prompts wait
@@ -140,6 +141,8 @@ class Settings:
             raise ConfigError(f"CAKE_STORE_CACHE_GB must be positive, got {self.store_cache_gb}")
         if self.s3_part_mb < 0:
             raise ConfigError(f"CAKE_S3_PART_MB must be >= 0 (0: one GET), got {self.s3_part_mb}")
+        if self.link_probe_s < 0:
+            raise ConfigError(f"CAKE_LINK_PROBE_S must be >= 0 (0: never), got {self.link_probe_s}")
         if not 0 < self.decode_share <= 1:
             raise ConfigError(f"CAKE_DECODE_SHARE must be in (0, 1], got {self.decode_share}")
         if not 0 <= self.skip_head_ratio < 1:

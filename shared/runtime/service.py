@@ -80,13 +80,16 @@ class Service:
     async def publish_telemetry(self, snapshot: Callable[[], Message]) -> None:
         """Every CAKE_TELEMETRY_S, the service's telemetry window on its node's subject (a send
         that fails loses one window, not the loop)."""
-        subject = subjects.telemetry(self.name, self.settings.node)
         while True:
             await asyncio.sleep(self.settings.telemetry_s)
-            try:
-                await self.bus.publish(subject, snapshot())
-            except TransportError as exc:
-                log.warning("telemetry not sent", error=str(exc))
+            await self.send_telemetry(snapshot())
+
+    async def send_telemetry(self, window: Message) -> None:
+        """One telemetry window on the node's subject (a send that fails loses it alone)."""
+        try:
+            await self.bus.publish(subjects.telemetry(self.name, self.settings.node), window)
+        except TransportError as exc:
+            log.warning("telemetry not sent", error=str(exc))
 
     async def stop_taking_work(self) -> None:
         """No new work from now on: the handlers' subscriptions and periodic loops end."""
