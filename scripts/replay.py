@@ -4,6 +4,7 @@ computed and loaded events of the requests that matter.
     python scripts/replay.py link-step   # link 4x for 20 s, then 1x: controllers vs fixed
     python scripts/replay.py link-rise   # link 0.5x for 20 s, then 8x: the first requests after
     python scripts/replay.py rise-mid    # link 0.5x, a request sent 0.5 s before it rises 16x
+    python scripts/replay.py idle-rise   # link 0.5x, rises 16x while idle: link probe on, off
     python scripts/replay.py link-drop   # a load-only request whose link drops 10x mid-request
     python scripts/replay.py disturbed [--budget N] [--link X]  # link 2x, compute kept busy
     python scripts/replay.py fast-first  # a fresh merger's first request at io_ratio 16
@@ -56,28 +57,30 @@ async def restart(bench: Bench, controllers: bool = True, **loader: Any) -> None
     )
 
 
-async def on_trace(bench: Bench, steps: str, controllers: bool = True) -> float:
+async def on_trace(bench: Bench, steps: str, controllers: bool = True, **loader: Any) -> float:
     """A fresh merger and loader, the loader on a link trace ("t MBps" lines) whose second 0
-    is a few seconds from now; that moment on the perf_counter clock."""
+    is a few seconds from now (and its other settings as given); that moment on the
+    perf_counter clock."""
     trace = bench.workdir / "link.trace"
     trace.write_text(steps)
     epoch = time.time() + 5
     await restart(
         bench, controllers, store_bandwidth_trace=str(trace), store_bandwidth_period_s=1000.0,
-        store_bandwidth_epoch=epoch,
+        store_bandwidth_epoch=epoch, **loader,
     )  # fmt: skip
     return time.perf_counter() + epoch - time.time()
 
 
 async def taught(
     bench: Bench, ctx: Context, before: float, after: float, teach_at: tuple[float, ...],
-    controllers: bool = True,
+    controllers: bool = True, **loader: Any,
 ) -> float:  # fmt: skip
-    """A fresh merger and loader on a link at `before` x the compute rate that steps to `after`
-    x at second 20, and Cake requests at the seconds `teach_at` that teach the estimate the
-    first link; second 0 on the perf_counter clock."""
+    """A fresh merger and loader (the loader's other settings as given) on a link at `before` x
+    the compute rate that steps to `after` x at second 20, and Cake requests at the seconds
+    `teach_at` that teach the estimate the first link; second 0 on the perf_counter clock."""
     rate = ctx.kv_rate_mbps
-    start = await on_trace(bench, f"0 {before * rate:.3f}\n20 {after * rate:.3f}\n", controllers)
+    steps = f"0 {before * rate:.3f}\n20 {after * rate:.3f}\n"
+    start = await on_trace(bench, steps, controllers, **loader)
     for second in teach_at:
         await at(start, second)
         await bench.request(ctx, KvMode.CAKE)
@@ -140,6 +143,20 @@ async def rise_mid() -> None:
                     await traced(bench, ctx, f"round {round_}, {mode}")
 
 
+async def idle_rise() -> None:
+    """Requests at 0.5x teach the estimate a slow link; it rises to 8x at second 20 while
+    nothing loads; a Cake request 2.5 s after, with the idle link probe (CAKE_LINK_PROBE_S=1)
+    and without it (0), each followed by load-only. Three rounds."""
+    async with calibrated(2048, 2048 + 128) as (bench, ctx):
+        for round_ in range(3):
+            for probe_s in (1.0, 0.0):
+                start = await taught(bench, ctx, 0.5, 8, (3.0, 8.0, 13.0), link_probe_s=probe_s)
+                await at(start, 22.5)
+                await traced(bench, ctx, f"round {round_}, CAKE_LINK_PROBE_S={probe_s:g}")
+                load = (await bench.request(ctx, KvMode.LOAD)).ttft_s
+                print(f"  load-only after it {load:.3f} s", flush=True)
+
+
 async def link_drop() -> None:
     """Requests at 8x teach the estimate load-only; the next is sent 0.1 s before the link
     drops to 0.8x; then compute-only for comparison. Three rounds."""
@@ -197,14 +214,16 @@ async def fast_first() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    choices = ("link-step", "link-rise", "rise-mid", "link-drop", "disturbed", "fast-first")
+    choices = (
+        "link-step", "link-rise", "rise-mid", "idle-rise", "link-drop", "disturbed", "fast-first",
+    )  # fmt: skip
     parser.add_argument("replay", choices=choices)
     parser.add_argument("--budget", type=int, default=2048 + 128, help="disturbed: step tokens")
     parser.add_argument("--link", type=float, default=2.0, help="disturbed: x the compute rate")
     args = parser.parse_args()
     replays = {
         "link-step": link_step, "link-rise": link_rise, "rise-mid": rise_mid,
-        "link-drop": link_drop, "fast-first": fast_first,
+        "idle-rise": idle_rise, "link-drop": link_drop, "fast-first": fast_first,
         "disturbed": lambda: disturbed(args.budget, args.link),
     }  # fmt: skip
     asyncio.run(replays[args.replay]())

@@ -1,16 +1,18 @@
-"""The idle link probe: an idle loader keeps reading the link's pace, and the mergers learn it."""
+"""The idle link probe: an idle loader keeps reading how its link changes, and the mergers
+learn it."""
 
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
+import statistics
 from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
 
 from services.loader.gate import ReadGate
-from services.loader.link_probe import LinkProbe
+from services.loader.link_probe import LinkPace, LinkProbe
 from services.loader.service import Loader
 from services.loader.service import build as build_loader
 from services.merger.service import Merger
@@ -20,93 +22,52 @@ from shared.runtime.service import running
 from shared.storage.local import LocalStore
 from shared.storage.staging import Staging
 from shared.storage.throttled import ThrottledStore
-from shared.wire import subjects
 from shared.wire.bus import Bus
-from shared.wire.messages import LoaderTelemetry, Message, ModelInfo, Space
+from shared.wire.messages import LoaderTelemetry, Message
 from tests.harness import stack_settings
 
 
 async def test_the_gate_counts_idle_time_from_the_last_read() -> None:
     gate = ReadGate(FetchLimit(2.0, max_limit=2))
     await gate.acquire()
-    assert gate.idle_s() == 0.0  # a read in flight
+    assert gate.idle_s() == 0.0 and gate.admitted == 1  # a read in flight
     await asyncio.sleep(0.05)
     await gate.release()
     await asyncio.sleep(0.1)
     assert 0.1 <= gate.idle_s() < 0.5
 
 
+def test_a_reading_scales_the_pace_of_the_reads_before_it() -> None:
+    """The first reading after chunk reads anchors their pace; later readings scale it by how
+    the link's rate changed; new reads anchor anew. Before any read, a reading says nothing."""
+    pace = LinkPace()
+    assert pace.probed(10.0) is None  # no chunk read yet: nothing to scale
+    pace.saw(4, 0.8)  # 0.2 s a chunk
+    pace.saw(0, 0.5)  # busy without a finished read (one still in flight, or failed)
+    assert pace.probed(10.0) is None  # the anchor
+    assert pace.probed(10.0) == pytest.approx(0.2)
+    assert pace.probed(80.0) == pytest.approx(0.025)  # the link rose 8x
+    pace.saw(2, 0.1)  # reads at the new pace
+    assert pace.probed(80.0) is None
+    assert pace.probed(20.0) == pytest.approx(0.2)  # then it fell 4x
+
+
 async def test_a_probe_reads_at_the_link_s_rate_and_is_stored_again_when_evicted(
     tmp_path: Path,
 ) -> None:
-    async with ThrottledStore(LocalStore(tmp_path / "store"), bandwidth_MBps=10) as store:
+    async with ThrottledStore(LocalStore(tmp_path / "store"), bandwidth_MBps=4) as store:
         staging = Staging(tmp_path / "staging")
         probe = LinkProbe(store, staging, "n")
         await probe.install()
-        rate = await probe.read_MBps()
-        assert rate is not None and 8.0 < rate <= 10.0  # 1 MiB at 10 MB/s, hashed after
+        rate = await probe.timed_read_MBps()
+        assert rate is not None and 3.0 < rate <= 4.0  # 1 MiB at 4 MB/s
         await store.delete(probe.key)  # evicted
-        assert await probe.read_MBps() is None
+        assert await probe.timed_read_MBps() is None
         assert await store.exists(probe.key)  # and stored again
-        assert await probe.read_MBps() is not None
+        assert await probe.timed_read_MBps() is not None
         await probe.remove()
         assert not await store.exists(probe.key)
         assert staging.usage_bytes() == 0  # nothing left staged
-
-
-async def test_an_idle_loader_follows_its_link_and_removes_its_probe_at_shutdown(
-    nats_url: str, tmp_path: Path
-) -> None:
-    """The link goes from 8 to 80 MB/s two seconds after the loader starts, while nothing is
-    read: the probe's readings, each sent at once, follow it."""
-    settings = stack_settings(
-        nats_url, tmp_path, store_bandwidth_trace="0:8,2:80", store_bandwidth_period_s=100.0,
-        link_probe_s=0.2, telemetry_s=30.0,
-    )  # fmt: skip
-    got: list[tuple[float, float]] = []
-
-    async def collect(message: Message, _: str) -> None:
-        if isinstance(message, LoaderTelemetry) and message.probe_MBps > 0:
-            got.append((time.monotonic(), message.probe_MBps))
-
-    client = await Bus.connect(nats_url, "test-client")
-    try:
-        await client.handle(subjects.TELEMETRY_ALL, collect)
-        await client.flush()
-
-        def connect() -> Awaitable[Bus]:
-            return Bus.connect(nats_url, "test-loader")
-
-        started = time.monotonic()
-        async with running(build_loader, settings, connect) as loader:
-            assert isinstance(loader, Loader) and loader.link_probe is not None
-            key = loader.link_probe.key
-            await asyncio.sleep(3.0)
-    finally:
-        await client.close()
-    slow = [rate for at, rate in got if at - started < 1.8]
-    fast = [rate for at, rate in got if at - started > 2.3]
-    assert slow and all(6.0 < r <= 8.0 for r in slow), got  # never faster than the link
-    assert fast and all(40.0 < r <= 80.0 for r in fast), got
-    async with LocalStore(settings.store) as store:
-        assert not await store.exists(key)  # removed when the loader closed
-
-
-async def test_every_merger_learns_a_probed_link_in_chunks_once_it_knows_their_size() -> None:
-    """A probe reading is one sample of the link's pace a chunk: chunk bytes over the rate."""
-    space = Space("f", 2, 2, 16, "float32", 128)  # 32 KiB a chunk
-    probed = LoaderTelemetry(
-        node="n", window_s=1.0, reads=0, nbytes=0, read_s=0.0, busy_s=0.0, in_flight=0,
-        read_limit=4, stalls=0, failures=0, probe_MBps=32.768,
-    )  # fmt: skip
-    merger = Merger(None, Settings())  # type: ignore[arg-type]
-    await merger.on_telemetry(probed, "cake.telemetry.loader.n")
-    assert merger.estimator.load_s.value is None  # no chunk size yet: compute has not said
-    merger.remember(ModelInfo("default", space, None, "n", chunk_compute_s=0.1))
-    await merger.on_telemetry(probed, "cake.telemetry.loader.n")
-    for estimator in (merger.estimator, merger.node_estimator("n")):
-        assert estimator.load_s.value == pytest.approx(space.chunk_bytes() / 32.768e6)
-    assert space.chunk_bytes() == 128 * 2 * 2 * 2 * 16 * 4
 
 
 class Published:
@@ -119,26 +80,85 @@ class Published:
         self.sent.append(message)
 
 
-async def test_a_probe_that_shared_the_link_with_a_chunk_read_is_not_sent(tmp_path: Path) -> None:
-    """Probes run only once the gate has been idle for CAKE_LINK_PROBE_S, and a reading taken
-    while a chunk read began is not the idle link's: it is dropped."""
+class CountedProbe(LinkProbe):
+    """A probe that counts its reads."""
+
+    reads = 0
+
+    async def timed_read_MBps(self) -> float | None:
+        self.reads += 1
+        return await super().timed_read_MBps()
+
+
+async def test_an_idle_loader_sends_how_its_link_changed_and_not_while_chunks_are_read(
+    tmp_path: Path,
+) -> None:
+    """Chunk reads took 0.1 s a chunk on a 5 MB/s link, which rises to 20 MB/s at second 1.5:
+    the probes anchor then follow it (0.025 s a chunk). None runs while a chunk read is in
+    flight, and a reading a chunk read overlapped is dropped."""
     settings = Settings(staging_dir=str(tmp_path / "staging"), link_probe_s=0.05)
-    async with ThrottledStore(LocalStore(tmp_path / "store"), bandwidth_MBps=5) as store:
+    trace = [(0.0, 5.0), (1.5, 20.0)]
+    async with ThrottledStore(LocalStore(tmp_path / "store"), trace=trace) as store:
         bus = Published()
         loader = Loader(bus, store, Staging(settings.staging_dir), settings)  # type: ignore[arg-type]
-        probe = LinkProbe(store, loader.staging, "n")
+        probe = CountedProbe(store, loader.staging, "n")
         await probe.install()
+        loader.link_pace.saw(4, 0.4)  # the last fetch's reads
         await loader.gate.acquire()  # a chunk read in flight: no probe
         task = asyncio.create_task(loader.probe_link(probe))
-        await asyncio.sleep(0.3)
-        assert bus.sent == []
-        await loader.gate.release()
-        await asyncio.sleep(0.12)  # idle long enough: a probe (1 MiB at 5 MB/s: 0.2 s) starts
-        await loader.gate.acquire()  # and a chunk read begins while it runs
-        await asyncio.sleep(0.3)
-        assert bus.sent == []
-        await loader.gate.release()
-        await asyncio.sleep(0.6)
-        task.cancel()
-        rates = [m.probe_MBps for m in bus.sent if isinstance(m, LoaderTelemetry)]
-        assert rates and all(4.0 < r <= 5.0 for r in rates), rates
+        try:
+            await asyncio.sleep(0.3)
+            assert probe.reads == 0 and bus.sent == []
+            await loader.gate.release()
+            while probe.reads == 0:  # once idle for 0.05 s, a probe (1 MiB at 5 MB/s: 0.2 s)
+                await asyncio.sleep(0.01)
+            await loader.gate.acquire()  # and a chunk read begins while it runs
+            await asyncio.sleep(0.3)
+            assert probe.reads == 1 and bus.sent == []  # its reading was dropped
+            await loader.gate.release()
+            await asyncio.sleep(2.0)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    paces = [m.probe_chunk_s for m in bus.sent if isinstance(m, LoaderTelemetry)]
+    assert paces[0] == 0.0  # the anchor
+    slow = [p for p in paces[1:] if p > 0.05]
+    fast = [p for p in paces[1:] if p <= 0.05]
+    assert slow and fast and paces[1:] == slow + fast, paces  # slow first, then fast
+    assert statistics.median(slow) == pytest.approx(0.1, rel=0.1)
+    assert statistics.median(fast) == pytest.approx(0.025, rel=0.25)
+
+
+async def test_a_loader_stores_its_probe_and_removes_it_at_shutdown(
+    nats_url: str, tmp_path: Path
+) -> None:
+    settings = stack_settings(nats_url, tmp_path, link_probe_s=0.2)
+
+    def connect() -> Awaitable[Bus]:
+        return Bus.connect(nats_url, "test-loader")
+
+    async with running(build_loader, settings, connect) as loader:
+        assert isinstance(loader, Loader) and loader.link_probe is not None
+        key = loader.link_probe.key
+        assert await loader.store.exists(key)
+    async with LocalStore(settings.store) as store:
+        assert not await store.exists(key)
+    async with running(build_loader, settings.replace(link_probe_s=0.0), connect) as loader:
+        assert isinstance(loader, Loader) and loader.link_probe is None  # 0: never
+
+
+async def test_every_merger_takes_a_probe_reading_as_one_sample_of_the_link() -> None:
+    def window(probe_chunk_s: float) -> LoaderTelemetry:
+        return LoaderTelemetry(
+            node="n", window_s=1.0, reads=0, nbytes=0, read_s=0.0, busy_s=0.0, in_flight=0,
+            read_limit=4, stalls=0, failures=0, probe_chunk_s=probe_chunk_s,
+        )  # fmt: skip
+
+    merger = Merger(None, Settings())  # type: ignore[arg-type]
+    await merger.on_telemetry(window(0.0), "cake.telemetry.loader.n")
+    assert merger.estimator.load_s.value is None  # no reading: nothing learnt
+    await merger.on_telemetry(window(0.2), "cake.telemetry.loader.n")
+    await merger.on_telemetry(window(0.05), "cake.telemetry.loader.n")
+    for estimator in (merger.estimator, merger.node_estimator("n")):
+        assert estimator.load_s.value == pytest.approx(0.1)  # the geometric mean of the two

@@ -12,11 +12,12 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import structlog
 from prometheus_client import CollectorRegistry
 
 from services.loader.gate import ReadGate
-from services.loader.link_probe import LinkProbe
+from services.loader.link_probe import LinkPace, LinkProbe
 from services.loader.metrics import LoaderMetrics
 from services.loader.telemetry import ReadWindow
 from shared.core.errors import BadRequestError, ConfigError, CorruptChunkError, StoreError
@@ -123,6 +124,7 @@ class Loader(Service):
         self.metrics.watch_reads(self.gate)
         self.window = ReadWindow()
         self.link_probe: LinkProbe | None = None  # build() installs one (CAKE_LINK_PROBE_S)
+        self.link_pace = LinkPace()  # the last chunk reads' pace, anchored to a probe reading
 
     async def start(self) -> None:
         """Subscribe to lookups and this node's fetch and store jobs."""
@@ -134,13 +136,13 @@ class Loader(Service):
         await self.bus.handle(subjects.store(node), self.on_store, queue, STORE_JOBS_AT_ONCE)
         self.loops.spawn(self.sweep_staging())
         self.loops.spawn(self.publish_telemetry(self.telemetry))
-        if self.link_probe is not None and self.settings.link_probe_s > 0:
+        if self.link_probe is not None:
             self.loops.spawn(self.probe_link(self.link_probe))
 
     async def probe_link(self, probe: LinkProbe) -> None:
-        """Once no chunk has been read for CAKE_LINK_PROBE_S, probe the link that often, each
-        reading sent at once (a link that changed while nobody loaded is then known to the
-        mergers before the next request, not after it)."""
+        """Once no chunk has been read for CAKE_LINK_PROBE_S, probe the link that often, and
+        send at once what each reading says a chunk takes now (see LinkPace): a link that
+        changed while nobody loaded is then known to the mergers before the next request."""
         every, failing = self.settings.link_probe_s, False
         while True:
             await asyncio.sleep(every)
@@ -148,16 +150,21 @@ class Loader(Service):
                 continue
             admitted = self.gate.admitted
             try:
-                rate = await probe.read_MBps()
-            except (StoreError, OSError) as exc:
+                rate = await probe.timed_read_MBps()
+            except Exception as exc:  # (a store or staging error; the loop goes on)
                 if not failing:
-                    log.warning("link probe failed", error=str(exc))
+                    log.warning("link probe failed", error=repr(exc))
                 failing = True
                 continue
             failing = False
-            if rate and self.gate.admitted == admitted:  # (else a chunk read shared the link)
-                self.window.probe_MBps = rate
-                await self.send_telemetry(self.telemetry())
+            if rate is None or self.gate.admitted != admitted:  # a chunk read shared the link
+                continue
+            window = self.telemetry()  # (the reads it closes count before the reading)
+            chunk_s = self.link_pace.probed(rate)
+            if chunk_s is not None:
+                await self.send_telemetry(msgspec.structs.replace(window, probe_chunk_s=chunk_s))
+            else:
+                await self.send_telemetry(window)
 
     def telemetry(self) -> LoaderTelemetry:
         """The window of reads since the last call; a new one opens."""
@@ -165,7 +172,9 @@ class Loader(Service):
         tiers = self.store.take_reads() if isinstance(self.store, TieredStore) else None
         for tier, reads in (tiers or {}).items():
             self.metrics.tier_reads.labels(tier=tier).inc(reads.reads)
-        return window.message(self.settings.node, self.gate, tiers, self.store_problem)
+        message = window.message(self.settings.node, self.gate, tiers, self.store_problem)
+        self.link_pace.saw(*message.far_pace())
+        return message
 
     async def on_info(self, _: Message, __: str) -> Message:
         """Answer that a loader is up, on which node, and whether its store takes writes (the
@@ -418,12 +427,12 @@ async def build(bus: Bus, settings: Settings, resources: AsyncExitStack) -> Load
     if settings.link_probe_s > 0:
         probe = LinkProbe(link, staging, settings.node)
         await probe.install()
-        resources.push_async_callback(remove_quietly, probe)
+        resources.push_async_callback(remove_or_warn, probe)
         loader.link_probe = probe
     return loader
 
 
-async def remove_quietly(probe: LinkProbe) -> None:
+async def remove_or_warn(probe: LinkProbe) -> None:
     """Delete the link probe's object at shutdown (a store that refuses leaves it behind)."""
     try:
         await probe.remove()

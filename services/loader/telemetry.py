@@ -21,7 +21,6 @@ class ReadWindow:
     read_s: float = 0.0
     stalls: int = 0
     failures: int = 0
-    probe_MBps: float = 0.0  # the idle link probe's last reading (0: none)
 
     def read(self, seconds: float, nbytes: int) -> None:
         """A chunk read finished."""
@@ -52,5 +51,4 @@ class ReadWindow:
             near_nbytes=near.nbytes, near_busy_s=near.busy_s,
             far_reads=tiers[FAR].reads if tiers else 0,
             far_busy_s=tiers[FAR].busy_s if tiers else None, store_problem=store_problem,
-            probe_MBps=self.probe_MBps,
         )  # fmt: skip

@@ -105,20 +105,11 @@ class Merger(Service):
                 estimator.observe_compute(msg.head_chunks, msg.head_s)
             self.placement.observe(msg.node, msg.running, msg.waiting, time.monotonic())
         elif isinstance(msg, LoaderTelemetry):
-            probed = self.probe_chunk_s(msg.probe_MBps)
             for estimator in self.estimates(msg.node):
                 estimator.observe_loads(*msg.far_pace())
                 estimator.observe_near_loads(msg.near_reads, msg.near_busy_s)
-                if probed is not None:
-                    estimator.observe_loads(1, probed)
+                estimator.observe_loads(1, msg.probe_chunk_s)  # (0: no reading, nothing learnt)
             self.placement.observe_loader(msg.node, time.monotonic())
-
-    def probe_chunk_s(self, probe_MBps: float) -> float | None:
-        """A chunk's load time at the rate an idle link probe read (None: no reading, or no
-        chunk size known yet: compute has not said what it serves)."""
-        if probe_MBps <= 0 or self.info is None:
-            return None
-        return self.info.space.chunk_bytes() / (probe_MBps * 1e6)
 
     def node_estimator(self, node: str) -> SplitEstimator:
         """The estimate of one node, from its own telemetry."""
@@ -224,10 +215,11 @@ class Merger(Service):
         except (Unavailable, RemoteError) as exc:
             log.warning("lookup failed; computing everything", error=str(exc))
             return 0, ()
+        chunk_bytes = space.chunk_tokens * space.key_space().layout.bytes_per_token
         for pace, probed in ((self.estimator.load_s, reply.read_MBps),
                              (self.estimator.near_load_s, reply.near_read_MBps)):  # fmt: skip
             if pace.value is None and probed > 0:  # the first estimate
-                pace.add(space.chunk_bytes() / (probed * 1e6))
+                pace.add(chunk_bytes / (probed * 1e6))
         return reply.stored_chunks, reply.near_chunks
 
     async def fail(

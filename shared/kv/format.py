@@ -56,18 +56,10 @@ def mac(fields: dict[str, Any], secret: bytes) -> str:
     return hmac.new(secret, msgpack.packb(signed), hashlib.sha256).hexdigest()
 
 
-Buffer = bytes | bytearray | memoryview
-
-
-def payload_digest(payload: Buffer) -> str:
-    """The payload's digest a chunk's header carries (BLAKE3, hex)."""
-    return blake3(memoryview(payload)).hexdigest()
-
-
 def pack_chunk(ident: ChunkIdentity, codec: str, payload: bytes, secret: bytes | None) -> bytes:
     """The stored object: magic, header (with the payload's digest, and its MAC under the
     cluster secret when there is one), payload."""
-    fields = {**identity_fields(ident), "codec": codec, "blake3": payload_digest(payload)}
+    fields = {**identity_fields(ident), "codec": codec, "blake3": blake3(payload).hexdigest()}
     if secret is not None:
         fields["mac"] = mac(fields, secret)
     header = msgpack.packb(fields)
@@ -77,6 +69,9 @@ def pack_chunk(ident: ChunkIdentity, codec: str, payload: bytes, secret: bytes |
 def corrupt(ident: ChunkIdentity, why: str) -> CorruptChunkError:
     """The error for a chunk that is not what the reader expects."""
     return CorruptChunkError(f"chunk {ident.key[:16]}: {why}")
+
+
+Buffer = bytes | bytearray | memoryview
 
 
 def _read_header(data: Buffer, ident: ChunkIdentity) -> tuple[dict[str, Any], int]:
@@ -100,7 +95,7 @@ def verify_chunk(
 ) -> tuple[dict[str, Any], int]:
     """Check every header field and the payload's digest; the header and the payload offset."""
     header, offset = check_header(data, ident, secret)
-    if payload_digest(memoryview(data)[offset:]) != header.get("blake3"):
+    if blake3(memoryview(data)[offset:]).hexdigest() != header.get("blake3"):
         raise corrupt(ident, "payload checksum mismatch (truncated or corrupt)")
     return header, offset
 

@@ -114,10 +114,6 @@ class Space(msgspec.Struct, frozen=True):
         layout = KVLayout(self.layers, self.kv_heads, self.head_dim, self.dtype)
         return KeySpace(self.fingerprint, layout, self.chunk_tokens, self.salt)
 
-    def chunk_bytes(self) -> int:
-        """Bytes of one chunk's KV, as loaded (keys and values of every layer)."""
-        return self.chunk_tokens * self.key_space().layout.bytes_per_token
-
     def salted(self, salt: str) -> Space:
         """The same space with another salt."""
         return msgspec.structs.replace(self, salt=salt)
@@ -270,7 +266,7 @@ class LoaderTelemetry(Message):
     far_reads: int = 0  # with a near tier: the reads the store behind it served
     far_busy_s: float | None = None  # time with a far read in flight (None: no near tier)
     store_problem: str = ""  # why its last write-back failed, until one succeeds ("": none)
-    probe_MBps: float = 0.0  # the link's rate its idle probe read (CAKE_LINK_PROBE_S; 0: none)
+    probe_chunk_s: float = 0.0  # a chunk's load time now, by the idle link probe (0: none)
 
     @property
     def link_MBps(self) -> float:
