@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
+import uuid
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from shared.core.fetch_limit import FetchLimit
 from shared.runtime.config import Settings
 from shared.runtime.service import running
 from shared.storage.local import LocalStore
+from shared.storage.s3 import S3Store
 from shared.storage.staging import Staging
 from shared.storage.throttled import ThrottledStore
 from shared.wire.bus import Bus
@@ -68,6 +70,19 @@ async def test_a_probe_reads_at_the_link_s_rate_and_is_stored_again_when_evicted
         await probe.remove()
         assert not await store.exists(probe.key)
         assert staging.usage_bytes() == 0  # nothing left staged
+
+
+async def test_a_probe_reads_from_s3_too(s3_endpoint: str, tmp_path: Path) -> None:
+    """The S3 store reads the probe in one GET into the staged file."""
+    bucket = "cake-" + uuid.uuid4().hex[:12]
+    async with S3Store(bucket, "kv/", endpoint_url=s3_endpoint) as store:
+        await store.ensure_bucket()
+        probe = LinkProbe(store, Staging(tmp_path / "staging"), "n")
+        await probe.install()
+        rate = await probe.timed_read_MBps()
+        assert rate is not None and rate > 0
+        await probe.remove()
+        assert not await store.exists(probe.key)
 
 
 class Published:
