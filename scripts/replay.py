@@ -8,6 +8,7 @@ computed and loaded events of the requests that matter.
     python scripts/replay.py link-drop   # a load-only request whose link drops 10x mid-request
     python scripts/replay.py disturbed [--budget N] [--link X]  # link 2x, compute kept busy
     python scripts/replay.py fast-first  # a fresh merger's first request at io_ratio 16
+    python scripts/replay.py memory-on   # stored prompts, compute's memory tier on: Cake TTFT
 
 Run from the repository root with nothing else running (timings). Link speeds are in units of
 the compute side's KV rate, calibrated first, as in `cake bench`.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -26,8 +28,8 @@ from typing import Any
 
 import aiohttp
 
-from bench.client import completion_body, prompt_text, stream_completion
-from bench.sweep import Bench, BenchConfig, Context
+from bench.client import completion_body, first_token, prompt_text, stream_completion
+from bench.sweep import Bench, BenchConfig, Context, evict_page_cache
 from shared.core.request import KvMode
 
 
@@ -212,10 +214,37 @@ async def fast_first() -> None:
             print(f"  load-only after it {[round(t, 3) for t in loads]}", flush=True)
 
 
+async def memory_on() -> None:
+    """With compute's memory tier on (the default; the benchmarks turn it off), six prompts of
+    4,096 tokens stored by compute-only requests, then each once in Cake at 16x and at 1x: the
+    tier fills as they run, and none of them finds its prompt there."""
+    async with calibrated(4096, 2048 + 128) as (bench, ctx):
+        budget = 2048 + 128
+        await asyncio.to_thread(
+            bench.stack.restart, "compute", token_budget=budget, memory_tier=True
+        )
+        for ratio in (16.0, 1.0):
+            await restart(bench, store_bandwidth_mbps=ratio * ctx.kv_rate_mbps)
+            texts = [prompt_text(4096, seed=1000 + k + int(ratio * 100)) for k in range(6)]
+            salt = f"memory-on-{time.time()}"
+            for text in texts:
+                await stream_completion(bench.session, bench.stack.url, completion_body(
+                    text, 1, salt, kv_mode="compute"))  # fmt: skip
+            ttfts = []
+            for text in texts:
+                await asyncio.sleep(1)
+                evict_page_cache(bench.workdir / "store")
+                timing = await first_token(bench.session, bench.stack.url, text, KvMode.CAKE, salt)
+                ttfts.append(timing.ttft_s)
+            print(f"io_ratio {ratio:g}: Cake TTFT {[round(t, 3) for t in ttfts]}, median "
+                  f"{statistics.median(ttfts):.3f} s", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     choices = (
         "link-step", "link-rise", "rise-mid", "idle-rise", "link-drop", "disturbed", "fast-first",
+        "memory-on",
     )  # fmt: skip
     parser.add_argument("replay", choices=choices)
     parser.add_argument("--budget", type=int, default=2048 + 128, help="disturbed: step tokens")
@@ -224,6 +253,7 @@ def main() -> None:
     replays = {
         "link-step": link_step, "link-rise": link_rise, "rise-mid": rise_mid,
         "idle-rise": idle_rise, "link-drop": link_drop, "fast-first": fast_first,
+        "memory-on": memory_on,
         "disturbed": lambda: disturbed(args.budget, args.link),
     }  # fmt: skip
     asyncio.run(replays[args.replay]())

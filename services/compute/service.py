@@ -118,6 +118,7 @@ class Compute(Service):
         self.metrics.watch_admission(self.admission)
         # the first cache tier: prompt chunks' KV kept in the budget's free part
         self.pool = PrefixPool(self.metrics.evicted.inc) if settings.memory_tier else None
+        self.to_remember: list[tuple[Job, range]] = []  # chunks for the memory tier (remember)
         if self.pool is not None:
             self.metrics.watch_pool(self.pool)
 
@@ -346,6 +347,8 @@ class Compute(Service):
                 decoded = any(p.phase == Phase.DECODE for p in step)
                 self.step_budget.observe(seconds, decoded)
             await self.send(outbox)
+        if self.to_remember:
+            await asyncio.get_running_loop().run_in_executor(self.stepper, self.keep_remembered)
         self.start_writebacks()
         await self.retire()
         return bool(step)
@@ -633,17 +636,26 @@ class Compute(Service):
         return taken
 
     def remember(self, job: Job, chunks: range) -> None:
-        """Leave these complete prompt chunks in the memory tier (copies from the slot)."""
-        if self.pool is None or not job.memory:
-            return
-        assert isinstance(job.cache, SlotCache)
-        for i in chunks:
-            if i >= len(job.prompt.keys) or job.prompt.keys[i] in self.pool:
+        """Leave these complete prompt chunks in the memory tier, once the step's messages are
+        out (keep_remembered): their copies are no part of anyone's time to first token."""
+        if self.pool is not None and job.memory:
+            self.to_remember.append((job, chunks))
+
+    def keep_remembered(self) -> None:
+        """Copy the chunks remember() noted from their jobs' slots into the memory tier (in the
+        stepper thread, at the end of the step: before the next plans and before any of those
+        jobs retires and gives its slot back)."""
+        pending, self.to_remember = self.to_remember, []
+        for job, chunks in pending:
+            if self.pool is None or not isinstance(job.cache, SlotCache):
                 continue
-            chunk = job.cache.chunk(*job.prompt.space.chunk_bounds(i))
-            if not self.pool.put(job.prompt.keys[i], chunk, self.pool_room()):
-                break
-        self.pool.touch(job.prompt.keys[: chunks.stop])
+            for i in chunks:
+                if i >= len(job.prompt.keys) or job.prompt.keys[i] in self.pool:
+                    continue
+                chunk = job.cache.chunk(*job.prompt.space.chunk_bounds(i))
+                if not self.pool.put(job.prompt.keys[i], chunk, self.pool_room()):
+                    break
+            self.pool.touch(job.prompt.keys[: chunks.stop])
 
     def run_step(self, step: list[Piece]) -> Outbox:
         """Plan each chosen piece, run all that need the model in one forward pass, finish
