@@ -136,3 +136,51 @@ def test_pool_refuses_a_chunk_larger_than_its_room_and_evicts_nothing() -> None:
     assert list(pool.chunks) == ["a"] and pool.bytes == 128
     assert pool.put("a", chunk(3.0), limit_bytes=0)  # held already: only touched
     assert float(pool.chunks["a"][0, 0, 0, 0, 0]) == 1.0
+
+
+def test_a_request_waiting_for_chunks_another_merges_takes_them_in_the_same_step(
+    tmp_path: Path,
+) -> None:
+    """The memory tier's copies wait for the end of a step (off the first token's path), except
+    when a merge fills chunks another request waits for: then they land before that request is
+    planned, and it takes them instead of computing them again."""
+    import time
+
+    from services.compute.job import Job
+    from shared.core.keys import KeySpace, PromptChunks, pack_tokens
+    from shared.core.request import Sampling
+    from shared.storage.staging import Staging
+    from shared.wire.messages import PrefillJob, Space
+
+    runner = default_runner()
+    settings = stack_settings("nats://127.0.0.1:1", tmp_path, memory_tier=True)
+    compute = Compute(None, runner, Staging(str(tmp_path / "staging")), settings)  # type: ignore[arg-type]
+    space = KeySpace(runner.fingerprint, runner.layout, CHUNK)
+    tokens = prompt(CHUNK * 6 + 10, seed=90)  # 6 complete chunks
+    chunks = PromptChunks.of(space, tokens)
+
+    def job(rid: str, hit: int, fetched: bool) -> Job:
+        msg = PrefillJob(
+            rid, pack_tokens(tokens), Space.of(space), hit, True, Sampling(max_tokens=4),
+            time.time() + 60, fetched=fetched,
+        )  # fmt: skip
+        new = Job(msg, chunks, frozenset(), None, piece=2 * CHUNK, memory=True)
+        compute.admission.offer(rid, new.capacity * space.layout.bytes_per_token)
+        compute.admit(new)
+        return new
+
+    loading, waiting = job("loading", 4, True), job("waiting", 0, False)
+    waiting.meet = waiting.hit
+    compute.jobs = {"loading": loading, "waiting": waiting}
+    compute.prepare()
+    assert waiting.blocked  # "loading" will fill chunks 0-3
+    slot = loading.cache
+    assert slot is not None
+    for j in range(4):  # its loads land in its slot, and its meeting point is chunk 0
+        slot.place(j * CHUNK, slot.kv[:, :, :, :CHUNK].clone().zero_())  # type: ignore[union-attr]
+        loading.placed.add(j)
+    loading.meet = 0
+    compute.prepare()  # merges them, and "waiting" is planned next
+    assert loading.merged
+    assert sorted(waiting.reused) == [0, 1, 2, 3] and waiting.candidate().tokens == 0
+    assert compute.to_remember == []

@@ -549,10 +549,12 @@ class Compute(Service):
             self.merge_if_met(job)
         if self.pool is None:
             return []
+        wanted = {j.prompt.keys[i] for j in list(self.jobs.values()) for i in j.chunks_to_fill()}
+        if wanted & self.remembered_keys():  # a merge just filled chunks another job waits for
+            self.keep_remembered()
         if self.pool_stale:  # give running jobs their room, keeping what they are about to take
             self.pool_stale = False
-            keep = {j.prompt.keys[i] for j in list(self.jobs.values()) for i in j.chunks_to_fill()}
-            self.pool.shrink(self.pool_room(), keep)
+            self.pool.shrink(self.pool_room(), wanted)
         return self.reuse_pooled()
 
     def place_loaded(self, job: Job) -> None:
@@ -641,20 +643,31 @@ class Compute(Service):
         if self.pool is not None and job.memory:
             self.to_remember.append((job, chunks))
 
+    def remembered_keys(self) -> set[str]:
+        """Keys of the chunks remember() noted and the memory tier does not hold yet."""
+        return {job.prompt.keys[i] for job, chunks in self.to_remember
+                for i in chunks if i < len(job.prompt.keys)}  # fmt: skip
+
     def keep_remembered(self) -> None:
         """Copy the chunks remember() noted from their jobs' slots into the memory tier (in the
-        stepper thread, at the end of the step: before the next plans and before any of those
-        jobs retires and gives its slot back)."""
+        stepper thread: at the end of the step, before any of those jobs retires and gives its
+        slot back, or in prepare() when another job waits for them). The tier is a cache: a
+        copy that fails (out of memory) is left out."""
         pending, self.to_remember = self.to_remember, []
         for job, chunks in pending:
-            if self.pool is None or not isinstance(job.cache, SlotCache):
+            cache = job.cache
+            if self.pool is None or not isinstance(cache, SlotCache):
                 continue
-            for i in chunks:
-                if i >= len(job.prompt.keys) or job.prompt.keys[i] in self.pool:
-                    continue
-                chunk = job.cache.chunk(*job.prompt.space.chunk_bounds(i))
-                if not self.pool.put(job.prompt.keys[i], chunk, self.pool_room()):
-                    break
+            try:
+                for i in chunks:
+                    if i >= len(job.prompt.keys) or job.prompt.keys[i] in self.pool:
+                        continue
+                    chunk = cache.chunk(*job.prompt.space.chunk_bounds(i))
+                    if not self.pool.put(job.prompt.keys[i], chunk, self.pool_room()):
+                        break
+            except (RuntimeError, ValueError) as exc:  # (torch's out of memory is a RuntimeError)
+                log.warning("chunks not kept in the memory tier", error=str(exc))
+                continue
             self.pool.touch(job.prompt.keys[: chunks.stop])
 
     def run_step(self, step: list[Piece]) -> Outbox:
