@@ -549,12 +549,14 @@ class Compute(Service):
             self.merge_if_met(job)
         if self.pool is None:
             return []
-        wanted = {j.prompt.keys[i] for j in list(self.jobs.values()) for i in j.chunks_to_fill()}
-        if wanted & self.remembered_keys():  # a merge just filled chunks another job waits for
-            self.keep_remembered()
-        if self.pool_stale:  # give running jobs their room, keeping what they are about to take
-            self.pool_stale = False
-            self.pool.shrink(self.pool_room(), wanted)
+        if self.to_remember or self.pool_stale:  # (what jobs are about to take, only then)
+            jobs = list(self.jobs.values())
+            wanted = {j.prompt.keys[i] for j in jobs for i in j.chunks_to_fill()}
+            if wanted & self.remembered_keys():  # a merge just filled chunks a job waits for
+                self.keep_remembered()
+            if self.pool_stale:  # give running jobs their room, keeping what they will take
+                self.pool_stale = False
+                self.pool.shrink(self.pool_room(), wanted)
         return self.reuse_pooled()
 
     def place_loaded(self, job: Job) -> None:

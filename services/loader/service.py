@@ -149,9 +149,10 @@ class Loader(Service):
             if self.gate.idle_s() < every:
                 continue
             admitted = self.gate.admitted
+            timeout = self.settings.fetch_timeout_s  # (a read that hangs is cut off, as a chunk's)
             try:
-                rate = await probe.timed_read_MBps()
-            except Exception as exc:  # (a store or staging error; the loop goes on)
+                rate = await asyncio.wait_for(probe.timed_read_MBps(), timeout)
+            except Exception as exc:  # (a store or staging error, or the timeout: the loop goes on)
                 if not failing:
                     log.warning("link probe failed", error=repr(exc))
                 failing = True
@@ -160,11 +161,8 @@ class Loader(Service):
             if rate is None or self.gate.admitted != admitted:  # a chunk read shared the link
                 continue
             window = self.telemetry()  # (the reads it closes count before the reading)
-            chunk_s = self.link_pace.probed(rate)
-            if chunk_s is not None:
-                await self.send_telemetry(msgspec.structs.replace(window, probe_chunk_s=chunk_s))
-            else:
-                await self.send_telemetry(window)
+            chunk_s = self.link_pace.probed(rate) or 0.0  # (0: the anchor, nothing to say yet)
+            await self.send_telemetry(msgspec.structs.replace(window, probe_chunk_s=chunk_s))
 
     def telemetry(self) -> LoaderTelemetry:
         """The window of reads since the last call; a new one opens."""
