@@ -19,6 +19,7 @@ from services.compute.service import Compute, Work
 from services.compute.telemetry import StepWindow
 from services.launcher.in_process import Result
 from services.loader.service import Loader, probe_store
+from services.loader.telemetry import ReadWindow
 from services.merger.service import Merger
 from shared.core.errors import ConfigError, RemoteError, RequestTimeout, StoreError
 from shared.core.keys import KeySpace, PromptChunks, pack_tokens, unpack_tokens
@@ -219,7 +220,9 @@ async def test_compute_down_fails_fast_with_503(nats_url: str, tmp_path: Path) -
     assert res.elapsed_s < 5
 
 
-async def test_corrupt_stored_chunk_is_recomputed_counted_and_deleted(local: Backend) -> None:
+async def test_corrupt_stored_chunk_is_recomputed_counted_and_deleted(
+    local: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tokens = prompt(500, seed=23)
     ref = await local.generate(tokens, kv_mode="compute")
     keys = PromptChunks.of(
@@ -231,12 +234,23 @@ async def test_corrupt_stored_chunk_is_recomputed_counted_and_deleted(local: Bac
     data = await store.get(victim)
     assert data is not None
     await store.put(victim, data[:-10] + b"\xff" * 10)  # same length, bad checksum
+    loader = local.services["loader"]
+    assert isinstance(loader, Loader)
+    failed: list[bool] = []  # ReadWindow.failed calls (stalled?), whichever window is open
+    failed_read = ReadWindow.failed
+
+    def spy(window: ReadWindow, stalled: bool) -> None:
+        failed.append(stalled)
+        failed_read(window, stalled)
+
+    monkeypatch.setattr(ReadWindow, "failed", spy)
+    limit = loader.fetch_limit.limit
     res = await local.generate(tokens, kv_mode="load")
     assert res.tokens == ref.tokens
     assert res.done.chunks_loaded == 1  # only chunk 6 (above the corrupt one) could be used
-    loader = local.services["loader"]
-    assert isinstance(loader, Loader)
     assert value(loader.metrics.registry, "cake_corrupt_chunks_total") == 1
+    assert failed == [False]  # one failed read in the telemetry, not a stall,
+    assert loader.fetch_limit.limit >= limit  # and the chunk's fault: the link's limit stays
     assert not await store.exists(victim) or (await store.get(victim)) != data[:-10] + b"\xff" * 10
 
 

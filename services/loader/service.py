@@ -295,6 +295,9 @@ class Loader(Service):
             nbytes = len(data)
             data.release()
             return nbytes
+        except CorruptChunkError:  # the chunk's fault, not the link's: the limit stays
+            self.window.failed(stalled=False)
+            raise
         except (StoreError, TimeoutError, OSError) as exc:
             self.fetch_limit.on_failure()
             self.window.failed(stalled=isinstance(exc, TimeoutError))
