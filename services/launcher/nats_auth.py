@@ -14,51 +14,50 @@ from typing import Any
 
 from shared.wire import subjects
 
-STREAMS = "cake.req.*.stream"  # a request's Tokens, Done and Failed
-FETCHES = "cake.loader.*.fetch"
-LOOKUPS = "cake.loader.*.lookup"  # a lookup routed to one node's loader
-PREFILLS = "cake.compute.*.prefill"  # a job routed to one node's compute
-STORES = "cake.loader.*.store"
-CANCELS = "cake.req.*.cancel"  # a request's Cancel
-TELEMETRY = "cake.telemetry.*.*"  # a service's telemetry on its node
-DISCOVERY = "$SRV.>"  # nats.micro's PING, INFO and STATS: every service answers, observers ask
-
 ROLES: dict[str, dict[str, list[str]]] = {
     "gateway": {
         "publish": [
             subjects.GENERATE, subjects.COMPUTE_INFO, subjects.MERGER_INFO, subjects.LOADER_INFO,
-            CANCELS,
+            subjects.CANCEL_ALL,
         ],
-        "subscribe": [STREAMS, DISCOVERY, subjects.TELEMETRY_ALL],  # stores' problems
+        "subscribe": [  # (telemetry: the stores' problems)
+            subjects.STREAM_ALL, subjects.DISCOVERY, subjects.TELEMETRY_ALL,
+        ],
     },
     "merger": {
         "publish": [
-            subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, PREFILLS, subjects.LOOKUP, LOOKUPS,
-            FETCHES,
-            subjects.CONTROL_ALL, CANCELS, STREAMS,  # Meet, StartHead; Cancel; Failed
+            subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, subjects.PREFILL_ALL,
+            subjects.LOOKUP, subjects.LOOKUP_ALL, subjects.FETCH_ALL,
+            subjects.CONTROL_ALL,  # Meet, StartHead
+            subjects.CANCEL_ALL, subjects.STREAM_ALL,  # Cancel; Failed
         ],
         "subscribe": [
             subjects.GENERATE, subjects.MERGER_INFO, subjects.EVENTS_ALL, subjects.TELEMETRY_ALL,
-            CANCELS,  # a client's Cancel, to relay
-            DISCOVERY,
+            subjects.CANCEL_ALL,  # a client's Cancel, to relay
+            subjects.DISCOVERY,
         ],
     },
     "compute": {
-        "publish": [STREAMS, subjects.EVENTS_ALL, LOOKUPS, STORES, TELEMETRY],  # its write-backs
+        "publish": [
+            subjects.STREAM_ALL, subjects.EVENTS_ALL, subjects.LOOKUP_ALL,
+            subjects.STORE_ALL, subjects.TELEMETRY_EACH,  # (lookups, stores: its write-backs)
+        ],
         "subscribe": [
-            subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, PREFILLS, subjects.CONTROL_ALL,
-            CANCELS, subjects.EVENTS_ALL, DISCOVERY,
+            subjects.COMPUTE_INFO, subjects.COMPUTE_PREFILL, subjects.PREFILL_ALL,
+            subjects.CONTROL_ALL, subjects.CANCEL_ALL, subjects.EVENTS_ALL, subjects.DISCOVERY,
         ],
     },
     "loader": {
-        "publish": [subjects.EVENTS_ALL, TELEMETRY],
+        "publish": [subjects.EVENTS_ALL, subjects.TELEMETRY_EACH],
         "subscribe": [
-            subjects.LOOKUP, LOOKUPS, subjects.LOADER_INFO, FETCHES, STORES, subjects.CONTROL_ALL,
-            CANCELS, subjects.EVENTS_ALL, DISCOVERY,  # (HeadComputing, ChunkComputed)
+            subjects.LOOKUP, subjects.LOOKUP_ALL, subjects.LOADER_INFO, subjects.FETCH_ALL,
+            subjects.STORE_ALL, subjects.CONTROL_ALL, subjects.CANCEL_ALL,
+            subjects.EVENTS_ALL, subjects.DISCOVERY,  # (HeadComputing, ChunkComputed)
         ],
     },
     "observer": {  # benchmark timelines, dashboards, `nats micro ls`
-        "publish": [DISCOVERY], "subscribe": [subjects.EVENTS_ALL, subjects.TELEMETRY_ALL],
+        "publish": [subjects.DISCOVERY],
+        "subscribe": [subjects.EVENTS_ALL, subjects.TELEMETRY_ALL],
     },
 }  # fmt: skip
 

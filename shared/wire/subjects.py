@@ -25,6 +25,15 @@ CANCEL_ALL = f"{ROOT}.req.*.cancel"
 EVENTS_ALL = f"{ROOT}.req.*.events"  # every request's chunk events (benchmark timelines)
 TELEMETRY_ALL = f"{ROOT}.telemetry.>"  # every node's telemetry (mergers, operators)
 
+# wildcards of the per-node and per-request subjects below (the server's permissions)
+STREAM_ALL = f"{ROOT}.req.*.stream"  # a request's Tokens, Done and Failed
+FETCH_ALL = f"{ROOT}.loader.*.fetch"
+LOOKUP_ALL = f"{ROOT}.loader.*.lookup"  # a lookup routed to one node's loader
+PREFILL_ALL = f"{ROOT}.compute.*.prefill"  # a job routed to one node's compute
+STORE_ALL = f"{ROOT}.loader.*.store"
+TELEMETRY_EACH = f"{ROOT}.telemetry.*.*"  # a service's telemetry on its node
+DISCOVERY = "$SRV.>"  # nats.micro's PING, INFO and STATS: every service answers, observers ask
+
 QUEUE_MERGER = "merger"
 QUEUE_COMPUTE = "compute"
 QUEUE_LOADER = "loader"
