@@ -205,7 +205,8 @@ class HeadComputing(Message):
 
 class ChunkComputed(Message):
     """compute -> merger and loader: head chunks [0, upto) are computed (or, reused: taken
-    from compute's memory tier, which says nothing of how fast compute is)."""
+    from compute's memory tier). They act on `upto`; the step's duration and `reused` are for
+    observers of the request's events (the mergers learn compute's pace from its telemetry)."""
 
     request_id: str
     upto: int
@@ -214,7 +215,8 @@ class ChunkComputed(Message):
 
 
 class ChunkLoaded(Message):
-    """loader -> merger: hit chunk `index` is staged at `staged` (a file path)."""
+    """loader -> merger and compute: hit chunk `index` is staged at `staged` (a file path);
+    its bytes and read time are for observers (the link's pace travels on telemetry)."""
 
     request_id: str
     index: int
@@ -267,11 +269,6 @@ class LoaderTelemetry(Message):
     far_busy_s: float | None = None  # time with a far read in flight (None: no near tier)
     store_problem: str = ""  # why its last write-back failed, until one succeeds ("": none)
     probe_chunk_s: float = 0.0  # a chunk's load time now, by the idle link probe (0: none)
-
-    @property
-    def link_MBps(self) -> float:
-        """What the store delivered while reading (0: no reads)."""
-        return self.nbytes / 1e6 / self.busy_s if self.busy_s > 0 else 0.0
 
     def far_pace(self) -> tuple[int, float]:
         """Reads of the store proper (behind the near tier, if any) and the time it was busy
