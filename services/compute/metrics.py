@@ -29,7 +29,7 @@ class ComputeMetrics:
         r = self.registry = registry or new_registry()
         self.running = Gauge(
             "cake_compute_requests_running",
-            "Requests in the scheduler (accepted, not finished)",
+            "Requests admitted: holding their KV memory, not finished",
             registry=r,
         )
         self.running.set_function(running)

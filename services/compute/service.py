@@ -646,7 +646,7 @@ class Compute(Service):
             self.to_remember.append((job, chunks))
 
     def remembered_keys(self) -> set[str]:
-        """Keys of the chunks remember() noted and the memory tier does not hold yet."""
+        """Keys of the chunks remember() noted, not yet copied into the memory tier."""
         return {job.prompt.keys[i] for job, chunks in self.to_remember
                 for i in chunks if i < len(job.prompt.keys)}  # fmt: skip
 
@@ -869,7 +869,7 @@ class Compute(Service):
         await self.tasks.wait(WRITEBACK_DRAIN_S)
 
     async def close(self) -> None:
-        """The service's close, then the write-back thread."""
+        """The service's close, then the write-back and step threads."""
         await super().close()
         self.writer.shutdown(wait=False, cancel_futures=True)
         self.stepper.shutdown(wait=False, cancel_futures=True)

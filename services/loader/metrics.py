@@ -70,7 +70,9 @@ class LoaderMetrics:
         )
         self.chunks_stored = counter("cake_chunks_stored", "Chunks written back to the store")
         self.bytes_stored = counter("cake_bytes_stored", "Bytes of the chunks written back")
-        self.store_failures = counter("cake_store_failures", "Chunks whose write-back failed")
+        self.store_failures = counter(
+            "cake_store_failures", "Write-backs (a request's chunks) that failed"
+        )
         self.tier_reads = Counter(
             "cake_tier_reads",
             "Chunk reads by the tier that served them (near: CAKE_STORE_CACHE; counted with "

@@ -18,7 +18,7 @@ OUTCOMES = (
     "no_fetch",  # the estimator found the hit too short to split: compute took it all
     "no_loader",  # no loader answered on the compute node: compute took it all
     "failed",  # the request failed (compute unavailable, an error, the merger shut down)
-    "cancelled",  # the client cancelled while the request was handed out: no fetch, no Meet
+    "cancelled",  # the client cancelled before the meeting point
 )
 
 
@@ -51,8 +51,7 @@ class MergerMetrics:
         )
         self.requests = Counter(
             "cake_merger_requests",
-            "Requests coordinated, by kv_mode and outcome (met, resumed_head, stalled, memory, "
-            "no_hit, no_fetch, no_loader, failed, cancelled)",
+            f"Requests coordinated, by kv_mode and outcome ({', '.join(OUTCOMES)})",
             ("kv_mode", "outcome"),
             registry=r,
         )

@@ -1,9 +1,9 @@
 """The adaptive controller's estimate: how fast each side is, and what that suggests.
 
-The merger feeds it every request's telemetry (seconds per computed head chunk, seconds per
-loaded chunk on the shared link) as exponentially weighted geometric averages, a window of
-loads that read many chunks weighing as several samples, and asks it for
-advice before each request: skip the head when the link delivers a chunk in less than
+The merger feeds it each node's telemetry windows and each request's outcome (seconds per
+computed head chunk, seconds per loaded chunk on the shared link) as exponentially weighted
+geometric averages, a window of loads that read many chunks weighing as several samples, and
+asks it for advice before each request: skip the head when the link delivers a chunk in less than
 `skip_head_ratio` of the time a chunk takes to compute (the head could then save at most that
 fraction, less than running both sides costs); skip the loads when the split would save no
 more than `split_cost_chunks` head chunks, what its extra steps cost; otherwise a hint of where
