@@ -9,6 +9,7 @@ computed and loaded events of the requests that matter.
     python scripts/replay.py disturbed [--budget N] [--link X]  # link 2x, compute kept busy
     python scripts/replay.py fast-first  # a fresh merger's first request at io_ratio 16
     python scripts/replay.py memory-on   # stored prompts, compute's memory tier on: Cake TTFT
+    python scripts/replay.py balance [--tokens N]  # at io_ratio 1: where a Cake request's time goes
 
 Run from the repository root with nothing else running (timings). Link speeds are in units of
 the compute side's KV rate, calibrated first, as in `cake bench`.
@@ -214,6 +215,20 @@ async def fast_first() -> None:
             print(f"  load-only after it {[round(t, 3) for t in loads]}", flush=True)
 
 
+async def balance(tokens: int) -> None:
+    """Four times: a fresh merger and loader at io_ratio 1, the first and a second Cake request
+    traced, then one load-only and one compute-only request."""
+    async with calibrated(tokens, tokens + 128) as (bench, ctx):
+        for round_ in range(4):
+            await restart(bench, store_bandwidth_mbps=ctx.kv_rate_mbps)
+            await traced(bench, ctx, f"round {round_}, first request")
+            await traced(bench, ctx, f"round {round_}, second request")
+            load = (await bench.request(ctx, KvMode.LOAD)).ttft_s
+            salt = f"balance-compute-{time.time()}"
+            compute = (await bench.request(ctx, KvMode.COMPUTE, salt)).ttft_s
+            print(f"  load-only {load:.3f} s, compute-only {compute:.3f} s", flush=True)
+
+
 async def memory_on() -> None:
     """With compute's memory tier on (the default; the benchmarks turn it off), six prompts of
     4,096 tokens stored by compute-only requests, then each once in Cake at 16x and at 1x: the
@@ -244,16 +259,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     choices = (
         "link-step", "link-rise", "rise-mid", "idle-rise", "link-drop", "disturbed", "fast-first",
-        "memory-on",
+        "memory-on", "balance",
     )  # fmt: skip
     parser.add_argument("replay", choices=choices)
     parser.add_argument("--budget", type=int, default=2048 + 128, help="disturbed: step tokens")
     parser.add_argument("--link", type=float, default=2.0, help="disturbed: x the compute rate")
+    parser.add_argument("--tokens", type=int, default=2048, help="balance: prompt tokens")
     args = parser.parse_args()
     replays = {
         "link-step": link_step, "link-rise": link_rise, "rise-mid": rise_mid,
         "idle-rise": idle_rise, "link-drop": link_drop, "fast-first": fast_first,
-        "memory-on": memory_on,
+        "memory-on": memory_on, "balance": lambda: balance(args.tokens),
         "disturbed": lambda: disturbed(args.budget, args.link),
     }  # fmt: skip
     asyncio.run(replays[args.replay]())
