@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -23,6 +25,23 @@ from shared.runtime.service import Builder, Service, running
 from shared.storage.base import ChunkStore
 from shared.storage.s3 import S3Store
 from shared.wire.bus import Bus
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float = 5.0
+) -> None:
+    """Wait until condition() holds (polled every 50 ms), or fail saying what did not happen:
+    telemetry windows and background copies land when they land, not after a fixed sleep."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(0.05)
 
 
 @cache

@@ -15,7 +15,7 @@ from services.gateway import app as gateway_app
 from services.launcher.stack import SERVICES
 from shared.core.errors import StoreError
 from shared.storage.local import LocalStore
-from tests.harness import backend, stack_settings
+from tests.harness import backend, eventually, stack_settings
 
 
 async def test_health_is_503_with_the_reason_until_every_service_answers(
@@ -111,7 +111,12 @@ async def test_health_reports_each_nodes_store_problem_whichever_loader_answers(
         body = {"prompt": "z" * 300, "max_tokens": 2}
         async with session.post(f"{be.url}/v1/completions", json=body) as resp:
             assert resp.status == 200  # its write-back, on this node, failed
-        await asyncio.sleep(0.6)  # three telemetry periods
+
+        async def degraded() -> bool:  # once its telemetry told the gateway
+            async with session.get(f"{be.url}/health") as resp:
+                return "the store refuses writes" in str((await resp.json()).get("degraded"))
+
+        await eventually(degraded, "the write problem in /health")
         answers = []
         for _ in range(10):
             async with session.get(f"{be.url}/health") as resp:

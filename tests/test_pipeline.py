@@ -58,7 +58,14 @@ from shared.wire.messages import (
     StoreJob,
     Tokens,
 )
-from tests.harness import Backend, backend, default_runner, s3_backend, stack_settings
+from tests.harness import (
+    Backend,
+    backend,
+    default_runner,
+    eventually,
+    s3_backend,
+    stack_settings,
+)
 from tests.prom import value
 
 M = TypeVar("M", bound=Message)
@@ -663,8 +670,9 @@ async def test_a_resumed_head_steps_to_where_it_meets_the_loads_at_their_pace(
         computed = [event.upto for event in steps]
     assert got.tokens == ref.tokens
     assert len(resumed) == 1
-    # frontier F of 6-10 by then, a pace of 0.2-0.3 s: ceil(F x pace / (0.2 + pace)) is 3-6
-    assert 3 <= resumed[0].head_hint <= 6
+    # frontier F of 6-10 by then, a pace of 0.2 s or more (0.25 s and the watcher's lag when
+    # no chunk came yet): ceil(F x pace / (0.2 + pace)) is 3-7, short of the loads' 8 or more
+    assert 3 <= resumed[0].head_hint <= 7
     assert computed and computed[0] == resumed[0].head_hint
 
 
@@ -672,11 +680,11 @@ async def test_a_head_hinted_by_a_stale_estimate_probes_one_chunk_first(
     nats_url: str, tmp_path: Path
 ) -> None:
     """The estimate says the two sides meet at chunk 7 (a loaded chunk believed to take twice a
-    computed one) while the link delivers a chunk each 10 ms: the head's first step is one
+    computed one) while the link delivers a chunk each 30 ms: the head's first step is one
     chunk, not a whole head step of 8, so little is committed before the loads' own pace shows.
     The answer is compute-only's."""
     tokens = prompt(700, seed=36)  # 10 usable chunks
-    async with over_a_slow_link(nats_url, tmp_path, tokens, 0.01) as (ref, be):
+    async with over_a_slow_link(nats_url, tmp_path, tokens, 0.03) as (ref, be):  # all in 0.3 s
         merger_believing(be, compute_chunk_s=0.05, load_chunk_s=0.1)
         steps = await heard(be, subjects.EVENTS_ALL, ChunkComputed)
         announced = await heard(be, subjects.EVENTS_ALL, HeadComputing)
@@ -951,7 +959,7 @@ async def test_a_job_whose_loads_reach_its_head_goes_on_without_the_merger_s_mee
     loader ends the fetch (and removes what lies below the meet) without it: NATS may lose
     it. Here
     no merger runs, so no Meet comes: a load-only job (and a racing head) has its first token
-    long before it would go on alone (2 s), with compute-only's tokens and every hit chunk
+    without going on alone (after 2 s), with compute-only's tokens and every hit chunk
     loaded, and the loader lets go of it long before its deadline (30 s)."""
     settings = stack_settings(nats_url, tmp_path, fetch_timeout_s=1.0, rpc_timeout_s=0.5)
     tokens = prompt(300, seed=45)  # 4 usable chunks
@@ -988,7 +996,7 @@ async def test_a_job_whose_loads_reach_its_head_goes_on_without_the_merger_s_mee
             raced, _, raced_took = await run("r-no-meet-head", True)
     assert loaded == raced == ref.tokens
     assert prefilled.chunks_loaded == 4  # met at chunk 0: every hit chunk came from the loads
-    assert took < 1.5 and raced_took < 1.5  # going on alone would take 2 s
+    assert took < 2.0 and raced_took < 2.0  # going on alone would take 2 s (and count below)
     went_on_alone = value(
         compute.registry(), "cake_compute_went_on_alone_total", decided="computes_head"
     )
@@ -1040,9 +1048,17 @@ async def test_compute_and_loader_publish_telemetry_that_the_merger_learns_from(
         await asyncio.sleep(0.5)
         assert merger.estimator.load_s.value is None  # nothing was read yet
         cake = await be.generate(tokens)
-        await asyncio.sleep(0.5)  # two more windows
-    computes = [m for m in got if isinstance(m, ComputeTelemetry)]
-    loaders = [m for m in got if isinstance(m, LoaderTelemetry)]
+
+        def windows(kind: type[M]) -> list[M]:
+            return [m for m in got if isinstance(m, kind)]
+
+        await eventually(
+            lambda: len(windows(ComputeTelemetry)) >= 5 and len(windows(LoaderTelemetry)) >= 5
+            and sum(m.reads for m in windows(LoaderTelemetry)) >= cake.done.chunks_loaded
+            and merger.estimator.load_s.value is not None,
+            "the windows with the Cake request's reads, heard by the merger",
+        )  # fmt: skip
+    computes, loaders = windows(ComputeTelemetry), windows(LoaderTelemetry)
     assert len(computes) >= 5 and len(loaders) >= 5  # every 0.2 s, busy or not
     assert all(m.node == settings.node and 0.1 < m.window_s < 1.0 for m in computes + loaders)
     assert sum(m.tokens["prefill"] for m in computes) >= 700  # the compute-only prefill
@@ -1088,11 +1104,19 @@ async def test_a_near_tier_is_filled_by_verified_reads_and_its_pace_learned(
         assert (reply.stored_chunks, reply.near_chunks) == (10, ())
         loaded = await be.generate(tokens, kv_mode="load")
         assert loaded.tokens == reference.tokens and loaded.done.chunks_loaded == 10
-        await asyncio.sleep(0.5)  # the copies land; windows go out
-        assert (await lookup()).near_chunks == tuple(range(10))
+
+        async def copied_near() -> bool:
+            return (await lookup()).near_chunks == tuple(range(10))
+
+        await eventually(copied_near, "the verified chunks copied to the near tier")
         again = await be.generate(tokens, kv_mode="load")
         assert again.tokens == reference.tokens
-        await asyncio.sleep(0.5)
+        await eventually(
+            lambda: sum(m.reads for m in got) >= 20
+            and merger.estimator.near_load_s.value is not None,
+            "the windows of both requests' reads, heard by the merger",
+        )  # fmt: skip
+        await asyncio.sleep(0.3)  # (a window with a read too many would go out by now)
     assert sum(m.reads - m.near_reads for m in got) == 10  # the far reads, then
     assert sum(m.near_reads for m in got) == 10  # the near ones
     assert all(m.far_busy_s is not None for m in got)
