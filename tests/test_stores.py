@@ -466,6 +466,19 @@ def test_a_bandwidth_trace_repeats_after_its_period(tmp_path: Path) -> None:
     assert down.transfer_end(0.5, 3_000_000) == pytest.approx(3.5)
 
 
+def test_a_step_of_a_periodic_trace_always_ends_after_the_second_asked() -> None:
+    """A period that floats cannot hold exactly (0.3 s): at t = 109 x 0.3, t / 0.3 rounds to a
+    hair under 109, and the last step's end came out as t itself, so transfer_end looped
+    forever (a read through the throttled store hung at 100 % CPU)."""
+    trace = BandwidthTrace([(0.0, 5.0), (0.15, 20.0)], 0.3)
+    for k in range(1, 20_000):
+        t = k * 0.3
+        assert trace.step_at(t)[1] > t, t
+    t = 109 * 0.3  # 32.699999999999996
+    assert trace.rate_MBps(t) == 5.0  # the period's first step
+    assert trace.transfer_end(t, 500_000) == pytest.approx(t + 0.1)
+
+
 @pytest.mark.parametrize(
     ("spec", "period", "why"),
     [
