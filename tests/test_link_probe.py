@@ -21,6 +21,7 @@ from shared.core.fetch_limit import FetchLimit
 from shared.runtime.config import Settings
 from shared.runtime.service import running
 from shared.storage.local import LocalStore
+from shared.storage.memory import MemoryStore
 from shared.storage.s3 import S3Store
 from shared.storage.staging import Staging
 from shared.storage.throttled import ThrottledStore
@@ -177,3 +178,35 @@ async def test_every_merger_takes_a_probe_reading_as_one_sample_of_the_link() ->
     await merger.on_telemetry(window(0.05), "cake.telemetry.loader.n")
     for estimator in (merger.estimator, merger.node_estimator("n")):
         assert estimator.load_s.value == pytest.approx(0.1)  # the geometric mean of the two
+
+
+class InstantProbe(LinkProbe):
+    """A probe whose reading is ready at once (no store)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def timed_read_MBps(self) -> float | None:
+        self.reads += 1
+        return 10.0
+
+
+async def test_the_probe_loop_ends_when_cancelled_whenever_the_cancel_comes(
+    tmp_path: Path,
+) -> None:
+    """Cancelled at any point of its cycle, even as a reading completes, the loop ends: with
+    asyncio.wait_for around the read, Python 3.11 swallowed a cancel that came as the read
+    ended, and the loop (and a loader's shutdown) went on for ever."""
+    settings = Settings(staging_dir=str(tmp_path / "staging"), link_probe_s=1e-6)
+    loader = Loader(Published(), MemoryStore(), Staging(settings.staging_dir), settings)  # type: ignore[arg-type]
+    probe = InstantProbe()
+    for k in range(200):
+        task = asyncio.create_task(loader.probe_link(probe))
+        for _ in range(k % 9):  # a different point of the cycle each time
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+        if not task.done():
+            task.cancel()  # (one more try, so the failure below does not leave it spinning)
+        assert task.done(), f"the loop outlived its cancel at point {k % 9} of its cycle"
+    assert probe.reads > 0

@@ -288,8 +288,11 @@ class Compute(Service):
         """Run steps while there is runnable work; sleep until a message wakes it (or the
         next deadline passes). An error outside a job (NATS gone) is logged, not fatal."""
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that comes
+            # as the awaited wait ends, and the loop would outlive its service
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=self.until_next_deadline())
+                async with asyncio.timeout(self.until_next_deadline()):
+                    await self.wake.wait()
             self.wake.clear()
             try:
                 while await self.step():

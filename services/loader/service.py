@@ -151,7 +151,8 @@ class Loader(Service):
             admitted = self.gate.admitted
             timeout = self.settings.fetch_timeout_s  # (a read that hangs is cut off, as a chunk's)
             try:
-                rate = await asyncio.wait_for(probe.timed_read_MBps(), timeout)
+                async with asyncio.timeout(timeout):  # (not wait_for: see Compute.loop)
+                    rate = await probe.timed_read_MBps()
             except Exception as exc:  # (a store or staging error, or the timeout: the loop goes on)
                 if not failing:
                     log.warning("link probe failed", error=repr(exc))
@@ -286,8 +287,10 @@ class Loader(Service):
         node's fetch limit."""
         try:
             started = time.perf_counter()
-            read = read_verified(self.store, fetch.prompt, index, incoming.allocate, self.secret)
-            data = await asyncio.wait_for(read, timeout)
+            async with asyncio.timeout(timeout):  # (not wait_for: see Compute.loop)
+                data = await read_verified(
+                    self.store, fetch.prompt, index, incoming.allocate, self.secret
+                )
             if data is None:
                 raise StoreError("missing (evicted since the lookup)")
             self.fetch_limit.on_read(time.perf_counter() - started, len(data))
