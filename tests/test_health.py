@@ -15,6 +15,8 @@ from services.gateway import app as gateway_app
 from services.launcher.stack import SERVICES
 from shared.core.errors import StoreError
 from shared.storage.local import LocalStore
+from shared.wire import subjects
+from shared.wire.messages import LoaderTelemetry, Message
 from tests.harness import backend, eventually, stack_settings
 
 
@@ -108,15 +110,18 @@ async def test_health_reports_each_nodes_store_problem_whichever_loader_answers(
         backend(healthy, healthy_store, ("loader",)),
         aiohttp.ClientSession() as session,
     ):
+        told: list[LoaderTelemetry] = []  # the failing node's windows that name its problem
+
+        async def hear(msg: Message, _: str) -> None:
+            if isinstance(msg, LoaderTelemetry) and msg.node == settings.node and msg.store_problem:
+                told.append(msg)
+
+        await be.client.handle(subjects.TELEMETRY_ALL, hear)
         body = {"prompt": "z" * 300, "max_tokens": 2}
         async with session.post(f"{be.url}/v1/completions", json=body) as resp:
             assert resp.status == 200  # its write-back, on this node, failed
-
-        async def degraded() -> bool:  # once its telemetry told the gateway
-            async with session.get(f"{be.url}/health") as resp:
-                return "the store refuses writes" in str((await resp.json()).get("degraded"))
-
-        await eventually(degraded, "the write problem in /health")
+        # two windows heard here: the gateway, which hears the same subject, has the first
+        await eventually(lambda: len(told) >= 2, "two telemetry windows naming the problem")
         answers = []
         for _ in range(10):
             async with session.get(f"{be.url}/health") as resp:
