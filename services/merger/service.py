@@ -215,11 +215,10 @@ class Merger(Service):
         except (Unavailable, RemoteError) as exc:
             log.warning("lookup failed; computing everything", error=str(exc))
             return 0, ()
-        chunk_bytes = space.chunk_tokens * space.key_space().layout.bytes_per_token
         for pace, probed in ((self.estimator.load_s, reply.read_MBps),
                              (self.estimator.near_load_s, reply.near_read_MBps)):  # fmt: skip
             if pace.value is None and probed > 0:  # the first estimate
-                pace.add(chunk_bytes / (probed * 1e6))
+                pace.add(space.chunk_bytes() / (probed * 1e6))
         return reply.stored_chunks, reply.near_chunks
 
     async def fail(

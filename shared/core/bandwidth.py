@@ -76,7 +76,7 @@ class BandwidthTrace:
         if self.period_s is not None:
             periods = math.floor(t / self.period_s)
             if (periods + 1) * self.period_s <= t:  # t / period rounded a hair short of a whole
-                periods += 1  # period: the step would end at t, and transfer_end never move on
+                periods += 1  # period: the step would end at t, and transfer_end never moved on
             base = periods * self.period_s
         offset = max(0.0, t - base)  # (rounding may put base a hair past t)
         i = bisect.bisect_right([start for start, _ in self.steps], offset) - 1

@@ -114,6 +114,10 @@ class Space(msgspec.Struct, frozen=True):
         layout = KVLayout(self.layers, self.kv_heads, self.head_dim, self.dtype)
         return KeySpace(self.fingerprint, layout, self.chunk_tokens, self.salt)
 
+    def chunk_bytes(self) -> int:
+        """Bytes of one chunk's KV, as loaded (keys and values of every layer)."""
+        return self.chunk_tokens * self.key_space().layout.bytes_per_token
+
     def salted(self, salt: str) -> Space:
         """The same space with another salt."""
         return msgspec.structs.replace(self, salt=salt)
